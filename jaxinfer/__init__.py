@@ -1,0 +1,1 @@
+"""jaxinfer: an LLM inference engine on JAX/XLA."""
