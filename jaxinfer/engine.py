@@ -1,0 +1,239 @@
+"""LLMEngine (add_request / step / abort_request) and the offline `LLM` API on top of it."""
+
+import itertools
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from jaxinfer.cache import PageAllocator, kv_cache_bytes_per_page
+from jaxinfer.config import EngineConfig
+from jaxinfer.models.llama import load_llama
+from jaxinfer.runner import ModelRunner
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.scheduler import Scheduler
+from jaxinfer.sequence import Sequence
+from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
+from jaxinfer.weights.gguf import GGUFCheckpoint
+
+logger = logging.getLogger("jaxinfer")
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    delta: str = ""  # text new since the previous step (streaming)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    texts: list[str] = field(default_factory=list)  # detokenized output so far, per sequence
+    emitted: list[int] = field(default_factory=list)  # characters of each text already handed out
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        # CPUs here have no native bf16: XLA would convert to f32 and back around every op.
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+class LLMEngine:
+    def __init__(self, model: str = DEFAULT_MODEL, config: EngineConfig | None = None, **overrides):
+        self.config = config = (config or EngineConfig()).replace(**overrides)
+        start = time.perf_counter()
+        checkpoint = open_checkpoint(model)
+        self.model_config = mc = checkpoint.config
+        if isinstance(checkpoint, GGUFCheckpoint):
+            self.tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids)
+        else:
+            self.tokenizer = Tokenizer.from_hf_dir(checkpoint.path, eos_token_ids=mc.eos_token_ids)
+        self.dtype = resolve_dtype(config.dtype)
+        if config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
+                             f"{mc.max_position_embeddings}")
+        self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend)
+        pages_per_seq = -(-config.max_model_len // config.page_size)
+        num_pages = config.num_pages or pages_per_seq * config.max_num_seqs
+        if num_pages < pages_per_seq:
+            raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_model_len="
+                             f"{config.max_model_len} ({pages_per_seq} pages of {config.page_size} tokens)")
+        self.runner = ModelRunner(self.model, config, num_pages, self.dtype)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(config, self.allocator)
+        self.requests: dict[str, _Request] = {}
+        self._request_of: dict[Sequence, _Request] = {}
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.runner.state))
+        logger.info("model %s (%s, %d layers) loaded in %.1f s: %s weights %.1f MB; KV cache %d pages x %d tokens "
+                    "= %d tokens, %.1f MB", os.path.basename(checkpoint.path), mc.architecture, mc.num_layers,
+                    time.perf_counter() - start, jnp.dtype(self.dtype).name, weight_bytes / 1e6, num_pages,
+                    config.page_size, num_pages * config.page_size,
+                    num_pages * kv_cache_bytes_per_page(mc, config.page_size, self.dtype) / 1e6)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if request_id is None:
+            request_id = str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, prompt_ids = None, list(prompt)
+            if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+        max_len = self.config.max_model_len
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= max_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {max_len}")
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > max_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len ({max_len})")
+        seqs = []
+        for i in range(params.n):
+            seed = params.seed + i if params.seed is not None else self._rng.randrange(2**31)
+            seqs.append(Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed))
+        detoks = [IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens) for _ in seqs]
+        self.requests[request_id] = _Request(request_id, text, prompt_ids, params, seqs, detoks,
+                                             [""] * len(seqs), [0] * len(seqs))
+        for seq in seqs:
+            self._request_of[seq] = self.requests[request_id]
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            del self._request_of[seq]
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the requests that made progress, with their new text."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        next_tokens = self.runner.execute(scheduled)
+        touched = {}
+        for (seq, num_new), token in zip(scheduled, next_tokens):
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prompt chunk short of the prompt's end: nothing sampled yet
+            seq.output_ids.append(int(token))
+            request = self._request_of[seq]
+            self._update_text(request, seq)
+            touched[request.request_id] = request
+        return [self._output(request) for request in touched.values()]
+
+    def _update_text(self, request: _Request, seq: Sequence) -> None:
+        i = request.seqs.index(seq)
+        params = seq.params
+        token = seq.output_ids[-1]
+        request.texts[i] += request.detokenizers[i].add([token])
+        reason = None
+        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        elif params.stop and (cut := _find_stop(request.texts[i], params.stop)) is not None:
+            request.texts[i] = request.texts[i][:cut]
+            reason = "stop"
+        elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.config.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        for i, seq in enumerate(request.seqs):
+            text = request.texts[i]
+            # Hold back what could still turn out to be the start of a stop string.
+            visible = len(text) if seq.finished else max(request.emitted[i], len(text) - holdback)
+            delta = text[request.emitted[i]:visible]
+            request.emitted[i] = visible
+            outputs.append(CompletionOutput(i, text[:visible], list(seq.output_ids), seq.finish_reason, delta))
+        finished = all(seq.finished for seq in request.seqs)
+        if finished:
+            del self.requests[request.request_id]
+            for seq in request.seqs:
+                del self._request_of[seq]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else None
+
+
+class LLM:
+    """Offline generation: `LLM("SmolLM2-135M-Instruct").generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args):
+        self.engine = LLMEngine(model, **engine_args)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or a list of token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, sampling_params)]
+        results = {}
+        try:
+            with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, leave=False) as bar:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
+        finally:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+        return [results[i] for i in ids]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             **template_kwargs) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True, **template_kwargs)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)

@@ -1,0 +1,96 @@
+"""Continuous batching: which sequences run this step, and how many tokens each.
+
+One token-budget loop, no separate prefill and decode phases: running sequences go first (a decode
+row costs one token, an unfinished prompt its next chunk), then waiting ones are admitted in
+arrival order while the budget, the sequence cap and the free pages allow. A long prompt is split
+into chunks across steps (chunked prefill). When a running sequence needs a page and none is free,
+the most recently admitted running sequence is preempted: its pages are freed and it goes back to
+the front of the queue, to be recomputed later.
+"""
+
+import collections
+import logging
+
+from jaxinfer.cache import PageAllocator
+from jaxinfer.config import EngineConfig
+from jaxinfer.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger("jaxinfer")
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: PageAllocator):
+        self.config = config
+        self.allocator = allocator
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in order of admission
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The (sequence, number of new tokens) pairs of the next step."""
+        budget = self.config.max_num_batched_tokens
+        scheduled = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._reserve_pages(seq, seq.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, num_new))
+                budget -= num_new
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._reserve_pages(seq, seq.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return scheduled
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence (finished or aborted) and frees its pages."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _reserve_pages(self, seq: Sequence, num_tokens: int) -> bool:
+        page_size = self.config.page_size
+        missing = -(-num_tokens // page_size) - len(seq.block_table)
+        if missing <= 0:
+            return True
+        if missing > self.allocator.num_free_pages:
+            return False
+        seq.block_table.extend(self.allocator.allocate(missing))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted %s (%d tokens to recompute)", seq.request_id, seq.num_tokens)

@@ -1,0 +1,117 @@
+"""Tokenizers from HF files or GGUF metadata, chat templates, incremental detokenization."""
+
+import json
+import os
+from datetime import datetime
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as BackendTokenizer
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what the checkpoint says about special tokens and chat."""
+
+    def __init__(self, backend: BackendTokenizer, *, chat_template: str | None, bos_token: str | None,
+                 eos_token: str | None, eos_token_ids=()):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        eos_ids = set(eos_token_ids)
+        if eos_token is not None and backend.token_to_id(eos_token) is not None:
+            eos_ids.add(backend.token_to_id(eos_token))
+        self.eos_token_ids = tuple(sorted(eos_ids))
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._template = None
+
+    @classmethod
+    def from_gguf(cls, path: str, eos_token_ids=()) -> "Tokenizer":
+        """Builds the tokenizer that the GGUF metadata describes (vocab, merges, special tokens)."""
+        # transformers knows how each of llama.cpp's tokenizer types maps onto a `tokenizers` pipeline.
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+        arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
+        backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+        return cls(backend, chat_template=tokenizer_config.get("chat_template"),
+                   bos_token=tokenizer_config.get("bos_token"), eos_token=tokenizer_config.get("eos_token"),
+                   eos_token_ids=eos_token_ids)
+
+    @classmethod
+    def from_hf_dir(cls, path: str, eos_token_ids=()) -> "Tokenizer":
+        tokenizer_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
+        backend = BackendTokenizer.from_file(tokenizer_file)
+        config = {}
+        config_file = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                config = json.load(f)
+        template = config.get("chat_template")
+        template_file = os.path.join(path, "chat_template.jinja")  # transformers >= 4.43 writes it apart
+        if template is None and os.path.isfile(template_file):
+            with open(template_file) as f:
+                template = f.read()
+        return cls(backend, chat_template=template, bos_token=_token_text(config.get("bos_token")),
+                   eos_token=_token_text(config.get("eos_token")), eos_token_ids=eos_token_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Renders a conversation with the model's own Jinja chat template."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, **_: json.dumps(
+                x, indent=indent, ensure_ascii=ensure_ascii)
+            env.globals["raise_exception"] = _raise_template_error
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # The template writes the special tokens itself (BOS included where the model wants one).
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
+                           add_special_tokens=False)
+
+
+def _token_text(token) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _raise_template_error(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
+
+    Decodes a small window (a few tokens of context before the unread ones), so tokenizers whose
+    pieces depend on their neighbours (a leading space) still decode as they would in full. A delta
+    is held back while the window's text ends in U+FFFD: an incomplete multi-byte character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_ids[-6:])
+        self.prefix_offset = max(len(self.ids) - 5, 0)
+        self.read_offset = len(self.ids)
+
+    def add(self, token_ids) -> str:
+        self.ids.extend(token_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return full[len(prefix):]
+        return ""
