@@ -13,8 +13,12 @@ KV cache layout, shared by every kernel of this package: one array per K and V,
 layer axis lets one array be threaded through `lax.scan` over layers and updated in place.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 MASK_VALUE = -1e30
 
@@ -104,3 +108,189 @@ def ragged_paged_attention_reference(
     probs = jnp.where(mask[:, None, None, :], probs, 0.0)
     out = jnp.einsum("tkgs,ktsd->tkgd", probs, v.astype(jnp.float32))
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas kernels (Triton GPU backend).
+#
+# Both kernels take the whole cache and the layer index, and address pages by pointer arithmetic:
+# slicing the layer outside would copy it on the GPU. All in-kernel indexing is by integer arrays
+# (gathers/scatters), never slices mixed with arrays, because that is the form both the Triton
+# lowering and the interpreter (`interpret=True`, the CPU tests) support. Masked-off lanes of a
+# store point one past the end of the array: the GPU never touches them (the store is masked) and
+# the interpreter's scatter drops them, so they cannot clobber a real lane.
+# ---------------------------------------------------------------------------------------------
+
+def _next_power_of_2(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _write_kv_kernel(layer_ref, slot_mapping_ref, k_ref, v_ref, _k_cache_in, _v_cache_in,
+                     k_cache_ref, v_cache_ref, *, block_tokens):
+    num_tokens, _, head_dim = k_ref.shape
+    _, _, num_pages, page_size, _ = k_cache_ref.shape
+    kv_head = pl.program_id(1)
+    layer = layer_ref[0]
+    tokens = pl.program_id(0) * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)
+    in_range = tokens < num_tokens
+    slots = plgpu.load(slot_mapping_ref.at[jnp.minimum(tokens, num_tokens - 1)])
+    write = in_range & (slots >= 0)
+    page = jnp.where(write, slots // page_size, num_pages)[:, None]  # [block_tokens, 1]
+    offset = jnp.where(write, slots % page_size, 0)[:, None]
+    dims = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
+    rows = jnp.where(in_range, tokens, 0)[:, None]
+    for new_ref, cache_ref in ((k_ref, k_cache_ref), (v_ref, v_cache_ref)):
+        new = plgpu.load(new_ref.at[rows, kv_head, dims])  # [block_tokens, head_dim]
+        plgpu.store(cache_ref.at[layer, kv_head, page, offset, dims],
+                    new.astype(cache_ref.dtype), mask=write[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("block_tokens", "num_warps", "interpret"))
+def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, block_tokens=16, num_warps=4,
+             interpret=False):
+    """Pallas version of `write_kv_reference`. The caches are aliased to the outputs, so
+    inside a jitted step that donates the cache the write happens in place.
+
+    Grid: (token blocks, kv heads); each program scatters `block_tokens` rows of one kv head.
+    """
+    num_tokens, num_kv_heads, head_dim = k.shape
+    _check_power_of_2(head_dim=head_dim, block_tokens=block_tokens)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    return pl.pallas_call(
+        functools.partial(_write_kv_kernel, block_tokens=block_tokens),
+        grid=(pl.cdiv(num_tokens, block_tokens), num_kv_heads),
+        out_shape=(jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        input_output_aliases={4: 0, 5: 1},
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="write_kv",
+    )(layer, slot_mapping.astype(jnp.int32), k, v, k_cache, v_cache)
+
+
+def _check_power_of_2(**sizes):
+    for name, size in sizes.items():
+        if size != _next_power_of_2(size):
+            raise ValueError(f"{name}={size} must be a power of two for the Triton backend")
+
+
+def _work_table(query_start_loc, seq_lens, num_tokens, block_q, num_programs):
+    """What each attention program does: [num_programs, 5] int32 rows of
+    (seq, first_row, num_rows, first_pos, kv_len).
+
+    Sequence `s` gets cdiv(q_len, block_q) programs, each for up to `block_q` consecutive query
+    rows. The padding rows past query_start_loc[num_seqs] form one more sequence with no keys
+    (kv_len 0): its programs write zeros. Programs past the last block have num_rows 0.
+    `num_programs = num_tokens // block_q + num_seqs + 1` is enough for any split of the rows.
+    """
+    num_seqs = seq_lens.shape[0]
+    starts = jnp.append(query_start_loc.astype(jnp.int32), jnp.int32(num_tokens))  # [S + 2]
+    q_lens = starts[1:] - starts[:-1]  # [S + 1], the last one is the padding
+    first_block = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q))])
+    programs = jnp.arange(num_programs, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(first_block[1:], programs, side="right"), num_seqs)
+    first_row = starts[seq] + (programs - first_block[seq]) * block_q
+    num_rows = jnp.clip(starts[seq + 1] - first_row, 0, block_q)
+    is_real = seq < num_seqs
+    seq = jnp.minimum(seq, num_seqs - 1)
+    first_pos = seq_lens[seq] - q_lens[seq] + (first_row - starts[seq])
+    kv_len = jnp.where(is_real, first_pos + num_rows, 0)
+    first_pos = jnp.where(is_real, first_pos, 0)
+    return jnp.stack([seq, first_row, num_rows, first_pos, kv_len], axis=1).astype(jnp.int32)
+
+
+def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref, v_cache_ref,
+                      o_ref, *, sm_scale, sliding_window, soft_cap, block_m, block_kv):
+    num_tokens, num_heads, head_dim = q_ref.shape
+    _, num_kv_heads, _, page_size, _ = k_cache_ref.shape
+    max_pages = block_tables_ref.shape[1]
+    group = num_heads // num_kv_heads
+    program, kv_head = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
+    seq, first_row, num_rows, first_pos, kv_len = (work_ref[program, c] for c in range(5))
+
+    # Row m of the tile is query token first_row + m // group, head kv_head * group + m % group:
+    # all heads sharing this kv head read each K/V tile once.
+    m = jnp.arange(block_m, dtype=jnp.int32)
+    row_valid = m // group < num_rows
+    tokens = jnp.where(row_valid, first_row + m // group, num_tokens)[:, None]  # [block_m, 1]
+    heads = (kv_head * group + m % group)[:, None]
+    positions = first_pos + m // group  # [block_m]
+    dims = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
+    q = plgpu.load(q_ref.at[jnp.minimum(tokens, num_tokens - 1), heads, dims],
+                   mask=row_valid[:, None], other=0)  # [block_m, head_dim]
+
+    kv_start = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+
+    def body(tile, carry):
+        acc, m_prev, l_prev = carry
+        keys = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)  # [block_kv]
+        key_valid = keys < kv_len
+        page_slot = jnp.minimum(keys // page_size, max_pages - 1)
+        pages = plgpu.load(block_tables_ref.at[seq, page_slot])[:, None]  # [block_kv, 1]
+        offsets = (keys % page_size)[:, None]
+        index = (layer, kv_head, pages, offsets, dims)
+        k = plgpu.load(k_cache_ref.at[index], mask=key_valid[:, None], other=0)
+        v = plgpu.load(v_cache_ref.at[index], mask=key_valid[:, None], other=0)
+
+        s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * sm_scale  # [block_m, block_kv]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        mask = keys[None, :] <= positions[:, None]
+        if sliding_window is not None:
+            mask &= keys[None, :] > positions[:, None] - sliding_window
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        correction = jnp.exp(m_prev - m_next)
+        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+        l_next = l_prev * correction + p.sum(axis=1)
+        acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return acc, m_next, l_next
+
+    acc = jnp.zeros((block_m, head_dim), jnp.float32)
+    m_init = jnp.full((block_m,), MASK_VALUE, jnp.float32)
+    l_init = jnp.zeros((block_m,), jnp.float32)
+    acc, _, l = jax.lax.fori_loop(kv_start // block_kv, pl.cdiv(kv_len, block_kv), body,
+                                  (acc, m_init, l_init))
+    # A row that saw no key (a padding row) has l == 0 and acc == 0: it writes zeros.
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    plgpu.store(o_ref.at[tokens, heads, dims], out.astype(o_ref.dtype), mask=row_valid[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "sliding_window", "soft_cap", "block_m", "block_kv", "num_warps", "num_stages",
+    "interpret"))
+def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables,
+                           *, sm_scale, sliding_window=None, soft_cap=None, block_m=16,
+                           block_kv=32, num_warps=4, num_stages=2, interpret=False):
+    """Pallas version of `ragged_paged_attention_reference` (same arguments and result).
+
+    Grid: (query blocks, kv heads). A program takes `block_m` rows, i.e. up to
+    `block_m // group` query tokens of one sequence times the `group` query heads that share
+    one kv head, and walks that sequence's keys `block_kv` at a time (any page size: each key
+    finds its page through the block table) with an online softmax in float32. Decode rows
+    and prefill chunks mix freely; the keys a block needs stop at its last row's position
+    (causal) and, with a sliding window, start at its first row's window.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    block_m = max(block_m, _next_power_of_2(group))
+    _check_power_of_2(head_dim=head_dim, block_m=block_m, block_kv=block_kv)
+    block_q = block_m // group  # query tokens per program
+    num_seqs = seq_lens.shape[0]
+    num_programs = num_tokens // block_q + num_seqs + 1
+    work = _work_table(query_start_loc, seq_lens.astype(jnp.int32), num_tokens, block_q,
+                       num_programs)
+    kernel = functools.partial(
+        _attention_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        block_m=block_m, block_kv=block_kv)
+    return pl.pallas_call(
+        kernel,
+        grid=(num_programs, num_kv_heads),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name="ragged_paged_attention",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), work, block_tables.astype(jnp.int32), q,
+      k_cache, v_cache)
