@@ -5,6 +5,7 @@ a bounded set of programs. The KV cache is donated to the step and updated in pl
 """
 
 import logging
+import os
 import time
 
 import jax
@@ -22,6 +23,16 @@ logger = logging.getLogger("jaxinfer")
 MIN_TOKEN_BUCKET = 16
 
 
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache, so a restarted engine skips XLA compiles."""
+    path = path or os.environ.get("JAXINFER_COMPILATION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxinfer", "xla")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return path
+
+
 def next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -35,6 +46,7 @@ class ModelRunner:
         self.num_pages = num_pages
         self.k_cache, self.v_cache = allocate_kv_cache(model.config, num_pages, self.page_size, dtype)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
+        logger.info("persistent compilation cache: %s", enable_compilation_cache())
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
         self.compiled_shapes = set()
 

@@ -186,7 +186,7 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
             host[layer] = w.T if transpose else w
         _set(params["layers"], path, jnp.asarray(host, dtype))
         del host
-    state.replace_by_pure_dict(params)
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 

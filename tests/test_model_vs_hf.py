@@ -1,0 +1,77 @@
+"""The Llama model on the paged cache against HF transformers (torch, float32) on the same GGUF weights."""
+
+import pydoc_data.topics
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxinfer import SamplingParams
+from jaxinfer.cache import allocate_kv_cache
+from jaxinfer.models.llama import AttentionMetadata
+
+NEW_TOKENS = 32
+LONG_TEXT = pydoc_data.topics.topics["assert"][:1300]
+CHATS = [
+    [{"role": "user", "content": "What is the boiling point of water at sea level?"}],
+    [{"role": "system", "content": "You are a pirate. Answer like one."},
+     {"role": "user", "content": "Tell me about the sea."}],
+    [{"role": "user", "content": "Summarize this documentation in one sentence:\n" + LONG_TEXT}],
+]
+PLAIN = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "List three primary colors:\n1.",
+    LONG_TEXT + "\n\nIn short, the assert statement",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(hf_tokenizer):
+    ids = [hf_tokenizer.encode(p) for p in PLAIN]
+    ids += [hf_tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for c in CHATS]
+    ids = [list(map(int, p)) for p in ids]
+    assert max(len(p) for p in ids) >= 280  # the long ones are ~300 tokens
+    return ids
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model, prompts):
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            out = hf_model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)
+            outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+def test_greedy_tokens_match_hf(llm, prompts, hf_greedy):
+    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
+    for prompt, out, ref in zip(prompts, outs, hf_greedy):
+        assert out.outputs[0].token_ids == ref, f"prompt of {len(prompt)} tokens diverged"
+
+
+def prefill_logits(llm, token_ids, page_size=16):
+    """Last-position logits of one prompt, straight through the model on a fresh paged cache."""
+    model, config = llm.engine.model, llm.engine.model_config
+    n = len(token_ids)
+    num_pages = -(-n // page_size)
+    k_cache, v_cache = allocate_kv_cache(config, num_pages, page_size, jnp.float32)
+    # Pages in reverse order: a block table that is not the identity.
+    table = np.arange(num_pages, dtype=np.int32)[::-1].copy()
+    pos = np.arange(n, dtype=np.int32)
+    meta = AttentionMetadata(*map(jnp.asarray, AttentionMetadata(slot_mapping=table[pos // page_size] * page_size + pos % page_size,
+                             query_start_loc=np.array([0, n], np.int32), seq_lens=np.array([n], np.int32),
+                             block_tables=table[None, :], logits_indices=np.array([n - 1], np.int32))))
+    logits, _, _ = model(jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), k_cache, v_cache, meta)
+    return np.asarray(logits[0])
+
+
+def test_last_position_logits_match_hf(llm, hf_model, prompts):
+    for p in (prompts[0], prompts[3], prompts[-1]):
+        with torch.no_grad():
+            ref = hf_model(torch.tensor([p])).logits[0, -1].numpy()
+        ours = prefill_logits(llm, p)
+        assert np.abs(ours - ref).max() <= 1e-3
