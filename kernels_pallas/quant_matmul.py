@@ -140,6 +140,19 @@ def quant_matmul_reference(x, w: QuantizedWeight):
 # Pallas kernel.
 # ------------------------------------------------------------------------------------------
 
+def _e4m3_to_float32(w):
+    """float8_e4m3fn -> float32 with integer ops (Triton converts fp8 natively only on sm_89+).
+
+    e4m3's 7 exponent-and-mantissa bits, shifted into a float16's, give the value / 2**8 (bias 7
+    against 15), subnormals included; float16 subnormals are never flushed. The NaN pattern would
+    decode to 480: the quantizers never produce it.
+    """
+    bits = jax.lax.bitcast_convert_type(w, jnp.uint8).astype(jnp.int32)
+    half_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+    half = jax.lax.bitcast_convert_type(half_bits.astype(jnp.uint16), jnp.float16)
+    return half.astype(jnp.float32) * 256.0
+
+
 def _quant_matmul_kernel(x_ref, data_ref, scales_ref, *rest, fmt, group_size, block_m, block_n,
                          block_k):
     mins_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
@@ -157,8 +170,9 @@ def _quant_matmul_kernel(x_ref, data_ref, scales_ref, *rest, fmt, group_size, bl
 
     def load_w(w_ref, w_rows, num_rows):  # [len(w_rows), block_n] of a [num_rows, N] array
         ok = (w_rows < num_rows)[:, None] & col_ok[None, :]
+        zero = jnp.zeros((), w_ref.dtype)  # typed: Triton cannot cast a literal to float8
         return plgpu.load(w_ref.at[jnp.minimum(w_rows, num_rows - 1)[:, None], cols_in],
-                          mask=ok, other=0)
+                          mask=ok, other=zero)
 
     def group_row(ref, first_k):  # [1, block_n]: the scale (or min) row of the group of first_k
         return plgpu.load(ref.at[first_k // group_size, cols_in], mask=col_ok[None, :], other=0
@@ -176,7 +190,8 @@ def _quant_matmul_kernel(x_ref, data_ref, scales_ref, *rest, fmt, group_size, bl
                 acc += pl.dot(load_x(2 * pairs + nibble), w).astype(jnp.float32)
             return acc
         ks = first_k + jnp.arange(block_k, dtype=jnp.int32)
-        w = load_w(data_ref, ks, k).astype(jnp.float32)  # [block_k, block_n]
+        w = load_w(data_ref, ks, k)  # [block_k, block_n]
+        w = _e4m3_to_float32(w) if fmt == "fp8" else w.astype(jnp.float32)
         if group_size:
             w = w * group_row(scales_ref, first_k)
         return acc + pl.dot(load_x(ks), w.astype(dtype)).astype(jnp.float32)
