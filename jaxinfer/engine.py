@@ -216,9 +216,10 @@ class LLM:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, sampling_params)]
-        results = {}
+        ids, results = [], {}
         try:
+            for prompt, params in zip(prompts, sampling_params):
+                ids.append(self.engine.add_request(prompt, params))
             with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, leave=False) as bar:
                 while self.engine.has_unfinished_requests():
                     for out in self.engine.step():

@@ -233,7 +233,7 @@ def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref,
         k = plgpu.load(k_cache_ref.at[index], mask=key_valid[:, None], other=0)
         v = plgpu.load(v_cache_ref.at[index], mask=key_valid[:, None], other=0)
 
-        s = pl.dot(q, k, trans_b=True).astype(jnp.float32) * sm_scale  # [block_m, block_kv]
+        s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * sm_scale  # [block_m, block_kv]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         mask = keys[None, :] <= positions[:, None]
@@ -244,7 +244,7 @@ def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref,
         correction = jnp.exp(m_prev - m_next)
         p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
         l_next = l_prev * correction + p.sum(axis=1)
-        acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
         return acc, m_next, l_next
 
     acc = jnp.zeros((block_m, head_dim), jnp.float32)

@@ -187,14 +187,14 @@ def _quant_matmul_kernel(x_ref, data_ref, scales_ref, *rest, fmt, group_size, bl
             shift = -8.0 * scale if mins_ref is None else group_row(mins_ref, first_k)
             for nibble, q in ((0, packed & 0xF), (1, packed >> 4)):
                 w = (q.astype(jnp.float32) * scale + shift).astype(dtype)
-                acc += pl.dot(load_x(2 * pairs + nibble), w).astype(jnp.float32)
+                acc += plgpu.dot(load_x(2 * pairs + nibble), w).astype(jnp.float32)
             return acc
         ks = first_k + jnp.arange(block_k, dtype=jnp.int32)
         w = load_w(data_ref, ks, k)  # [block_k, block_n]
         w = _e4m3_to_float32(w) if fmt == "fp8" else w.astype(jnp.float32)
         if group_size:
             w = w * group_row(scales_ref, first_k)
-        return acc + pl.dot(load_x(ks), w.astype(dtype)).astype(jnp.float32)
+        return acc + plgpu.dot(load_x(ks), w.astype(dtype)).astype(jnp.float32)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(k, block_k), body, jnp.zeros((block_m, block_n), jnp.float32))
     if fmt != "int4" and not group_size:

@@ -37,8 +37,18 @@ def hf_model(smollm2_path):
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, hf_model, hf_tokenizer):
     """The bundled model as a Hugging Face directory (safetensors + config + tokenizer), made by transformers."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
     path = tmp_path_factory.mktemp("smollm2-hf")
-    hf_model.save_pretrained(path, safe_serialization=True)
+    # A GGUF-loaded model refuses save_pretrained (its config says "quantized with gguf"): copy its
+    # dequantized weights into a plain model of the same config first.
+    config = copy.deepcopy(hf_model.config)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(hf_model.state_dict())
+    plain.save_pretrained(path, safe_serialization=True, max_shard_size="200MB")  # sharded: 3 files + index
     hf_tokenizer.save_pretrained(path)
     return str(path)
 

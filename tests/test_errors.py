@@ -1,0 +1,66 @@
+"""Bad models and bad arguments raise errors that name the problem."""
+
+import json
+
+import pytest
+
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.config import UnsupportedModelError
+from jaxinfer.weights import open_checkpoint
+
+
+def test_missing_path_names_the_path(tmp_path):
+    missing = tmp_path / "nope.gguf"
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        open_checkpoint(str(missing))
+
+
+def test_unknown_model_name_lists_the_bundled_ones():
+    with pytest.raises(FileNotFoundError, match="unknown model 'not-a-model'.*SmolLM2-135M-Instruct"):
+        LLM("not-a-model")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "hidden_size": 8}))
+    with pytest.raises(UnsupportedModelError, match="gpt_neox"):
+        open_checkpoint(str(tmp_path))
+
+
+def test_corrupt_gguf_is_reported_as_such(tmp_path, smollm2_path):
+    bad = tmp_path / "corrupt.gguf"
+    with open(smollm2_path, "rb") as f:
+        bad.write_bytes(f.read(4096))  # a valid header, truncated mid-metadata
+    with pytest.raises(ValueError, match="corrupt.gguf is not a valid GGUF file"):
+        open_checkpoint(str(bad))
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(ValueError, match="garbage.gguf is not a valid GGUF file"):
+        open_checkpoint(str(garbage))
+
+
+def test_directory_without_config_is_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        open_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p"), ({"stop": [""]}, "stop"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} "):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_longer_than_max_model_len_is_rejected_without_leaking_pages(llm):
+    free = llm.engine.allocator.num_free_pages
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate(["word " * 2000], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate(["hello"], SamplingParams(max_tokens=5000))
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[1, 2, 10**9]], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="max_model_len"):  # the first prompt was admitted: it must not linger
+        llm.generate(["fine", "word " * 2000], SamplingParams(max_tokens=4))
+    assert llm.engine.allocator.num_free_pages == free
+    assert not llm.engine.has_unfinished_requests()
