@@ -84,30 +84,70 @@ def ragged_paged_attention_reference(
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, _, page_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    max_pages = block_tables.shape[1]
-    seq_ids, positions, valid = token_metadata(query_start_loc, seq_lens, num_tokens)
+    num_seqs, max_pages = block_tables.shape
+    num_keys = max_pages * page_size
 
-    # Each row gathers its own sequence's pages: [kv_heads, T, max_pages, page_size, head_dim].
-    # This is exact and simple; it reads a sequence's pages once per query row, which is the
-    # ideal for decode rows and wasteful for long prefill chunks (the Pallas kernel is not).
-    pages = block_tables[seq_ids]  # [T, max_pages]
-    k = k_cache[layer][:, pages].reshape(num_kv_heads, num_tokens, max_pages * page_size, head_dim)
-    v = v_cache[layer][:, pages].reshape(num_kv_heads, num_tokens, max_pages * page_size, head_dim)
+    # The rows are cut into blocks of `block_q` consecutive rows of one sequence (the kernel's
+    # work split), and each block gathers its sequence's pages once. block_q = T / S keeps the
+    # blocks about as many as the sequences: a long prefill chunk reads its pages a few times
+    # rather than once per row, and a decode-only batch (block_q 1) reads them once per row,
+    # which is the minimum. Padding costs at most twice the rows' own compute.
+    block_q = max(1, num_tokens // num_seqs)
+    num_blocks = min(num_tokens // block_q + num_seqs, num_tokens)  # enough for any split
+    work = _work_table(query_start_loc, seq_lens, num_tokens, block_q, num_blocks)
+    seq, first_row, num_rows, first_pos, kv_len = work.T  # each [num_blocks]
+    offsets = jnp.arange(block_q, dtype=jnp.int32)
+    row_valid = offsets[None, :] < num_rows[:, None]  # [num_blocks, block_q]
+    rows = jnp.where(row_valid, first_row[:, None] + offsets, num_tokens)  # past the end: dropped
+    positions = first_pos[:, None] + offsets  # [num_blocks, block_q]
 
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,ktsd->tkgs", qg, k.astype(jnp.float32)) * sm_scale
+    qb = q.at[rows].get(mode="clip").astype(jnp.float32)  # [num_blocks, block_q, heads, head_dim]
+    qb = qb.reshape(num_blocks, block_q, num_kv_heads, group, head_dim)
+    pages = block_tables[seq]  # [num_blocks, max_pages]
+    k = k_cache[layer][:, pages].reshape(num_kv_heads, num_blocks, num_keys, head_dim)
+    v = v_cache[layer][:, pages].reshape(num_kv_heads, num_blocks, num_keys, head_dim)
+
+    scores = jnp.einsum("bqkgd,kbsd->bkgqs", qb, k.astype(jnp.float32)) * sm_scale
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
-    key_pos = jnp.arange(max_pages * page_size, dtype=jnp.int32)
-    mask = key_pos[None, :] <= positions[:, None]  # [T, S]
+    key_pos = jnp.arange(num_keys, dtype=jnp.int32)
+    mask = key_pos <= positions[..., None]  # [num_blocks, block_q, num_keys]
     if sliding_window is not None:
-        mask &= key_pos[None, :] > positions[:, None] - sliding_window
-    mask &= valid[:, None]
-    scores = jnp.where(mask[:, None, None, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None, None, :], probs, 0.0)
-    out = jnp.einsum("tkgs,ktsd->tkgd", probs, v.astype(jnp.float32))
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+        mask &= key_pos > positions[..., None] - sliding_window
+    mask &= (key_pos < kv_len[:, None, None]) & row_valid[..., None]
+    mask = mask[:, None, None]  # [num_blocks, 1, 1, block_q, num_keys]
+    probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
+    probs = jnp.where(mask, probs, 0.0)
+    out = jnp.einsum("bkgqs,kbsd->bqkgd", probs, v.astype(jnp.float32))
+    out = out.reshape(num_blocks, block_q, num_heads, head_dim).astype(q.dtype)
+    # Every real row belongs to exactly one block; rows in no block (padding) stay zero.
+    return jnp.zeros_like(q).at[rows].set(out, mode="drop")
+
+
+def _work_table(query_start_loc, seq_lens, num_tokens, block_q, num_programs):
+    """What each attention program does: [num_programs, 5] int32 rows of
+    (seq, first_row, num_rows, first_pos, kv_len).
+
+    Sequence `s` gets cdiv(q_len, block_q) programs, each for up to `block_q` consecutive query
+    rows. The padding rows past query_start_loc[num_seqs] form one more sequence with no keys
+    (kv_len 0): its programs write zeros. Programs past the last block have num_rows 0.
+    `num_programs = num_tokens // block_q + num_seqs + 1` is enough for any split of the rows.
+    """
+    num_seqs = seq_lens.shape[0]
+    starts = jnp.append(query_start_loc.astype(jnp.int32), jnp.int32(num_tokens))  # [S + 2]
+    q_lens = starts[1:] - starts[:-1]  # [S + 1], the last one is the padding
+    first_block = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q))])
+    programs = jnp.arange(num_programs, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(first_block[1:], programs, side="right"), num_seqs)
+    first_row = starts[seq] + (programs - first_block[seq]) * block_q
+    num_rows = jnp.clip(starts[seq + 1] - first_row, 0, block_q)
+    is_real = seq < num_seqs
+    seq = jnp.minimum(seq, num_seqs - 1)
+    first_pos = seq_lens[seq] - q_lens[seq] + (first_row - starts[seq])
+    kv_len = jnp.where(is_real, first_pos + num_rows, 0)
+    first_pos = jnp.where(is_real, first_pos, 0)
+    return jnp.stack([seq, first_row, num_rows, first_pos, kv_len], axis=1).astype(jnp.int32)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,31 +212,6 @@ def _check_power_of_2(**sizes):
     for name, size in sizes.items():
         if size != _next_power_of_2(size):
             raise ValueError(f"{name}={size} must be a power of two for the Triton backend")
-
-
-def _work_table(query_start_loc, seq_lens, num_tokens, block_q, num_programs):
-    """What each attention program does: [num_programs, 5] int32 rows of
-    (seq, first_row, num_rows, first_pos, kv_len).
-
-    Sequence `s` gets cdiv(q_len, block_q) programs, each for up to `block_q` consecutive query
-    rows. The padding rows past query_start_loc[num_seqs] form one more sequence with no keys
-    (kv_len 0): its programs write zeros. Programs past the last block have num_rows 0.
-    `num_programs = num_tokens // block_q + num_seqs + 1` is enough for any split of the rows.
-    """
-    num_seqs = seq_lens.shape[0]
-    starts = jnp.append(query_start_loc.astype(jnp.int32), jnp.int32(num_tokens))  # [S + 2]
-    q_lens = starts[1:] - starts[:-1]  # [S + 1], the last one is the padding
-    first_block = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(pl.cdiv(q_lens, block_q))])
-    programs = jnp.arange(num_programs, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.searchsorted(first_block[1:], programs, side="right"), num_seqs)
-    first_row = starts[seq] + (programs - first_block[seq]) * block_q
-    num_rows = jnp.clip(starts[seq + 1] - first_row, 0, block_q)
-    is_real = seq < num_seqs
-    seq = jnp.minimum(seq, num_seqs - 1)
-    first_pos = seq_lens[seq] - q_lens[seq] + (first_row - starts[seq])
-    kv_len = jnp.where(is_real, first_pos + num_rows, 0)
-    first_pos = jnp.where(is_real, first_pos, 0)
-    return jnp.stack([seq, first_row, num_rows, first_pos, kv_len], axis=1).astype(jnp.int32)
 
 
 def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref, v_cache_ref,

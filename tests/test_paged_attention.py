@@ -72,11 +72,12 @@ def naive_attention(batch, *, sm_scale, sliding_window=None, soft_cap=None):
     group = q.shape[1] // num_kv_heads
     out = np.zeros_like(q)
     for s in range(len(seq_lens)):
-        n = seq_lens[s]
+        n, q_len = seq_lens[s], qsl[s + 1] - qsl[s]
+        if q_len == 0:
+            continue
         pages = [block_tables[s, i // page_size] for i in range(n)]
         keys = np.stack([k_cache[:, p, i % page_size] for i, p in enumerate(pages)], axis=1)
         values = np.stack([v_cache[:, p, i % page_size] for i, p in enumerate(pages)], axis=1)
-        q_len = qsl[s + 1] - qsl[s]
         for i in range(q_len):
             row, pos = qsl[s] + i, n - q_len + i
             visible = np.arange(n) <= pos
@@ -103,11 +104,19 @@ def reference(batch, **options):
 
 # --- The jax.numpy reference against the NumPy loop ------------------------------------------
 
-@pytest.mark.parametrize("group,sliding_window,soft_cap", [
-    (1, None, None), (3, None, None), (8, 7, None), (3, None, 2.0), (1, 20, 5.0)])
-def test_reference_matches_dense_causal_softmax_per_sequence(group, sliding_window, soft_cap):
-    batch = make_batch(0, q_lens=[1, 17, 1, 40], kv_lens=[20, 50, 7, 40], group=group,
-                       page_size=8)
+MIXED = ([1, 17, 1, 40], [20, 50, 7, 40])
+
+
+@pytest.mark.parametrize("q_lens,kv_lens,group,sliding_window,soft_cap", [
+    (*MIXED, 1, None, None), (*MIXED, 3, None, None), (*MIXED, 8, 7, None),
+    (*MIXED, 3, None, 2.0), (*MIXED, 1, 20, 5.0),
+    ([1, 1, 1], [9, 33, 1], 3, None, None),  # decode only
+    ([70], [100], 2, 30, None),  # one long chunk
+    ([3, 0, 2, 0], [10, 5, 2, 0], 1, None, None),  # sequences with no rows this step
+])
+def test_reference_matches_dense_causal_softmax_per_sequence(q_lens, kv_lens, group,
+                                                             sliding_window, soft_cap):
+    batch = make_batch(0, q_lens, kv_lens, group=group, page_size=8)
     options = dict(sm_scale=0.3, sliding_window=sliding_window, soft_cap=soft_cap)
     out = reference(batch, **options)
     expected = naive_attention(batch, **options)
