@@ -1,4 +1,5 @@
-"""Ragged paged attention: the `jax.numpy` reference (the XLA path on CPU).
+"""Ragged paged attention and the K/V page write: `jax.numpy` references (the XLA path on CPU)
+and Pallas kernels for the GPU (Triton backend), with the same signatures.
 
 The batch is ragged and flat, as the runner builds it: the query tokens of all scheduled sequences
 are concatenated, decode rows (one token) and prefill chunks (many) side by side. Sequence `s` owns
