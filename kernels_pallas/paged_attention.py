@@ -150,7 +150,6 @@ def _work_table(query_start_loc, seq_lens, num_tokens, block_q, num_programs):
     return jnp.stack([seq, first_row, num_rows, first_pos, kv_len], axis=1).astype(jnp.int32)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Pallas kernels (Triton GPU backend).
 #
@@ -246,8 +245,8 @@ def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref,
         pages = plgpu.load(block_tables_ref.at[seq, page_slot])[:, None]  # [block_kv, 1]
         offsets = (keys % page_size)[:, None]
         index = (layer, kv_head, pages, offsets, dims)
-        k = plgpu.load(k_cache_ref.at[index], mask=key_valid[:, None], other=0)
-        v = plgpu.load(v_cache_ref.at[index], mask=key_valid[:, None], other=0)
+        k = plgpu.load(k_cache_ref.at[index], mask=key_valid[:, None], other=0).astype(q.dtype)
+        v = plgpu.load(v_cache_ref.at[index], mask=key_valid[:, None], other=0).astype(q.dtype)
 
         s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * sm_scale  # [block_m, block_kv]
         if soft_cap is not None:
