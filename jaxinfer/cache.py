@@ -1,8 +1,17 @@
-"""The paged KV cache: its device arrays and the host-side page allocator."""
+"""The paged KV cache: its device arrays, its size, and the host-side page allocator with prefix caching.
+
+Prefix caching (vLLM's automatic prefix caching): every full page of a sequence gets a hash chained
+from its parent page's hash and its own token ids, so equal hashes mean equal prefixes. A new
+prompt reuses the longest run of cached pages that starts its token list. A page nobody uses any
+more keeps its contents and its hash; it sits in the free list in least-recently-freed order and
+is only forgotten when it is handed out again (LRU eviction).
+"""
 
 import collections
 import logging
+import os
 
+import jax
 import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
@@ -20,28 +29,96 @@ def kv_cache_bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * page_size * config.head_dim * jnp.dtype(dtype).itemsize
 
 
-class PageAllocator:
-    """Hands out fixed-size pages from a free list; a page goes back when its last user frees it."""
+def free_device_memory() -> int:
+    """Bytes free on the first device: the allocator's view on a GPU, available RAM on a CPU."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
-    def __init__(self, num_pages: int):
+
+def page_hash(parent: int | None, token_ids) -> int:
+    return hash((parent, tuple(token_ids)))
+
+
+class PageAllocator:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         self.num_pages = num_pages
-        self.free_pages = collections.deque(range(num_pages))
+        self.page_size = page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        # Free pages, least recently freed first: allocation takes from the front, evicting what it held.
+        self.free_pages: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_pages))
         self.ref_counts = [0] * num_pages
+        self.page_hashes: list[int | None] = [None] * num_pages
+        self.cached_pages: dict[int, int] = {}  # hash -> page holding that prefix
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # of which found in the cache
 
     @property
     def num_free_pages(self) -> int:
         return len(self.free_pages)
 
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free_pages) / self.num_pages
+
     def allocate(self, count: int) -> list[int]:
         if count > len(self.free_pages):
             raise MemoryError(f"asked for {count} KV pages, {len(self.free_pages)} free")
-        pages = [self.free_pages.popleft() for _ in range(count)]
-        for page in pages:
+        pages = []
+        for _ in range(count):
+            page, _ = self.free_pages.popitem(last=False)
+            if self.page_hashes[page] is not None:  # evict its cached prefix
+                del self.cached_pages[self.page_hashes[page]]
+                self.page_hashes[page] = None
             self.ref_counts[page] = 1
+            pages.append(page)
         return pages
 
     def free(self, pages: list[int]) -> None:
-        for page in pages:
+        # The tail of a sequence is the least likely to be shared: let it be evicted first.
+        for page in reversed(pages):
             self.ref_counts[page] -= 1
             if self.ref_counts[page] == 0:
-                self.free_pages.append(page)
+                self.free_pages[page] = None
+
+    def match_prefix(self, token_ids: list[int], max_pages: int) -> tuple[list[int], list[int]]:
+        """Takes a reference on the cached pages that start `token_ids` (at most `max_pages`).
+
+        Returns (pages, their hashes).
+        """
+        pages, hashes = [], []
+        if not self.enable_prefix_caching:
+            return pages, hashes
+        parent = None
+        for i in range(max_pages):
+            parent = page_hash(parent, token_ids[i * self.page_size:(i + 1) * self.page_size])
+            page = self.cached_pages.get(parent)
+            if page is None:
+                break
+            if self.ref_counts[page] == 0:
+                del self.free_pages[page]
+            self.ref_counts[page] += 1
+            pages.append(page)
+            hashes.append(parent)
+        self.prefix_cache_queries += len(token_ids)
+        self.prefix_cache_hits += len(pages) * self.page_size
+        return pages, hashes
+
+    def register_full_pages(self, block_table: list[int], hashes: list[int], token_ids: list[int],
+                            num_computed_tokens: int) -> None:
+        """Hashes the newly completed pages of a sequence (extending `hashes` in place) and caches them."""
+        if not self.enable_prefix_caching:
+            return
+        ps = self.page_size
+        for i in range(len(hashes), num_computed_tokens // ps):
+            h = page_hash(hashes[-1] if hashes else None, token_ids[i * ps:(i + 1) * ps])
+            hashes.append(h)
+            page = block_table[i]
+            if h not in self.cached_pages and self.page_hashes[page] is None:
+                self.cached_pages[h] = page
+                self.page_hashes[page] = h

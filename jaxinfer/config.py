@@ -145,11 +145,17 @@ class EngineConfig:
 
     dtype: str = "auto"  # "auto": float32 on CPU (no native bf16 there), bfloat16 on GPU
     page_size: int = 16
-    num_pages: int | None = None  # None: enough for max_num_seqs sequences of max_model_len
     max_model_len: int = 2048
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
+    # None: kv_cache_memory_fraction of free device memory (default 0.9 on GPU; on CPU 0.5 of available
+    # RAM, capped at what max_num_seqs sequences of max_model_len can use)
+    num_pages: int | None = None
+    kv_cache_memory_fraction: float | None = None
+    enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # kernels_pallas.dispatch.BACKENDS
+    warmup: bool = True  # compile every step shape at start-up
+    strict_compile: bool = False  # raise if serving ever needs a program warm-up did not compile
     seed: int = 0
 
     def __post_init__(self):
@@ -161,6 +167,8 @@ class EngineConfig:
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages <= 0):
             raise ValueError(f"num_pages must be a positive integer, got {self.num_pages!r}")
+        if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxinfer.cache import PageAllocator, kv_cache_bytes_per_page
+from jaxinfer.cache import PageAllocator, free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
 from jaxinfer.models.llama import load_llama
 from jaxinfer.runner import ModelRunner
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.sequence import Sequence
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -32,6 +32,23 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     delta: str = ""  # text new since the previous step (streaming)
+    delta_token_ids: list[int] = field(default_factory=list)  # tokens new since the previous step
+    logprobs: list[TokenLogprob] | None = None  # per generated token, when SamplingParams.logprobs is set
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Times are time.monotonic() seconds."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
 
 
 @dataclass(slots=True)
@@ -41,6 +58,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    metrics: RequestMetrics | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -51,8 +69,11 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
-    texts: list[str] = field(default_factory=list)  # detokenized output so far, per sequence
-    emitted: list[int] = field(default_factory=list)  # characters of each text already handed out
+    texts: list[str]  # detokenized output so far, per sequence
+    emitted: list[int]  # characters of each text already handed out, per sequence
+    emitted_tokens: list[int]  # tokens already handed out, per sequence
+    logprobs: list[list[TokenLogprob]]
+    metrics: RequestMetrics
 
 
 def resolve_dtype(name: str):
@@ -77,24 +98,43 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                              f"{mc.max_position_embeddings}")
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend)
-        pages_per_seq = -(-config.max_model_len // config.page_size)
-        num_pages = config.num_pages or pages_per_seq * config.max_num_seqs
-        if num_pages < pages_per_seq:
-            raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_model_len="
-                             f"{config.max_model_len} ({pages_per_seq} pages of {config.page_size} tokens)")
+        num_pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype)
-        self.allocator = PageAllocator(num_pages)
+        self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.requests: dict[str, _Request] = {}
         self._request_of: dict[Sequence, _Request] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.runner.state))
-        logger.info("model %s (%s, %d layers) loaded in %.1f s: %s weights %.1f MB; KV cache %d pages x %d tokens "
-                    "= %d tokens, %.1f MB", os.path.basename(checkpoint.path), mc.architecture, mc.num_layers,
-                    time.perf_counter() - start, jnp.dtype(self.dtype).name, weight_bytes / 1e6, num_pages,
-                    config.page_size, num_pages * config.page_size,
-                    num_pages * kv_cache_bytes_per_page(mc, config.page_size, self.dtype) / 1e6)
+        self.weight_bytes = weight_bytes
+        self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(mc, config.page_size, self.dtype)
+        logger.info("model %s (%s, %d layers) loaded in %.1f s: %s weights %.1f MB on %s", os.path.basename(
+            checkpoint.path), mc.architecture, mc.num_layers, time.perf_counter() - start,
+            jnp.dtype(self.dtype).name, weight_bytes / 1e6, jax.devices()[0].platform)
+        logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB; prefix caching %s", num_pages,
+                    config.page_size, num_pages * config.page_size, self.kv_cache_bytes / 1e6,
+                    "on" if config.enable_prefix_caching else "off")
+        if config.warmup:
+            self.runner.warmup()
+
+    def _num_pages(self) -> int:
+        config, mc = self.config, self.model_config
+        pages_per_seq = -(-config.max_model_len // config.page_size)
+        if config.num_pages is not None:
+            num_pages = config.num_pages
+        else:
+            on_cpu = jax.devices()[0].platform == "cpu"
+            fraction = config.kv_cache_memory_fraction or (0.5 if on_cpu else 0.9)
+            budget = int(fraction * free_device_memory())
+            num_pages = budget // kv_cache_bytes_per_page(mc, config.page_size, self.dtype)
+            if on_cpu:  # host RAM is everyone's: take no more than the sequences can use
+                num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)
+        if num_pages < pages_per_seq:
+            raise ValueError(f"the KV cache ({num_pages} pages) cannot hold one sequence of max_model_len="
+                             f"{config.max_model_len} ({pages_per_seq} pages of {config.page_size} tokens): "
+                             f"lower max_model_len or give the cache more memory")
+        return num_pages
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -120,10 +160,15 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             seed = params.seed + i if params.seed is not None else self._rng.randrange(2**31)
-            seqs.append(Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed))
+            seq = Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed)
+            if i > 0 and self.config.enable_prefix_caching:
+                seq.wait_for = seqs[0]  # share the first sequence's prompt pages through the prefix cache
+            seqs.append(seq)
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens) for _ in seqs]
-        self.requests[request_id] = _Request(request_id, text, prompt_ids, params, seqs, detoks,
-                                             [""] * len(seqs), [0] * len(seqs))
+        n = len(seqs)
+        self.requests[request_id] = _Request(request_id, text, prompt_ids, params, seqs, detoks, [""] * n, [0] * n,
+                                             [0] * n, [[] for _ in seqs],
+                                             RequestMetrics(seqs[0].arrival_time, num_prompt_tokens=len(prompt_ids)))
         for seq in seqs:
             self._request_of[seq] = self.requests[request_id]
             self.scheduler.add(seq)
@@ -146,14 +191,27 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        next_tokens = self.runner.execute(scheduled)
+        needs_history = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
+                            for p in (seq.params for seq, _ in scheduled))
+        out = self.runner.execute(scheduled, needs_history)
+        now = time.monotonic()
         touched = {}
-        for (seq, num_new), token in zip(scheduled, next_tokens):
+        for i, (seq, num_new) in enumerate(scheduled):
             seq.num_computed_tokens += num_new
+            self.allocator.register_full_pages(seq.block_table, seq.page_hashes, seq.token_ids(),
+                                               seq.num_computed_tokens)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk short of the prompt's end: nothing sampled yet
-            seq.output_ids.append(int(token))
             request = self._request_of[seq]
+            seq.output_ids.append(int(out.tokens[i]))
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                top = list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist()))
+                request.logprobs[request.seqs.index(seq)].append(
+                    TokenLogprob(int(out.tokens[i]), float(out.logprobs[i]), top))
+            metrics = request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.last_token_time = now
             self._update_text(request, seq)
             touched[request.request_id] = request
         return [self._output(request) for request in touched.values()]
@@ -184,14 +242,25 @@ class LLMEngine:
             # Hold back what could still turn out to be the start of a stop string.
             visible = len(text) if seq.finished else max(request.emitted[i], len(text) - holdback)
             delta = text[request.emitted[i]:visible]
-            request.emitted[i] = visible
-            outputs.append(CompletionOutput(i, text[:visible], list(seq.output_ids), seq.finish_reason, delta))
+            new_tokens = seq.output_ids[request.emitted_tokens[i]:]
+            request.emitted[i], request.emitted_tokens[i] = visible, len(seq.output_ids)
+            logprobs = request.logprobs[i] if request.params.logprobs is not None else None
+            outputs.append(CompletionOutput(i, text[:visible], list(seq.output_ids), seq.finish_reason, delta,
+                                            new_tokens, logprobs))
         finished = all(seq.finished for seq in request.seqs)
+        metrics = request.metrics
+        seqs = request.seqs
+        metrics.first_scheduled_time = min((s.first_scheduled_time for s in seqs if s.first_scheduled_time),
+                                           default=None)
+        metrics.num_generation_tokens = sum(len(s.output_ids) for s in seqs)
+        metrics.num_cached_tokens = seqs[0].num_cached_tokens
+        metrics.num_preemptions = sum(s.num_preemptions for s in seqs)
         if finished:
+            metrics.finished_time = time.monotonic()
             del self.requests[request.request_id]
-            for seq in request.seqs:
+            for seq in seqs:
                 del self._request_of[seq]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished, metrics)
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -1,9 +1,22 @@
 """Sampling parameters and on-device sampling of the next token of every sequence in a step."""
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), best first, as many as SamplingParams.logprobs
 
 
 @dataclass(slots=True)
@@ -15,6 +28,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
     min_p: float = 0.0
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output tokens: > 1 discourages repeats
+    logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives (<= 20)
     max_tokens: int | None = 16  # None: up to max_model_len
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
@@ -37,6 +54,13 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "non-negative token ids"),
+            ("presence_penalty", _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "in [-2, 2]"),
+            ("frequency_penalty", _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "in [-2, 2]"),
+            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
+            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"an integer in [0, {MAX_LOGPROBS}]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
         ]
         for name, ok, expected in checks:
@@ -52,32 +76,70 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seeds, counters):
-    """Next token per row.
+class SamplingArrays(NamedTuple):
+    """Per-row sampling parameters of a step, each [S]."""
 
-    logits: [S, vocab] float32; temperature, top_p, min_p: [S] float32 (temperature 0: greedy);
-    top_k: [S] int32 (<= 0: off); seeds, counters: [S] int32 — a row's random draw depends only on
-    its own (seed, counter), so a seeded request samples the same tokens whatever shares its batch.
-    Returns [S] int32.
+    temperature: jax.Array  # float32; 0: greedy
+    top_k: jax.Array  # int32; <= 0: off
+    top_p: jax.Array  # float32
+    min_p: jax.Array  # float32
+    presence_penalty: jax.Array  # float32
+    frequency_penalty: jax.Array  # float32
+    repetition_penalty: jax.Array  # float32; 1: off
+    seeds: jax.Array  # int32
+    counters: jax.Array  # int32: tokens generated so far, so each draw of a sequence has its own key
+
+
+def apply_penalties(logits, p: SamplingArrays, history, num_prompt):
+    """Presence/frequency penalties over generated tokens, repetition penalty over prompt and output.
+
+    history: [S, H] int32 token ids of each sequence (prompt then output), -1 padded;
+    num_prompt: [S] int32, how many of them are the prompt.
     """
+    rows = jnp.arange(logits.shape[0])[:, None]
+    valid = history >= 0
+    is_output = valid & (jnp.arange(history.shape[1])[None, :] >= num_prompt[:, None])
+    ids = jnp.where(valid, history, 0)
+    out_counts = jnp.zeros(logits.shape, jnp.float32).at[rows, ids].add(is_output.astype(jnp.float32))
+    seen = jnp.zeros(logits.shape, jnp.bool_).at[rows, ids].max(valid)
+    rep = p.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - p.frequency_penalty[:, None] * out_counts
+    return logits - p.presence_penalty[:, None] * (out_counts > 0)
+
+
+def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = MAX_LOGPROBS):
+    """Next token per row, with its logprob and the top `num_logprobs` alternatives.
+
+    logits: [S, vocab] float32. A row's random draw depends only on its own (seed, counter), so a
+    seeded request samples the same tokens whatever shares its batch. Logprobs are those of the
+    model's distribution (before penalties and temperature), as vLLM reports them.
+    Returns tokens [S] int32, logprobs [S], top_ids [S, num_logprobs], top_logprobs [S, num_logprobs].
+    """
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    use_penalties = jnp.any((p.presence_penalty != 0) | (p.frequency_penalty != 0) | (p.repetition_penalty != 1))
+    logits = jax.lax.cond(use_penalties, lambda x: apply_penalties(x, p, history, num_prompt), lambda x: x, logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def with_sampling(_):
         vocab = logits.shape[-1]
-        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
         order = jnp.argsort(-scaled, axis=-1)  # [S, vocab], best first
         ranked = jnp.take_along_axis(scaled, order, axis=-1)
         probs = jax.nn.softmax(ranked, axis=-1)
         rank = jnp.arange(vocab)[None, :]
-        keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-        keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]  # the smallest set reaching top_p
-        keep &= probs >= min_p[:, None] * probs[:, :1]
+        keep = (p.top_k[:, None] <= 0) | (rank < p.top_k[:, None])
+        keep &= (jnp.cumsum(probs, axis=-1) - probs) < p.top_p[:, None]  # the smallest set reaching top_p
+        keep &= probs >= p.min_p[:, None] * probs[:, :1]
         keep = keep.at[:, 0].set(True)
         ranked = jnp.where(keep, ranked, -jnp.inf)
-        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(p.seeds, p.counters)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,)))(keys)
         choice = jnp.argmax(ranked + gumbel, axis=-1)
         sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-        return jnp.where(temperature == 0, greedy, sampled)
+        return jnp.where(p.temperature == 0, greedy, sampled)
 
-    return jax.lax.cond(jnp.all(temperature == 0), lambda _: greedy, with_sampling, None)
+    tokens = jax.lax.cond(jnp.all(p.temperature == 0), lambda _: greedy, with_sampling, None)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+    return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs

@@ -3,13 +3,15 @@
 One token-budget loop, no separate prefill and decode phases: running sequences go first (a decode
 row costs one token, an unfinished prompt its next chunk), then waiting ones are admitted in
 arrival order while the budget, the sequence cap and the free pages allow. A long prompt is split
-into chunks across steps (chunked prefill). When a running sequence needs a page and none is free,
+into chunks across steps (chunked prefill). An admitted prompt first takes the pages of its longest
+cached prefix (prefix caching, see cache.py) and computes only the rest. When a running sequence needs a page and none is free,
 the most recently admitted running sequence is preempted: its pages are freed and it goes back to
 the front of the queue, to be recomputed later.
 """
 
 import collections
 import logging
+import time
 
 from jaxinfer.cache import PageAllocator
 from jaxinfer.config import EngineConfig
@@ -54,15 +56,30 @@ class Scheduler:
                 budget -= num_new
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.wait_for is not None and not (seq.wait_for.finished or seq.wait_for.prompt_computed):
+                break  # its sibling is computing the shared prompt: admit it once those pages are cached
+            if not seq.block_table:
+                self._match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._reserve_pages(seq, seq.num_computed_tokens + num_new):
+                self._release(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append((seq, num_new))
             budget -= num_new
         return scheduled
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        # At least the last token is computed, so the step has a row to sample from.
+        max_pages = (seq.num_tokens - 1) // self.config.page_size
+        seq.block_table, seq.page_hashes = self.allocator.match_prefix(seq.token_ids(), max_pages)
+        seq.num_computed_tokens = len(seq.block_table) * self.config.page_size
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence (finished or aborted) and frees its pages."""
@@ -70,10 +87,15 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.allocator.free(seq.block_table)
-        seq.block_table = []
+        self._release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.page_hashes = []
+        seq.num_computed_tokens = 0
 
     def _reserve_pages(self, seq: Sequence, num_tokens: int) -> bool:
         page_size = self.config.page_size
@@ -87,10 +109,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq.block_table)
-        seq.block_table = []
-        seq.num_computed_tokens = 0
+        self._release(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         logger.debug("preempted %s (%d tokens to recompute)", seq.request_id, seq.num_tokens)

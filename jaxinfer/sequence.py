@@ -21,20 +21,30 @@ class Sequence:
     seed: int  # the params' seed, or one drawn for this sequence: its random draws depend on nothing else
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)  # pages, in order of position
+    page_hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of its full pages
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)
+    # n > 1: the siblings wait for the first sequence's prompt to be cached, then share its pages.
+    wait_for: "Sequence | None" = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (first) admission
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def token_ids(self, start: int, stop: int) -> list[int]:
+    def token_ids(self, start: int = 0, stop: int | None = None) -> list[int]:
         n = len(self.prompt_ids)
-        if stop <= n:
+        if stop is not None and stop <= n:
             return self.prompt_ids[start:stop]
         return (self.prompt_ids + self.output_ids)[start:stop]
+
+    @property
+    def prompt_computed(self) -> bool:
+        return self.num_computed_tokens >= len(self.prompt_ids)
 
     @property
     def last_token_id(self) -> int:

@@ -9,6 +9,7 @@ xla elsewhere). The choice is static: it is made when a step function is traced.
 import jax
 
 from kernels_pallas import paged_attention, quant_matmul as qmm
+from kernels_pallas.paged_attention_xla import ragged_paged_attention_xla
 from kernels_pallas.quant_matmul import QuantizedWeight
 
 BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -37,8 +38,8 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     backend = resolve_backend(backend)
     args = (q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if backend == "xla":
-        return paged_attention.ragged_paged_attention_reference(*args, **options)
+    if backend == "xla":  # the reference's math, chunked so its cost follows the real context lengths
+        return ragged_paged_attention_xla(*args, **options)
     return paged_attention.ragged_paged_attention(
         *args, **options, interpret=backend == "pallas_interpret")
 

@@ -1,0 +1,325 @@
+"""AsyncLLMEngine: one background thread drives the LLMEngine; asyncio code submits and streams.
+
+The LLMEngine is not thread-safe, so only the loop thread calls it. Other threads hand it work
+through a lock-protected inbox (adds and aborts) that the loop thread drains before each step; it
+sleeps on a condition variable when there is nothing to do. Each request's outputs go back to the
+asyncio event loop that submitted it, into an asyncio.Queue, through `call_soon_threadsafe`.
+
+A bad request (a ValueError from `add_request`) is reported to its caller and the loop goes on. An
+error in `step()` is fatal: every request in flight fails with `EngineDeadError`, `healthy` turns
+False, the thread stops, and `on_failure` (the server's exit) is called.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from jaxinfer.engine import LLMEngine, RequestOutput
+from jaxinfer.sampling import SamplingParams
+
+logger = logging.getLogger("jaxinfer")
+
+DEFAULT_MAX_WAITING = 256
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed or was shut down; no request can run."""
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting for a slot; the caller should retry later."""
+
+
+class NotAcceptingError(RuntimeError):
+    """The engine is draining for shutdown and admits no new request."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine's state, replaced whole by the loop thread (so readers never see it torn)."""
+
+    num_running: int = 0  # sequences in the running batch
+    num_waiting: int = 0  # sequences queued for a slot
+    num_pages: int = 0
+    num_free_pages: int = 0
+    num_preemptions: int = 0
+    prefix_cache_hits: int = 0  # tokens
+    prefix_cache_queries: int = 0  # tokens
+    num_compilations: int = 0  # step programs compiled after warm-up
+    num_requests: int = 0  # requests in flight (accepted, not finished)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.num_free_pages / self.num_pages if self.num_pages else 0.0
+
+
+# What a stream's queue carries besides RequestOutputs and exceptions.
+_ACCEPTED = object()  # the engine took the request
+_ENDED = object()  # the request was aborted: the stream ends without a finished output
+
+
+class RequestStream:
+    """The outputs of one request, in order; iterate it in the event loop that created it."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.finished = False
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        """From any thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _ENDED:
+            self.finished = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """What the loop thread keeps per request: its stream and its token timing."""
+
+    stream: RequestStream
+    arrival_time: float  # time.monotonic() when submitted
+    num_tokens: int = 0  # tokens generated so far, over all n sequences
+    last_token_time: float | None = None
+
+
+@dataclass(slots=True)
+class _Add:
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: RequestStream
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+class AsyncLLMEngine:
+    """`observer`, if given, is told of token timings from the loop thread: `first_token(ttft_s,
+    num_prompt_tokens)`, `tokens(num_new_tokens, itl_s or None)`, `finished(e2e_s)`."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int = DEFAULT_MAX_WAITING, observer=None,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.observer = observer
+        self.on_failure = on_failure
+        self.error: BaseException | None = None
+        self.accepting = True
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._inbox: list[_Add | str] = []  # an _Add, or the id of a request to abort
+        self._stop = False
+        self._tracked: dict[str, _Tracked] = {}  # loop thread only
+        self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    def start(self) -> "AsyncLLMEngine":
+        self._update_stats()
+        self._thread.start()
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.stats.num_requests
+
+    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+                          request_id: str | None = None) -> RequestStream:
+        """Submits a request and waits until the engine accepts it.
+
+        Raises what `LLMEngine.add_request` raises (ValueError for a bad prompt), QueueFullError,
+        NotAcceptingError while shutting down, EngineDeadError once the loop has stopped.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        with self._cond:
+            if self.error is not None or self._stop:
+                raise EngineDeadError(f"the engine is not running: {self.error or 'shut down'}")
+            if not self.accepting:
+                raise NotAcceptingError("the server is shutting down")
+            pending = sum(isinstance(item, _Add) for item in self._inbox)
+            if self.stats.num_waiting + pending >= self.max_waiting:
+                raise QueueFullError(f"{self.stats.num_waiting + pending} requests are waiting "
+                                     f"(max_waiting={self.max_waiting})")
+            self._inbox.append(_Add(prompt, params, stream))
+            self._cond.notify()
+        try:
+            item = await stream._queue.get()
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        if item is not _ACCEPTED:
+            raise item
+        return stream
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come; aborts it if the consumer stops early or is cancelled."""
+        stream = await self.add_request(prompt, params, request_id)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(stream.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._inbox.append(request_id)
+            self._cond.notify()
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (NotAcceptingError); those in flight go on."""
+        self.accepting = False
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops admitting, lets requests in flight finish for up to `timeout` seconds, aborts the
+        rest (their streams raise EngineDeadError) and stops the loop thread."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and self.stats.num_requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # -- the loop thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            busy = False
+            while True:
+                with self._cond:
+                    while not (self._inbox or self._stop or busy):
+                        self._cond.wait()
+                    inbox, self._inbox = self._inbox, []
+                    stop = self._stop
+                for item in inbox:
+                    self._handle(item)
+                if inbox:
+                    self._update_stats()
+                if stop:
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+                busy = self.engine.has_unfinished_requests()
+                self._update_stats()
+        except Exception as e:
+            logger.exception("engine loop failed; failing %d requests", len(self._tracked))
+            self.error = e
+            self._fail_all(EngineDeadError(f"the engine failed: {e!r}"))
+            if self.on_failure is not None:
+                self.on_failure(e)
+        else:
+            self._fail_all(EngineDeadError("the engine shut down before this request finished"))
+
+    def _handle(self, item: "_Add | str") -> None:
+        if isinstance(item, str):
+            tracked = self._tracked.pop(item, None)
+            if tracked is not None:
+                self.engine.abort_request(item)
+                self._send(tracked.stream, _ENDED)
+            return
+        request_id = item.stream.request_id
+        try:
+            if request_id in self._tracked:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self.engine.add_request(item.prompt, item.params, request_id)
+        except Exception as e:  # a bad request is its caller's problem, not the loop's
+            self._send(item.stream, e)
+            return
+        self._tracked[request_id] = _Tracked(item.stream, item.arrival_time)
+        if not self._send(item.stream, _ACCEPTED):
+            self._tracked.pop(request_id)
+            self.engine.abort_request(request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue  # aborted after this step was scheduled
+            self._observe(tracked, output, now)
+            if output.finished:
+                del self._tracked[output.request_id]
+            if not self._send(tracked.stream, output) and not output.finished:
+                del self._tracked[output.request_id]
+                self.engine.abort_request(output.request_id)
+
+    def _observe(self, tracked: _Tracked, output: RequestOutput, now: float) -> None:
+        if self.observer is None:
+            return
+        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+        num_new = num_tokens - tracked.num_tokens
+        try:
+            if num_new > 0:
+                if tracked.last_token_time is None:
+                    self.observer.first_token(now - tracked.arrival_time, len(output.prompt_token_ids))
+                    self.observer.tokens(num_new, None)
+                else:
+                    self.observer.tokens(num_new, now - tracked.last_token_time)
+                tracked.num_tokens, tracked.last_token_time = num_tokens, now
+            if output.finished:
+                self.observer.finished(now - tracked.arrival_time)
+        except Exception:
+            logger.exception("metrics observer failed")
+
+    def _send(self, stream: RequestStream, item) -> bool:
+        try:
+            stream.put(item)
+            return True
+        except RuntimeError:  # the consumer's event loop is closed
+            return False
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id, tracked in list(self._tracked.items()):
+            self._send(tracked.stream, error)
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                pass
+        self._tracked.clear()
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        for item in inbox:
+            if isinstance(item, _Add):
+                self._send(item.stream, error)
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        engine = self.engine
+        scheduler, allocator = engine.scheduler, engine.allocator
+        self.stats = EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            num_pages=allocator.num_pages,
+            num_free_pages=allocator.num_free_pages,
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_hits=getattr(allocator, "prefix_cache_hits", 0),
+            prefix_cache_queries=getattr(allocator, "prefix_cache_queries", 0),
+            num_compilations=getattr(engine.runner, "num_compilations", 0),
+            num_requests=len(self._tracked),
+        )
