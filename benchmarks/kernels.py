@@ -8,6 +8,7 @@ with a large float32 matmul. Writes a markdown table to docs/KERNELS.md (or --ou
 """
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kernels_pallas import dispatch  # noqa: E402
 from kernels_pallas import paged_attention as pa  # noqa: E402
 from kernels_pallas import quant_matmul as qm  # noqa: E402
 
@@ -122,9 +124,12 @@ ATTENTION_BATCHES = {
 def cases():
     # SmolLM2-135M attention (9 heads, 3 kv heads, 64 dims) and MLP (576 -> 1536) shapes; a
     # 4096 x 4096 projection whose f32 weight (64 MB) does not fit in the caches.
+    engine_xla = functools.partial(dispatch.ragged_paged_attention, backend="xla")
     for name, (q_lens, kv_lens) in ATTENTION_BATCHES.items():
-        yield attention_case(f"attention {name}", q_lens, kv_lens)
-        yield attention_case(f"attention {name} (per-row gather)", q_lens, kv_lens,
+        yield attention_case(f"attention {name}: dispatch xla", q_lens, kv_lens,
+                             implementation=engine_xla)
+        yield attention_case(f"attention {name}: reference", q_lens, kv_lens)
+        yield attention_case(f"attention {name}: per-row gather", q_lens, kv_lens,
                              implementation=per_row_attention)
     for m, k, n in ((1, 576, 1536), (64, 576, 1536), (1, 4096, 4096)):
         for fmt, quant_args in (("f32", {}), ("int8", {}), ("int4", dict(group_size=32)),
@@ -169,9 +174,11 @@ def main():
         "included), x and the output. A ratio below 1x means the data stayed in the caches",
         "(the 576 x 1536 weights fit in L3) and the DRAM floor does not apply.",
         "",
-        "Attention rows marked \"per-row gather\" time the reference's first implementation",
-        "(each query row gathers its sequence's pages), kept in the script for comparison; the",
-        "reference now gathers once per block of rows of one sequence (same results).",
+        "Attention: \"dispatch xla\" is what the engine runs on CPU",
+        f"(`{dispatch.ragged_paged_attention.__module__}.ragged_paged_attention`, backend \"xla\");",
+        "\"reference\" is `ragged_paged_attention_reference`, which gathers a sequence's pages",
+        "once per block of its rows; \"per-row gather\" is the reference's first implementation",
+        "(every query row gathers its sequence's pages), kept in the script for comparison.",
         "The quantized rows time `quant_matmul_reference`: XLA on CPU dequantizes the whole",
         "weight to f32 before the dot (no fusion), so they are slower than f32 here; the",
         "in-register dequantization is the Pallas kernel's, on GPU.",
