@@ -101,7 +101,7 @@ CONFIGS = {
     "int8 g32 m16": quant_config("int8", 16, group_size=32),
     "int4 sym g32 m16": quant_config("int4", 16, group_size=32),
     "int4 sym g32 m256": quant_config("int4", 256, group_size=32),
-    "int4 asym g64 m16": quant_config("int4", 16, group_size=64),
+    "int4 asym g64 m16": quant_config("int4", 16, group_size=64, symmetric=False),
     "int4 asym g128 m256": quant_config("int4", 256, group_size=128, symmetric=False),
     "int4 sym g128 m256 n128 warps8": quant_config("int4", 256, group_size=128, block_n=128,
                                                    num_warps=8),

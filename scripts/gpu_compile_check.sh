@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every Pallas kernel to cubins for sm_80 and sm_90a, without a GPU (see
 # scripts/gpu_compile_check.py). Builds its own environment, .venv-cuda (jax with the CUDA plugin
-# and ptxas, ~1 GB installed), once; later runs reuse it.
+# and ptxas, about 1 GB installed), once; later runs reuse it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
