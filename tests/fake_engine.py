@@ -1,0 +1,69 @@
+"""A stand-in for LLMEngine with the same surface, for tests of the machinery around it (no model).
+
+Each step gives every request one more token (token i of a request is i, its text one "x" per
+token) until it has `params.max_tokens`. It records which thread called it, can be told to fail,
+and can be slowed down.
+"""
+
+import collections
+import threading
+import time
+from types import SimpleNamespace
+
+from jaxinfer.engine import CompletionOutput, RequestOutput
+
+
+class FakeEngine:
+    def __init__(self, step_seconds: float = 0.0, max_model_len: int = 512):
+        self.step_seconds = step_seconds
+        self.requests: dict[str, list] = {}  # request_id -> [params, generated token ids]
+        self.calling_threads: set[int] = set()
+        self.num_steps = 0
+        self.num_calls = 0
+        self.aborted: list[str] = []
+        self.fail_next_step = False
+        self.scheduler = SimpleNamespace(running=[], waiting=collections.deque(), num_preemptions=0)
+        self.allocator = SimpleNamespace(num_pages=64, num_free_pages=64, prefix_cache_hits=0,
+                                         prefix_cache_queries=0)
+        self.runner = SimpleNamespace(num_compilations=0)
+        self.config = SimpleNamespace(max_model_len=max_model_len)
+        self.model_config = SimpleNamespace(name="fake", vocab_size=1000)
+        self.tokenizer = None
+
+    def _called(self) -> None:
+        self.calling_threads.add(threading.get_ident())
+        self.num_calls += 1
+
+    def add_request(self, prompt, params, request_id):
+        self._called()
+        if prompt == "bad":
+            raise ValueError("prompt is bad")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self.requests[request_id] = [params, []]
+        return request_id
+
+    def abort_request(self, request_id):
+        self._called()
+        if self.requests.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self):
+        self._called()
+        return bool(self.requests)
+
+    def step(self):
+        self._called()
+        self.num_steps += 1
+        time.sleep(self.step_seconds)
+        if self.fail_next_step:
+            raise RuntimeError("the device fell over")
+        outputs = []
+        for request_id, (params, tokens) in list(self.requests.items()):
+            tokens.append(len(tokens))
+            finished = len(tokens) >= params.max_tokens
+            outputs.append(RequestOutput(request_id, None, [1, 2, 3], [CompletionOutput(
+                0, "x" * len(tokens), list(tokens), "length" if finished else None, "x", [tokens[-1]])], finished))
+            if finished:
+                del self.requests[request_id]
+        return outputs
