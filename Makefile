@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test setup clean
+.PHONY: test setup clean gpu-compile-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,3 +21,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# Compiles every Pallas kernel to PTX and cubins for sm_80 and sm_90a, in its own venv (.venv-cuda):
+# fails on a compile error, on register spills, or on shared memory over the sm_80 limit.
+gpu-compile-check:
+	bash scripts/gpu_compile_check.sh
