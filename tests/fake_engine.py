@@ -1,8 +1,9 @@
 """A stand-in for LLMEngine with the same surface, for tests of the machinery around it (no model).
 
 Each step gives every request one more token (token i of a request is i, its text one "x" per
-token) until it has `params.max_tokens`. It records which thread called it, can be told to fail,
-and can be slowed down.
+token) until it has `params.max_tokens`. It records which thread called it, can be slowed down,
+and fails a step when told to or when it holds the prompt POISON. It has the attributes the server
+and the CLI read (limits, buckets, sizes).
 """
 
 import collections
@@ -11,6 +12,8 @@ import time
 from types import SimpleNamespace
 
 from jaxinfer.engine import CompletionOutput, RequestOutput
+
+POISON = [6, 6, 6]  # a prompt that makes the next step fail
 
 
 class FakeEngine:
@@ -25,9 +28,12 @@ class FakeEngine:
         self.scheduler = SimpleNamespace(running=[], waiting=collections.deque(), num_preemptions=0)
         self.allocator = SimpleNamespace(num_pages=64, num_free_pages=64, prefix_cache_hits=0,
                                          prefix_cache_queries=0)
-        self.runner = SimpleNamespace(num_compilations=0)
-        self.config = SimpleNamespace(max_model_len=max_model_len)
-        self.model_config = SimpleNamespace(name="fake", vocab_size=1000)
+        self.runner = SimpleNamespace(num_compilations=0, num_pages=64, warmed_up=True,
+                                      token_buckets=lambda: [16], seq_buckets=lambda: [1])
+        self.config = SimpleNamespace(max_model_len=max_model_len, page_size=16, max_num_seqs=8,
+                                      max_num_batched_tokens=128)
+        self.model_config = SimpleNamespace(name="fake", vocab_size=1000, architecture="fake", num_layers=1)
+        self.dtype, self.weight_bytes, self.kv_cache_bytes = "float32", 0, 0
         self.tokenizer = None
 
     def _called(self) -> None:
@@ -41,6 +47,7 @@ class FakeEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self.requests[request_id] = [params, []]
+        self.fail_next_step |= list(prompt) == POISON
         return request_id
 
     def abort_request(self, request_id):

@@ -1,0 +1,147 @@
+"""The Starlette app: routes, API-key check, body limits, and every error as OpenAI's JSON shape.
+
+The app does not own the engine's life: whoever builds it (server.py / `jaxinfer serve`, tests)
+starts the AsyncLLMEngine before serving and shuts it down after.
+"""
+
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jaxinfer.api.metrics import ServerMetrics
+from jaxinfer.api.protocol import APIError, error_body, model_card
+from jaxinfer.api.routes.completions import create_chat_completion, create_completion
+from jaxinfer.async_engine import AsyncLLMEngine
+
+logger = logging.getLogger("jaxinfer")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the route handlers share (`request.app.state.server`)."""
+
+    engine: AsyncLLMEngine
+    model_name: str
+    max_model_len: int
+    metrics: ServerMetrics
+    api_key: str | None
+    max_body_bytes: int
+    created: int  # unix time the model was loaded, for /v1/models
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.model_config.vocab_size
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    async def read_json(self, request: Request) -> dict:
+        """The request's JSON object; 413 past `max_body_bytes`, 400 if it is not a JSON object."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError as e:  # UnicodeDecodeError included
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        return body
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+def create_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, api_key: str | None = None,
+               metrics: ServerMetrics | None = None, price_per_hour: float | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+    """The OpenAI-compatible app over a (started) AsyncLLMEngine.
+
+    Without `metrics`, the app makes its own registry and, if the engine has no observer yet,
+    becomes it (several apps may share one engine; only one gets its token timings).
+    """
+    name = served_model_name or engine.engine.model_config.name or "default"
+    if metrics is None:
+        metrics = ServerMetrics(engine, name, price_per_hour)
+        if engine.observer is None:
+            engine.observer = metrics
+    routes = [
+        Route("/v1/completions", create_completion, methods=["POST"]),
+        Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus_metrics, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
+    app.state.server = ServerState(engine, name, engine.engine.config.max_model_len, metrics, api_key,
+                                   max_body_bytes, int(time.time()))
+    return app
+
+
+async def list_models(request: Request) -> Response:
+    server: ServerState = request.app.state.server
+    server.authorize(request)
+    return JSONResponse({"object": "list",
+                         "data": [model_card(server.model_name, server.created, server.max_model_len)]})
+
+
+async def health(request: Request) -> Response:
+    """200 while the engine loop runs and admits requests; 503 once it failed or is draining."""
+    engine = request.app.state.server.engine
+    if not engine.healthy:
+        reason = f"the engine failed: {engine.error!r}" if engine.error else "the engine is not running"
+        return JSONResponse({"status": "unhealthy", "error": reason}, status_code=503)
+    if not engine.accepting:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return JSONResponse(error_body(exc.status_code, exc.detail), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body(500, f"internal server error: {exc!r}"), status_code=500)

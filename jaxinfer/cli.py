@@ -1,0 +1,165 @@
+"""`jaxinfer serve` (and `python server.py`): flags -> engine -> OpenAI-compatible server on uvicorn.
+
+Flags are named as vLLM's where the idea is the same. SIGTERM/SIGINT stop admitting requests (503),
+let those in flight finish for up to --shutdown-timeout seconds, then exit. If the engine loop
+fails, the server exits with status 1 rather than hang.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+from jaxinfer.config import EngineConfig
+from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
+
+logger = logging.getLogger("jaxinfer")
+
+QUANTIZATIONS = ("none",)  # weights are served dequantized; quantized weights are not implemented yet
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EngineConfig()
+    p = argparse.ArgumentParser(
+        prog="jaxinfer serve", description="Serve a model over an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, help=f"a bundled model name, a GGUF file, or a Hugging "
+                       f"Face directory (config.json + safetensors). Default: {DEFAULT_MODEL}")
+    model.add_argument("--served-model-name", help="the name clients use in 'model' (default: --model as given)")
+    model.add_argument("--quantization", default="none", help="weight format in memory; only 'none' (weights "
+                       "dequantized to --dtype) is available: quantized weights are not implemented yet")
+    model.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                       help=f"activation and weight dtype; auto: float32 on CPU, bfloat16 on GPU (default: {d.dtype})")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-model-len", type=int, help=f"longest prompt + output, in tokens (default: {d.max_model_len})")
+    engine.add_argument("--max-num-seqs", type=int, help=f"sequences in one batch (default: {d.max_num_seqs})")
+    engine.add_argument("--max-num-batched-tokens", type=int,
+                        help=f"tokens in one step, prefill chunks included (default: {d.max_num_batched_tokens})")
+    engine.add_argument("--kv-cache-memory-fraction", "--gpu-memory-utilization", dest="kv_cache_memory_fraction",
+                        type=float, help="fraction of free device memory the KV cache takes when --num-pages is not "
+                        "given (default: 0.9 on GPU; on CPU 0.5 of free RAM, capped at max_num_seqs full sequences)")
+    engine.add_argument("--num-pages", type=int, help="KV cache size in pages (overrides the memory fraction)")
+    engine.add_argument("--page-size", type=int, help=f"tokens per KV cache page, a power of two (default: {d.page_size})")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"reuse the KV pages of shared prompt prefixes (default: {'on' if d.enable_prefix_caching else 'off'})")
+    engine.add_argument("--attention-backend", choices=["auto", "xla", "pallas", "pallas_interpret"],
+                        help="attention kernel: auto (Pallas on GPU, XLA elsewhere), xla, pallas, "
+                        f"pallas_interpret (slow; debugging) (default: {d.attention_backend})")
+    engine.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile every step shape before serving (default: on)")
+    engine.add_argument("--strict-compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="fail a step that needs a program warm-up did not compile (default: off)")
+    engine.add_argument("--seed", type=int, help=f"seed of requests that give none (default: {d.seed})")
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; "
+                        "0.0.0.0 for every interface)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    server.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on /v1/* (default: $JAXINFER_API_KEY; "
+                        "none: open). /health and /metrics stay open")
+    server.add_argument("--max-waiting", type=int, default=None,
+                        help="sequences waiting for a slot beyond which requests get 503 + Retry-After (default: 256)")
+    server.add_argument("--price-per-hour", type=float, help="the machine's price in dollars per hour: /metrics "
+                        "then reports jaxinfer:cost_per_million_tokens_dollars at the measured throughput")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds requests in flight may take to finish after SIGTERM (default: 30)")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log level (default: info)")
+    return p
+
+
+ENGINE_FLAGS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
+                "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "warmup", "strict_compile",
+                "seed")
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quantization not in QUANTIZATIONS:
+        parser.error(f"--quantization {args.quantization}: quantized weights are not implemented yet; "
+                     f"only 'none' is available")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        EngineConfig().replace(**engine_overrides(args))
+        path = resolve_model_path(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return serve(args, path)
+
+
+def serve(args: argparse.Namespace, path: str) -> int:
+    import jax.numpy as jnp
+    import uvicorn
+
+    from jaxinfer.api.metrics import ServerMetrics
+    from jaxinfer.api.routes.app import create_app
+    from jaxinfer.async_engine import DEFAULT_MAX_WAITING, AsyncLLMEngine
+    from jaxinfer.engine import LLMEngine
+
+    start = time.perf_counter()
+    llm_engine = LLMEngine(args.model, **engine_overrides(args))
+    config, mc, runner = llm_engine.config, llm_engine.model_config, llm_engine.runner
+    name = args.served_model_name or args.model
+    fmt = "Hugging Face safetensors directory" if os.path.isdir(path) else f"GGUF file {os.path.basename(path)}"
+    logger.info("model %s: %s, %s, %d layers; %s weights: %.1f MB", name, fmt, mc.architecture, mc.num_layers,
+                jnp.dtype(llm_engine.dtype).name, llm_engine.weight_bytes / 1e6)
+    logger.info("KV cache: %.1f MB, %d tokens (%d pages x %d); max_model_len %d, max_num_seqs %d, "
+                "max_num_batched_tokens %d", llm_engine.kv_cache_bytes / 1e6,
+                runner.num_pages * config.page_size, runner.num_pages, config.page_size, config.max_model_len,
+                config.max_num_seqs, config.max_num_batched_tokens)
+    logger.info("compile buckets: tokens %s x sequences %s; %s; engine ready in %.1f s", runner.token_buckets(),
+                runner.seq_buckets(), "warmed up" if getattr(runner, "warmed_up", False) else
+                "no warm-up (programs compile on first use)", time.perf_counter() - start)
+
+    server_box = {}
+
+    def on_failure(error: BaseException) -> None:
+        logger.error("the engine failed (%r): shutting the server down", error)
+        if "server" in server_box:
+            server_box["server"].should_exit = True
+
+    async_engine = AsyncLLMEngine(llm_engine, max_waiting=args.max_waiting or DEFAULT_MAX_WAITING,
+                                  on_failure=on_failure)
+    metrics = ServerMetrics(async_engine, name, args.price_per_hour)
+    async_engine.observer = metrics
+    app = create_app(async_engine, served_model_name=name, api_key=args.api_key, metrics=metrics)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: stop admitting, then drain
+            async_engine.stop_accepting()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   timeout_graceful_shutdown=args.shutdown_timeout, access_log=False))
+    server_box["server"] = server
+    async_engine.start()
+    logger.info("serving %s at http://%s:%d/v1 (API key %s)", name, args.host, args.port,
+                "required" if args.api_key else "not required")
+    # uvicorn re-raises the signal that stopped it once it has drained, under the handler it found:
+    # let that be a no-op, so the engine is shut down below and the exit status is ours.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        async_engine.shutdown(timeout=0 if async_engine.error else 1.0)
+    if async_engine.error is not None:
+        logger.error("exiting: the engine failed: %r", async_engine.error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
