@@ -1,0 +1,122 @@
+"""The on-device sampler against NumPy references."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxinfer import SamplingParams
+from jaxinfer.sampling import SamplingArrays, apply_penalties, sample
+
+VOCAB = 64
+DRAWS = 2000
+
+
+def arrays(n, **values):
+    defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
+                    repetition_penalty=1.0, seeds=0, counters=0)
+    defaults.update(values)
+    out = {}
+    for name, v in defaults.items():
+        dtype = np.int32 if name in ("top_k", "seeds", "counters") else np.float32
+        out[name] = np.broadcast_to(np.asarray(v, dtype), (n,)).copy()
+    return SamplingArrays(**out)
+
+
+_sample = jax.jit(sample, static_argnames="num_logprobs")
+
+
+def draw(logits_row, **params):
+    """DRAWS samples of one distribution: one row per draw, each with its own counter."""
+    logits = np.broadcast_to(logits_row, (DRAWS, VOCAB)).astype(np.float32)
+    p = arrays(DRAWS, counters=np.arange(DRAWS), seeds=11, **params)
+    history = np.full((DRAWS, 1), -1, np.int32)
+    tokens, *_ = _sample(logits, p, history, np.zeros(DRAWS, np.int32), num_logprobs=4)
+    return np.asarray(tokens)
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+@pytest.fixture
+def logits_row():
+    return np.random.default_rng(0).normal(0, 2, VOCAB).astype(np.float32)
+
+
+def test_top_k_never_leaves_the_k_best(logits_row):
+    allowed = set(np.argsort(-logits_row)[:5])
+    assert set(draw(logits_row, top_k=5)) <= allowed
+
+
+def test_top_p_never_leaves_the_nucleus(logits_row):
+    probs = softmax(logits_row)
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    allowed = set(order[before < 0.7])  # the smallest prefix whose mass reaches 0.7
+    tokens = draw(logits_row, top_p=0.7)
+    assert set(tokens) <= allowed and len(set(tokens)) > 1
+
+
+def test_min_p_never_emits_unlikely_tokens(logits_row):
+    probs = softmax(logits_row)
+    allowed = set(np.flatnonzero(probs >= 0.1 * probs.max()))
+    assert set(draw(logits_row, min_p=0.1)) <= allowed
+
+
+def test_temperature_sampling_matches_the_softmax_distribution():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2] + [-30.0] * (VOCAB - 8), np.float32)
+    temperature = 0.7
+    expected = softmax(logits / temperature)[:8] * DRAWS
+    counts = np.bincount(draw(logits, temperature=temperature), minlength=VOCAB)
+    assert counts[8:].sum() == 0
+    chi2 = ((counts[:8] - expected) ** 2 / expected).sum()
+    assert chi2 < 24.32  # chi-square, 7 degrees of freedom, p = 0.001
+
+
+def test_greedy_rows_take_the_argmax_whatever_their_neighbours_do(logits_row):
+    logits = np.stack([logits_row, logits_row[::-1]]).astype(np.float32)
+    p = arrays(2, temperature=np.array([0.0, 1.5]), seeds=np.array([1, 2]))
+    tokens, *_ = _sample(logits, p, np.full((2, 1), -1, np.int32), np.zeros(2, np.int32), num_logprobs=4)
+    assert int(tokens[0]) == int(np.argmax(logits_row))
+
+
+def penalties_reference(logits, history, num_prompt, presence, frequency, repetition):
+    out = logits.copy()
+    for i in range(len(out)):
+        ids = [t for t in history[i] if t >= 0]
+        generated = ids[num_prompt[i]:]
+        for t in set(ids):  # HF's repetition penalty, over prompt and output
+            out[i, t] = out[i, t] / repetition[i] if out[i, t] > 0 else out[i, t] * repetition[i]
+        for t in set(generated):  # OpenAI's presence and frequency penalties, over output only
+            out[i, t] -= presence[i] + frequency[i] * generated.count(t)
+    return out
+
+
+def test_penalties_match_the_numpy_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (3, VOCAB)).astype(np.float32)
+    history = np.full((3, 12), -1, np.int32)
+    history[0, :10] = [1, 2, 3, 4, 5, 5, 5, 7, 1, 9]
+    history[1, :6] = [10, 11, 12, 12, 12, 13]
+    history[2, :12] = rng.integers(0, VOCAB, 12)
+    num_prompt = np.array([4, 2, 5], np.int32)
+    presence, frequency, repetition = [0.5, -0.3, 1.1], [0.2, 0.7, 0.0], [1.3, 1.0, 0.8]
+    p = arrays(3, presence_penalty=presence, frequency_penalty=frequency, repetition_penalty=repetition)
+    ours = np.asarray(jax.jit(apply_penalties)(logits, p, history, num_prompt))
+    ref = penalties_reference(logits, history, num_prompt, presence, frequency, repetition)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
+
+
+def test_logprobs_equal_log_softmax_of_the_reference_logits(llm, hf_model, hf_tokenizer):
+    prompt = "The three primary colors are"
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, logprobs=5), use_tqdm=False)[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([hf_tokenizer.encode(prompt)])).logits[0, -1], -1).numpy()
+    first = out.outputs[0].logprobs[0]
+    assert first.token_id == int(np.argmax(ref))
+    assert abs(first.logprob - ref[first.token_id]) < 1e-3
+    top_ids = [t for t, _ in first.top]
+    assert top_ids == list(np.argsort(-ref)[:5])
+    np.testing.assert_allclose([lp for _, lp in first.top], ref[top_ids], atol=1e-3)
