@@ -1,16 +1,16 @@
-"""Ragged paged attention for XLA (the CPU path): the reference's math, chunked over the context.
+"""Ragged paged attention for XLA (the CPU path): the reference's math in blocks of rows and chunks of context.
 
-The reference gathers each row's whole block table, so its cost follows the block table's width
-(max_model_len), not the sequences' real lengths. This variant walks the context in chunks of
-`pages_per_chunk` pages with an online softmax, and the loop stops at the longest sequence of the
-batch (a `while` loop with a run-time trip count): a step's cost follows the real context, and the
-block-table width no longer needs its own compile buckets.
+Like the reference, the query rows are cut into blocks of consecutive rows of one sequence, and a
+block gathers its sequence's pages once for all its rows. Unlike it, the context is walked in chunks
+of `pages_per_chunk` pages with an online softmax, and the walk stops at the longest sequence of the
+batch (a `while` loop with a run-time trip count): a step's cost follows the real context lengths,
+not the block table's width (max_model_len), so that width needs no compile buckets.
 """
 
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.paged_attention import MASK_VALUE, token_metadata
+from kernels_pallas.paged_attention import MASK_VALUE, _work_table
 
 
 def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *, sm_scale,
@@ -23,41 +23,55 @@ def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, _, page_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    seq_ids, positions, valid = token_metadata(query_start_loc, seq_lens, num_tokens)
+    num_seqs = block_tables.shape[0]
+    # Blocks of block_q rows (see the reference): decode rows are blocks of one; a prefill chunk
+    # gathers its pages once per block_q rows instead of once per row.
+    block_q = max(1, num_tokens // num_seqs)
+    num_blocks = min(num_tokens // block_q + num_seqs, num_tokens)
+    seq, first_row, num_rows, first_pos, kv_len = _work_table(
+        query_start_loc, seq_lens, num_tokens, block_q, num_blocks).T  # each [num_blocks]
+    offsets = jnp.arange(block_q, dtype=jnp.int32)
+    row_valid = offsets[None, :] < num_rows[:, None]  # [num_blocks, block_q]
+    rows = jnp.where(row_valid, first_row[:, None] + offsets, num_tokens)  # past the end: dropped
+    positions = first_pos[:, None] + offsets  # [num_blocks, block_q]
+    qb = q.at[rows].get(mode="clip").astype(jnp.float32) * sm_scale
+    qb = qb.reshape(num_blocks, block_q, num_kv_heads, group, head_dim)
+
     chunk_pages = min(pages_per_chunk, block_tables.shape[1])
     chunk = chunk_pages * page_size
-    tables = block_tables[seq_ids]  # [T, max_pages]
-    pad = -tables.shape[1] % chunk_pages
-    tables = jnp.pad(tables, ((0, 0), (0, pad)))
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
+    tables = block_tables[seq]  # [num_blocks, max_pages]
+    tables = jnp.pad(tables, ((0, 0), (0, -tables.shape[1] % chunk_pages)))
 
     def body(c, carry):
-        m, l, acc = carry  # [T, kv_heads, group], [T, kv_heads, group], [T, kv_heads, group, head_dim]
-        pages = jax.lax.dynamic_slice_in_dim(tables, c * chunk_pages, chunk_pages, axis=1)  # [T, chunk_pages]
-        # One gather per chunk straight from the whole cache: only these pages are read.
-        # [T, chunk_pages, kv_heads, page_size, head_dim] -> [T, kv_heads, chunk, head_dim]
-        k = k_cache[layer, :, pages].swapaxes(1, 2).reshape(num_tokens, num_kv_heads, chunk, head_dim)
-        v = v_cache[layer, :, pages].swapaxes(1, 2).reshape(num_tokens, num_kv_heads, chunk, head_dim)
-        s = jnp.einsum("tkgd,tkcd->tkgc", qg, k.astype(jnp.float32))
+        m, l, acc = carry  # [B, kv_heads, group, block_q] twice, then [..., head_dim]
+        pages = jax.lax.dynamic_slice_in_dim(tables, c * chunk_pages, chunk_pages, axis=1)  # [B, chunk_pages]
+        # One gather straight from the whole cache reads only these pages:
+        # [B, chunk_pages, kv_heads, page_size, head_dim] -> [B, kv_heads, chunk, head_dim]
+        k = k_cache[layer, :, pages].swapaxes(1, 2).reshape(num_blocks, num_kv_heads, chunk, head_dim)
+        v = v_cache[layer, :, pages].swapaxes(1, 2).reshape(num_blocks, num_kv_heads, chunk, head_dim)
+        s = jnp.einsum("bqkgd,bkcd->bkgqc", qb, k.astype(jnp.float32))
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         key_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        mask = (key_pos[None, :] <= positions[:, None]) & valid[:, None]
+        mask = key_pos <= positions[..., None]  # [B, block_q, chunk]
         if sliding_window is not None:
-            mask &= key_pos[None, :] > positions[:, None] - sliding_window
-        mask = mask[:, None, None, :]
+            mask &= key_pos > positions[..., None] - sliding_window
+        mask &= (key_pos < kv_len[:, None, None]) & row_valid[..., None]
+        mask = mask[:, None, None]  # [B, 1, 1, block_q, chunk]
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("tkgc,tkcd->tkgd", p, v.astype(jnp.float32))
+        acc = acc * alpha[..., None] + jnp.einsum("bkgqc,bkcd->bkgqd", p, v.astype(jnp.float32))
         return m_new, l, acc
 
-    num_chunks = (jnp.max(seq_lens) + chunk - 1) // chunk
-    init = (jnp.full((num_tokens, num_kv_heads, group), MASK_VALUE, jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32))
+    shape = (num_blocks, num_kv_heads, group, block_q)
+    init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, head_dim), jnp.float32))
+    num_chunks = (jnp.max(kv_len) + chunk - 1) // chunk
     _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
-    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # [B, kvh, g, block_q, d]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(num_blocks, block_q, num_heads, head_dim).astype(q.dtype)
+    # Every real row belongs to exactly one block; rows in no block (padding) stay zero.
+    return jnp.zeros_like(q).at[rows].set(out, mode="drop")
