@@ -154,6 +154,13 @@ def test_stop_string_cuts_the_text_before_it(served):
     assert response.choices[0].finish_reason == "stop"
 
 
+def test_vllm_extras_reach_the_sampler(served):
+    """top_k=1 samples the most likely token whatever the temperature: the greedy text."""
+    response = served.client.completions.create(model=NAME, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.0,
+                                                extra_body={"top_k": 1, "min_p": 0.0, "ignore_eos": True})
+    assert response.choices[0].text == served.reference.completion.outputs[0].text
+
+
 def test_token_id_prompts_and_several_prompts_in_one_request(served):
     ref = served.reference.completion.outputs[0]
     ids = served.engine.tokenizer.encode(PROMPT)
@@ -161,6 +168,26 @@ def test_token_id_prompts_and_several_prompts_in_one_request(served):
     assert [c.index for c in response.choices] == [0, 1]
     assert [c.text for c in response.choices] == [ref.text, ref.text]
     assert response.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_concurrent_streams_each_get_their_own_text(served):
+    """Requests batched together: every stream carries its own request's tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def stream(kind):
+        if kind == "chat":
+            chunks = served.client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS,
+                                                           temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        chunks = served.client.completions.create(model=NAME, prompt=PROMPT, max_tokens=MAX_TOKENS,
+                                                  temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    kinds = ["chat", "completion"] * 3
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        texts = list(pool.map(stream, kinds))
+    expected = {"chat": served.reference.chat.outputs[0].text, "completion": served.reference.completion.outputs[0].text}
+    assert texts == [expected[k] for k in kinds]
 
 
 def test_chat_logprobs_give_each_token_and_its_top_alternatives(served):
