@@ -140,10 +140,6 @@ class AsyncLLMEngine:
     def healthy(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
-    @property
-    def num_in_flight(self) -> int:
-        return self.stats.num_requests
-
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str | None = None) -> RequestStream:
         """Submits a request and waits until the engine accepts it.
@@ -160,7 +156,7 @@ class AsyncLLMEngine:
                 raise NotAcceptingError("the server is shutting down")
             pending = sum(isinstance(item, _Add) for item in self._inbox)
             if self.stats.num_waiting + pending >= self.max_waiting:
-                raise QueueFullError(f"{self.stats.num_waiting + pending} requests are waiting "
+                raise QueueFullError(f"{self.stats.num_waiting + pending} sequences are waiting for a slot "
                                      f"(max_waiting={self.max_waiting})")
             self._inbox.append(_Add(prompt, params, stream))
             self._cond.notify()

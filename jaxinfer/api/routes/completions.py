@@ -6,6 +6,7 @@ its engine requests, which frees their KV pages.
 """
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -65,13 +66,16 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     streams = await _submit(server.engine, req, prompt_ids, request_id)
     reply = _Reply(server, req, request_id, prompt_ids, chat)
+    abort_unfinished = functools.partial(_abort_unfinished, streams, server.engine.abort)
     if req.stream:
-        return _EventStreamResponse(reply.events(streams), media_type="text/event-stream",
+        return _EventStreamResponse(reply.events(streams), abort_unfinished, media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache"})
     try:
         finals = await _unless_disconnected(request, reply.collect(streams))
     except EngineDeadError as e:
         raise APIError(503, str(e), code="engine_dead") from None
+    finally:
+        abort_unfinished()
     if finals is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     return JSONResponse(reply.response(finals))
@@ -119,7 +123,7 @@ class _Reply:
 
     async def collect(self, streams) -> list:
         finals = [None] * len(streams)
-        async for p, output in _merge(streams, self.server.engine.abort):
+        async for p, output in _merge(streams):
             finals[p] = output
         return finals
 
@@ -149,7 +153,7 @@ class _Reply:
             if self.chat:
                 yield self.chunk([protocol.chat_chunk_choice(i, {"role": "assistant", "content": ""})
                                   for i in range(num_choices)])
-            async for p, output in _merge(streams, self.server.engine.abort):
+            async for p, output in _merge(streams):
                 choices = []
                 for c in output.outputs:
                     i = p * self.n + c.index
@@ -178,41 +182,42 @@ class _Reply:
         yield "data: [DONE]\n\n"
 
 
-async def _merge(streams: list[RequestStream], abort):
-    """(index of the stream, output) from all streams as they come; aborts unfinished ones on exit."""
-    try:
-        if len(streams) == 1:
-            async for output in streams[0]:
-                yield 0, output
-            return
-        queue: asyncio.Queue = asyncio.Queue()
+async def _merge(streams: list[RequestStream]):
+    """(index of the stream, output) from all streams as they come."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(p, stream):
-            try:
-                async for output in stream:
-                    queue.put_nowait((p, output))
-                queue.put_nowait((p, None))
-            except Exception as e:
-                queue.put_nowait((p, e))
-
-        tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    async def pump(p, stream):
         try:
-            remaining = len(streams)
-            while remaining:
-                p, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield p, item
-        finally:
-            for task in tasks:
-                task.cancel()
+            async for output in stream:
+                queue.put_nowait((p, output))
+            queue.put_nowait((p, None))
+        except Exception as e:
+            queue.put_nowait((p, e))
+
+    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            p, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield p, item
     finally:
-        for stream in streams:
-            if not stream.finished:
-                abort(stream.request_id)
+        for task in tasks:
+            task.cancel()
+
+
+def _abort_unfinished(streams: list[RequestStream], abort) -> None:
+    for stream in streams:
+        if not stream.finished:
+            abort(stream.request_id)
 
 
 async def _unless_disconnected(request: Request, work):
@@ -239,7 +244,11 @@ async def _unless_disconnected(request: Request, work):
 
 class _EventStreamResponse(StreamingResponse):
     """A StreamingResponse that stops as soon as the client disconnects, whatever ASGI version the
-    server speaks, and always closes its generator (whose cleanup aborts the engine requests)."""
+    server speaks, then closes its generator and aborts the engine requests it has not finished."""
+
+    def __init__(self, content, abort_unfinished, **kwargs):
+        super().__init__(content, **kwargs)
+        self.abort_unfinished = abort_unfinished
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -256,3 +265,4 @@ class _EventStreamResponse(StreamingResponse):
                 tasks.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()
+            self.abort_unfinished()
