@@ -23,9 +23,6 @@ from jaxinfer.sequence import Sequence
 
 logger = logging.getLogger("jaxinfer")
 
-MIN_TOKEN_BUCKET = 16
-
-
 class CompilationDuringServingError(RuntimeError):
     """A step needed a program that warm-up did not compile (strict mode)."""
 
@@ -78,25 +75,20 @@ class ModelRunner:
     # -- buckets ----------------------------------------------------------------------------------
 
     def token_buckets(self) -> list[int]:
-        return powers_of_two(MIN_TOKEN_BUCKET, self.config.max_num_batched_tokens)
-
-    def seq_buckets(self) -> list[int]:
-        return powers_of_two(1, self.config.max_num_seqs)
+        return powers_of_two(1, self.config.max_num_batched_tokens)
 
     def buckets(self) -> list[tuple[int, int]]:
-        """Every (tokens, sequences) shape a step can have.
+        """Every (tokens, sequences) shape a step can have: one per power of two of tokens.
 
-        Small steps (decode rows) get every power-of-two sequence count; a larger step pads its
-        sequences to min(tokens, max_num_seqs): a few extra logits rows cost little next to its many
-        tokens, and it keeps warm-up to two programs per doubling. Block tables are always
-        max_model_len wide: the attention loops over the pages a sequence has, so width costs nothing.
+        A step pads its sequences to min(tokens, max_num_seqs): each sequence has at least one token,
+        so that is always enough, and a few extra logits rows cost little next to the step's tokens.
+        Block tables are always max_model_len wide: the attention loops over the pages a sequence
+        has, so their width costs nothing.
         """
-        return sorted({self.padded_shape(t, s) for t in self.token_buckets() for s in self.seq_buckets() if s <= t})
+        return [self.padded_shape(t, 1) for t in self.token_buckets()]
 
     def padded_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
-        tokens = max(MIN_TOKEN_BUCKET, next_power_of_two(num_tokens))
-        if tokens == MIN_TOKEN_BUCKET:
-            return tokens, next_power_of_two(num_seqs)
+        tokens = next_power_of_two(num_tokens)
         return tokens, min(tokens, next_power_of_two(self.config.max_num_seqs))
 
     # -- the step ---------------------------------------------------------------------------------
@@ -110,8 +102,7 @@ class ModelRunner:
         """Compiles (or loads from the persistent cache) the program of every bucket."""
         shapes = self.buckets()
         start = time.perf_counter()
-        logger.info("warm-up: %d step programs (tokens %s x sequences %s)", len(shapes), self.token_buckets(),
-                    self.seq_buckets())
+        logger.info("warm-up: %d step programs, (tokens, sequences) = %s", len(shapes), shapes)
         for shape in tqdm(shapes, desc="Compiling", unit="program", leave=False):
             self._run(*self._empty_batch(*shape))
         self._known_programs = self._step._cache_size()

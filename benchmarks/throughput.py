@@ -1,0 +1,73 @@
+"""Offline engine throughput: aggregate tokens/s with 1, 8 and 32 concurrent requests.
+
+    .venv/bin/python benchmarks/throughput.py --concurrency 1 8 32 --prompt-len 128 --output-len 64
+
+Each run submits `concurrency` requests at once (random token prompts, fixed lengths, greedy,
+ignore_eos) to one engine and steps it until all finish. Reports prefill and decode throughput
+and the mean step time. Warm-up compiles happen before timing.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+from jaxinfer import LLMEngine, SamplingParams
+
+
+def run(engine, concurrency, prompt_len, output_len, rng):
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    for _ in range(concurrency):
+        engine.add_request(rng.integers(100, vocab, prompt_len).tolist(), params)
+    first_token = None
+    steps = 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        steps += 1
+        if first_token is None and any(o.outputs[0].token_ids for o in outputs):
+            first_token = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    generated = concurrency * output_len
+    return {
+        "concurrency": concurrency, "prompt_len": prompt_len, "output_len": output_len,
+        "elapsed_s": round(elapsed, 3), "steps": steps,
+        "output_tokens_per_s": round(generated / elapsed, 1),
+        "total_tokens_per_s": round((generated + concurrency * prompt_len) / elapsed, 1),
+        "time_to_first_token_s": round(first_token - start, 3),
+        "decode_tokens_per_s": round((generated - concurrency) / (elapsed - (first_token - start)), 1),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--json", help="append results to this JSON-lines file")
+    args = parser.parse_args()
+    engine = LLMEngine(args.model, max_model_len=args.prompt_len + args.output_len + 64,
+                       max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
+    rng = np.random.default_rng(0)
+    run(engine, 1, args.prompt_len, 4, rng)  # touch every code path once more after warm-up
+    print(f"# {args.model} on {engine.runner.k_cache.devices().pop().platform} ({platform.processor() or platform.machine()}), "
+          f"dtype {engine.dtype.__name__ if hasattr(engine.dtype, '__name__') else engine.dtype}")
+    print("| concurrency | output tok/s | total tok/s | decode tok/s | TTFT s | steps |")
+    print("|---|---|---|---|---|---|")
+    for c in args.concurrency:
+        r = run(engine, c, args.prompt_len, args.output_len, rng)
+        print(f"| {c} | {r['output_tokens_per_s']} | {r['total_tokens_per_s']} | {r['decode_tokens_per_s']} | "
+              f"{r['time_to_first_token_s']} | {r['steps']} |", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({**r, "model": args.model}) + "\n")
+    assert engine.runner.num_compilations == 0, "a step compiled during the benchmark"
+
+
+if __name__ == "__main__":
+    main()
