@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test setup clean gpu-compile-check
+.PHONY: test serve setup clean gpu-compile-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The OpenAI-compatible server on the bundled model, http://127.0.0.1:8000/v1 (flags: ARGS="--port 8080 ...").
+serve: $(STAMP)
+	$(PY) server.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -119,9 +119,9 @@ def serve(args: argparse.Namespace, path: str) -> int:
                 "max_num_batched_tokens %d", llm_engine.kv_cache_bytes / 1e6,
                 runner.num_pages * config.page_size, runner.num_pages, config.page_size, config.max_model_len,
                 config.max_num_seqs, config.max_num_batched_tokens)
-    logger.info("compile buckets: tokens %s x sequences %s; %s; engine ready in %.1f s", runner.token_buckets(),
-                runner.seq_buckets(), "warmed up" if getattr(runner, "warmed_up", False) else
-                "no warm-up (programs compile on first use)", time.perf_counter() - start)
+    logger.info("compile buckets (tokens, sequences): %s; %s; engine ready in %.1f s", runner.buckets(),
+                "warmed up" if runner.warmed_up else "no warm-up (programs compile on first use)",
+                time.perf_counter() - start)
 
     server_box = {}
 

@@ -14,12 +14,14 @@ from tqdm.auto import tqdm
 from jaxinfer.cache import PageAllocator, free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
 from jaxinfer.models.llama import load_llama
+from jaxinfer.quant import resolve_quantization, weight_bytes_by_format
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.sequence import Sequence
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
+from jaxinfer.weights.cache import default_cache_dir
 from jaxinfer.weights.gguf import GGUFCheckpoint
 
 logger = logging.getLogger("jaxinfer")
@@ -97,7 +99,14 @@ class LLMEngine:
         if config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                              f"{mc.max_position_embeddings}")
-        self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend)
+        self.quantization, why = resolve_quantization(config.quantization, jax.devices()[0].platform,
+                                                      isinstance(checkpoint, GGUFCheckpoint))
+        logger.info("weights: quantization %s (%s)", self.quantization, why)
+        cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
+        self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
+                                quantization=self.quantization, group_size=config.quantization_group_size,
+                                quant_backend=config.attention_backend, cache_dir=cache_dir)
+        self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype)
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
@@ -112,6 +121,8 @@ class LLMEngine:
         logger.info("model %s (%s, %d layers) loaded in %.1f s: %s weights %.1f MB on %s", os.path.basename(
             checkpoint.path), mc.architecture, mc.num_layers, time.perf_counter() - start,
             jnp.dtype(self.dtype).name, weight_bytes / 1e6, jax.devices()[0].platform)
+        logger.info("weights on device by format: %s", ", ".join(
+            f"{name} {nbytes / 1e6:.1f} MB" for name, nbytes in self.weight_bytes_by_format.items()))
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB; prefix caching %s", num_pages,
                     config.page_size, num_pages * config.page_size, self.kv_cache_bytes / 1e6,
                     "on" if config.enable_prefix_caching else "off")
@@ -159,7 +170,8 @@ class LLMEngine:
                              f"max_model_len ({max_len})")
         seqs = []
         for i in range(params.n):
-            seed = params.seed + i if params.seed is not None else self._rng.randrange(2**31)
+            # The device draws from int32 seeds: any Python int maps onto one.
+            seed = (params.seed + i) % 2**31 if params.seed is not None else self._rng.randrange(2**31)
             seq = Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed)
             if i > 0 and self.config.enable_prefix_caching:
                 seq.wait_for = seqs[0]  # share the first sequence's prompt pages through the prefix cache

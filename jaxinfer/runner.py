@@ -134,9 +134,9 @@ class ModelRunner:
             meta.block_tables[i, :len(table)] = table
             meta.logits_indices[i] = end - 1
             p = seq.params
-            for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                         "repetition_penalty"):
+            for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
                 getattr(sampling, name)[i] = getattr(p, name)
+            sampling.top_k[i] = min(p.top_k, 2**31 - 1)  # a top_k past the vocabulary keeps everything
             sampling.seeds[i], sampling.counters[i] = seq.seed, len(seq.output_ids)
             if needs_history:
                 ids = seq.token_ids(0, first + num_new)

@@ -29,7 +29,7 @@ class FakeEngine:
         self.allocator = SimpleNamespace(num_pages=64, num_free_pages=64, prefix_cache_hits=0,
                                          prefix_cache_queries=0)
         self.runner = SimpleNamespace(num_compilations=0, num_pages=64, warmed_up=True,
-                                      token_buckets=lambda: [16], seq_buckets=lambda: [1])
+                                      buckets=lambda: [(16, 8)])
         self.config = SimpleNamespace(max_model_len=max_model_len, page_size=16, max_num_seqs=8,
                                       max_num_batched_tokens=128)
         self.model_config = SimpleNamespace(name="fake", vocab_size=1000, architecture="fake", num_layers=1)

@@ -64,3 +64,9 @@ def test_prompt_longer_than_max_model_len_is_rejected_without_leaking_pages(llm)
         llm.generate(["fine", "word " * 2000], SamplingParams(max_tokens=4))
     assert llm.engine.allocator.num_free_pages == free
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_out_of_int32_seed_and_top_k_are_accepted(llm):
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=1.0, seed=2**40, top_k=2**40),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
