@@ -90,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantization not in QUANTIZATIONS:
         parser.error(f"--quantization {args.quantization}: quantized weights are not implemented yet; "
                      f"only 'none' is available")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: an imported library may already have put a handler (and level WARNING) on the root logger.
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    logging.getLogger("jaxinfer").setLevel(args.log_level.upper())
+    if args.log_level != "debug":
+        logging.getLogger("jax").setLevel(logging.WARNING)
     try:
         EngineConfig().replace(**engine_overrides(args))
         path = resolve_model_path(args.model)
