@@ -157,6 +157,12 @@ class EngineConfig:
     warmup: bool = True  # compile every step shape at start-up
     strict_compile: bool = False  # raise if serving ever needs a program warm-up did not compile
     seed: int = 0
+    # Weight format of the projections: jaxinfer.quant.QUANTIZATIONS. "auto": on GPU the
+    # checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are), on CPU full precision (fastest there).
+    quantization: str = "auto"
+    quantization_group_size: int | None = None  # int4: 32, 64 or 128 rows per scale (default 32)
+    # Converted-weight cache: "auto" is $JAXINFER_CACHE_DIR or ~/.cache/jaxinfer/weights; None: off
+    weight_cache_dir: str | None = "auto"
 
     def __post_init__(self):
         for field in ("page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -169,6 +175,10 @@ class EngineConfig:
             raise ValueError(f"num_pages must be a positive integer, got {self.num_pages!r}")
         if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
+        from jaxinfer.quant import QUANTIZATIONS
+
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -3,9 +3,11 @@
 One forward serves prefill and decode: it takes the ragged flat batch of DESIGN.md, writes the new
 tokens' K/V into their pages and attends over pages. The decoder layers hold their parameters
 stacked on a leading `[num_layers]` axis and run under `lax.scan`: one layer is traced and compiled,
-and only one layer's temporaries are alive at a time.
+and only one layer's temporaries are alive at a time. Each projection's weight is full precision or
+quantized (`jaxinfer.quant`), one format per projection across the layers.
 """
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -15,8 +17,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxinfer import quant
 from jaxinfer.config import ModelConfig
+from jaxinfer.weights.cache import WeightCache
+from jaxinfer.quant import Linear, WeightFormat
 from kernels_pallas import dispatch
+
+logger = logging.getLogger("jaxinfer")
 
 
 class AttentionMetadata(NamedTuple):
@@ -66,31 +73,28 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
-class Linear(nnx.Module):
-    """y = x @ w (+ b). w: [*stack, in_features, out_features]."""
-
-    def __init__(self, in_features, out_features, *, dtype, bias=False, stack=()):
-        self.w = nnx.Param(jnp.zeros((*stack, in_features, out_features), dtype))
-        self.b = nnx.Param(jnp.zeros((*stack, out_features), dtype)) if bias else None
-
-    def __call__(self, x):
-        y = x @ self.w[...]
-        return y if self.b is None else y + self.b[...]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, stack=()):
+    def __init__(self, config: ModelConfig, *, dtype, stack=(), formats=None, quant_backend="auto"):
         c = config
         hidden, q_dim, kv_dim = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        formats = formats or {}  # projection name -> WeightFormat; missing: full precision
+
+        def linear(name, in_features, out_features, bias=False):
+            return Linear(in_features, out_features, dtype=dtype, bias=bias, stack=stack, fmt=formats.get(name),
+                          backend=quant_backend)
+
         self.input_norm = nnx.Param(jnp.zeros((*stack, hidden), dtype))
-        self.q_proj = Linear(hidden, q_dim, dtype=dtype, bias=c.attention_bias, stack=stack)
-        self.k_proj = Linear(hidden, kv_dim, dtype=dtype, bias=c.attention_bias, stack=stack)
-        self.v_proj = Linear(hidden, kv_dim, dtype=dtype, bias=c.attention_bias, stack=stack)
-        self.o_proj = Linear(q_dim, hidden, dtype=dtype, stack=stack)
+        self.q_proj = linear("q_proj", hidden, q_dim, bias=c.attention_bias)
+        self.k_proj = linear("k_proj", hidden, kv_dim, bias=c.attention_bias)
+        self.v_proj = linear("v_proj", hidden, kv_dim, bias=c.attention_bias)
+        self.o_proj = linear("o_proj", q_dim, hidden)
         self.post_attention_norm = nnx.Param(jnp.zeros((*stack, hidden), dtype))
-        self.gate_proj = Linear(hidden, c.intermediate_size, dtype=dtype, stack=stack)
-        self.up_proj = Linear(hidden, c.intermediate_size, dtype=dtype, stack=stack)
-        self.down_proj = Linear(c.intermediate_size, hidden, dtype=dtype, stack=stack)
+        self.gate_proj = linear("gate_proj", hidden, c.intermediate_size)
+        self.up_proj = linear("up_proj", hidden, c.intermediate_size)
+        self.down_proj = linear("down_proj", c.intermediate_size, hidden)
 
     def __call__(self, x, positions, k_cache, v_cache, layer, meta: AttentionMetadata, *, config, inv_freq,
                  attention_backend):
@@ -113,12 +117,14 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto"):
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto", formats=None,
+                 quant_backend="auto"):
         c = config
         self.config = config
         self.attention_backend = attention_backend
         self.embed = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype))  # [vocab, hidden]
-        self.layers = DecoderLayer(config, dtype=dtype, stack=(c.num_layers,))
+        self.layers = DecoderLayer(config, dtype=dtype, stack=(c.num_layers,), formats=formats,
+                                   quant_backend=quant_backend)
         self.norm = nnx.Param(jnp.zeros((c.hidden_size,), dtype))
         # [vocab, hidden], like the embedding it may share
         self.lm_head = None if c.tie_word_embeddings else nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype))
@@ -164,21 +170,80 @@ _LAYER_TENSORS = {
 }
 
 
-def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_backend="auto") -> Llama:
+def projection_formats(config: ModelConfig, checkpoint, quantization: str = "none",
+                       group_size: int | None = None) -> dict[str, tuple[WeightFormat, bool]]:
+    """projection -> (its format, whether the checkpoint holds it in that format already).
+
+    `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
+    Q8_0/Q4_0/Q4_1 blocks as they are; other types requantized to int8), or a format of
+    `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
+    """
+    if quantization == "none":
+        return {}
+    requested = None if quantization == "native" else quant.weight_format(quantization, group_size)
+    native_format = getattr(checkpoint, "native_format", lambda name: None)  # HF checkpoints: never native
+    formats = {}
+    for proj in PROJECTIONS:
+        template = _LAYER_TENSORS[(proj, "w")][0]
+        names = [template.format(layer) for layer in range(config.num_layers)]
+        found = {native_format(name) for name in names}
+        stored = found.pop() if len(found) == 1 else None
+        if stored is not None and (requested is None or (
+                stored.kind, stored.symmetric) == (requested.kind, requested.symmetric) and
+                (group_size is None or group_size == stored.group_size)):
+            formats[proj] = (stored, True)
+            continue
+        fmt = requested or quant.weight_format("int8")
+        if hasattr(checkpoint, "tensor_type"):
+            types = sorted({checkpoint.tensor_type(name) for name in names})
+            if any(t not in ("F32", "F16", "BF16") for t in types):
+                logger.info("%s: %s weights are dequantized and requantized to %s", proj, "/".join(types), fmt.name)
+        formats[proj] = (fmt, False)
+    return formats
+
+
+def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_backend="auto",
+               quantization="none", group_size=None, quant_backend="auto", cache_dir=None) -> Llama:
     """Builds the model with the checkpoint's weights, one stacked parameter at a time.
 
     The module is created abstractly (no memory), then each parameter is read layer by layer into
     one host buffer and moved to the device, so at most one parameter has a second copy at a time.
+    Quantized projections (see `projection_formats`) are quantized one layer at a time: no
+    full-precision copy of them reaches the device. With `cache_dir`, converted weights are kept
+    there (orbax) and read back by later loads of the same file in the same formats.
     """
-    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=attention_backend))
+    formats = projection_formats(config, checkpoint, quantization, group_size)
+    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=attention_backend,
+                                         formats={p: f for p, (f, _) in formats.items()}, quant_backend=quant_backend))
     graphdef, state = nnx.split(model)
     shapes = nnx.to_pure_dict(state)
+    cache = None
+    if cache_dir and formats:
+        key_fields = {"dtype": jnp.dtype(dtype).name,
+                      "formats": {p: [f.name, native] for p, (f, native) in sorted(formats.items())}}
+        cache = WeightCache(cache_dir, checkpoint.path, **key_fields)
+        params = cache.load(shapes)
+        if params is not None:
+            nnx.replace_by_pure_dict(state, params)
+            return nnx.merge(graphdef, state)
+    params = _read_params(config, checkpoint, shapes, formats, dtype)
+    if cache is not None:
+        cache.save(params)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def _read_params(config, checkpoint, shapes, formats, dtype) -> dict:
     params = {"embed": jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype),
               "norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
     if not config.tie_word_embeddings:
         params["lm_head"] = jnp.asarray(checkpoint.tensor("lm_head.weight"), dtype)
     layer_items = [(path, spec) for path, spec in _LAYER_TENSORS.items() if _get(shapes["layers"], path) is not None]
     for path, (template, transpose) in tqdm(layer_items, desc="Loading weights", unit="tensor", leave=False):
+        if path[-1] == "w" and path[0] in formats:
+            params["layers"].setdefault(path[0], {}).update(_read_quantized(
+                checkpoint, template, config.num_layers, *formats[path[0]], shapes["layers"][path[0]]))
+            continue
         target = _get(shapes["layers"], path)
         host = np.empty(target.shape, dtype=np.float32)
         for layer in range(config.num_layers):
@@ -186,8 +251,24 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
             host[layer] = w.T if transpose else w
         _set(params["layers"], path, jnp.asarray(host, dtype))
         del host
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return params
+
+
+def _read_quantized(checkpoint, template, num_layers, fmt: WeightFormat, native: bool, targets) -> dict:
+    """{"w", "scales"(, "mins")} of one stacked projection: the checkpoint's blocks as stored
+    (`native`), or each layer's full-precision weight quantized on its own."""
+    parts = {"w": "data", "scales": "scales", "mins": "mins"}
+    host = {key: np.empty(targets[key].shape, targets[key].dtype) for key in parts if key in targets}
+    for layer in range(num_layers):
+        name = template.format(layer)
+        if native:
+            arrays = checkpoint.quantized_tensor(name)
+        else:
+            qw = quant.quantize(jnp.asarray(checkpoint.tensor(name).T, jnp.float32), fmt)
+            arrays = {"data": qw.data, "scales": qw.scales, "mins": qw.mins}
+        for key in host:
+            host[key][layer] = np.asarray(arrays[parts[key]])
+    return {key: jnp.asarray(value) for key, value in host.items()}
 
 
 def _get(tree, path):

@@ -4,6 +4,9 @@ Tensors are handed out by their Hugging Face names in HF orientation (`[out_feat
 so one parameter mapping per model serves both checkpoint formats. llama.cpp stores the rows of
 `attn_q`/`attn_k` permuted for its interleaved RoPE; they are permuted back here, so the model uses
 HF's rotate-half RoPE for both formats. (Only the "llama" architecture is permuted; Qwen2 is not.)
+
+Q8_0, Q4_0 and Q4_1 tensors can also be handed out as they are stored (`quantized_tensor`): the same
+integers, scales and mins, only rearranged into `kernels_pallas.quant_matmul`'s [in, out] layouts.
 """
 
 import logging
@@ -14,10 +17,14 @@ from gguf import GGUFReader, MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf.quants import dequantize
 
 from jaxinfer.config import LLAMA_FAMILY, ModelConfig, UnsupportedModelError
+from jaxinfer.quant import WeightFormat
 
 logger = logging.getLogger("jaxinfer")
 
 _ARCH_BY_NAME = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
+# GGUF block types that map onto our formats bit for bit (blocks of 32 weights along the input dim).
+NATIVE_FORMATS = {"Q8_0": WeightFormat("int8", 32), "Q4_0": WeightFormat("int4", 32, symmetric=True),
+                  "Q4_1": WeightFormat("int4", 32, symmetric=False)}
 
 
 class GGUFCheckpoint:
@@ -66,6 +73,43 @@ class GGUFCheckpoint:
 
     def tensor_type(self, hf_name: str) -> str:
         return self.tensors[self.gguf_name(hf_name)].tensor_type.name
+
+    def native_format(self, hf_name: str) -> WeightFormat | None:
+        """The format `quantized_tensor` gives for this tensor; None when it must be dequantized."""
+        return NATIVE_FORMATS.get(self.tensor_type(hf_name))
+
+    def quantized_tensor(self, hf_name: str) -> dict[str, np.ndarray]:
+        """A Q8_0/Q4_0/Q4_1 matrix as stored, transposed to W[in, out]: {"data", "scales"(, "mins")}.
+
+        Q8_0 -> int8 [in, out] with float16 scales [in // 32, out]; Q4_0/Q4_1 -> uint8 [in // 2, out]
+        (low nibble = even row) with float16 scales (and mins) [in // 32, out].
+        """
+        gguf_name = self.gguf_name(hf_name)
+        t = self.tensors[gguf_name]
+        kind = t.tensor_type.name
+        if kind not in NATIVE_FORMATS:
+            raise ValueError(f"{gguf_name} is {kind}, not one of {tuple(NATIVE_FORMATS)}")
+        rows, cols = (int(d) for d in reversed(t.shape))  # [out, in]
+        blocks = np.asarray(t.data).reshape(rows, cols // 32, -1)  # [out, in // 32, bytes per block]
+        scales = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [out, in // 32]
+        if kind == "Q8_0":
+            q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+            mins = None
+        else:
+            mins = blocks[..., 2:4].copy().view(np.float16)[..., 0] if kind == "Q4_1" else None
+            packed = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]  # [out, in // 32, 16]
+            # A block holds element j in the low nibble of byte j and element j + 16 in its high nibble.
+            q = np.concatenate([packed & 0xF, packed >> 4], axis=-1).reshape(rows, cols)
+        arrays = {"data": q, "scales": scales} | ({} if mins is None else {"mins": mins})
+        if self.config.architecture == "llama":  # output rows hold whole blocks: permuting them is exact
+            heads = {"attn_q.weight": self.config.num_heads, "attn_k.weight": self.config.num_kv_heads}
+            for suffix, num_heads in heads.items():
+                if gguf_name.endswith(suffix):
+                    arrays = {k: _unpermute_rope_rows(v, num_heads) for k, v in arrays.items()}
+        arrays = {k: np.ascontiguousarray(v.T) for k, v in arrays.items()}  # [in..., out]
+        if kind != "Q8_0":
+            arrays["data"] = arrays["data"][0::2] | (arrays["data"][1::2] << 4)  # as pack_int4
+        return arrays
 
     def _read(self, gguf_name: str) -> np.ndarray:
         t = self.tensors[gguf_name]

@@ -1,0 +1,150 @@
+"""Weight formats and the linear layer every projection of the model uses.
+
+A projection's weight W[*stack, in, out] is either full precision (the model's dtype) or quantized
+in one `WeightFormat` (layouts in `kernels_pallas.quant_matmul`):
+- int8: symmetric, one scale per output channel (group_size 0) or per group of 32 rows (GGUF Q8_0);
+- int4: two values per byte, one scale (and, asymmetric, one min) per group of 32/64/128 rows;
+- fp8: float8_e4m3fn, one scale per output channel.
+Quantized weights stay quantized in device memory: the layer hands them to
+`dispatch.quant_matmul` (Pallas kernel with in-register dequant on GPU, the XLA path on CPU).
+The embedding, the LM head, the norms and biases stay in full precision.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas import dispatch
+from kernels_pallas import quant_matmul as qmm
+from kernels_pallas.quant_matmul import QuantizedWeight
+
+# `quantization` values: "none" keeps the checkpoint's weights in full precision; "native" keeps a
+# GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are; "int4" has a min per group (GGUF Q4_1's rule),
+# "int4_sym" none (Q4_0's); "auto" is `resolve_quantization`'s choice.
+QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8")
+INT4_GROUP_SIZES = (32, 64, 128)
+# Scales and mins in float16 (as GGUF stores them): int4 g32 with a min costs 20 bytes per 32 weights.
+SCALE_DTYPE = jnp.float16
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    kind: str  # "int8" | "int4" | "fp8"
+    group_size: int = 0  # rows per scale; 0: one scale per output channel
+    symmetric: bool = True  # int4 only: False adds a min per group
+
+    @property
+    def name(self) -> str:
+        group = f"-g{self.group_size}" if self.group_size else ""
+        return f"{self.kind}{group}{'-sym' if self.kind == 'int4' and self.symmetric else ''}"
+
+
+def weight_format(quantization: str, group_size: int | None = None) -> WeightFormat | None:
+    """The format a load-time quantizer writes for `quantization` (None: full precision)."""
+    if quantization not in QUANTIZATIONS or quantization in ("auto", "native"):
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS[3:]} or none, got {quantization!r}")
+    if quantization == "none":
+        return None
+    if quantization.startswith("int4"):
+        group_size = group_size or 32
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        return WeightFormat("int4", group_size, symmetric=quantization == "int4_sym")
+    if group_size:
+        raise ValueError(f"{quantization} is per output channel; a group size applies to int4 only")
+    return WeightFormat(quantization)
+
+
+def resolve_quantization(quantization: str, platform: str, is_gguf: bool) -> tuple[str, str]:
+    """("auto" resolved, why). On GPU: what the checkpoint carries. On CPU: full precision, the
+    fastest there (docs/QUANTIZATION.md): XLA does not fuse dequantization into the dot."""
+    if quantization != "auto":
+        return quantization, "requested"
+    if platform == "cpu":
+        return "none", "fastest on CPU: XLA writes a dequantized copy of each weight before its dot"
+    if is_gguf:
+        return "native", "the GGUF file's own formats"
+    return "none", "the checkpoint's own precision"
+
+
+def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, stack=()):
+    """{"data"|"scales"|"mins": (shape, dtype)} of W[*stack, in, out] in `fmt`."""
+    k, n = in_features, out_features
+    if fmt.group_size and k % fmt.group_size:
+        raise ValueError(f"in_features={k} is not a multiple of the group size {fmt.group_size}")
+    scales = (*stack, k // fmt.group_size, n) if fmt.group_size else (*stack, n)
+    if fmt.kind == "int4":
+        data = ((*stack, k // 2, n), jnp.uint8)
+    else:
+        data = ((*stack, k, n), jnp.int8 if fmt.kind == "int8" else jnp.float8_e4m3fn)
+    shapes = {"data": data, "scales": (scales, SCALE_DTYPE)}
+    if fmt.kind == "int4" and not fmt.symmetric:
+        shapes["mins"] = (scales, SCALE_DTYPE)
+    return shapes
+
+
+@functools.partial(jax.jit, static_argnames="fmt")
+def quantize(w, fmt: WeightFormat) -> QuantizedWeight:
+    """Round-to-nearest quantization of a full-precision W[in, out]."""
+    if fmt.kind == "int8":
+        return qmm.quantize_int8(w, group_size=fmt.group_size, scale_dtype=SCALE_DTYPE)
+    if fmt.kind == "int4":
+        return qmm.quantize_int4(w, group_size=fmt.group_size, symmetric=fmt.symmetric, scale_dtype=SCALE_DTYPE)
+    return qmm.quantize_fp8(w, scale_dtype=SCALE_DTYPE)
+
+
+class Linear(nnx.Module):
+    """y = x @ W (+ b). W: [*stack, in_features, out_features], full precision (`fmt` None) or quantized."""
+
+    def __init__(self, in_features, out_features, *, dtype, bias=False, stack=(), fmt: WeightFormat | None = None,
+                 backend="auto"):
+        self.fmt, self.backend = fmt, backend  # static: part of the graph, not of the state
+        if fmt is None:
+            self.w = nnx.Param(jnp.zeros((*stack, in_features, out_features), dtype))
+        else:
+            shapes = quantized_shapes(fmt, in_features, out_features, stack)
+            self.w = nnx.Param(jnp.zeros(*shapes["data"]))
+            self.scales = nnx.Param(jnp.zeros(*shapes["scales"]))
+            self.mins = nnx.Param(jnp.zeros(*shapes["mins"])) if "mins" in shapes else None
+        self.b = nnx.Param(jnp.zeros((*stack, out_features), dtype)) if bias else None
+
+    def quantized_weight(self) -> QuantizedWeight:
+        mins = None if self.mins is None else self.mins[...]
+        return QuantizedWeight(self.w[...], self.scales[...], mins, self.fmt.kind, self.fmt.group_size)
+
+    def __call__(self, x):
+        if self.fmt is None:
+            y = x @ self.w[...]
+        else:
+            y = dispatch.quant_matmul(x, self.quantized_weight(), backend=self.backend)
+        return y if self.b is None else y + self.b[...]
+
+
+def weight_bytes_by_format(model: nnx.Module) -> dict[str, int]:
+    """Bytes of the model's parameters on device, by format: each quantized projection (data,
+    scales and mins) under its format's name, everything else under its dtype's name."""
+    totals: dict[str, int] = {}
+    quantized = set()
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.fmt is not None:
+            parts = [node.w, node.scales] + ([] if node.mins is None else [node.mins])
+            totals[node.fmt.name] = totals.get(node.fmt.name, 0) + sum(p[...].nbytes for p in parts)
+            quantized.update(id(p) for p in parts)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param) and id(node) not in quantized:
+            name = jnp.dtype(node[...].dtype).name
+            totals[name] = totals.get(name, 0) + node[...].nbytes
+    return totals
+
+
+def linear_weight_bytes(model: nnx.Module) -> int:
+    """Bytes of the projections' weights alone (W with its scales and mins; no biases)."""
+    total = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            parts = [node.w] + ([] if node.fmt is None else [node.scales] + ([] if node.mins is None else [node.mins]))
+            total += sum(p[...].nbytes for p in parts)
+    return total

@@ -1,0 +1,251 @@
+"""Quantized weights: GGUF blocks taken bit for bit, load-time quantizers against the full-precision
+model on real text (perplexity, greedy tokens), device memory, the converted-weight cache, and the
+quantized projections through the dispatcher (XLA and interpreted Pallas)."""
+
+import logging
+import os
+import time
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pydoc_data.topics
+import pytest
+from flax import nnx
+from gguf.quants import dequantize as gguf_dequantize
+
+from jaxinfer import LLM, SamplingParams, quant
+from jaxinfer.cache import allocate_kv_cache
+from jaxinfer.models.llama import AttentionMetadata, load_llama, projection_formats
+from jaxinfer.weights.gguf import GGUFCheckpoint
+from kernels_pallas import dispatch
+from kernels_pallas.quant_matmul import QuantizedWeight, dequantize
+
+# Perplexity over 4,096 tokens: 16 windows of 256 (attention over 1,024-token windows would cost
+# twice as much on CPU); each format relative to full precision (the same dequantized GGUF weights).
+WINDOW, NUM_WINDOWS = 256, 16
+PPL_TOLERANCE = {"native": 0.001, "int8": 0.01, "int4": 0.03, "fp8": 0.02}
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "List three primary colors:\n1.",
+    "The assert statement is used to",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+]
+
+
+def as_quantized(arrays: dict, fmt: quant.WeightFormat) -> QuantizedWeight:
+    return QuantizedWeight(jnp.asarray(arrays["data"]), jnp.asarray(arrays["scales"]),
+                           jnp.asarray(arrays["mins"]) if "mins" in arrays else None, fmt.kind, fmt.group_size)
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF blocks, bit for bit
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    """A 1-layer llama GGUF (hidden 64, 4 heads, 2 KV heads) with Q4_0, Q4_1 and Q8_0 projections,
+    quantized by the gguf package's own quantizers."""
+    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(128)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(32)
+    types = {"blk.0.attn_q.weight": ("Q4_0", (64, 64)), "blk.0.attn_k.weight": ("Q4_1", (32, 64)),
+             "blk.0.attn_v.weight": ("Q8_0", (32, 64)), "blk.0.ffn_up.weight": ("Q4_1", (128, 64)),
+             "blk.0.ffn_down.weight": ("Q4_0", (64, 128)), "blk.0.ffn_gate.weight": ("Q8_0", (128, 64))}
+    for name, (qtype, shape) in types.items():  # shape: [out, in], as HF
+        qtype = gguf.GGMLQuantizationType[qtype]
+        w = rng.standard_normal(shape).astype(np.float32) * 0.05
+        writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((32, 64)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFCheckpoint(path)
+
+
+@pytest.mark.parametrize("hf_name, qtype", [
+    ("model.layers.0.mlp.up_proj.weight", "Q4_1"), ("model.layers.0.mlp.down_proj.weight", "Q4_0"),
+    ("model.layers.0.mlp.gate_proj.weight", "Q8_0")])
+def test_native_gguf_blocks_dequantize_exactly_as_gguf(small_gguf, hf_name, qtype):
+    t = small_gguf.tensors[small_gguf.gguf_name(hf_name)]
+    assert t.tensor_type.name == qtype
+    fmt = small_gguf.native_format(hf_name)
+    ours = np.asarray(jax.jit(dequantize)(as_quantized(small_gguf.quantized_tensor(hf_name), fmt)))  # [in, out]
+    reference = gguf_dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape)))  # [out, in]
+    assert np.abs(ours - reference.T).max() == 0
+
+
+@pytest.mark.parametrize("hf_name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                                     "model.layers.0.self_attn.v_proj.weight"])
+def test_native_q_k_rows_are_unpermuted_like_the_dequantized_tensor(small_gguf, hf_name):
+    """llama.cpp's RoPE row order is undone on the quantized rows exactly as on the dequantized ones."""
+    fmt = small_gguf.native_format(hf_name)
+    ours = np.asarray(jax.jit(dequantize)(as_quantized(small_gguf.quantized_tensor(hf_name), fmt)))
+    assert np.abs(ours - small_gguf.tensor(hf_name).T).max() == 0
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return GGUFCheckpoint(smollm2_path)
+
+
+@pytest.mark.parametrize("hf_name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                                     "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"])
+def test_smollm2_q4_1_and_q8_0_blocks_are_exact(smollm2, hf_name):
+    fmt = smollm2.native_format(hf_name)
+    ours = np.asarray(jax.jit(dequantize)(as_quantized(smollm2.quantized_tensor(hf_name), fmt)))
+    assert np.abs(ours - smollm2.tensor(hf_name).T).max() == 0
+
+
+def test_other_gguf_types_are_requantized_with_a_log_line(smollm2, caplog):
+    with caplog.at_level(logging.INFO, logger="jaxinfer"):
+        formats = projection_formats(smollm2.config, smollm2, "int8")
+    assert all(fmt == quant.WeightFormat("int8") and not native for fmt, native in formats.values())
+    assert "Q4_1 weights are dequantized and requantized to int8" in caplog.text
+    native = projection_formats(smollm2.config, smollm2, "native")
+    assert all(fmt == quant.WeightFormat("int4", 32, symmetric=False) and is_native for fmt, is_native in native.values())
+
+
+# ------------------------------------------------------------------------------------------
+# The model in each format
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engines():
+    """LLMs (no warm-up: programs compile on first use) in the formats the greedy test compares."""
+    return {q: LLM("SmolLM2-135M-Instruct", quantization=q, max_model_len=128, max_num_seqs=8, num_pages=64,
+                   warmup=False, weight_cache_dir=None) for q in ("none", "int8", "native")}
+
+
+@pytest.fixture(scope="module")
+def models(engines, smollm2):
+    models = {q: llm.engine.model for q, llm in engines.items()}
+    for q in ("int4", "fp8"):  # round-to-nearest from the dequantized Q4_1 weights
+        models[q] = load_llama(smollm2.config, smollm2, quantization=q)
+    return models
+
+
+@pytest.fixture(scope="module")
+def text_tokens(engines):
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = engines["none"].engine.tokenizer.encode(text)
+    assert len(ids) >= WINDOW * NUM_WINDOWS
+    return np.asarray(ids[:WINDOW * NUM_WINDOWS], np.int32).reshape(NUM_WINDOWS, WINDOW)
+
+
+def perplexity(model, windows, page_size=16, per_call=4):
+    """exp(mean next-token NLL) over windows of text, each a sequence of its own, `per_call`
+    sequences per forward (one ragged prefill batch) with logits at every position."""
+    num_seqs, n = per_call, windows.shape[1]
+    pos = np.tile(np.arange(n, dtype=np.int32), num_seqs)
+    block_tables = np.arange(num_seqs * n // page_size, dtype=np.int32).reshape(num_seqs, -1)
+    slot_mapping = (block_tables[:, :, None] * page_size + np.arange(page_size)).reshape(-1)
+    meta = AttentionMetadata(*map(jnp.asarray, (slot_mapping, np.arange(num_seqs + 1, dtype=np.int32) * n,
+                                                np.full(num_seqs, n, np.int32), block_tables, np.arange(n * num_seqs))))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll(state, token_ids):  # the weights are an argument, not constants of the program
+        k_cache, v_cache = allocate_kv_cache(model.config, block_tables.size, page_size, jnp.float32)
+        logits, _, _ = nnx.merge(graphdef, state)(token_ids.reshape(-1), jnp.asarray(pos), k_cache, v_cache, meta)
+        logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, :-1], axis=-1)  # [S, n - 1, vocab]
+        return -jnp.take_along_axis(logp, token_ids[:, 1:, None], axis=-1).sum()
+
+    total = sum(float(nll(state, jnp.asarray(windows[i:i + num_seqs]))) for i in range(0, len(windows), num_seqs))
+    return float(np.exp(total / (windows.shape[0] * (n - 1))))
+
+
+def test_perplexity_of_each_format_is_close_to_full_precision(models, text_tokens):
+    ppl = {q: perplexity(m, text_tokens) for q, m in models.items()}
+    print(f"\nperplexity of SmolLM2-135M over {text_tokens.size} tokens of pydoc_data.topics")
+    print("| format | perplexity | vs full precision |\n|---|---|---|")
+    for q, value in ppl.items():
+        print(f"| {q} | {value:.4f} | {value / ppl['none'] - 1:+.3%} |")
+    for q, tolerance in PPL_TOLERANCE.items():
+        assert abs(ppl[q] / ppl["none"] - 1) <= tolerance, f"{q}: {ppl[q]:.4f} vs {ppl['none']:.4f}"
+
+
+def test_linear_weights_on_device_shrink_with_the_format(models):
+    full = quant.linear_weight_bytes(models["none"])
+    assert quant.linear_weight_bytes(models["int8"]) <= 0.27 * full
+    assert quant.linear_weight_bytes(models["native"]) <= 0.16 * full
+    assert quant.linear_weight_bytes(models["int4"]) <= 0.16 * full
+
+
+def test_engine_reports_weight_bytes_by_format(engines):
+    assert set(engines["int8"].engine.weight_bytes_by_format) == {"int8", "float32"}
+    assert set(engines["native"].engine.weight_bytes_by_format) == {"int4-g32", "float32"}
+    assert engines["none"].engine.quantization == "none"  # the CPU default
+
+
+def test_greedy_tokens_of_quantized_models_agree_with_full_precision(engines):
+    """Through the engine (dispatcher, XLA path on CPU): the first 16 greedy tokens agree on at least
+    5 of 6 prompts, and where they diverge, full precision's token is in the quantized model's top 5."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=5)
+    outs = {q: [o.outputs[0] for o in llm.generate(GREEDY_PROMPTS, params, use_tqdm=False)] for q, llm in engines.items()}
+    for q in ("int8", "native"):
+        same = 0
+        for ref, out in zip(outs["none"], outs[q]):
+            if out.token_ids == ref.token_ids:
+                same += 1
+                continue
+            i = next(i for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)) if a != b)
+            assert ref.token_ids[i] in [t for t, _ in out.logprobs[i].top], f"{q}: diverged outside the top 5"
+        assert same >= 5, f"{q}: {same} of 6 prompts agree"
+
+
+def test_quantized_projection_runs_through_interpreted_pallas(models):
+    """One real projection of each kind (int4 with mins, int8 per channel): the Pallas kernel,
+    interpreted, against the XLA path."""
+    x = jax.random.normal(jax.random.key(0), (4, 576), jnp.float32)
+    for q in ("native", "int8"):
+        q_proj = models[q].layers.q_proj
+        w = jax.tree.map(lambda a: a[0], q_proj.quantized_weight())  # layer 0
+        ref = dispatch.quant_matmul(x, w, backend="xla")
+        out = dispatch.quant_matmul(x, w, backend="pallas_interpret")
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4, rtol=2e-4)
+
+
+# ------------------------------------------------------------------------------------------
+# The converted-weight cache
+# ------------------------------------------------------------------------------------------
+
+def test_cache_is_read_back_identically_and_a_corrupted_one_is_rebuilt(smollm2, tmp_path, caplog):
+    def load():
+        start = time.perf_counter()
+        model = load_llama(smollm2.config, smollm2, quantization="int8", cache_dir=str(tmp_path))
+        return model, time.perf_counter() - start
+
+    def arrays(model):
+        return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
+
+    first, first_s = load()
+    second, second_s = load()
+    assert second_s < first_s
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(second)))
+
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "arrays" in d]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:  # flip bytes in the middle of the largest array file
+        f.seek(os.path.getsize(largest) // 2)
+        chunk = f.read(64)
+        f.seek(os.path.getsize(largest) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    with caplog.at_level(logging.WARNING, logger="jaxinfer"):
+        third, _ = load()
+    assert "unusable" in caplog.text
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(third)))
+    fourth, _ = load()  # the rebuilt entry is good again
+    assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(fourth)))
