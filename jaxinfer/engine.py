@@ -51,6 +51,15 @@ class RequestMetrics:
     num_generation_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    inter_token_latencies: list[float] = field(default_factory=list)  # seconds between a sequence's tokens
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
 @dataclass(slots=True)
@@ -222,6 +231,9 @@ class LLMEngine:
                 request.logprobs[request.seqs.index(seq)].append(
                     TokenLogprob(int(out.tokens[i]), float(out.logprobs[i]), top))
             metrics = request.metrics
+            if len(seq.output_ids) > 1:
+                metrics.inter_token_latencies.append(now - seq.last_token_time)
+            seq.last_token_time = now
             metrics.first_token_time = metrics.first_token_time or now
             metrics.last_token_time = now
             self._update_text(request, seq)

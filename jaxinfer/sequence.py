@@ -31,6 +31,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (first) admission
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    last_token_time: float = 0.0
 
     @property
     def num_tokens(self) -> int:

@@ -136,6 +136,9 @@ def test_n_siblings_share_the_prompt_pages(batched):
     prompt = TOPICS["while"][:1000] + "\nSummary:"
     out = batched.generate([prompt], SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7), use_tqdm=False)[0]
     assert len(out.outputs) == 3
+    m = out.metrics
+    assert m.queue_time >= 0 and m.time_to_first_token > 0
+    assert len(m.inter_token_latencies) == sum(len(o.token_ids) - 1 for o in out.outputs)
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # different seeds, different samples
     prompt_pages = (len(out.prompt_token_ids) - 1) // 16
     assert allocator.prefix_cache_hits - hits_before >= 2 * prompt_pages * 16
