@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test serve setup clean gpu-compile-check
+.PHONY: test serve bench setup clean gpu-compile-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 # The OpenAI-compatible server on the bundled model, http://127.0.0.1:8000/v1 (flags: ARGS="--port 8080 ...").
 serve: $(STAMP)
 	$(PY) server.py $(ARGS)
+
+# Offline engine throughput at 1, 8 and 32 concurrent requests (docs/BENCHMARKS.md). For a running
+# server: $(PY) benchmarks/serve.py --base-url http://127.0.0.1:8000 --concurrency 8
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py --concurrency 1 8 32
 
 clean:
 	rm -rf $(VENV)

@@ -1,5 +1,7 @@
 """`python server.py` as a user runs it (the `make serve` path): the real engine behind the real CLI."""
 
+import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -52,6 +54,33 @@ def test_served_greedy_completion_matches_offline_generate(server, llm):
     offline = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)[0]
     assert served.choices[0].text == offline.outputs[0].text
     assert served.usage.completion_tokens == len(offline.outputs[0].token_ids)
+
+
+def test_serving_benchmark_smoke_run_reports_every_field(server, tmp_path):
+    url, _ = server
+    args = ["--base-url", url, "--num-requests", "4", "--concurrency", "2", "--prompt-len", "8:24",
+            "--output-len", "3:6", "--shared-prefix-fraction", "0.5", "--shared-prefix-len", "20",
+            "--price-per-hour", "2.6", "--quiet", "--json", str(tmp_path / "report.json")]
+    proc = subprocess.run([sys.executable, "benchmarks/serve.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    spec = importlib.util.spec_from_file_location("bench_serve", os.path.join(ROOT, "benchmarks", "serve.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    workload = bench.make_workload(bench.main.__globals__["argparse"].Namespace(
+        seed=0, num_requests=4, prompt_len=(8, 24), output_len=(3, 6), shared_prefix_fraction=0.5,
+        shared_prefix_len=20))
+    assert report["completed"] == 4 and report["failed"] == 0
+    assert report["output_tokens"] == sum(max_tokens for _, max_tokens in workload)  # ignore_eos: exact
+    assert report["prompt_tokens"] > 4 * 8
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert set(report[metric]) == {"mean", "p50", "p90", "p99"}
+        assert 0 < report[metric]["p50"] <= report[metric]["p99"]
+    assert report["ttft_ms"]["p99"] <= report["e2e_ms"]["p99"]
+    assert report["output_tokens_per_s"] > 0 and report["goodput_requests_per_s"] >= 0
+    expected_cost = 2.6 / (report["output_tokens_per_s"] * 3600) * 1e6
+    assert abs(report["dollars_per_million_output_tokens"] - expected_cost) <= 0.01 * expected_cost
 
 
 def test_start_up_log_says_what_the_engine_is(server):
