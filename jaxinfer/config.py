@@ -158,7 +158,7 @@ class EngineConfig:
     strict_compile: bool = False  # raise if serving ever needs a program warm-up did not compile
     seed: int = 0
     # Weight format of the projections: jaxinfer.quant.QUANTIZATIONS. "auto": on GPU the
-    # checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are), on CPU full precision (fastest there).
+    # checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are), on CPU full precision (docs/QUANTIZATION.md).
     quantization: str = "auto"
     quantization_group_size: int | None = None  # int4: 32, 64 or 128 rows per scale (default 32)
     # Converted-weight cache: "auto" is $JAXINFER_CACHE_DIR or ~/.cache/jaxinfer/weights; None: off

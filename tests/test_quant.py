@@ -118,6 +118,16 @@ def test_other_gguf_types_are_requantized_with_a_log_line(smollm2, caplog):
     assert all(fmt == quant.WeightFormat("int4", 32, symmetric=False) and is_native for fmt, is_native in native.values())
 
 
+def test_a_full_precision_checkpoint_has_no_native_format(smollm2):
+    class FullPrecision:  # an HF checkpoint's interface: tensors, no GGUF block types
+        config, path = smollm2.config, smollm2.path
+        tensor = smollm2.tensor
+
+    assert projection_formats(smollm2.config, FullPrecision(), "native") == {}
+    rtn = projection_formats(smollm2.config, FullPrecision(), "int4", group_size=64)
+    assert set(rtn.values()) == {(quant.WeightFormat("int4", 64, symmetric=False), False)}
+
+
 # ------------------------------------------------------------------------------------------
 # The model in each format
 # ------------------------------------------------------------------------------------------
@@ -187,7 +197,13 @@ def test_linear_weights_on_device_shrink_with_the_format(models):
 def test_engine_reports_weight_bytes_by_format(engines):
     assert set(engines["int8"].engine.weight_bytes_by_format) == {"int8", "float32"}
     assert set(engines["native"].engine.weight_bytes_by_format) == {"int4-g32", "float32"}
-    assert engines["none"].engine.quantization == "none"  # the CPU default
+
+
+def test_auto_is_full_precision_on_cpu_and_the_checkpoints_own_format_on_gpu():
+    assert quant.resolve_quantization("auto", "cpu", is_gguf=True)[0] == "none"
+    assert quant.resolve_quantization("auto", "gpu", is_gguf=True)[0] == "native"
+    assert quant.resolve_quantization("auto", "gpu", is_gguf=False)[0] == "none"
+    assert quant.resolve_quantization("int8", "cpu", is_gguf=True)[0] == "int8"
 
 
 def test_greedy_tokens_of_quantized_models_agree_with_full_precision(engines):

@@ -175,7 +175,8 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     """projection -> (its format, whether the checkpoint holds it in that format already).
 
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
-    Q8_0/Q4_0/Q4_1 blocks as they are; other types requantized to int8), or a format of
+    Q8_0/Q4_0/Q4_1 blocks as they are, float tensors in full precision, other types requantized
+    to int8), or a format of
     `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
     """
     if quantization == "none":
@@ -193,11 +194,13 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
                 (group_size is None or group_size == stored.group_size)):
             formats[proj] = (stored, True)
             continue
+        types = sorted({checkpoint.tensor_type(name) for name in names}) if hasattr(checkpoint, "tensor_type") else []
+        stored_quantized = any(t not in ("F32", "F16", "BF16") for t in types)
+        if requested is None and not stored_quantized:
+            continue  # "native" of a full-precision tensor: full precision
         fmt = requested or quant.weight_format("int8")
-        if hasattr(checkpoint, "tensor_type"):
-            types = sorted({checkpoint.tensor_type(name) for name in names})
-            if any(t not in ("F32", "F16", "BF16") for t in types):
-                logger.info("%s: %s weights are dequantized and requantized to %s", proj, "/".join(types), fmt.name)
+        if stored_quantized:
+            logger.info("%s: %s weights are dequantized and requantized to %s", proj, "/".join(types), fmt.name)
         formats[proj] = (fmt, False)
     return formats
 
