@@ -17,7 +17,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from jaxinfer import LLM, SamplingParams, quant
 from jaxinfer.cache import allocate_kv_cache
-from jaxinfer.models.llama import AttentionMetadata, load_llama, projection_formats
+from jaxinfer.models.llama import AttentionMetadata, Llama, load_llama, projection_formats
 from jaxinfer.weights.gguf import GGUFCheckpoint
 from kernels_pallas import dispatch
 from kernels_pallas.quant_matmul import QuantizedWeight, dequantize
@@ -232,6 +232,31 @@ def test_quantized_projection_runs_through_interpreted_pallas(models):
         ref = dispatch.quant_matmul(x, w, backend="xla")
         out = dispatch.quant_matmul(x, w, backend="pallas_interpret")
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("quantization, kernel", [("native", "quant_matmul_int4"), ("int8", "quant_matmul_int8"),
+                                                  ("fp8", "quant_matmul_fp8")])
+def test_quantized_model_step_lowers_for_cuda(smollm2, quantization, kernel):
+    """The GPU path: the whole bf16 forward with Pallas projections and attention exports for CUDA
+    (the Triton lowering runs on this GPU-less machine), with the quant kernels in it."""
+    formats = {p: f for p, (f, _) in projection_formats(smollm2.config, smollm2, quantization).items()}
+    model = nnx.eval_shape(lambda: Llama(smollm2.config, dtype=jnp.bfloat16, attention_backend="pallas",
+                                         formats=formats, quant_backend="pallas"))
+    graphdef, state = nnx.split(model)
+    c, spec = smollm2.config, jax.ShapeDtypeStruct
+    cache = spec((c.num_layers, c.num_kv_heads, 64, 16, c.head_dim), jnp.bfloat16)
+    meta = AttentionMetadata(spec((8,), jnp.int32), spec((9,), jnp.int32), spec((8,), jnp.int32),
+                             spec((8, 8), jnp.int32), spec((8,), jnp.int32))
+
+    def step(state, token_ids, positions, k_cache, v_cache, meta):
+        return nnx.merge(graphdef, state)(token_ids, positions, k_cache, v_cache, meta)
+
+    triton = "__gpu$xla.gpu.triton"
+    exported = jax.export.export(jax.jit(step), platforms=["cuda"],
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(
+        state, spec((8,), jnp.int32), spec((8,), jnp.int32), cache, cache, meta)
+    text = exported.mlir_module()
+    assert triton in text and kernel in text
 
 
 # ------------------------------------------------------------------------------------------
