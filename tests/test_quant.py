@@ -18,6 +18,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from jaxinfer import LLM, SamplingParams, quant
 from jaxinfer.cache import allocate_kv_cache
 from jaxinfer.models.llama import AttentionMetadata, Llama, load_llama, projection_formats
+from jaxinfer.weights.cache import WeightCache
 from jaxinfer.weights.gguf import GGUFCheckpoint
 from kernels_pallas import dispatch
 from kernels_pallas.quant_matmul import QuantizedWeight, dequantize
@@ -290,3 +291,15 @@ def test_cache_is_read_back_identically_and_a_corrupted_one_is_rebuilt(smollm2, 
     assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(third)))
     fourth, _ = load()  # the rebuilt entry is good again
     assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(fourth)))
+
+
+def test_cache_of_a_changed_source_file_is_not_used(tmp_path):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"weights")
+    params = {"w": jnp.arange(6, dtype=jnp.int8).reshape(2, 3)}
+    abstract = {"w": jax.ShapeDtypeStruct((2, 3), jnp.int8)}
+    WeightCache(str(tmp_path / "cache"), str(source), formats="int8").save(params)
+    assert np.array_equal(WeightCache(str(tmp_path / "cache"), str(source), formats="int8").load(abstract)["w"], params["w"])
+    assert WeightCache(str(tmp_path / "cache"), str(source), formats="int4").load(abstract) is None  # another format
+    os.utime(source, ns=(0, 10**9))  # same size, another mtime
+    assert WeightCache(str(tmp_path / "cache"), str(source), formats="int8").load(abstract) is None
