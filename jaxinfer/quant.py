@@ -116,6 +116,12 @@ class Linear(nnx.Module):
         mins = None if self.mins is None else self.mins[...]
         return QuantizedWeight(self.w[...], self.scales[...], mins, self.fmt.kind, self.fmt.group_size)
 
+    def weight_params(self) -> list[nnx.Param]:
+        """W's parameters: the weight, and when quantized its scales (and mins); not the bias."""
+        if self.fmt is None:
+            return [self.w]
+        return [self.w, self.scales] + ([] if self.mins is None else [self.mins])
+
     def __call__(self, x):
         if self.fmt is None:
             y = x @ self.w[...]
@@ -127,25 +133,19 @@ class Linear(nnx.Module):
 def weight_bytes_by_format(model: nnx.Module) -> dict[str, int]:
     """Bytes of the model's parameters on device, by format: each quantized projection (data,
     scales and mins) under its format's name, everything else under its dtype's name."""
-    totals: dict[str, int] = {}
-    quantized = set()
+    format_of = {}  # id(param) -> format name
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear) and node.fmt is not None:
-            parts = [node.w, node.scales] + ([] if node.mins is None else [node.mins])
-            totals[node.fmt.name] = totals.get(node.fmt.name, 0) + sum(p[...].nbytes for p in parts)
-            quantized.update(id(p) for p in parts)
+            format_of.update((id(p), node.fmt.name) for p in node.weight_params())
+    totals: dict[str, int] = {}
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Param) and id(node) not in quantized:
-            name = jnp.dtype(node[...].dtype).name
+        if isinstance(node, nnx.Param):
+            name = format_of.get(id(node)) or jnp.dtype(node[...].dtype).name
             totals[name] = totals.get(name, 0) + node[...].nbytes
     return totals
 
 
 def linear_weight_bytes(model: nnx.Module) -> int:
     """Bytes of the projections' weights alone (W with its scales and mins; no biases)."""
-    total = 0
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, Linear):
-            parts = [node.w] + ([] if node.fmt is None else [node.scales] + ([] if node.mins is None else [node.mins]))
-            total += sum(p[...].nbytes for p in parts)
-    return total
+    return sum(p[...].nbytes for _, node in nnx.iter_graph(model) if isinstance(node, Linear)
+               for p in node.weight_params())
