@@ -13,11 +13,10 @@ import sys
 import time
 
 from jaxinfer.config import EngineConfig
+from jaxinfer.quant import QUANTIZATIONS
 from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
 logger = logging.getLogger("jaxinfer")
-
-QUANTIZATIONS = ("none",)  # weights are served dequantized; quantized weights are not implemented yet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=DEFAULT_MODEL, help=f"a bundled model name, a GGUF file, or a Hugging "
                        f"Face directory (config.json + safetensors). Default: {DEFAULT_MODEL}")
     model.add_argument("--served-model-name", help="the name clients use in 'model' (default: --model as given)")
-    model.add_argument("--quantization", default="none", help="weight format in memory; only 'none' (weights "
-                       "dequantized to --dtype) is available: quantized weights are not implemented yet")
+    model.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                       help="weight format in device memory. auto (default): int8 on CPU (the fastest there), the "
+                       "GGUF's own blocks on GPU; native: keep GGUF Q8_0/Q4_0/Q4_1 blocks as they are; none: the "
+                       "checkpoint dequantized to --dtype; int8, int4 (with a min), int4_sym, fp8: round-to-nearest "
+                       "at load time (docs/QUANTIZATION.md)")
+    model.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128],
+                       help="int4: rows per scale (default 32)")
+    model.add_argument("--weight-cache-dir", help="where converted weights are cached "
+                       "(default: $JAXINFER_CACHE_DIR or ~/.cache/jaxinfer/weights)")
     model.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
                        help=f"activation and weight dtype; auto: float32 on CPU, bfloat16 on GPU (default: {d.dtype})")
     engine = p.add_argument_group("engine")
@@ -72,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ENGINE_FLAGS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
+ENGINE_FLAGS = ("quantization", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "warmup", "strict_compile",
                 "seed")
 
@@ -87,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quantization not in QUANTIZATIONS:
-        parser.error(f"--quantization {args.quantization}: quantized weights are not implemented yet; "
-                     f"only 'none' is available")
     # force: an imported library may already have put a handler (and level WARNING) on the root logger.
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)

@@ -59,13 +59,14 @@ def weight_format(quantization: str, group_size: int | None = None) -> WeightFor
 
 
 def resolve_quantization(quantization: str, platform: str, is_gguf: bool) -> tuple[str, str]:
-    """("auto" resolved, why). On GPU: what the checkpoint carries. On CPU: full precision, the
-    checkpoint's numbers; int8 decodes faster there (docs/QUANTIZATION.md) but is asked for."""
+    """("auto" resolved, why). On GPU: what the checkpoint carries. On CPU: int8, the fastest format
+    there (docs/QUANTIZATION.md): XLA dequantizes each weight before its dot, and int8's halved
+    memory traffic wins that trade at +0.03% perplexity; int4 and fp8 lose it (3-5x slower)."""
     if quantization != "auto":
         return quantization, "requested"
     if platform == "cpu":
-        return "none", ("full precision on CPU; --quantization int8 decodes ~1.2-1.5x faster here, int4/fp8 "
-                        "3-5x slower (XLA dequantizes each weight before its dot): docs/QUANTIZATION.md")
+        return "int8", ("int8 on CPU: decodes ~1.2-1.5x faster than f32 here at +0.03% perplexity; int4/fp8 "
+                        "are 3-5x slower (XLA dequantizes each weight before its dot): docs/QUANTIZATION.md")
     if is_gguf:
         return "native", "the GGUF file's own formats"
     return "none", "the checkpoint's own precision"

@@ -55,7 +55,8 @@ def hf_dir(tmp_path_factory, hf_model, hf_tokenizer):
 
 @pytest.fixture(scope="session")
 def llm():
-    """The engine most tests share: float32 on CPU, page_size 16."""
+    """The engine most tests share: float32 weights and activations (quantization "none": the HF
+    reference runs the same dequantized weights), page_size 16."""
     from jaxinfer import LLM
 
-    return LLM(SMOLLM2, max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512)
+    return LLM(SMOLLM2, max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512, quantization="none")

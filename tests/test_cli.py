@@ -34,14 +34,17 @@ sys.exit(main(sys.argv[1:]))
 def test_flags_map_onto_the_engine_config(monkeypatch):
     monkeypatch.setenv("JAXINFER_API_KEY", "from-env")
     args = build_parser().parse_args(["--gpu-memory-utilization", "0.5", "--no-enable-prefix-caching",
-                                      "--max-model-len", "256", "--page-size", "32"])
+                                      "--max-model-len", "256", "--page-size", "32", "--quantization", "int4",
+                                      "--quantization-group-size", "64"])
     assert engine_overrides(args) == {"kv_cache_memory_fraction": 0.5, "enable_prefix_caching": False,
-                                      "max_model_len": 256, "page_size": 32}
+                                      "max_model_len": 256, "page_size": 32, "quantization": "int4",
+                                      "quantization_group_size": 64}
     assert args.api_key == "from-env" and (args.host, args.port) == ("127.0.0.1", 8000)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "--quantization", "int4"], "quantized weights are not implemented yet"),
+    (["serve", "--quantization", "int3"], "invalid choice: 'int3'"),
+    (["--quantization", "int4", "--quantization-group-size", "48"], "invalid choice: 48"),
     (["--page-size", "24"], "page_size must be a power of two"),
     (["--model", "/no/such/model.gguf"], "unknown model"),
 ])

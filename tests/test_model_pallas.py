@@ -8,7 +8,7 @@ from jaxinfer import LLM, SamplingParams
 def test_pallas_attention_in_the_model_matches_xla(llm):
     # Small on purpose: interpret mode runs every kernel program in Python-driven JAX, 30 layers deep.
     pallas = LLM("SmolLM2-135M-Instruct", attention_backend="pallas_interpret", max_model_len=64, max_num_seqs=2,
-                 max_num_batched_tokens=32, warmup=False)
+                 max_num_batched_tokens=32, warmup=False, quantization="none")
     prompts = ["The capital of France is", "def add(a, b):\n   "]  # one prefill chunk each, then decode rows
     params = SamplingParams(max_tokens=3, temperature=0.0, logprobs=5)
     ours = pallas.generate(prompts, params, use_tqdm=False)

@@ -32,18 +32,19 @@ def test_batch_of_mixed_lengths_matches_each_prompt_alone(llm, reference_tokens)
 def test_chunked_prefill_matches_whole_prompt_prefill(reference_tokens):
     # A 64-token budget splits the long prompts over several steps, next to other sequences' decode rows.
     small_budget = LLM("SmolLM2-135M-Instruct", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
-                      warmup=False)
+                      warmup=False, quantization="none")
     assert tokens(small_budget.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference_tokens
 
 
 @pytest.mark.parametrize("page_size", [1, 8])
 def test_page_size_does_not_change_tokens(page_size, reference_tokens):
-    llm = LLM("SmolLM2-135M-Instruct", page_size=page_size, max_model_len=512, max_num_seqs=4, warmup=False)
+    llm = LLM("SmolLM2-135M-Instruct", page_size=page_size, max_model_len=512, max_num_seqs=4, warmup=False,
+              quantization="none")
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference_tokens
     assert llm.engine.allocator.num_free_pages == llm.engine.allocator.num_pages
 
 
 def test_hf_directory_gives_the_same_tokens_as_the_gguf(hf_dir, reference_tokens):
-    llm = LLM(hf_dir, max_model_len=512, max_num_seqs=4, warmup=False)
+    llm = LLM(hf_dir, max_model_len=512, max_num_seqs=4, warmup=False, quantization="none")
     assert llm.engine.model_config.architecture == "llama"
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference_tokens

@@ -200,8 +200,8 @@ def test_engine_reports_weight_bytes_by_format(engines):
     assert set(engines["native"].engine.weight_bytes_by_format) == {"int4-g32", "float32"}
 
 
-def test_auto_is_full_precision_on_cpu_and_the_checkpoints_own_format_on_gpu():
-    assert quant.resolve_quantization("auto", "cpu", is_gguf=True)[0] == "none"
+def test_auto_is_int8_on_cpu_and_the_checkpoints_own_format_on_gpu():
+    assert quant.resolve_quantization("auto", "cpu", is_gguf=True)[0] == "int8"
     assert quant.resolve_quantization("auto", "gpu", is_gguf=True)[0] == "native"
     assert quant.resolve_quantization("auto", "gpu", is_gguf=False)[0] == "none"
     assert quant.resolve_quantization("int8", "cpu", is_gguf=True)[0] == "int8"

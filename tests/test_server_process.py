@@ -26,7 +26,7 @@ def server():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "server.py", "--port", str(port), "--max-model-len", "256", "--max-num-seqs", "4",
-         "--max-num-batched-tokens", "64", "--no-warmup", "--price-per-hour", "2.6"],
+         "--max-num-batched-tokens", "64", "--no-warmup", "--price-per-hour", "2.6", "--quantization", "none"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
