@@ -61,10 +61,16 @@ def powers_of_two(lo: int, hi: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model, engine_config, num_pages: int, dtype):
         self.config = engine_config
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
         self.page_size = engine_config.page_size
         self.num_pages = num_pages
-        self.k_cache, self.v_cache = allocate_kv_cache(model.config, num_pages, self.page_size, dtype)
+        # Every array the step sees is committed to the device, as its outputs are: an uncommitted
+        # input (fresh zeros, weights from jnp.asarray) would make the step's first call, at warm-up,
+        # a different program signature from the calls that follow it.
+        device = jax.devices()[0]
+        self.state = jax.device_put(state, device)
+        self.k_cache, self.v_cache = jax.device_put(
+            allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         logger.info("persistent compilation cache: %s", enable_compilation_cache())
         self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
