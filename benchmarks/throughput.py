@@ -49,14 +49,16 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--quantization", default="auto", help="weight format (auto: int8 on CPU)")
     parser.add_argument("--json", help="append results to this JSON-lines file")
     args = parser.parse_args()
     engine = LLMEngine(args.model, max_model_len=args.prompt_len + args.output_len + 64,
-                       max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens,
+                       quantization=args.quantization)
     rng = np.random.default_rng(0)
     run(engine, 1, args.prompt_len, 4, rng)  # touch every code path once more after warm-up
     print(f"# {args.model} on {engine.runner.k_cache.devices().pop().platform} ({platform.processor() or platform.machine()}), "
-          f"dtype {engine.dtype.__name__ if hasattr(engine.dtype, '__name__') else engine.dtype}")
+          f"activations {np.dtype(engine.dtype).name}, weights {engine.quantization}")
     print("| concurrency | output tok/s | total tok/s | decode tok/s | TTFT s | steps |")
     print("|---|---|---|---|---|---|")
     for c in args.concurrency:
