@@ -63,6 +63,7 @@ async def one_request(client, args, prompt, max_tokens) -> Result:
     result = Result()
     start = time.perf_counter()
     last = None
+    chunks = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -74,6 +75,7 @@ async def one_request(client, args, prompt, max_tokens) -> Result:
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    chunks += 1
                     if last is None:
                         result.ttft = now - start
                     else:
@@ -84,6 +86,8 @@ async def one_request(client, args, prompt, max_tokens) -> Result:
                     result.output_tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as e:
         result.error = repr(e)
+    if not result.output_tokens:  # a server that sends no usage: one streamed chunk per token
+        result.output_tokens = chunks
     result.e2e = time.perf_counter() - start
     return result
 
@@ -161,7 +165,7 @@ def parse_range(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (loopback only)")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -183,6 +187,11 @@ def main(argv=None):
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--results-file", help="append the report to this JSON-lines file")
     parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if urlparse(args.base_url).hostname not in LOOPBACK:
         parser.error("--base-url must be on this machine (127.0.0.1, localhost or ::1)")
