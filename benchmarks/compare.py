@@ -49,7 +49,8 @@ def bench(url: str, model: str, concurrency: int, args, **overrides) -> dict:
     argv = ["--base-url", url, "--model", model, "--concurrency", str(concurrency), "--quiet",
             "--num-requests", str(overrides.get("num_requests", max(args.min_requests, 2 * concurrency))),
             "--prompt-len", overrides.get("prompt_len", args.prompt_len),
-            "--output-len", overrides.get("output_len", args.output_len), "--seed", str(args.seed)]
+            "--output-len", overrides.get("output_len", args.output_len),
+            "--seed", str(overrides.get("seed", args.seed))]
     parsed = serve.build_parser().parse_args(argv)
     return asyncio.run(serve.run(parsed))
 
@@ -107,19 +108,22 @@ def main():
         for c in args.concurrency:
             for name in results:
                 results[name][c] = []
-            for _ in range(args.rounds):  # alternate, so drift in the machine's load hits both
+            for r in range(args.rounds):  # alternate, so drift in the machine's load hits both
+                # Both servers get the same prompts within a round, new ones in each round (no cache reuse).
+                seed = args.seed + 100 * c + r
                 for name, url in (("ours", ours), ("theirs", theirs)):
-                    results[name][c].append(bench(url, args.model, c, args))
+                    results[name][c].append(bench(url, args.model, c, args, seed=seed))
         # Prefill: one ~512-token prompt, one output token; decode: one stream of 128 tokens.
         prefill, decode, prompt_tokens = {}, {}, None
         for name, url in (("ours", ours), ("theirs", theirs)):
-            runs = [bench(url, args.model, 1, args, num_requests=1, prompt_len="390:390", output_len="1:1")
-                    for _ in range(args.rounds + 1)]
-            # The same seeded prompt and the same tokenizer (the GGUF's) on both sides: our usage counts it.
-            prompt_tokens = prompt_tokens or runs[0]["prompt_tokens"]
-            prefill[name] = median([prompt_tokens / (r["ttft_ms"]["p50"] / 1000) for r in runs])
-            runs = [bench(url, args.model, 1, args, num_requests=1, prompt_len="16:16", output_len="128:128")
-                    for _ in range(args.rounds)]
+            # A fresh prompt each run (another seed): a repeated one would be served from either prefix cache.
+            runs = [bench(url, args.model, 1, args, num_requests=1, prompt_len="390:390", output_len="1:1",
+                          seed=1000 + i) for i in range(args.rounds + 1)]
+            # The same seeded prompts and the same tokenizer (the GGUF's) on both sides: our usage counts them.
+            prompt_tokens = prompt_tokens or [r["prompt_tokens"] for r in runs]
+            prefill[name] = median([n / (r["ttft_ms"]["p50"] / 1000) for n, r in zip(prompt_tokens, runs)])
+            runs = [bench(url, args.model, 1, args, num_requests=1, prompt_len="16:16", output_len="128:128",
+                          seed=2000 + i) for i in range(args.rounds)]
             decode[name] = median([1000 / r["tpot_ms"]["mean"] for r in runs])
     finally:
         for proc in procs:
@@ -140,7 +144,7 @@ def main():
         summary["by_concurrency"][c] = {"ours_tok_s": o, "theirs_tok_s": t, "ours_ttft_p50_ms": to,
                                         "theirs_ttft_p50_ms": tt}
         print(f"| {c} | {o} | {t} | {ratio(o, t)} | {to} | {tt} | {ratio(to, tt)} |")
-    print(f"\nprefill of a ~512-token prompt: ours {prefill['ours']:.0f} tok/s, theirs {prefill['theirs']:.0f} tok/s, "
+    print(f"\nprefill of one ~{median(prompt_tokens):.0f}-token prompt (TTFT): ours {prefill['ours']:.0f} tok/s, theirs {prefill['theirs']:.0f} tok/s, "
           f"ratio {ratio(prefill['ours'], prefill['theirs'])}")
     print(f"single-stream decode: ours {decode['ours']:.1f} tok/s, theirs {decode['theirs']:.1f} tok/s, "
           f"ratio {ratio(decode['ours'], decode['theirs'])}")
