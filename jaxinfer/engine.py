@@ -219,8 +219,10 @@ class LLMEngine:
         touched = {}
         for i, (seq, num_new) in enumerate(scheduled):
             seq.num_computed_tokens += num_new
-            self.allocator.register_full_pages(seq.block_table, seq.page_hashes, seq.token_ids(),
-                                               seq.num_computed_tokens)
+            if self.config.enable_prefix_caching and seq.num_computed_tokens // self.config.page_size > len(
+                    seq.page_hashes):  # a page just filled up: hash it (and only then build the token list)
+                self.allocator.register_full_pages(seq.block_table, seq.page_hashes, seq.token_ids(),
+                                                   seq.num_computed_tokens)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk short of the prompt's end: nothing sampled yet
             request = self._request_of[seq]
