@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "GGUF's own blocks on GPU; native: keep GGUF Q8_0/Q4_0/Q4_1 blocks as they are; none: the "
                        "checkpoint dequantized to --dtype; int8, int4 (with a min), int4_sym, fp8: round-to-nearest "
                        "at load time (docs/QUANTIZATION.md)")
+    model.add_argument("--lm-head-quantization", default=None, choices=["auto", "none", "int8"],
+                       help="the LM head (and a tied embedding): auto (default) int8 when the projections are "
+                       "quantized and the checkpoint stores the head quantized itself (a GGUF's Q8_0), else full "
+                       "precision; int8: per vocabulary entry; none: --dtype")
     model.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128],
                        help="int4: rows per scale (default 32)")
     model.add_argument("--weight-cache-dir", help="where converted weights are cached "
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ENGINE_FLAGS = ("quantization", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
+ENGINE_FLAGS = ("quantization", "lm_head_quantization", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "warmup", "strict_compile",
                 "seed")
 

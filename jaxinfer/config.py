@@ -161,6 +161,9 @@ class EngineConfig:
     # checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are), on CPU full precision (docs/QUANTIZATION.md).
     quantization: str = "auto"
     quantization_group_size: int | None = None  # int4: 32, 64 or 128 rows per scale (default 32)
+    # The LM head (and a tied embedding): "auto" int8 when the projections are quantized and the
+    # checkpoint stores the head quantized (a GGUF's Q8_0), "none", or "int8" (per vocabulary entry).
+    lm_head_quantization: str = "auto"
     # Converted-weight cache: "auto" is $JAXINFER_CACHE_DIR or ~/.cache/jaxinfer/weights; None: off
     weight_cache_dir: str | None = "auto"
 
@@ -179,6 +182,8 @@ class EngineConfig:
 
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.lm_head_quantization not in ("auto", "none", "int8"):
+            raise ValueError(f"lm_head_quantization must be auto, none or int8, got {self.lm_head_quantization!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from jaxinfer.cache import PageAllocator, free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
-from jaxinfer.models.llama import load_llama
-from jaxinfer.quant import resolve_quantization, weight_bytes_by_format
+from jaxinfer.models.llama import head_tensor_name, load_llama
+from jaxinfer.quant import resolve_lm_head_quantization, resolve_quantization, weight_bytes_by_format
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.scheduler import Scheduler
@@ -111,10 +111,15 @@ class LLMEngine:
         self.quantization, why = resolve_quantization(config.quantization, jax.devices()[0].platform,
                                                       isinstance(checkpoint, GGUFCheckpoint))
         logger.info("weights: quantization %s (%s)", self.quantization, why)
+        stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
+        self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,
+                                                                 stored_head)
+        logger.info("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
-                                quant_backend=config.attention_backend, cache_dir=cache_dir)
+                                quant_backend=config.attention_backend, cache_dir=cache_dir,
+                                lm_head_quantization=self.lm_head_quantization)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype)

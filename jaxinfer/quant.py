@@ -7,7 +7,8 @@ in one `WeightFormat` (layouts in `kernels_pallas.quant_matmul`):
 - fp8: float8_e4m3fn, one scale per output channel.
 Quantized weights stay quantized in device memory: the layer hands them to
 `dispatch.quant_matmul` (Pallas kernel with in-register dequant on GPU, the XLA path on CPU).
-The embedding, the LM head, the norms and biases stay in full precision.
+The norms and biases stay in full precision; the LM head (with a tied embedding) is int8 per
+vocabulary entry when asked or when the checkpoint stores it quantized (`resolve_lm_head_quantization`).
 """
 
 import dataclasses
@@ -72,6 +73,16 @@ def resolve_quantization(quantization: str, platform: str, is_gguf: bool) -> tup
     return "none", "the checkpoint's own precision"
 
 
+def resolve_lm_head_quantization(value: str, quantization: str, stored_type: str | None) -> str:
+    """The LM head's format ("none" or "int8"). "auto": int8 when the projections are quantized and the
+    checkpoint stores the head quantized itself (`stored_type`, e.g. a GGUF's Q8_0), which is the
+    file asking for it; a full-precision head stays so unless asked."""
+    if value != "auto":
+        return value
+    stored_quantized = stored_type is not None and stored_type not in ("F32", "F16", "BF16")
+    return "int8" if quantization != "none" and stored_quantized else "none"
+
+
 def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, stack=()):
     """{"data"|"scales"|"mins": (shape, dtype)} of W[*stack, in, out] in `fmt`."""
     k, n = in_features, out_features
@@ -123,11 +134,17 @@ class Linear(nnx.Module):
             return [self.w]
         return [self.w, self.scales] + ([] if self.mins is None else [self.mins])
 
-    def __call__(self, x):
+    def __call__(self, x, layer=None):
+        """x[..., in] -> [..., out]. A quantized weight may be the whole layer stack
+        ([num_layers, ...], see `Llama.__call__`): `layer` then picks the layer's own."""
         if self.fmt is None:
             y = x @ self.w[...]
         else:
-            y = dispatch.quant_matmul(x, self.quantized_weight(), backend=self.backend)
+            w = self.quantized_weight()
+            stacked = w.data.ndim == 3
+            if stacked and layer is None:
+                raise ValueError("a stacked quantized weight needs the layer index")
+            y = dispatch.quant_matmul(x, w, backend=self.backend, layer=layer if stacked else None)
         return y if self.b is None else y + self.b[...]
 
 

@@ -11,6 +11,7 @@ import jax
 from kernels_pallas import paged_attention, quant_matmul as qmm
 from kernels_pallas.paged_attention_xla import ragged_paged_attention_xla
 from kernels_pallas.quant_matmul import QuantizedWeight
+from kernels_cpu import native
 
 BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -44,13 +45,35 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
         *args, **options, interpret=backend == "pallas_interpret")
 
 
-def quant_matmul(x, w: QuantizedWeight, *, backend="auto"):
-    """x[..., K] @ W[K, N] -> [..., N] in x's dtype, W quantized (see `quant_matmul`)."""
+# Up to this many rows of x, the CPU's XLA path hands int8 matmuls to the native kernel
+# (kernels_cpu): decode-sized batches, where reading W is the cost. Above it XLA's own dot, which
+# tiles for compute, is as fast or faster (docs/KERNELS.md).
+NATIVE_MAX_ROWS = 32
+
+
+def quant_matmul(x, w: QuantizedWeight, *, backend="auto", layer=None):
+    """x[..., K] @ W[K, N] -> [..., N] in x's dtype, W quantized (see `quant_matmul`).
+
+    With `layer` (an int32 scalar, traced or not), W is a layer stack ([L, K, N] and so on) and
+    layer `layer` of it is used: the native CPU kernel reads it in place, the other paths slice it.
+    """
     backend = resolve_backend(backend)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
-    if backend == "xla":
-        out = qmm.quant_matmul_reference(x2, w)
+    if backend == "xla" and _native_int8(x2, w):
+        out = native.int8_matmul(x2, w.data, w.scales, layer)
     else:
-        out = qmm.quant_matmul(x2, w, interpret=backend == "pallas_interpret")
+        if layer is not None:
+            w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), w)
+        if backend == "xla":
+            out = qmm.quant_matmul_reference(x2, w)
+        else:
+            out = qmm.quant_matmul(x2, w, interpret=backend == "pallas_interpret")
     return out.reshape(*lead, out.shape[-1])
+
+
+def _native_int8(x2, w: QuantizedWeight) -> bool:
+    """Whether the native CPU kernel takes this matmul: per-channel int8, float32 x, few rows."""
+    return (w.format == "int8" and w.group_size == 0 and x2.dtype == jax.numpy.float32
+            and w.scales.dtype == jax.numpy.float16 and x2.shape[0] <= NATIVE_MAX_ROWS
+            and jax.default_backend() == "cpu" and native.available())

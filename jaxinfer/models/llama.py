@@ -101,46 +101,64 @@ class DecoderLayer(nnx.Module):
         c = config
         num_tokens = x.shape[0]
         h = rms_norm(x, self.input_norm[...], c.rms_norm_eps)
-        q = self.q_proj(h).reshape(num_tokens, c.num_heads, c.head_dim)
-        k = self.k_proj(h).reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(h).reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        q = self.q_proj(h, layer).reshape(num_tokens, c.num_heads, c.head_dim)
+        k = self.k_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_cache, v_cache = dispatch.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping,
                                              backend=attention_backend)
         attn = dispatch.ragged_paged_attention(
             q, k_cache, v_cache, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             sm_scale=c.head_dim ** -0.5, sliding_window=c.sliding_window, backend=attention_backend)
-        x = x + self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim))
+        x = x + self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer)
         h = rms_norm(x, self.post_attention_norm[...], c.rms_norm_eps)
-        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h, layer)) * self.up_proj(h, layer), layer)
         return x, k_cache, v_cache
 
 
 class Llama(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto", formats=None,
-                 quant_backend="auto"):
+                 quant_backend="auto", head_format: WeightFormat | None = None):
         c = config
         self.config = config
         self.attention_backend = attention_backend
-        self.embed = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype))  # [vocab, hidden]
         self.layers = DecoderLayer(config, dtype=dtype, stack=(c.num_layers,), formats=formats,
                                    quant_backend=quant_backend)
         self.norm = nnx.Param(jnp.zeros((c.hidden_size,), dtype))
-        # [vocab, hidden], like the embedding it may share
-        self.lm_head = None if c.tie_word_embeddings else nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype))
+        if head_format is None:
+            self.embed = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype))  # [vocab, hidden]
+            # [vocab, hidden], like the embedding it may share
+            self.lm_head = None if c.tie_word_embeddings else nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype))
+        else:
+            # A quantized LM head is a Linear [hidden, vocab] with one scale per vocabulary entry. A tied
+            # embedding reads its rows from it (a row's scale is the entry's scale): no full-precision copy.
+            self.lm_head = Linear(c.hidden_size, c.vocab_size, dtype=dtype, fmt=head_format, backend=quant_backend)
+            self.embed = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype)) if not c.tie_word_embeddings else None
+
+    def embed_tokens(self, token_ids):
+        """[T] int32 -> [T, hidden]."""
+        if self.embed is not None:
+            return self.embed[...][token_ids]
+        w = self.lm_head.quantized_weight()  # int8 [hidden, vocab], scales [vocab]
+        rows = jnp.take(w.data, token_ids, axis=1).T.astype(jnp.float32)
+        return (rows * w.scales[token_ids].astype(jnp.float32)[:, None]).astype(self.norm[...].dtype)
 
     def __call__(self, token_ids, positions, k_cache, v_cache, meta: AttentionMetadata):
         """token_ids, positions: [T] int32; k_cache, v_cache: [layers, kv_heads, pages, page_size, head_dim].
 
         Returns logits [S, vocab] float32 at `meta.logits_indices`, and the updated caches.
         """
-        x = self.embed[...][token_ids]  # [T, hidden]
-        layer_def, layer_state = nnx.split(self.layers)
+        x = self.embed_tokens(token_ids)  # [T, hidden]
+        # Quantized projection weights stay whole and each projection reads its layer's slice itself
+        # (in place, for the native CPU kernel); everything else is sliced by the scan.
+        quantized = {name for name in PROJECTIONS if getattr(self.layers, name).fmt is not None}
+        layer_def, whole, layer_state = nnx.split(
+            self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins"), ...)
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
 
         def body(carry, state):
             x, k_cache, v_cache, layer = carry
-            x, k_cache, v_cache = nnx.merge(layer_def, state)(
+            x, k_cache, v_cache = nnx.merge(layer_def, whole, state)(
                 x, positions, k_cache, v_cache, layer, meta, config=self.config, inv_freq=inv_freq,
                 attention_backend=self.attention_backend)
             return (x, k_cache, v_cache, layer + 1), None
@@ -148,6 +166,8 @@ class Llama(nnx.Module):
         # The caches ride in the carry (not xs/ys): with the step's caches donated, XLA updates them in place.
         (x, k_cache, v_cache, _), _ = jax.lax.scan(body, (x, k_cache, v_cache, jnp.int32(0)), layer_state)
         x = rms_norm(x[meta.logits_indices], self.norm[...], self.config.rms_norm_eps)
+        if isinstance(self.lm_head, Linear):
+            return self.lm_head(x).astype(jnp.float32), k_cache, v_cache
         head = self.embed[...] if self.lm_head is None else self.lm_head[...]
         logits = jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
         return logits, k_cache, v_cache
@@ -205,8 +225,13 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     return formats
 
 
+def head_tensor_name(config: ModelConfig) -> str:
+    return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+
+
 def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_backend="auto",
-               quantization="none", group_size=None, quant_backend="auto", cache_dir=None) -> Llama:
+               quantization="none", group_size=None, quant_backend="auto", cache_dir=None,
+               lm_head_quantization="none") -> Llama:
     """Builds the model with the checkpoint's weights, one stacked parameter at a time.
 
     The module is created abstractly (no memory), then each parameter is read layer by layer into
@@ -214,32 +239,44 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
     Quantized projections (see `projection_formats`) are quantized one layer at a time: no
     full-precision copy of them reaches the device. With `cache_dir`, converted weights are kept
     there (orbax) and read back by later loads of the same file in the same formats.
+    `lm_head_quantization` "int8" quantizes the LM head per vocabulary entry (a tied embedding then
+    reads its rows from it); "none" keeps it in `dtype`.
     """
     formats = projection_formats(config, checkpoint, quantization, group_size)
+    if lm_head_quantization not in ("none", "int8"):
+        raise ValueError(f"lm_head_quantization must be none or int8, got {lm_head_quantization!r}")
+    head_format = quant.weight_format("int8") if lm_head_quantization == "int8" else None
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=attention_backend,
-                                         formats={p: f for p, (f, _) in formats.items()}, quant_backend=quant_backend))
+                                         formats={p: f for p, (f, _) in formats.items()}, quant_backend=quant_backend,
+                                         head_format=head_format))
     graphdef, state = nnx.split(model)
     shapes = nnx.to_pure_dict(state)
     cache = None
-    if cache_dir and formats:
+    if cache_dir and (formats or head_format):
         key_fields = {"dtype": jnp.dtype(dtype).name,
                       "formats": {p: [f.name, native] for p, (f, native) in sorted(formats.items())}}
+        if head_format is not None:
+            key_fields["lm_head"] = head_format.name
         cache = WeightCache(cache_dir, checkpoint.path, **key_fields)
         params = cache.load(shapes)
         if params is not None:
             nnx.replace_by_pure_dict(state, params)
             return nnx.merge(graphdef, state)
-    params = _read_params(config, checkpoint, shapes, formats, dtype)
+    params = _read_params(config, checkpoint, shapes, formats, dtype, head_format)
     if cache is not None:
         cache.save(params)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
-def _read_params(config, checkpoint, shapes, formats, dtype) -> dict:
-    params = {"embed": jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype),
-              "norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
-    if not config.tie_word_embeddings:
+def _read_params(config, checkpoint, shapes, formats, dtype, head_format=None) -> dict:
+    params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
+    if head_format is None or not config.tie_word_embeddings:
+        params["embed"] = jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype)
+    if head_format is not None:
+        qw = quant.quantize(jnp.asarray(checkpoint.tensor(head_tensor_name(config)).T, jnp.float32), head_format)
+        params["lm_head"] = {"w": qw.data, "scales": qw.scales}
+    elif not config.tie_word_embeddings:
         params["lm_head"] = jnp.asarray(checkpoint.tensor("lm_head.weight"), dtype)
     layer_items = [(path, spec) for path, spec in _LAYER_TENSORS.items() if _get(shapes["layers"], path) is not None]
     for path, (template, transpose) in tqdm(layer_items, desc="Loading weights", unit="tensor", leave=False):
