@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from jaxinfer.cache import PageAllocator, free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
 from jaxinfer.models.llama import head_tensor_name, load_llama
-from jaxinfer.quant import resolve_lm_head_quantization, resolve_quantization, weight_bytes_by_format
+from jaxinfer.quant import (resolve_lm_head_quantization, resolve_quantization, use_blocked_layout,
+                            weight_bytes_by_format)
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.scheduler import Scheduler
@@ -23,6 +24,8 @@ from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
 from jaxinfer.weights.cache import default_cache_dir
 from jaxinfer.weights.gguf import GGUFCheckpoint
+from kernels_cpu import native
+from kernels_pallas.dispatch import resolve_backend
 
 logger = logging.getLogger("jaxinfer")
 
@@ -120,6 +123,11 @@ class LLMEngine:
                                 quantization=self.quantization, group_size=config.quantization_group_size,
                                 quant_backend=config.attention_backend, cache_dir=cache_dir,
                                 lm_head_quantization=self.lm_head_quantization)
+        if (jax.devices()[0].platform == "cpu" and resolve_backend(config.attention_backend) == "xla"
+                and native.available()):
+            blocked = use_blocked_layout(self.model)
+            if blocked:
+                logger.info("native CPU int8 matmul: %d weights in its blocked layout", blocked)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype)

@@ -115,6 +115,7 @@ class Linear(nnx.Module):
     def __init__(self, in_features, out_features, *, dtype, bias=False, stack=(), fmt: WeightFormat | None = None,
                  backend="auto"):
         self.fmt, self.backend = fmt, backend  # static: part of the graph, not of the state
+        self.layout = "kn"  # "blocked": see `use_blocked_layout`
         if fmt is None:
             self.w = nnx.Param(jnp.zeros((*stack, in_features, out_features), dtype))
         else:
@@ -126,7 +127,7 @@ class Linear(nnx.Module):
 
     def quantized_weight(self) -> QuantizedWeight:
         mins = None if self.mins is None else self.mins[...]
-        return QuantizedWeight(self.w[...], self.scales[...], mins, self.fmt.kind, self.fmt.group_size)
+        return QuantizedWeight(self.w[...], self.scales[...], mins, self.fmt.kind, self.fmt.group_size, self.layout)
 
     def weight_params(self) -> list[nnx.Param]:
         """W's parameters: the weight, and when quantized its scales (and mins); not the bias."""
@@ -141,11 +142,27 @@ class Linear(nnx.Module):
             y = x @ self.w[...]
         else:
             w = self.quantized_weight()
-            stacked = w.data.ndim == 3
+            stacked = w.stacked
             if stacked and layer is None:
                 raise ValueError("a stacked quantized weight needs the layer index")
             y = dispatch.quant_matmul(x, w, backend=self.backend, layer=layer if stacked else None)
         return y if self.b is None else y + self.b[...]
+
+
+def use_blocked_layout(model: nnx.Module) -> int:
+    """Re-lays every per-channel int8 weight of `model` into the blocked layout of the native CPU
+    kernel (`kernels_cpu.native.to_blocked`), in place; returns how many it changed. Only for a
+    model that runs on the CPU with the native kernels available."""
+    from kernels_cpu.native import to_blocked
+
+    changed = 0
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear) and node.fmt is not None and node.fmt.kind == "int8" and not node.fmt.group_size \
+                and node.layout == "kn":
+            node.w = nnx.Param(to_blocked(node.w[...]))
+            node.layout = "blocked"
+            changed += 1
+    return changed
 
 
 def weight_bytes_by_format(model: nnx.Module) -> dict[str, int]:

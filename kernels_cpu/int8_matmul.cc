@@ -9,18 +9,20 @@
 // The weight comes whole ([L, K, N], a layer stack) with the layer to use, so a layer loop hands the
 // kernel its stacked weights without XLA copying the layer out first.
 //
-// Work is split over the XLA CPU thread pool by blocks of columns; the calling thread takes blocks
-// too and waits only for blocks another thread has already started.
+// Work is split by blocks of columns over the calling thread and the workers of parallel.h.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <thread>
+#include <cstdlib>
 
 #include <immintrin.h>
 
+#include "kernels_cpu/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -38,7 +40,7 @@ constexpr int kAccRegs = 16;
 constexpr int kLanes = 8;
 constexpr int kAccRegs = 8;
 #endif
-constexpr int64_t kBlock = 256;
+constexpr int64_t kBlock = 256;  // of the row-major layout; the blocked layout says its own
 constexpr int kPrefetchRows = 8;  // rows of W ahead of the one being read
 
 typedef float VecF __attribute__((vector_size(kLanes * 4)));
@@ -84,17 +86,18 @@ inline float HalfToFloat(uint16_t h) {
   return f;
 }
 
-// Rows [m0, m0 + R) of y, columns [n0, n0 + width): width <= V * kLanes.
+// Rows [m0, m0 + R) of y, columns [n0, n0 + width): width <= V * kLanes. `w` points at the tile's
+// first weight (row 0, column n0); consecutive rows of W are `stride` bytes apart.
 template <int64_t R, int V>
-inline void Tile(const float* x, const int8_t* w, const uint16_t* scales, float* y, int64_t k_dim,
-                 int64_t n_dim, int64_t m0, int64_t n0, int64_t width) {
+inline void Tile(const float* x, const int8_t* w, int64_t stride, const uint16_t* scales, float* y,
+                 int64_t k_dim, int64_t n_dim, int64_t m0, int64_t n0, int64_t width) {
   constexpr int64_t kWidth = V * kLanes;
   if (width == kWidth) {
     VecF acc[R][V] = {};
-    const int8_t* row = w + n0;
-    for (int64_t k = 0; k < k_dim; ++k, row += n_dim) {
+    const int8_t* row = w;
+    for (int64_t k = 0; k < k_dim; ++k, row += stride) {
       if (k + kPrefetchRows < k_dim) {
-        for (int64_t line = 0; line < kWidth; line += 64) __builtin_prefetch(row + kPrefetchRows * n_dim + line);
+        for (int64_t line = 0; line < kWidth; line += 64) __builtin_prefetch(row + kPrefetchRows * stride + line);
       }
       VecF wv[V];
       for (int j = 0; j < V; ++j) wv[j] = LoadConvert(row + j * kLanes);
@@ -115,7 +118,7 @@ inline void Tile(const float* x, const int8_t* w, const uint16_t* scales, float*
   }
   float acc[R][kWidth] = {};  // the last, narrower columns
   for (int64_t k = 0; k < k_dim; ++k) {
-    const int8_t* row = w + k * n_dim + n0;
+    const int8_t* row = w + k * stride;
     for (int64_t r = 0; r < R; ++r) {
       const float xv = x[(m0 + r) * k_dim + k];
       for (int64_t j = 0; j < width; ++j) acc[r][j] += xv * static_cast<float>(row[j]);
@@ -127,81 +130,83 @@ inline void Tile(const float* x, const int8_t* w, const uint16_t* scales, float*
   }
 }
 
-// Every row of y, columns [c0, c1).
+// Rows [m0, m0 + R) of y, columns [c0, c1) of one block; `w` as in Tile, for column c0. The widest
+// tiles first, then narrower ones for what is left of the block.
 template <int64_t R>
-inline void Columns(const float* x, const int8_t* w, const uint16_t* scales, float* y, int64_t k_dim,
-                    int64_t n_dim, int64_t m0, int64_t c0, int64_t c1) {
-  constexpr int V = R == 3 ? kAccRegs / 4 : kAccRegs / R;  // widths divide kBlock
-  for (int64_t n0 = c0; n0 < c1; n0 += V * kLanes) {
-    Tile<R, V>(x, w, scales, y, k_dim, n_dim, m0, n0, std::min<int64_t>(V * kLanes, c1 - n0));
-  }
+inline void Columns(const float* x, const int8_t* w, int64_t stride, const uint16_t* scales, float* y,
+                    int64_t k_dim, int64_t n_dim, int64_t m0, int64_t c0, int64_t c1) {
+  constexpr int kMaxV = R == 3 ? kAccRegs / 4 : kAccRegs / R;
+  int64_t n0 = c0;
+  auto tiles = [&](auto v_tag) {
+    constexpr int V = decltype(v_tag)::value;
+    if constexpr (V <= kMaxV) {
+      for (; c1 - n0 >= V * kLanes; n0 += V * kLanes) {
+        Tile<R, V>(x, w + (n0 - c0), stride, scales, y, k_dim, n_dim, m0, n0, V * kLanes);
+      }
+    }
+  };
+  tiles(std::integral_constant<int, 16>{});
+  tiles(std::integral_constant<int, 8>{});
+  tiles(std::integral_constant<int, 4>{});
+  tiles(std::integral_constant<int, 2>{});
+  tiles(std::integral_constant<int, 1>{});
+  if (n0 < c1) Tile<R, 1>(x, w + (n0 - c0), stride, scales, y, k_dim, n_dim, m0, n0, c1 - n0);
 }
 
-void Blocks(const float* x, const int8_t* w, const uint16_t* scales, float* y, int64_t m_dim,
-            int64_t k_dim, int64_t n_dim, int64_t block_begin, int64_t block_end) {
-  const int64_t c0 = block_begin * kBlock, c1 = std::min(n_dim, block_end * kBlock);
+// Every row of y, columns [c0, c1) of one block of kBlock columns.
+void Block(const float* x, const int8_t* w, int64_t stride, const uint16_t* scales, float* y, int64_t m_dim,
+           int64_t k_dim, int64_t n_dim, int64_t c0, int64_t c1) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= m_dim; m0 += 4) Columns<4>(x, w, scales, y, k_dim, n_dim, m0, c0, c1);
+  for (; m0 + 4 <= m_dim; m0 += 4) Columns<4>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
   switch (m_dim - m0) {
-    case 3: Columns<3>(x, w, scales, y, k_dim, n_dim, m0, c0, c1); break;
-    case 2: Columns<2>(x, w, scales, y, k_dim, n_dim, m0, c0, c1); break;
-    case 1: Columns<1>(x, w, scales, y, k_dim, n_dim, m0, c0, c1); break;
+    case 3: Columns<3>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1); break;
+    case 2: Columns<2>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1); break;
+    case 1: Columns<1>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1); break;
     default: break;
   }
 }
 
-struct Job {
-  const float* x;
-  const int8_t* w;
-  const uint16_t* scales;
-  float* y;
-  int64_t m, k, n, num_blocks, blocks_per_chunk, num_chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  // Takes chunks until none are left; returns after finishing the ones it took.
-  void Work() {
-    for (int64_t c = next.fetch_add(1); c < num_chunks; c = next.fetch_add(1)) {
-      const int64_t begin = c * blocks_per_chunk;
-      Blocks(x, w, scales, y, m, k, n, begin, std::min(num_blocks, begin + blocks_per_chunk));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> data,
-                          ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::S32> layer,
-                          ffi::ResultBuffer<ffi::F32> y) {
+// data: [L, K, N] (row-major) or [L, NB, K, B] (blocked: each block of B columns contiguous, the
+// last zero-padded past N), int8; scales: [L, N] float16.
+ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::Buffer<ffi::F16> scales,
+                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = data.dimensions();
-  if (xd.size() != 2 || wd.size() != 3) {
-    return ffi::Error::InvalidArgument("int8_matmul: x must be [M, K] and data [L, K, N]");
+  const bool blocked = wd.size() == 4;
+  if (xd.size() != 2 || (wd.size() != 3 && !blocked) || data.element_type() != ffi::DataType::S8) {
+    return ffi::Error::InvalidArgument("int8_matmul: x must be [M, K] and data int8 [L, K, N] or [L, NB, K, B]");
   }
-  const int64_t m = xd[0], k = xd[1], num_layers = wd[0], n = wd[2];
-  if (wd[1] != k || scales.element_count() != num_layers * n) {
+  const int64_t m = xd[0], k = xd[1], num_layers = wd[0];
+  const int64_t n = y->dimensions()[1];
+  const int64_t block = blocked ? wd[3] : kBlock;  // columns per block
+  const bool shapes_ok = blocked ? (wd[2] == k && block > 0 && wd[1] == (n + block - 1) / block)
+                                 : (wd[1] == k && wd[2] == n);
+  if (!shapes_ok || scales.element_count() != num_layers * n) {
     return ffi::Error::InvalidArgument("int8_matmul: x, data and scales shapes disagree");
   }
   const int32_t l = *layer.typed_data();
   if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("int8_matmul: layer out of range");
 
-  auto job = std::make_shared<Job>();
-  job->x = x.typed_data();
-  job->w = data.typed_data() + static_cast<int64_t>(l) * k * n;
-  job->scales = reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * n;
-  job->y = y->typed_data();
-  job->m = m;
-  job->k = k;
-  job->n = n;
-  job->num_blocks = (n + kBlock - 1) / kBlock;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const float* xp = x.typed_data();
+  const int64_t num_blocks = (n + block - 1) / block;
+  const int64_t layer_size = blocked ? num_blocks * k * block : k * n;
+  const int8_t* w = static_cast<const int8_t*>(data.untyped_data()) + static_cast<int64_t>(l) * layer_size;
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * n;
+  float* yp = y->typed_data();
+  auto& workers = jaxinfer::Workers::Get();
   // A few chunks per thread, so that a thread that starts late still finds work.
-  const int64_t target_chunks = threads > 1 ? 4 * threads : 1;
-  job->blocks_per_chunk = std::max<int64_t>(1, job->num_blocks / target_chunks);
-  job->num_chunks = (job->num_blocks + job->blocks_per_chunk - 1) / job->blocks_per_chunk;
-  const int64_t helpers = std::min<int64_t>(threads - 1, job->num_chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->num_chunks) std::this_thread::yield();
+  const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * workers.size()));
+  const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
+  workers.ParallelFor(num_chunks, [&](int64_t c) {
+    for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
+      const int64_t c0 = b * block, c1 = std::min(n, c0 + block);
+      if (blocked) {
+        Block(xp, w + b * k * block, block, sp, yp, m, k, n, c0, c1);
+      } else {
+        Block(xp, w + c0, n, sp, yp, m, k, n, c0, c1);
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -209,9 +214,8 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Matmul, Int8MatmulImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -3,6 +3,8 @@
 `int8_matmul` is the CPU engine's int8 weight-only matmul (`int8_matmul.cc`): XLA's CPU backend
 does not fuse the int8 -> f32 convert into a dot, so the XLA path writes every dequantized weight
 out and reads it back, and decode runs at about a third of the memory bandwidth.
+`ragged_paged_attention` (`paged_attention.cc`) reads keys and values in place in the page pool,
+where the XLA path first gathers them into a contiguous copy.
 
 The shared library is built with the system C++ compiler (`CXX`, else `g++`) and `-march=native`
 into `~/.cache/jaxinfer/native/` (`JAXINFER_NATIVE_DIR`), keyed by the source, the flags, the
@@ -25,11 +27,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 logger = logging.getLogger("jaxinfer")
 
-SOURCE = Path(__file__).with_name("int8_matmul.cc")
-TARGET = "jaxinfer_int8_matmul"
+HERE = Path(__file__).parent
+SOURCES = (HERE / "int8_matmul.cc", HERE / "paged_attention.cc")
+HEADERS = (HERE / "parallel.h",)
+TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul",
+           "jaxinfer_ragged_paged_attention": "JaxinferRaggedPagedAttention"}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
 
 
@@ -47,7 +53,7 @@ def _cpu_id() -> str:
 def _library_path(compiler: str) -> Path:
     root = Path(os.environ.get("JAXINFER_NATIVE_DIR", Path.home() / ".cache" / "jaxinfer" / "native"))
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), jaxlib.__version__.encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(FLAGS).encode(), compiler.encode(), jaxlib.__version__.encode(),
                  _cpu_id().encode()):
         key.update(part)
         key.update(b"\0")
@@ -60,7 +66,8 @@ def _build(compiler: str, out: Path) -> None:
     logger.info("Compiling the native CPU int8 matmul (%s, once for this machine) ...", compiler)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE.parent}", *map(str, SOURCES), "-o",
+               str(partial), "-lpthread"]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
@@ -82,29 +89,70 @@ def available() -> bool:
         if not path.exists():
             _build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxinferInt8Matmul), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError) as e:
         logger.warning("Native CPU int8 matmul unavailable, using the XLA path: %s", e)
         return False
     return True
 
 
+def block_width(n: int) -> int:
+    """Columns per block of the blocked layout: the widest of 256, 192, 128, 64 that divides N (no
+    padding, which the kernel would read as weights) into at least 8 blocks (the threads' shares),
+    else 64, the last block padded."""
+    return next((b for b in (256, 192, 128, 64) if n % b == 0 and n // b >= 8), 64)
+
+
+def to_blocked(data):
+    """int8 W[..., K, N] -> [..., NB, K, B] (B = `block_width(N)`): each block of columns
+    contiguous, so the kernel streams memory in order."""
+    *lead, k, n = data.shape
+    block = block_width(n)
+    pad = -n % block
+    data = jnp.pad(data, [(0, 0)] * len(lead) + [(0, 0), (0, pad)])
+    blocks = data.reshape(*lead, k, (n + pad) // block, block)
+    return jnp.moveaxis(blocks, -2, -3)
+
+
+def from_blocked(blocked, n: int):
+    """The inverse of `to_blocked`: [..., NB, K, B] -> [..., K, n]."""
+    *lead, nb, k, block = blocked.shape
+    return jnp.moveaxis(blocked, -3, -2).reshape(*lead, k, nb * block)[..., :n]
+
+
 def int8_matmul(x, data, scales, layer=None):
     """x[M, K] float32 @ W[K, N], W = data[(layer,) K, N] (int8) * scales[(layer,) N] (float16).
 
-    `data`/`scales` may carry a leading layer axis [L, K, N] / [L, N]; `layer` (an int32 scalar,
-    traced or not) picks one without copying it out. Returns float32 [M, N]. CPU only; check
-    `available()` first.
+    `data` is [K, N], or blocked ([NB, K, B], `to_blocked`: the fast layout). `data`/`scales`
+    may carry a leading layer axis ([L, K, N] or [L, NB, K, B] / [L, N]); `layer` (an int32
+    scalar, traced or not) picks one without copying it out. Returns float32 [M, N]. CPU only.
     """
     if x.dtype != jnp.float32 or data.dtype != jnp.int8 or scales.dtype != jnp.float16:
         raise TypeError(f"int8_matmul takes float32 x, int8 data, float16 scales; got {x.dtype}, "
                         f"{data.dtype}, {scales.dtype}")
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
-    if data.ndim == 2:
+    if scales.ndim == 1:
         data, scales, layer = data[None], scales[None], 0
     if layer is None:
         raise ValueError("int8_matmul: a stacked weight [L, K, N] needs `layer`")
-    m, n = x.shape[0], data.shape[-1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32))
+    m, n = x.shape[0], scales.shape[-1]
+    call = jax.ffi.ffi_call("jaxinfer_int8_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))
     return call(x, data, scales, jnp.asarray(layer, jnp.int32))
+
+
+def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *, sm_scale,
+                           sliding_window=None, soft_cap=None):
+    """The contract of `kernels_pallas.paged_attention.ragged_paged_attention_reference`, float32,
+    on the CPU (`paged_attention.cc`): each row reads its keys and values in place in the page
+    pool. Best for few rows (decode); head_dim a multiple of the vector width (8 or 16)."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available (see the log for why)")
+    if q.dtype != jnp.float32 or k_cache.dtype != jnp.float32 or v_cache.dtype != jnp.float32:
+        raise TypeError(f"ragged_paged_attention takes float32 q and caches, got {q.dtype}, {k_cache.dtype}")
+    call = jax.ffi.ffi_call("jaxinfer_ragged_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    return call(q, k_cache, v_cache, i32(layer), i32(query_start_loc), i32(seq_lens), i32(block_tables),
+                sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
+                soft_cap=np.float32(soft_cap or 0.0))

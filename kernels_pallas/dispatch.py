@@ -6,6 +6,8 @@ run by the interpreter on any platform: numerics tests only, slow), and "auto" (
 xla elsewhere). The choice is static: it is made when a step function is traced.
 """
 
+import dataclasses
+
 import jax
 
 from kernels_pallas import paged_attention, quant_matmul as qmm
@@ -39,6 +41,8 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     backend = resolve_backend(backend)
     args = (q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if backend == "xla" and _native_attention(q, k_cache):
+        return native.ragged_paged_attention(*args, **options).astype(q.dtype)
     if backend == "xla":  # the reference's math, chunked so its cost follows the real context lengths
         return ragged_paged_attention_xla(*args, **options)
     return paged_attention.ragged_paged_attention(
@@ -68,6 +72,8 @@ def quant_matmul(x, w: QuantizedWeight, *, backend="auto", layer=None):
         if backend == "xla":
             out = qmm.quant_matmul_reference(x2, w)
         else:
+            if w.layout == "blocked":  # the CPU kernel's layout; the Pallas kernel reads [K, N]
+                w = dataclasses.replace(w, data=native.from_blocked(w.data, w.shape[1]), layout="kn")
             out = qmm.quant_matmul(x2, w, interpret=backend == "pallas_interpret")
     return out.reshape(*lead, out.shape[-1])
 
@@ -77,3 +83,9 @@ def _native_int8(x2, w: QuantizedWeight) -> bool:
     return (w.format == "int8" and w.group_size == 0 and x2.dtype == jax.numpy.float32
             and w.scales.dtype == jax.numpy.float16 and x2.shape[0] <= NATIVE_MAX_ROWS
             and jax.default_backend() == "cpu" and native.available())
+
+
+def _native_attention(q, k_cache) -> bool:
+    """Whether the native CPU attention takes this step: float32, few rows (decode-sized)."""
+    return (q.shape[0] <= NATIVE_MAX_ROWS and q.dtype == jax.numpy.float32 and k_cache.dtype == jax.numpy.float32
+            and q.shape[-1] % 16 == 0 and jax.default_backend() == "cpu" and native.available())

@@ -43,9 +43,19 @@ class QuantizedWeight:
     mins: jax.Array | None = None
     format: str = dataclasses.field(default="int8", metadata=dict(static=True))
     group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
+    # "kn": data as above. "blocked" (per-channel int8 on the CPU): data [NB, K, B], each block of B
+    # columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`).
+    layout: str = dataclasses.field(default="kn", metadata=dict(static=True))
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this is a stack of weights (a leading layer axis)."""
+        return self.scales.ndim > (2 if self.group_size else 1)
 
     @property
     def shape(self):
+        if self.layout == "blocked":
+            return (self.data.shape[-2], self.scales.shape[-1])
         rows, n = self.data.shape[-2:]
         return (2 * rows if self.format == "int4" else rows, n)
 
@@ -119,6 +129,10 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32):
         q = unpack_int4(w.data).astype(jnp.float32)
         if w.mins is None:
             q = q - 8.0
+    elif w.layout == "blocked":
+        from kernels_cpu.native import from_blocked
+
+        q = from_blocked(w.data, n).astype(jnp.float32)
     else:
         q = w.data.astype(jnp.float32)
     if w.group_size:

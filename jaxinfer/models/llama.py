@@ -139,8 +139,12 @@ class Llama(nnx.Module):
         """[T] int32 -> [T, hidden]."""
         if self.embed is not None:
             return self.embed[...][token_ids]
-        w = self.lm_head.quantized_weight()  # int8 [hidden, vocab], scales [vocab]
-        rows = jnp.take(w.data, token_ids, axis=1).T.astype(jnp.float32)
+        w = self.lm_head.quantized_weight()  # int8 [hidden, vocab] (or blocked), scales [vocab]
+        if w.layout == "blocked":  # [vocab / B, hidden, B]
+            block = w.data.shape[-1]
+            rows = w.data[token_ids // block, :, token_ids % block].astype(jnp.float32)
+        else:
+            rows = jnp.take(w.data, token_ids, axis=1).T.astype(jnp.float32)
         return (rows * w.scales[token_ids].astype(jnp.float32)[:, None]).astype(self.norm[...].dtype)
 
     def __call__(self, token_ids, positions, k_cache, v_cache, meta: AttentionMetadata):

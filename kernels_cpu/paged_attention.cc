@@ -1,0 +1,196 @@
+// Ragged paged attention for the CPU, an XLA FFI handler: the contract of
+// kernels_pallas.paged_attention.ragged_paged_attention_reference (causal, GQA, sliding window,
+// soft cap), for small batches (decode steps and short chunks; kernels_pallas/dispatch.py decides).
+//
+// Why it exists: the XLA path gathers each sequence's pages into a contiguous chunk before its
+// dots, a copy that costs more than the attention itself when a step has few rows. Here each row
+// reads its keys and values where they lie in the page pool, with an online softmax over them.
+// The cache comes whole ([layers, kv_heads, pages, page_size, head_dim]) with the layer to use.
+//
+// Work items are (sequence, KV head, block of up to kRowBlock rows), dealt over parallel.h's threads.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "kernels_cpu/parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float VecF __attribute__((vector_size(kLanes * 4)));
+constexpr int64_t kRowBlock = 16;
+
+inline VecF Load(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+
+inline float Sum(VecF v) {
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += lanes[i];
+  return s;
+}
+
+struct Problem {
+  const float* q;  // [T, H, D]
+  const float* k;  // this layer: [KVH, P, page, D]
+  const float* v;
+  const int32_t* qsl;
+  const int32_t* seq_lens;
+  const int32_t* tables;  // [S, max_pages]
+  float* out;
+  int64_t num_tokens, num_heads, num_kv_heads, head_dim, num_pages, page_size, max_pages;
+  float sm_scale, soft_cap;
+  int64_t window;  // 0: none
+};
+
+// Rows [r0, r1) of sequence s, query heads of KV head g.
+void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
+  const int64_t group = p.num_heads / p.num_kv_heads, d_dim = p.head_dim;
+  const int64_t q_len = p.qsl[s + 1] - p.qsl[s];
+  const int64_t seq_len = p.seq_lens[s];
+  const int64_t first_pos = seq_len - q_len;  // position of the sequence's first query row
+  const int64_t rows = r1 - r0, lanes = rows * group;
+  std::vector<float> qs(lanes * d_dim), acc(lanes * d_dim, 0.0f), m(lanes, -INFINITY), l(lanes, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < group; ++h) {
+      const float* src = p.q + ((r0 + r) * p.num_heads + g * group + h) * d_dim;
+      float* dst = qs.data() + (r * group + h) * d_dim;
+      for (int64_t d = 0; d < d_dim; ++d) dst[d] = src[d] * p.sm_scale;
+    }
+  }
+  const int64_t pos_lo = first_pos + (r0 - p.qsl[s]), pos_hi = first_pos + (r1 - 1 - p.qsl[s]);
+  const int64_t key_end = std::min({seq_len, pos_hi + 1, p.max_pages * p.page_size});
+  const int64_t key_begin = p.window > 0 ? std::max<int64_t>(0, pos_lo - p.window + 1) : 0;
+  const int32_t* table = p.tables + s * p.max_pages;
+  const int64_t page_stride = p.page_size * d_dim;
+  const float* k_head = p.k + g * p.num_pages * page_stride;
+  const float* v_head = p.v + g * p.num_pages * page_stride;
+  for (int64_t key = key_begin; key < key_end; ++key) {
+    const int64_t page = table[key / p.page_size], slot = key % p.page_size;
+    if (page < 0 || page >= p.num_pages) continue;  // never in a valid batch; never read out of bounds
+    const float* kr = k_head + page * page_stride + slot * d_dim;
+    const float* vr = v_head + page * page_stride + slot * d_dim;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = pos_lo + r;
+      if (key > pos || (p.window > 0 && key <= pos - p.window)) continue;
+      for (int64_t h = 0; h < group; ++h) {
+        const int64_t lane = r * group + h;
+        const float* qr = qs.data() + lane * d_dim;
+        VecF dot = {};
+        for (int64_t d = 0; d < d_dim; d += kLanes) dot += Load(qr + d) * Load(kr + d);
+        float score = Sum(dot);
+        if (p.soft_cap > 0) score = p.soft_cap * std::tanh(score / p.soft_cap);
+        float* a = acc.data() + lane * d_dim;
+        if (score > m[lane]) {
+          const float correction = std::exp(m[lane] - score);  // exp(-inf) = 0 on the first key
+          l[lane] *= correction;
+          const VecF c = VecF{} + correction;
+          for (int64_t d = 0; d < d_dim; d += kLanes) Store(a + d, Load(a + d) * c);
+          m[lane] = score;
+        }
+        const float weight = std::exp(score - m[lane]);
+        l[lane] += weight;
+        const VecF w = VecF{} + weight;
+        for (int64_t d = 0; d < d_dim; d += kLanes) Store(a + d, Load(a + d) + w * Load(vr + d));
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < group; ++h) {
+      const int64_t lane = r * group + h;
+      float* dst = p.out + ((r0 + r) * p.num_heads + g * group + h) * d_dim;
+      const float inv = l[lane] > 0 ? 1.0f / l[lane] : 0.0f;
+      for (int64_t d = 0; d < d_dim; ++d) dst[d] = acc[lane * d_dim + d] * inv;
+    }
+  }
+}
+
+ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
+                                    ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer,
+                                    ffi::Buffer<ffi::S32> query_start_loc, ffi::Buffer<ffi::S32> seq_lens,
+                                    ffi::Buffer<ffi::S32> block_tables, ffi::ResultBuffer<ffi::F32> out,
+                                    float sm_scale, int64_t sliding_window, float soft_cap) {
+  auto qd = q.dimensions();
+  auto cd = k_cache.dimensions();
+  auto td = block_tables.dimensions();
+  if (qd.size() != 3 || cd.size() != 5 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("paged_attention: bad ranks");
+  }
+  Problem p;
+  p.num_tokens = qd[0];
+  p.num_heads = qd[1];
+  p.head_dim = qd[2];
+  const int64_t num_layers = cd[0];
+  p.num_kv_heads = cd[1];
+  p.num_pages = cd[2];
+  p.page_size = cd[3];
+  p.max_pages = td[1];
+  const int64_t num_seqs = td[0];
+  if (cd[4] != p.head_dim || p.head_dim % kLanes || p.num_heads % p.num_kv_heads ||
+      query_start_loc.element_count() != num_seqs + 1 || seq_lens.element_count() != num_seqs) {
+    return ffi::Error::InvalidArgument("paged_attention: shapes disagree (head_dim must be a multiple of the "
+                                       "vector width)");
+  }
+  const int32_t l = *layer.typed_data();
+  if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("paged_attention: layer out of range");
+  const int64_t layer_size = p.num_kv_heads * p.num_pages * p.page_size * p.head_dim;
+  p.q = q.typed_data();
+  p.k = k_cache.typed_data() + l * layer_size;
+  p.v = v_cache.typed_data() + l * layer_size;
+  p.qsl = query_start_loc.typed_data();
+  p.seq_lens = seq_lens.typed_data();
+  p.tables = block_tables.typed_data();
+  p.out = out->typed_data();
+  p.sm_scale = sm_scale;
+  p.soft_cap = soft_cap;
+  p.window = sliding_window;
+  std::memset(p.out, 0, sizeof(float) * p.num_tokens * p.num_heads * p.head_dim);  // padding rows: zeros
+
+  struct Work {
+    int64_t s, g, r0, r1;
+  };
+  std::vector<Work> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t begin = p.qsl[s], end = std::min<int64_t>(p.qsl[s + 1], p.num_tokens);
+    if (begin >= end || p.seq_lens[s] <= 0) continue;
+    for (int64_t g = 0; g < p.num_kv_heads; ++g) {
+      for (int64_t r = begin; r < end; r += kRowBlock) items.push_back({s, g, r, std::min(end, r + kRowBlock)});
+    }
+  }
+  jaxinfer::Workers::Get().ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
+    Item(p, items[i].s, items[i].g, items[i].r0, items[i].r1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferRaggedPagedAttention, RaggedPagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("sliding_window")
+                                  .Attr<float>("soft_cap"));

@@ -1,0 +1,114 @@
+// ParallelFor: the native CPU kernels' threads. XLA's own pool wakes a sleeping thread per task,
+// which costs about as much as one decode matmul (tens of microseconds); these workers spin for
+// a while after each job, so the calls of one decode step find them awake, then sleep.
+
+#ifndef JAXINFER_KERNELS_CPU_PARALLEL_H_
+#define JAXINFER_KERNELS_CPU_PARALLEL_H_
+
+#include <sched.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+
+namespace jaxinfer {
+
+class Workers {
+ public:
+  // Calls fn(i) for i in [0, n) on the calling thread and the workers; returns when all are done.
+  void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) {
+    if (n <= 1 || threads_.empty()) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    auto job = std::make_shared<Job>();
+    job->fn = fn;  // a copy: a worker may start after this call returns
+    job->n = n;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load() > 0) cv_.notify_all();
+    job->Work();
+    while (job->done.load(std::memory_order_acquire) < n) _mm_pause();
+  }
+
+  static Workers& Get() {
+    static Workers* workers = new Workers();  // never destroyed: its threads are detached
+    return *workers;
+  }
+
+  int64_t size() const { return static_cast<int64_t>(threads_.size()) + 1; }
+
+ private:
+  struct Job {
+    std::function<void(int64_t)> fn;
+    int64_t n = 0;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    void Work() {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        fn(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+
+  Workers() {
+    int cpus = 1;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) cpus = CPU_COUNT(&set);
+    if (const char* env = std::getenv("JAXINFER_NATIVE_THREADS")) cpus = std::max(1, std::atoi(env));
+    for (int i = 1; i < cpus; ++i) {
+      threads_.emplace_back([this] { Loop(); });
+      threads_.back().detach();
+    }
+  }
+
+  void Loop() {
+    uint64_t seen = generation_.load();
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      int spins = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        _mm_pause();
+        if (++spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1);
+          cv_.wait(lock, [&] { return generation_.load() != seen; });
+          sleepers_.fetch_sub(1);
+          break;
+        }
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job = job_;
+        seen = generation_.load();
+      }
+      if (job) job->Work();
+    }
+  }
+
+  static constexpr std::chrono::microseconds kSpin{2000};
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> sleepers_{0};
+  std::shared_ptr<Job> job_;
+};
+
+}  // namespace jaxinfer
+
+#endif  // JAXINFER_KERNELS_CPU_PARALLEL_H_

@@ -1,0 +1,116 @@
+"""The native CPU kernels (kernels_cpu) equal their plain jnp references, and the engine uses them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_cpu import native
+from kernels_pallas import dispatch
+from kernels_pallas.paged_attention import ragged_paged_attention_reference
+from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul_reference, quantize_int8
+from tests.test_paged_attention_xla import ragged_case
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernels are off")
+
+
+def int8_weight(rng, k, n, layers=None):
+    shape = (k, n) if layers is None else (layers, k, n)
+    data = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
+    scales = jnp.asarray(rng.uniform(1e-3, 2e-2, shape[:-2] + (n,)), jnp.float16)
+    return data, scales
+
+
+def reference(x, data, scales):
+    """x @ (data * scales) in float64 NumPy: independent of both XLA and the kernel."""
+    w = np.asarray(data, np.float64) * np.asarray(scales.astype(jnp.float32), np.float64)
+    return np.asarray(x, np.float64) @ w
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17, 32])
+@pytest.mark.parametrize("k, n", [(576, 1536), (1536, 576), (576, 192), (64, 100), (32, 16)])
+def test_int8_matmul_matches_reference(m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    data, scales = int8_weight(rng, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    want = reference(x, data, scales)
+    scale = np.abs(want).max()
+    for layout in ("kn", "blocked"):
+        w = native.to_blocked(data) if layout == "blocked" else data
+        got = np.asarray(jax.jit(native.int8_matmul)(x, w, scales))
+        np.testing.assert_allclose(got, want, atol=2e-6 * scale * np.sqrt(k / 64), rtol=0, err_msg=layout)
+
+
+def test_blocked_layout_round_trips_and_pads_only_when_it_must():
+    rng = np.random.default_rng(0)
+    for n, width in [(1536, 192), (576, 64), (49152, 256), (100, 64)]:
+        data, _ = int8_weight(rng, 64, n, layers=2)
+        blocked = native.to_blocked(data)
+        assert blocked.shape == (2, -(-n // width), 64, width)
+        np.testing.assert_array_equal(native.from_blocked(blocked, n), data)
+
+
+def test_int8_matmul_reads_the_requested_layer_of_a_stack_in_place():
+    rng = np.random.default_rng(1)
+    data, scales = int8_weight(rng, 128, 320, layers=5)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+    blocked = native.to_blocked(data)
+
+    @jax.jit
+    def every_layer(x, data, scales):  # the model's pattern: a scan passing the layer index
+        return jax.lax.scan(lambda c, layer: (c, native.int8_matmul(x, data, scales, layer)), 0, jnp.arange(5))[1]
+
+    got = np.asarray(every_layer(x, blocked, scales))
+    for layer in range(5):
+        want = reference(x, data[layer], scales[layer])
+        np.testing.assert_allclose(got[layer], want, atol=1e-5 * np.abs(want).max())
+
+
+def test_dispatch_sends_decode_rows_to_the_kernel_and_prefill_to_xla():
+    rng = np.random.default_rng(2)
+    qw = quantize_int8(jnp.asarray(rng.standard_normal((256, 384)), jnp.float32), scale_dtype=jnp.float16)
+    blocked = QuantizedWeight(native.to_blocked(qw.data), qw.scales, None, "int8", 0, "blocked")
+    for m in (1, dispatch.NATIVE_MAX_ROWS, dispatch.NATIVE_MAX_ROWS + 1, 100):
+        x = jnp.asarray(rng.standard_normal((m, 256)), jnp.float32)
+        text = jax.jit(lambda x, w: dispatch.quant_matmul(x, w, backend="xla")).lower(x, blocked).as_text()
+        assert ("jaxinfer_int8_matmul" in text) == (m <= dispatch.NATIVE_MAX_ROWS), m
+        want = quant_matmul_reference(x, qw)
+        got = dispatch.quant_matmul(x, blocked, backend="xla")
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (9, 3), (8, 1)])
+@pytest.mark.parametrize("sliding_window, soft_cap", [(None, None), (40, None), (None, 20.0)])
+def test_paged_attention_matches_reference(num_heads, num_kv_heads, sliding_window, soft_cap):
+    rng = np.random.default_rng(num_heads * 10 + num_kv_heads)
+    # decode rows over short and long context, a short prefill, a chunk after cached context,
+    # padding rows and a padding sequence
+    case = ragged_case(rng, [1, 9, 1, 6, 1], [5, 9, 300, 228, 129], num_heads=num_heads,
+                       num_kv_heads=num_kv_heads, num_tokens=32, num_seqs=8)
+    options = dict(sm_scale=0.125, sliding_window=sliding_window, soft_cap=soft_cap)
+    want = ragged_paged_attention_reference(*case, **options)
+    got = jax.jit(lambda *a: native.ragged_paged_attention(*a, **options))(*case)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+    assert not np.asarray(got)[18:].any()  # padding rows are zeros
+
+
+def test_paged_attention_never_reads_outside_the_page_pool():
+    """A block table entry past the pool (never in a valid batch) is skipped, not read."""
+    rng = np.random.default_rng(3)
+    q, k_cache, v_cache, layer, qsl, lens, tables = ragged_case(rng, [1], [40], num_heads=4, num_kv_heads=2)
+    tables[0, 1] = 10 ** 6
+    out = native.ragged_paged_attention(q, k_cache, v_cache, layer, qsl, lens, tables, sm_scale=0.125)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_cpu_engine_decodes_through_the_native_kernels(llm):
+    """The session model (float32, CPU): a decode step's program calls both kernels' custom calls
+    for attention, and the int8 engine's for its projections (tests/test_quant.py checks the
+    numbers of the int8 model end to end)."""
+    runner = llm.engine.runner
+    batch = runner._empty_batch(*runner.padded_shape(1, 1))
+    text = runner._step.lower(runner.state, runner.k_cache, runner.v_cache, *batch).as_text()
+    assert "jaxinfer_ragged_paged_attention" in text
+    prefill = runner._empty_batch(*runner.padded_shape(64, 1))
+    assert "jaxinfer_ragged_paged_attention" not in runner._step.lower(
+        runner.state, runner.k_cache, runner.v_cache, *prefill).as_text()
