@@ -144,6 +144,7 @@ class ModelRunner:
                 getattr(sampling, name)[i] = getattr(p, name)
             sampling.top_k[i] = min(p.top_k, 2**31 - 1)  # a top_k past the vocabulary keeps everything
             sampling.seeds[i], sampling.counters[i] = seq.seed, len(seq.output_ids)
+            sampling.num_top_logprobs[i] = -1 if p.logprobs is None else p.logprobs
             if needs_history:
                 ids = seq.token_ids(0, first + num_new)
                 history[i, :len(ids)] = ids
@@ -178,7 +179,7 @@ class ModelRunner:
         i32 = lambda v: np.full(num_seqs, v, np.int32)  # noqa: E731
         sampling = SamplingArrays(temperature=f32(0), top_k=i32(0), top_p=f32(1), min_p=f32(0),
                                   presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
-                                  seeds=i32(0), counters=i32(0))
+                                  seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1))
         history = np.full((num_seqs, self.config.max_model_len), -1, np.int32)
         return (np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32), meta, sampling, history,
                 np.zeros(num_seqs, np.int32))

@@ -1,11 +1,13 @@
 """The on-device sampler against NumPy references."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from jaxinfer import SamplingParams
+from jaxinfer import sampling
 from jaxinfer.sampling import SamplingArrays, apply_penalties, sample
 
 VOCAB = 64
@@ -120,3 +122,12 @@ def test_logprobs_equal_log_softmax_of_the_reference_logits(llm, hf_model, hf_to
     top_ids = [t for t, _ in first.top]
     assert top_ids == list(np.argsort(-ref)[:5])
     np.testing.assert_allclose([lp for _, lp in first.top], ref[top_ids], atol=1e-3)
+
+
+def test_chunked_argmax_is_jnp_argmax_ties_included():
+    rng = np.random.default_rng(7)
+    x = rng.integers(-3, 4, (16, 49152)).astype(np.float32)  # many ties: the first index must win
+    x[3] = -np.inf
+    x[5, 1000:] = 10.0
+    for rows in (x, x[:1], x[:, :1000]):  # 1000 columns: not whole chunks
+        np.testing.assert_array_equal(np.asarray(sampling.argmax(jnp.asarray(rows))), np.argmax(rows, axis=-1))
