@@ -15,6 +15,8 @@
 #include <cstring>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "kernels_cpu/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,11 +41,15 @@ inline VecF Load(const float* p) {
 inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 
 inline float Sum(VecF v) {
-  float lanes[kLanes];
-  std::memcpy(lanes, &v, sizeof lanes);
-  float s = 0;
-  for (int i = 0; i < kLanes; ++i) s += lanes[i];
-  return s;
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
+  const __m256 x = reinterpret_cast<__m256>(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+#endif
 }
 
 struct Problem {

@@ -1,6 +1,7 @@
 """The one place that picks a kernel implementation.
 
-Backends: "xla" (the `jax.numpy` implementation, compiled by XLA: the fast path on CPU),
+Backends: "xla" (the CPU path: the native CPU kernels of `kernels_cpu` where they apply and are
+built, else the `jax.numpy` implementation compiled by XLA),
 "pallas" (the Pallas GPU kernels, Triton backend), "pallas_interpret" (the same Pallas kernels
 run by the interpreter on any platform: numerics tests only, slow), and "auto" (pallas on GPU,
 xla elsewhere). The choice is static: it is made when a step function is traced.
@@ -49,12 +50,6 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
         *args, **options, interpret=backend == "pallas_interpret")
 
 
-# Up to this many rows of x, the CPU's XLA path hands int8 matmuls to the native kernel
-# (kernels_cpu): decode-sized batches, where reading W is the cost. Above it XLA's own dot, which
-# tiles for compute, is as fast or faster (docs/KERNELS.md).
-NATIVE_MAX_ROWS = 32
-
-
 def quant_matmul(x, w: QuantizedWeight, *, backend="auto", layer=None):
     """x[..., K] @ W[K, N] -> [..., N] in x's dtype, W quantized (see `quant_matmul`).
 
@@ -79,13 +74,14 @@ def quant_matmul(x, w: QuantizedWeight, *, backend="auto", layer=None):
 
 
 def _native_int8(x2, w: QuantizedWeight) -> bool:
-    """Whether the native CPU kernel takes this matmul: per-channel int8, float32 x, few rows."""
+    """Whether the native CPU kernel takes this matmul: per-channel int8, float32 x. It beats XLA's
+    dequantize-then-dot at every batch size measured (1 to 512 rows: docs/KERNELS.md)."""
     return (w.format == "int8" and w.group_size == 0 and x2.dtype == jax.numpy.float32
-            and w.scales.dtype == jax.numpy.float16 and x2.shape[0] <= NATIVE_MAX_ROWS
-            and jax.default_backend() == "cpu" and native.available())
+            and w.scales.dtype == jax.numpy.float16 and jax.default_backend() == "cpu" and native.available())
 
 
 def _native_attention(q, k_cache) -> bool:
-    """Whether the native CPU attention takes this step: float32, few rows (decode-sized)."""
-    return (q.shape[0] <= NATIVE_MAX_ROWS and q.dtype == jax.numpy.float32 and k_cache.dtype == jax.numpy.float32
+    """Whether the native CPU attention takes this step: float32, head_dim a multiple of 16. It beats
+    the XLA path's gather-then-dot for decode and prefill alike (docs/KERNELS.md)."""
+    return (q.dtype == jax.numpy.float32 and k_cache.dtype == jax.numpy.float32
             and q.shape[-1] % 16 == 0 and jax.default_backend() == "cpu" and native.available())

@@ -66,17 +66,20 @@ def test_int8_matmul_reads_the_requested_layer_of_a_stack_in_place():
         np.testing.assert_allclose(got[layer], want, atol=1e-5 * np.abs(want).max())
 
 
-def test_dispatch_sends_decode_rows_to_the_kernel_and_prefill_to_xla():
+def test_dispatch_sends_per_channel_int8_to_the_kernel_and_other_formats_to_xla():
     rng = np.random.default_rng(2)
-    qw = quantize_int8(jnp.asarray(rng.standard_normal((256, 384)), jnp.float32), scale_dtype=jnp.float16)
+    w = jnp.asarray(rng.standard_normal((256, 384)), jnp.float32)
+    qw = quantize_int8(w, scale_dtype=jnp.float16)
     blocked = QuantizedWeight(native.to_blocked(qw.data), qw.scales, None, "int8", 0, "blocked")
-    for m in (1, dispatch.NATIVE_MAX_ROWS, dispatch.NATIVE_MAX_ROWS + 1, 100):
+    grouped = quantize_int8(w, group_size=32, scale_dtype=jnp.float16)
+    for m in (1, 33, 100):
         x = jnp.asarray(rng.standard_normal((m, 256)), jnp.float32)
-        text = jax.jit(lambda x, w: dispatch.quant_matmul(x, w, backend="xla")).lower(x, blocked).as_text()
-        assert ("jaxinfer_int8_matmul" in text) == (m <= dispatch.NATIVE_MAX_ROWS), m
-        want = quant_matmul_reference(x, qw)
-        got = dispatch.quant_matmul(x, blocked, backend="xla")
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+        for weight, native_path in ((blocked, True), (qw, True), (grouped, False)):
+            text = jax.jit(lambda x, w: dispatch.quant_matmul(x, w, backend="xla")).lower(x, weight).as_text()
+            assert ("jaxinfer_int8_matmul" in text) == native_path, (m, weight.layout, weight.group_size)
+            got = dispatch.quant_matmul(x, weight, backend="xla")
+            np.testing.assert_allclose(np.asarray(got), np.asarray(quant_matmul_reference(x, weight)), atol=1e-4,
+                                       rtol=1e-4)
 
 
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (9, 3), (8, 1)])
@@ -103,14 +106,12 @@ def test_paged_attention_never_reads_outside_the_page_pool():
     assert np.isfinite(np.asarray(out)).all()
 
 
-def test_cpu_engine_decodes_through_the_native_kernels(llm):
-    """The session model (float32, CPU): a decode step's program calls both kernels' custom calls
-    for attention, and the int8 engine's for its projections (tests/test_quant.py checks the
-    numbers of the int8 model end to end)."""
+def test_cpu_engine_runs_attention_through_the_native_kernel(llm):
+    """The session model (float32, CPU; the HF comparisons of tests/test_model_vs_hf.py run through
+    it): decode and prefill steps call the native attention. tests/test_quant.py checks the int8
+    model, whose projections call the native matmul, end to end."""
     runner = llm.engine.runner
-    batch = runner._empty_batch(*runner.padded_shape(1, 1))
-    text = runner._step.lower(runner.state, runner.k_cache, runner.v_cache, *batch).as_text()
-    assert "jaxinfer_ragged_paged_attention" in text
-    prefill = runner._empty_batch(*runner.padded_shape(64, 1))
-    assert "jaxinfer_ragged_paged_attention" not in runner._step.lower(
-        runner.state, runner.k_cache, runner.v_cache, *prefill).as_text()
+    for tokens in (1, 64):
+        batch = runner._empty_batch(*runner.padded_shape(tokens, 1))
+        text = runner._step.lower(runner.state, runner.k_cache, runner.v_cache, *batch).as_text()
+        assert "jaxinfer_ragged_paged_attention" in text
