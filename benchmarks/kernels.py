@@ -8,7 +8,6 @@ with a large float32 matmul. Writes a markdown table to docs/KERNELS.md (or --ou
 """
 
 import argparse
-import functools
 import os
 import platform
 import sys
@@ -19,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kernels_pallas import dispatch  # noqa: E402
+from kernels_cpu import native  # noqa: E402
+from kernels_pallas.paged_attention_xla import ragged_paged_attention_xla  # noqa: E402
 from kernels_pallas import paged_attention as pa  # noqa: E402
 from kernels_pallas import quant_matmul as qm  # noqa: E402
 
@@ -55,25 +55,6 @@ def matmul_throughput():
     return 2 * 2048**3 / timeit(jax.jit(jnp.dot), a, a, repeats=5)
 
 
-def per_row_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *,
-                      sm_scale):
-    """The reference's first implementation, kept here to measure the blocked one against: every
-    query row gathers its own sequence's pages ([kv_heads, T, max_keys, head_dim])."""
-    num_tokens, num_heads, head_dim = q.shape
-    _, num_kv_heads, _, page_size, _ = k_cache.shape
-    num_keys = block_tables.shape[1] * page_size
-    seq_ids, positions, valid = pa.token_metadata(query_start_loc, seq_lens, num_tokens)
-    pages = block_tables[seq_ids]
-    k = k_cache[layer][:, pages].reshape(num_kv_heads, num_tokens, num_keys, head_dim)
-    v = v_cache[layer][:, pages].reshape(num_kv_heads, num_tokens, num_keys, head_dim)
-    qg = q.reshape(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("tkgd,ktsd->tkgs", qg, k) * sm_scale
-    mask = (jnp.arange(num_keys) <= positions[:, None]) & valid[:, None]
-    probs = jax.nn.softmax(jnp.where(mask[:, None, None], scores, pa.MASK_VALUE), axis=-1)
-    out = jnp.einsum("tkgs,ktsd->tkgd", jnp.where(mask[:, None, None], probs, 0.0), v)
-    return out.reshape(q.shape)
-
-
 def attention_case(name, q_lens, kv_lens, *, num_heads=9, num_kv_heads=3, head_dim=64,
                    page_size=16, implementation=pa.ragged_paged_attention_reference):
     """A batch over distinct pages; the floor reads each sequence's K/V once."""
@@ -104,6 +85,11 @@ def matmul_case(name, fmt, m, k, n, **quant_args):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     if fmt == "f32":
         fn, weight, w_bytes = jax.jit(jnp.dot), w, w.nbytes
+    elif fmt == "int8 native":  # what the CPU engine runs: blocked layout, kernels_cpu
+        q = qm.quantize_int8(w, scale_dtype=jnp.float16)
+        weight = (native.to_blocked(q.data), q.scales)
+        fn = jax.jit(lambda x, w: native.int8_matmul(x, *w))
+        w_bytes = sum(a.nbytes for a in weight)
     else:
         weight = {"int8": qm.quantize_int8, "int4": qm.quantize_int4,
                   "fp8": qm.quantize_fp8}[fmt](w, **quant_args)
@@ -124,16 +110,16 @@ ATTENTION_BATCHES = {
 def cases():
     # SmolLM2-135M attention (9 heads, 3 kv heads, 64 dims) and MLP (576 -> 1536) shapes; a
     # 4096 x 4096 projection whose f32 weight (64 MB) does not fit in the caches.
-    engine_xla = functools.partial(dispatch.ragged_paged_attention, backend="xla")
     for name, (q_lens, kv_lens) in ATTENTION_BATCHES.items():
-        yield attention_case(f"attention {name}: dispatch xla", q_lens, kv_lens,
-                             implementation=engine_xla)
+        if native.available():
+            yield attention_case(f"attention {name}: native", q_lens, kv_lens,
+                                 implementation=native.ragged_paged_attention)
+        yield attention_case(f"attention {name}: xla chunked", q_lens, kv_lens,
+                             implementation=ragged_paged_attention_xla)
         yield attention_case(f"attention {name}: reference", q_lens, kv_lens)
-        yield attention_case(f"attention {name}: per-row gather", q_lens, kv_lens,
-                             implementation=per_row_attention)
     for m, k, n in ((1, 576, 1536), (64, 576, 1536), (1, 4096, 4096)):
-        for fmt, quant_args in (("f32", {}), ("int8", {}), ("int4", dict(group_size=32)),
-                                ("fp8", {})):
+        for fmt, quant_args in (("f32", {}), *([("int8 native", {})] if native.available() else []), ("int8", {}),
+                                ("int4", dict(group_size=32)), ("fp8", {})):
             label = fmt + (" g32" if quant_args else "")
             yield matmul_case(f"matmul {label}, M={m}, {k}x{n}", fmt, m, k, n, **quant_args)
 
@@ -164,24 +150,26 @@ def main():
                     f"{seconds / floor:.1f}x | {nbytes / 1e6:.2f} | {flops / 1e6:.1f} |")
         print(rows[-1], flush=True)
     text = "\n".join([
-        "# Kernels: the XLA path on CPU against its floor",
+        "# Kernels: the CPU path against its floor",
         "",
-        "On CPU the engine runs each kernel's `jax.numpy` implementation compiled by XLA",
-        "(`kernels_pallas/dispatch.py`, backend \"xla\"). Floor = max(bytes / memory bandwidth,",
+        "On CPU the engine runs the native kernels of `kernels_cpu/` (C++ as XLA FFI custom calls,",
+        "compiled with `-march=native` on first use) for attention and per-channel int8 matmuls,",
+        "and each other kernel's `jax.numpy` implementation compiled by XLA (`kernels_pallas/dispatch.py`,",
+        "backend \"xla\"; `JAXINFER_NATIVE=0` turns the native kernels off). Floor = max(bytes / memory bandwidth,",
         "flops / f32 matmul throughput), both measured by the script on the same machine.",
         "Attention bytes: each sequence's K and V once, plus q and the output; flops count only",
         "the causal (visible) query-key pairs. Matmul bytes: the weight as stored (scales",
         "included), x and the output. A ratio below 1x means the data stayed in the caches",
         "(the 576 x 1536 weights fit in L3) and the DRAM floor does not apply.",
         "",
-        "Attention: \"dispatch xla\" is what the engine runs on CPU",
-        f"(`{dispatch.ragged_paged_attention.__module__}.ragged_paged_attention`, backend \"xla\");",
-        "\"reference\" is `ragged_paged_attention_reference`, which gathers a sequence's pages",
-        "once per block of its rows; \"per-row gather\" is the reference's first implementation",
-        "(every query row gathers its sequence's pages), kept in the script for comparison.",
-        "The quantized rows time `quant_matmul_reference`: XLA on CPU dequantizes the whole",
-        "weight to f32 before the dot (no fusion), so they are slower than f32 here; the",
-        "in-register dequantization is the Pallas kernel's, on GPU.",
+        "Attention: \"native\" is what the engine runs on CPU (`kernels_cpu/paged_attention.cc`: each",
+        "row reads its keys and values in place in the page pool, online softmax); \"xla chunked\" is",
+        "the XLA path without the native kernels (`ragged_paged_attention_xla`: blocks of rows gather",
+        "their pages chunk by chunk); \"reference\" is `ragged_paged_attention_reference`.",
+        "\"int8 native\" is the engine's CPU matmul (`kernels_cpu/int8_matmul.cc`, blocked layout: the",
+        "int8 weight is converted in registers, never written out). The other quantized rows time",
+        "`quant_matmul_reference`: XLA on CPU dequantizes the whole weight to f32 before the dot (no",
+        "fusion); the in-register dequantization of those formats is the Pallas kernel's, on GPU.",
         "",
         "The Pallas kernels themselves run on GPU only (interpreted on CPU for tests). Their",
         "registers, shared memory and spills for sm_80 and sm_90a, compiled without a GPU:",
@@ -193,7 +181,7 @@ def main():
         "",
         "Command: `.venv/bin/python benchmarks/kernels.py`",
         "",
-        "| case | XLA ms | floor ms | XLA / floor | MB moved | MFLOP |",
+        "| case | ms | floor ms | ms / floor | MB moved | MFLOP |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
