@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the LM head (and a tied embedding): auto (default) int8 when the projections are "
                        "quantized and the checkpoint stores the head quantized itself (a GGUF's Q8_0), else full "
                        "precision; int8: per vocabulary entry; none: --dtype")
+    model.add_argument("--cpu-integer-matmul", action=argparse.BooleanOptionalAction, default=None,
+                       help="CPU, int8 weights: quantize activations to int8 (blocks of 32) and use integer dot "
+                       "products, about 2x faster prefill and batched decode for about +0.25%% perplexity; "
+                       "--no-cpu-integer-matmul keeps float32 activations (default: on)")
     model.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128],
                        help="int4: rows per scale (default 32)")
     model.add_argument("--weight-cache-dir", help="where converted weights are cached "
@@ -82,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ENGINE_FLAGS = ("quantization", "lm_head_quantization", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
+ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "warmup", "strict_compile",
                 "seed")
 

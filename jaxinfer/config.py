@@ -164,6 +164,9 @@ class EngineConfig:
     # The LM head (and a tied embedding): "auto" int8 when the projections are quantized and the
     # checkpoint stores the head quantized (a GGUF's Q8_0), "none", or "int8" (per vocabulary entry).
     lm_head_quantization: str = "auto"
+    # CPU, int8 weights: quantize activations to int8 (blocks of 32) and use integer dot products
+    # (kernels_cpu, AVX-512 VNNI or AVX2); False: float32 activations, int8 weights converted in registers.
+    cpu_integer_matmul: bool = True
     # Converted-weight cache: "auto" is $JAXINFER_CACHE_DIR or ~/.cache/jaxinfer/weights; None: off
     weight_cache_dir: str | None = "auto"
 

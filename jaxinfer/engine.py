@@ -125,9 +125,10 @@ class LLMEngine:
                                 lm_head_quantization=self.lm_head_quantization)
         if (jax.devices()[0].platform == "cpu" and resolve_backend(config.attention_backend) == "xla"
                 and native.available()):
-            blocked = use_blocked_layout(self.model)
-            if blocked:
-                logger.info("native CPU int8 matmul: %d weights in its blocked layout", blocked)
+            layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
+            if layouts:
+                logger.info("native CPU int8 matmul: weights by layout %s (vnni: int8 activations and integer "
+                            "dot products)", layouts)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype)

@@ -149,19 +149,21 @@ class Linear(nnx.Module):
         return y if self.b is None else y + self.b[...]
 
 
-def use_blocked_layout(model: nnx.Module) -> int:
-    """Re-lays every per-channel int8 weight of `model` into the blocked layout of the native CPU
-    kernel (`kernels_cpu.native.to_blocked`), in place; returns how many it changed. Only for a
+def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int]:
+    """Re-lays every per-channel int8 weight of `model` for the native CPU kernel, in place: the
+    "vnni" layout of its integer path where the build has it and K is a multiple of 32 (`integer`),
+    else "blocked" (`kernels_cpu.native`). Returns how many weights went to each layout. Only for a
     model that runs on the CPU with the native kernels available."""
-    from kernels_cpu.native import to_blocked
+    from kernels_cpu import native
 
-    changed = 0
+    changed: dict[str, int] = {}
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear) and node.fmt is not None and node.fmt.kind == "int8" and not node.fmt.group_size \
                 and node.layout == "kn":
-            node.w = nnx.Param(to_blocked(node.w[...]))
-            node.layout = "blocked"
-            changed += 1
+            k = node.w[...].shape[-2]
+            node.layout = "vnni" if integer and native.has_integer_path() and k % 32 == 0 else "blocked"
+            node.w = nnx.Param((native.to_vnni if node.layout == "vnni" else native.to_blocked)(node.w[...]))
+            changed[node.layout] = changed.get(node.layout, 0) + 1
     return changed
 
 

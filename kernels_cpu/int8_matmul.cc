@@ -12,6 +12,8 @@
 // Work is split by blocks of columns over the calling thread and the workers of parallel.h.
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -166,21 +168,153 @@ void Block(const float* x, const int8_t* w, int64_t stride, const uint16_t* scal
   }
 }
 
-// data: [L, K, N] (row-major) or [L, NB, K, B] (blocked: each block of B columns contiguous, the
-// last zero-padded past N), int8; scales: [L, N] float16.
+// ---------------------------------------------------------------------------------------------
+// The integer path ("vnni" layout): x is quantized to int8 per row in blocks of 32 (one float scale
+// per block, as llama.cpp's Q8_0 activations), and W's int8 values meet x's in integer dot
+// products of 4 pairs (AVX-512 VNNI vpdpbusd; AVX2 vpmaddubsw + vpmaddwd), which do several times
+// the multiply-adds per cycle of float FMAs. Layout: [NB, K / 4, B, 4]: in each block of B columns,
+// the 4 consecutive k of a column are adjacent, as the dot instructions take them.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kQBlock = 32;  // x values per activation scale
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int kILanes = 16;  // int32 lanes (columns) per vector
+typedef __m512i VecI;
+inline VecI LoadI(const int8_t* p) { return _mm512_loadu_si512(p); }
+inline VecI Bcast(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+// x is stored as unsigned (x + 128); the 128 * sum(w) this adds is taken off per block (Corr).
+inline VecI Dot(VecI acc, VecI xq, VecI w) { return _mm512_dpbusd_epi32(acc, xq, w); }
+constexpr bool kOffsetX = true;
+inline VecF ToFloat(VecI v) { return reinterpret_cast<VecF>(_mm512_cvtepi32_ps(v)); }
+inline VecI Sub(VecI a, VecI b) { return _mm512_sub_epi32(a, b); }
+inline VecI ZeroI() { return _mm512_setzero_si512(); }
+#elif defined(__AVX2__)
+constexpr int kILanes = 8;
+typedef __m256i VecI;
+inline VecI LoadI(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VecI Bcast(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+// Signed x: |x| (unsigned) times w with x's sign, so that pairs of products never saturate int16.
+inline VecI Dot(VecI acc, VecI xq, VecI w) {
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(w, xq));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+constexpr bool kOffsetX = false;
+inline VecF ToFloat(VecI v) { return reinterpret_cast<VecF>(_mm256_cvtepi32_ps(v)); }
+inline VecI Sub(VecI a, VecI b) { return _mm256_sub_epi32(a, b); }
+inline VecI ZeroI() { return _mm256_setzero_si256(); }
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
+constexpr bool kHasIntegerPath = true;
+static_assert(kILanes == kLanes, "float and int vectors must have the same lanes");
+
+// Rows [m0, m0 + R) of y, V vectors of columns from n0 (all within one block of `block` columns,
+// `w` pointing at the block's first byte and `col` the tile's first column in the block).
+template <int64_t R, int V>
+inline void ITile(const uint8_t* xq, const float* xs, const int8_t* w, int64_t block, int64_t col,
+                  const uint16_t* scales, float* y, int64_t k_dim, int64_t n_dim, int64_t m0, int64_t n0) {
+  VecF acc[R][V] = {};
+  const int64_t quad_stride = block * 4;  // bytes per 4 rows of k
+  const int8_t* wp = w + col * 4;
+  const VecI offset = kOffsetX ? Bcast(reinterpret_cast<const uint8_t*>("\x80\x80\x80\x80")) : ZeroI();
+  for (int64_t kb = 0; kb < k_dim / kQBlock; ++kb) {
+    VecI iacc[R][V], corr[V];
+    for (int j = 0; j < V; ++j) {
+      corr[j] = ZeroI();
+      for (int64_t r = 0; r < R; ++r) iacc[r][j] = ZeroI();
+    }
+    for (int64_t q = 0; q < kQBlock / 4; ++q, wp += quad_stride) {
+      const int64_t k = kb * kQBlock + q * 4;
+      __builtin_prefetch(wp + 8 * quad_stride);
+      VecI wv[V];
+      for (int j = 0; j < V; ++j) wv[j] = LoadI(wp + j * kILanes * 4);
+      if (kOffsetX) {
+        for (int j = 0; j < V; ++j) corr[j] = Dot(corr[j], offset, wv[j]);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const VecI xb = Bcast(xq + (m0 + r) * k_dim + k);
+        for (int j = 0; j < V; ++j) iacc[r][j] = Dot(iacc[r][j], xb, wv[j]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const VecF scale = VecF{} + xs[(m0 + r) * (k_dim / kQBlock) + kb];
+      for (int j = 0; j < V; ++j) acc[r][j] += ToFloat(kOffsetX ? Sub(iacc[r][j], corr[j]) : iacc[r][j]) * scale;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float* out = y + (m0 + r) * n_dim + n0;
+    for (int j = 0; j < V; ++j) {
+      float lane[kLanes];
+      std::memcpy(lane, &acc[r][j], sizeof lane);
+      for (int i = 0; i < kLanes; ++i) {
+        if (n0 + j * kLanes + i < n_dim) out[j * kLanes + i] = lane[i] * HalfToFloat(scales[n0 + j * kLanes + i]);
+      }
+    }
+  }
+}
+
+template <int64_t R>
+inline void IColumns(const uint8_t* xq, const float* xs, const int8_t* w, int64_t block, const uint16_t* scales,
+                     float* y, int64_t k_dim, int64_t n_dim, int64_t m0, int64_t c0) {
+  constexpr int kMaxV = R >= 3 ? 2 : 4;
+  int64_t col = 0;
+  for (; col + kMaxV * kLanes <= block; col += kMaxV * kLanes) {
+    ITile<R, kMaxV>(xq, xs, w, block, col, scales, y, k_dim, n_dim, m0, c0 + col);
+  }
+  for (; col < block; col += kLanes) ITile<R, 1>(xq, xs, w, block, col, scales, y, k_dim, n_dim, m0, c0 + col);
+}
+
+// Every row of y, one block of `block` columns from c0 (the block's padding columns are not stored).
+void IBlock(const uint8_t* xq, const float* xs, const int8_t* w, int64_t block, const uint16_t* scales,
+            float* y, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t c0) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= m_dim; m0 += 4) IColumns<4>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0);
+  switch (m_dim - m0) {
+    case 3: IColumns<3>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0); break;
+    case 2: IColumns<2>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0); break;
+    case 1: IColumns<1>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0); break;
+    default: break;
+  }
+}
+
+// x [M, K] -> int8 per block of 32 (stored + 128 as unsigned where kOffsetX) and the blocks' scales.
+void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, uint8_t* xq, float* xs) {
+  for (int64_t m = 0; m < m_dim; ++m) {
+    for (int64_t kb = 0; kb < k_dim / kQBlock; ++kb) {
+      const float* v = x + m * k_dim + kb * kQBlock;
+      float amax = 0;
+      for (int64_t i = 0; i < kQBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      xs[m * (k_dim / kQBlock) + kb] = scale;
+      for (int64_t i = 0; i < kQBlock; ++i) {
+        const int q = static_cast<int>(std::nearbyint(v[i] * inv));
+        xq[m * k_dim + kb * kQBlock + i] = static_cast<uint8_t>(kOffsetX ? q + 128 : static_cast<int8_t>(q));
+      }
+    }
+  }
+}
+#else
+constexpr bool kHasIntegerPath = false;
+#endif
+
+// data: [L, K, N] (row-major), [L, NB, K, B] (blocked: each block of B columns contiguous, the last
+// zero-padded past N) or [L, NB, K / 4, B, 4] ("vnni", the integer path), int8; scales: [L, N] float16.
 ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::Buffer<ffi::F16> scales,
                           ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = data.dimensions();
-  const bool blocked = wd.size() == 4;
-  if (xd.size() != 2 || (wd.size() != 3 && !blocked) || data.element_type() != ffi::DataType::S8) {
-    return ffi::Error::InvalidArgument("int8_matmul: x must be [M, K] and data int8 [L, K, N] or [L, NB, K, B]");
+  const bool blocked = wd.size() == 4, vnni = wd.size() == 5;
+  if (xd.size() != 2 || wd.size() < 3 || wd.size() > 5 || data.element_type() != ffi::DataType::S8) {
+    return ffi::Error::InvalidArgument(
+        "int8_matmul: x must be [M, K] and data int8 [L, K, N], [L, NB, K, B] or [L, NB, K / 4, B, 4]");
   }
   const int64_t m = xd[0], k = xd[1], num_layers = wd[0];
   const int64_t n = y->dimensions()[1];
-  const int64_t block = blocked ? wd[3] : kBlock;  // columns per block
-  const bool shapes_ok = blocked ? (wd[2] == k && block > 0 && wd[1] == (n + block - 1) / block)
-                                 : (wd[1] == k && wd[2] == n);
+  const int64_t block = vnni ? wd[3] : blocked ? wd[3] : kBlock;  // columns per block
+  bool shapes_ok = block > 0 && (blocked || vnni ? wd[1] == (n + block - 1) / block : wd[2] == n);
+  shapes_ok &= vnni ? (wd[2] * 4 == k && wd[4] == 4 && k % kQBlock == 0 && block % kLanes == 0 && kHasIntegerPath)
+                    : blocked ? wd[2] == k : wd[1] == k;
   if (!shapes_ok || scales.element_count() != num_layers * n) {
     return ffi::Error::InvalidArgument("int8_matmul: x, data and scales shapes disagree");
   }
@@ -189,18 +323,31 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::Buf
 
   const float* xp = x.typed_data();
   const int64_t num_blocks = (n + block - 1) / block;
-  const int64_t layer_size = blocked ? num_blocks * k * block : k * n;
+  const int64_t layer_size = blocked || vnni ? num_blocks * k * block : k * n;
   const int8_t* w = static_cast<const int8_t*>(data.untyped_data()) + static_cast<int64_t>(l) * layer_size;
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * n;
   float* yp = y->typed_data();
   auto& workers = jaxinfer::Workers::Get();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
+  std::vector<uint8_t> xq;
+  std::vector<float> xs;
+  if (vnni) {
+    xq.resize(m * k);
+    xs.resize(m * (k / kQBlock));
+    QuantizeX(xp, m, k, xq.data(), xs.data());
+  }
+#endif
   // A few chunks per thread, so that a thread that starts late still finds work.
   const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * workers.size()));
   const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
   workers.ParallelFor(num_chunks, [&](int64_t c) {
     for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
       const int64_t c0 = b * block, c1 = std::min(n, c0 + block);
-      if (blocked) {
+      if (vnni) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
+        IBlock(xq.data(), xs.data(), w + b * k * block, block, sp, yp, m, k, n, c0);
+#endif
+      } else if (blocked) {
         Block(xp, w + b * k * block, block, sp, yp, m, k, n, c0, c1);
       } else {
         Block(xp, w + c0, n, sp, yp, m, k, n, c0, c1);
@@ -219,3 +366,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// Whether this build has the integer ("vnni" layout) path: AVX-512 VNNI or AVX2.
+extern "C" int JaxinferHasIntegerPath() { return kHasIntegerPath ? 1 : 0; }

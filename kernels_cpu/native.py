@@ -75,12 +75,16 @@ def _build(compiler: str, out: Path) -> None:
     logger.info("Native CPU int8 matmul built in %.1f s: %s", time.perf_counter() - start, out)
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 @functools.cache
 def available() -> bool:
     """Whether the native kernels are built and registered (building them if needed)."""
     if os.environ.get("JAXINFER_NATIVE", "1") == "0":
         return False
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = _compiler()
     if compiler is None:
         logger.warning("No C++ compiler found: the CPU int8 matmul stays on the XLA path (slower decode)")
         return False
@@ -104,15 +108,44 @@ def block_width(n: int) -> int:
     return next((b for b in (256, 192, 128, 64) if n % b == 0 and n // b >= 8), 64)
 
 
-def to_blocked(data):
-    """int8 W[..., K, N] -> [..., NB, K, B] (B = `block_width(N)`): each block of columns
+def to_blocked(data, block: int | None = None):
+    """int8 W[..., K, N] -> [..., NB, K, B] (B = `block` or `block_width(N)`): each block of columns
     contiguous, so the kernel streams memory in order."""
     *lead, k, n = data.shape
-    block = block_width(n)
+    block = block or block_width(n)
     pad = -n % block
     data = jnp.pad(data, [(0, 0)] * len(lead) + [(0, 0), (0, pad)])
     blocks = data.reshape(*lead, k, (n + pad) // block, block)
     return jnp.moveaxis(blocks, -2, -3)
+
+
+# Columns per block of the vnni layout: one tile of the kernel's single-row pass (4 vectors of 16),
+# so that pass streams each block in order.
+VNNI_BLOCK = 64
+
+
+def to_vnni(data):
+    """int8 W[..., K, N] -> [..., NB, K / 4, 64, 4]: the integer path's layout, blocks of 64 columns
+    contiguous and each column's 4 consecutive k adjacent. K must be a multiple of 32 (the
+    activations' quantization block)."""
+    *lead, k, n = data.shape
+    if k % 32:
+        raise ValueError(f"the vnni layout needs K a multiple of 32, got {k}")
+    blocked = to_blocked(data, block=VNNI_BLOCK)  # [..., NB, K, B]
+    *_, nb, _, block = blocked.shape
+    return jnp.swapaxes(blocked.reshape(*lead, nb, k // 4, 4, block), -1, -2)
+
+
+def from_vnni(vnni, n: int):
+    """The inverse of `to_vnni`: [..., NB, K / 4, B, 4] -> [..., K, n]."""
+    *lead, nb, quads, block, _ = vnni.shape
+    return from_blocked(jnp.swapaxes(vnni, -1, -2).reshape(*lead, nb, quads * 4, block), n)
+
+
+@functools.cache
+def has_integer_path() -> bool:
+    """Whether the native matmul was built with its integer path (AVX-512 VNNI or AVX2)."""
+    return available() and bool(ctypes.cdll.LoadLibrary(str(_library_path(_compiler()))).JaxinferHasIntegerPath())
 
 
 def from_blocked(blocked, n: int):

@@ -67,8 +67,9 @@ def quant_matmul(x, w: QuantizedWeight, *, backend="auto", layer=None):
         if backend == "xla":
             out = qmm.quant_matmul_reference(x2, w)
         else:
-            if w.layout == "blocked":  # the CPU kernel's layout; the Pallas kernel reads [K, N]
-                w = dataclasses.replace(w, data=native.from_blocked(w.data, w.shape[1]), layout="kn")
+            if w.layout != "kn":  # the CPU kernel's layouts; the Pallas kernel reads [K, N]
+                unlayout = native.from_blocked if w.layout == "blocked" else native.from_vnni
+                w = dataclasses.replace(w, data=unlayout(w.data, w.shape[1]), layout="kn")
             out = qmm.quant_matmul(x2, w, interpret=backend == "pallas_interpret")
     return out.reshape(*lead, out.shape[-1])
 

@@ -44,7 +44,8 @@ class QuantizedWeight:
     format: str = dataclasses.field(default="int8", metadata=dict(static=True))
     group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
     # "kn": data as above. "blocked" (per-channel int8 on the CPU): data [NB, K, B], each block of B
-    # columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`).
+    # columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`); "vnni": data
+    # [NB, K / 4, B, 4] for its integer path (`kernels_cpu.native.to_vnni`).
     layout: str = dataclasses.field(default="kn", metadata=dict(static=True))
 
     @property
@@ -56,6 +57,8 @@ class QuantizedWeight:
     def shape(self):
         if self.layout == "blocked":
             return (self.data.shape[-2], self.scales.shape[-1])
+        if self.layout == "vnni":
+            return (self.data.shape[-3] * 4, self.scales.shape[-1])
         rows, n = self.data.shape[-2:]
         return (2 * rows if self.format == "int4" else rows, n)
 
@@ -129,10 +132,10 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32):
         q = unpack_int4(w.data).astype(jnp.float32)
         if w.mins is None:
             q = q - 8.0
-    elif w.layout == "blocked":
-        from kernels_cpu.native import from_blocked
+    elif w.layout in ("blocked", "vnni"):
+        from kernels_cpu import native
 
-        q = from_blocked(w.data, n).astype(jnp.float32)
+        q = (native.from_blocked if w.layout == "blocked" else native.from_vnni)(w.data, n).astype(jnp.float32)
     else:
         q = w.data.astype(jnp.float32)
     if w.group_size:

@@ -27,6 +27,16 @@ def reference(x, data, scales):
     return np.asarray(x, np.float64) @ w
 
 
+def quantized_activations(x):
+    """x rounded as the integer path rounds it: int8 per row in blocks of 32, scale = max|x| / 127,
+    round half to even, in float32."""
+    blocks = np.asarray(x, np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    q = np.round(blocks * inv)
+    return (q * (amax / np.float32(127))).reshape(x.shape)
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17, 32])
 @pytest.mark.parametrize("k, n", [(576, 1536), (1536, 576), (576, 192), (64, 100), (32, 16)])
 def test_int8_matmul_matches_reference(m, k, n):
@@ -39,6 +49,13 @@ def test_int8_matmul_matches_reference(m, k, n):
         w = native.to_blocked(data) if layout == "blocked" else data
         got = np.asarray(jax.jit(native.int8_matmul)(x, w, scales))
         np.testing.assert_allclose(got, want, atol=2e-6 * scale * np.sqrt(k / 64), rtol=0, err_msg=layout)
+    if native.has_integer_path() and k % 32 == 0:
+        got = np.asarray(jax.jit(native.int8_matmul)(x, native.to_vnni(data), scales))
+        # exactly the weights times the 8-bit activations, up to float32 rounding...
+        np.testing.assert_allclose(got, reference(quantized_activations(x), data, scales),
+                                   atol=2e-6 * scale * np.sqrt(k / 64), rtol=0, err_msg="vnni")
+        # ...which stay within 1% of the full-precision product
+        np.testing.assert_allclose(got, want, atol=1e-2 * scale, rtol=0, err_msg="vnni vs float")
 
 
 def test_blocked_layout_round_trips_and_pads_only_when_it_must():
@@ -48,6 +65,10 @@ def test_blocked_layout_round_trips_and_pads_only_when_it_must():
         blocked = native.to_blocked(data)
         assert blocked.shape == (2, -(-n // width), 64, width)
         np.testing.assert_array_equal(native.from_blocked(blocked, n), data)
+        vnni = native.to_vnni(data)
+        assert vnni.shape == (2, -(-n // 64), 16, 64, 4)
+        np.testing.assert_array_equal(native.from_vnni(vnni, n), data)
+        np.testing.assert_array_equal(vnni[1, 0, 3, 5], data[1, 12:16, 5])  # 4 consecutive k of a column
 
 
 def test_int8_matmul_reads_the_requested_layer_of_a_stack_in_place():

@@ -26,8 +26,9 @@ from kernels_pallas.quant_matmul import QuantizedWeight, dequantize
 # Perplexity over 4,096 tokens: 16 windows of 256 (attention over 1,024-token windows would cost
 # twice as much on CPU); each format relative to full precision (the same dequantized GGUF weights).
 WINDOW, NUM_WINDOWS = 256, 16
-# "int8+head": the CPU default, int8 projections and an int8 LM head (the GGUF stores the head as
-# Q8_0; per vocabulary entry it costs about +0.2% here).
+# "int8" is weight-only (float32 activations); "int8+head" is the CPU default: int8 projections and
+# LM head (the GGUF stores the head as Q8_0) run by the native integer path, which also quantizes
+# activations to int8 in blocks of 32 (about +0.5% in all here).
 PPL_TOLERANCE = {"native": 0.001, "int8": 0.01, "int8+head": 0.01, "int4": 0.03, "fp8": 0.02}
 GREEDY_PROMPTS = [
     "The capital of France is",
@@ -140,8 +141,8 @@ def engines():
     """LLMs (no warm-up: programs compile on first use) in the formats the greedy test compares: the
     projections' formats with a full-precision LM head, and the CPU default (int8+head)."""
     options = dict(max_model_len=128, max_num_seqs=8, num_pages=64, warmup=False, weight_cache_dir=None)
-    llms = {q: LLM("SmolLM2-135M-Instruct", quantization=q, lm_head_quantization="none", **options)
-            for q in ("none", "int8", "native")}
+    llms = {q: LLM("SmolLM2-135M-Instruct", quantization=q, lm_head_quantization="none", cpu_integer_matmul=False,
+                   **options) for q in ("none", "int8", "native")}
     llms["int8+head"] = LLM("SmolLM2-135M-Instruct", quantization="int8", lm_head_quantization="int8", **options)
     return llms
 
@@ -216,11 +217,13 @@ def test_auto_is_int8_on_cpu_and_the_checkpoints_own_format_on_gpu():
 
 
 def test_greedy_tokens_of_quantized_models_agree_with_full_precision(engines):
-    """Through the engine (dispatcher, XLA path on CPU): the first 16 greedy tokens agree on at least
-    5 of 6 prompts, and where they diverge, full precision's token is in the quantized model's top 5."""
+    """Through the engine: the weight-only formats' first 16 greedy tokens agree on at least 5 of 6
+    prompts; for every format, where they diverge, full precision's token is in the quantized
+    model's top 5. (The CPU default's int8 activations flip more near-ties: it is held to the top-5
+    rule and, in the perplexity test, to 1%.)"""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=5)
     outs = {q: [o.outputs[0] for o in llm.generate(GREEDY_PROMPTS, params, use_tqdm=False)] for q, llm in engines.items()}
-    for q in ("int8", "native"):
+    for q in ("int8", "native", "int8+head"):
         same = 0
         for ref, out in zip(outs["none"], outs[q]):
             if out.token_ids == ref.token_ids:
@@ -228,7 +231,9 @@ def test_greedy_tokens_of_quantized_models_agree_with_full_precision(engines):
                 continue
             i = next(i for i, (a, b) in enumerate(zip(ref.token_ids, out.token_ids)) if a != b)
             assert ref.token_ids[i] in [t for t, _ in out.logprobs[i].top], f"{q}: diverged outside the top 5"
-        assert same >= 5, f"{q}: {same} of 6 prompts agree"
+        print(f"{q}: {same} of 6 prompts agree for 16 greedy tokens")
+        if q != "int8+head":
+            assert same >= 5, f"{q}: {same} of 6 prompts agree"
 
 
 def test_quantized_projection_runs_through_interpreted_pallas(models):

@@ -143,6 +143,9 @@ class Llama(nnx.Module):
         if w.layout == "blocked":  # [vocab / B, hidden, B]
             block = w.data.shape[-1]
             rows = w.data[token_ids // block, :, token_ids % block].astype(jnp.float32)
+        elif w.layout == "vnni":  # [vocab / B, hidden / 4, B, 4]
+            block = w.data.shape[-2]
+            rows = w.data[token_ids // block, :, token_ids % block, :].reshape(len(token_ids), -1).astype(jnp.float32)
         else:
             rows = jnp.take(w.data, token_ids, axis=1).T.astype(jnp.float32)
         return (rows * w.scales[token_ids].astype(jnp.float32)[:, None]).astype(self.norm[...].dtype)
