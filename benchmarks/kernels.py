@@ -85,9 +85,9 @@ def matmul_case(name, fmt, m, k, n, **quant_args):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     if fmt == "f32":
         fn, weight, w_bytes = jax.jit(jnp.dot), w, w.nbytes
-    elif fmt == "int8 native":  # what the CPU engine runs: blocked layout, kernels_cpu
+    elif fmt.startswith("int8 native"):  # the CPU engine's kernel (kernels_cpu): float or integer path
         q = qm.quantize_int8(w, scale_dtype=jnp.float16)
-        weight = (native.to_blocked(q.data), q.scales)
+        weight = ((native.to_vnni if "integer" in fmt else native.to_blocked)(q.data), q.scales)
         fn = jax.jit(lambda x, w: native.int8_matmul(x, *w))
         w_bytes = sum(a.nbytes for a in weight)
     else:
@@ -118,7 +118,9 @@ def cases():
                              implementation=ragged_paged_attention_xla)
         yield attention_case(f"attention {name}: reference", q_lens, kv_lens)
     for m, k, n in ((1, 576, 1536), (64, 576, 1536), (1, 4096, 4096)):
-        for fmt, quant_args in (("f32", {}), *([("int8 native", {})] if native.available() else []), ("int8", {}),
+        natives = [("int8 native integer", {})] if native.available() and native.has_integer_path() else []
+        natives += [("int8 native float", {})] if native.available() else []
+        for fmt, quant_args in (("f32", {}), *natives, ("int8", {}),
                                 ("int4", dict(group_size=32)), ("fp8", {})):
             label = fmt + (" g32" if quant_args else "")
             yield matmul_case(f"matmul {label}, M={m}, {k}x{n}", fmt, m, k, n, **quant_args)
@@ -166,8 +168,9 @@ def main():
         "row reads its keys and values in place in the page pool, online softmax); \"xla chunked\" is",
         "the XLA path without the native kernels (`ragged_paged_attention_xla`: blocks of rows gather",
         "their pages chunk by chunk); \"reference\" is `ragged_paged_attention_reference`.",
-        "\"int8 native\" is the engine's CPU matmul (`kernels_cpu/int8_matmul.cc`, blocked layout: the",
-        "int8 weight is converted in registers, never written out). The other quantized rows time",
+        "\"int8 native\" is the engine's CPU matmul (`kernels_cpu/int8_matmul.cc`): \"integer\" (the default)",
+        "quantizes x to int8 in blocks of 32 and uses VNNI/AVX2 integer dot products; \"float\" converts",
+        "the int8 weight to float32 in registers (never written out). The other quantized rows time",
         "`quant_matmul_reference`: XLA on CPU dequantizes the whole weight to f32 before the dot (no",
         "fusion); the in-register dequantization of those formats is the Pallas kernel's, on GPU.",
         "",
