@@ -36,7 +36,9 @@ SOURCES = (HERE / "int8_matmul.cc", HERE / "paged_attention.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul",
            "jaxinfer_ragged_paged_attention": "JaxinferRaggedPagedAttention"}
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
+# $JAXINFER_NATIVE_CFLAGS adds flags, e.g. "-mno-avx512f" to build (and test) the AVX2 paths on an AVX-512 machine.
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast",
+         *os.environ.get("JAXINFER_NATIVE_CFLAGS", "").split())
 
 
 def _cpu_id() -> str:
