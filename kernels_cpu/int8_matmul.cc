@@ -155,17 +155,26 @@ inline void Columns(const float* x, const int8_t* w, int64_t stride, const uint1
   if (n0 < c1) Tile<R, 1>(x, w + (n0 - c0), stride, scales, y, k_dim, n_dim, m0, n0, c1 - n0);
 }
 
+// Calls rows(std::integral_constant<int64_t, R>, m0) over [0, m_dim) in passes of 4 rows, then one
+// pass of the 1-3 left: each pass reads the weights once.
+template <typename Rows>
+inline void RowPasses(int64_t m_dim, Rows rows) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= m_dim; m0 += 4) rows(std::integral_constant<int64_t, 4>{}, m0);
+  switch (m_dim - m0) {
+    case 3: rows(std::integral_constant<int64_t, 3>{}, m0); break;
+    case 2: rows(std::integral_constant<int64_t, 2>{}, m0); break;
+    case 1: rows(std::integral_constant<int64_t, 1>{}, m0); break;
+    default: break;
+  }
+}
+
 // Every row of y, columns [c0, c1) of one block of kBlock columns.
 void Block(const float* x, const int8_t* w, int64_t stride, const uint16_t* scales, float* y, int64_t m_dim,
            int64_t k_dim, int64_t n_dim, int64_t c0, int64_t c1) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= m_dim; m0 += 4) Columns<4>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
-  switch (m_dim - m0) {
-    case 3: Columns<3>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1); break;
-    case 2: Columns<2>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1); break;
-    case 1: Columns<1>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1); break;
-    default: break;
-  }
+  RowPasses(m_dim, [&](auto r, int64_t m0) {
+    Columns<decltype(r)::value>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,14 +277,9 @@ inline void IColumns(const uint8_t* xq, const float* xs, const int8_t* w, int64_
 // Every row of y, one block of `block` columns from c0 (the block's padding columns are not stored).
 void IBlock(const uint8_t* xq, const float* xs, const int8_t* w, int64_t block, const uint16_t* scales,
             float* y, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t c0) {
-  int64_t m0 = 0;
-  for (; m0 + 4 <= m_dim; m0 += 4) IColumns<4>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0);
-  switch (m_dim - m0) {
-    case 3: IColumns<3>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0); break;
-    case 2: IColumns<2>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0); break;
-    case 1: IColumns<1>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0); break;
-    default: break;
-  }
+  RowPasses(m_dim, [&](auto r, int64_t m0) {
+    IColumns<decltype(r)::value>(xq, xs, w, block, scales, y, k_dim, n_dim, m0, c0);
+  });
 }
 
 // x [M, K] -> int8 per block of 32 (stored + 128 as unsigned where kOffsetX) and the blocks' scales.
