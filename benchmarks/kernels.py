@@ -19,9 +19,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kernels_cpu import native  # noqa: E402
-from kernels_pallas.paged_attention_xla import ragged_paged_attention_xla  # noqa: E402
+from jaxinfer.xla_attention import ragged_paged_attention_xla  # noqa: E402
 from kernels_pallas import paged_attention as pa  # noqa: E402
-from kernels_pallas import quant_matmul as qm  # noqa: E402
+from jaxinfer import quant  # noqa: E402
 
 F32 = 4
 
@@ -86,14 +86,14 @@ def matmul_case(name, fmt, m, k, n, **quant_args):
     if fmt == "f32":
         fn, weight, w_bytes = jax.jit(jnp.dot), w, w.nbytes
     elif fmt.startswith("int8 native"):  # the CPU engine's kernel (kernels_cpu): float or integer path
-        q = qm.quantize_int8(w, scale_dtype=jnp.float16)
+        q = quant.quantize_int8(w, scale_dtype=jnp.float16)
         weight = ((native.to_vnni if "integer" in fmt else native.to_blocked)(q.data), q.scales)
         fn = jax.jit(lambda x, w: native.int8_matmul(x, *w))
         w_bytes = sum(a.nbytes for a in weight)
     else:
-        weight = {"int8": qm.quantize_int8, "int4": qm.quantize_int4,
-                  "fp8": qm.quantize_fp8}[fmt](w, **quant_args)
-        fn = jax.jit(qm.quant_matmul_reference)
+        weight = {"int8": quant.quantize_int8, "int4": quant.quantize_int4,
+                  "fp8": quant.quantize_fp8}[fmt](w, **quant_args)
+        fn = jax.jit(quant.quant_matmul_reference)
         w_bytes = sum(a.nbytes for a in jax.tree.leaves(weight))
     return name, fn, (x, weight), w_bytes + (x.size + m * n) * F32, 2 * m * k * n
 
@@ -156,7 +156,7 @@ def main():
         "",
         "On CPU the engine runs the native kernels of `kernels_cpu/` (C++ as XLA FFI custom calls,",
         "compiled with `-march=native` on first use) for attention and per-channel int8 matmuls,",
-        "and each other kernel's `jax.numpy` implementation compiled by XLA (`kernels_pallas/dispatch.py`,",
+        "and each other kernel's `jax.numpy` implementation compiled by XLA (`jaxinfer/ops.py`,",
         "backend \"xla\"; `JAXINFER_NATIVE=0` turns the native kernels off). Floor = max(bytes / memory bandwidth,",
         "flops / f32 matmul throughput), both measured by the script on the same machine.",
         "Attention bytes: each sequence's K and V once, plus q and the output; flops count only",

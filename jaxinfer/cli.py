@@ -13,6 +13,7 @@ import sys
 import time
 
 from jaxinfer.config import EngineConfig
+from jaxinfer.ops import BACKENDS
 from jaxinfer.quant import QUANTIZATIONS
 from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
@@ -60,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--page-size", type=int, help=f"tokens per KV cache page, a power of two (default: {d.page_size})")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help=f"reuse the KV pages of shared prompt prefixes (default: {'on' if d.enable_prefix_caching else 'off'})")
-    engine.add_argument("--attention-backend", choices=["auto", "xla", "pallas", "pallas_interpret"],
-                        help="attention kernel: auto (Pallas on GPU, XLA elsewhere), xla, pallas, "
-                        f"pallas_interpret (slow; debugging) (default: {d.attention_backend})")
+    engine.add_argument("--attention-backend", choices=BACKENDS,
+                        help="attention kernels: auto (Pallas on GPU; native CPU kernel or XLA elsewhere), xla, "
+                        f"pallas, pallas_interpret (slow; debugging) (default: {d.attention_backend})")
+    engine.add_argument("--matmul-backend", choices=BACKENDS,
+                        help="quantized matmul kernel: auto (Pallas on GPU; native CPU kernel or XLA elsewhere), "
+                        f"xla, pallas, pallas_interpret (slow; debugging) (default: {d.matmul_backend})")
     engine.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                         help="compile every step shape before serving (default: on)")
     engine.add_argument("--strict-compile", action=argparse.BooleanOptionalAction, default=None,
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
-                "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "warmup", "strict_compile",
+                "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "matmul_backend", "warmup", "strict_compile",
                 "seed")
 
 

@@ -153,7 +153,8 @@ class EngineConfig:
     num_pages: int | None = None
     kv_cache_memory_fraction: float | None = None
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # kernels_pallas.dispatch.BACKENDS
+    attention_backend: str = "auto"  # jaxinfer.ops.BACKENDS: the attention and K/V page write kernels
+    matmul_backend: str = "auto"  # jaxinfer.ops.BACKENDS: the quantized matmul kernel
     warmup: bool = True  # compile every step shape at start-up
     strict_compile: bool = False  # raise if serving ever needs a program warm-up did not compile
     seed: int = 0
@@ -181,7 +182,12 @@ class EngineConfig:
             raise ValueError(f"num_pages must be a positive integer, got {self.num_pages!r}")
         if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
+        from jaxinfer.ops import BACKENDS
         from jaxinfer.quant import QUANTIZATIONS
+
+        for field in ("attention_backend", "matmul_backend"):
+            if getattr(self, field) not in BACKENDS:
+                raise ValueError(f"{field} must be one of {', '.join(BACKENDS)}, got {getattr(self, field)!r}")
 
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")

@@ -25,7 +25,7 @@ from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
 from jaxinfer.weights.cache import default_cache_dir
 from jaxinfer.weights.gguf import GGUFCheckpoint
 from kernels_cpu import native
-from kernels_pallas.dispatch import resolve_backend
+from jaxinfer.ops import resolve_backend
 
 logger = logging.getLogger("jaxinfer")
 
@@ -121,9 +121,9 @@ class LLMEngine:
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
-                                quant_backend=config.attention_backend, cache_dir=cache_dir,
+                                quant_backend=config.matmul_backend, cache_dir=cache_dir,
                                 lm_head_quantization=self.lm_head_quantization)
-        if (jax.devices()[0].platform == "cpu" and resolve_backend(config.attention_backend) == "xla"
+        if (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
                 and native.available()):
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
             if layouts:

@@ -1,12 +1,13 @@
-"""Weight formats and the linear layer every projection of the model uses.
+"""Weight formats in memory, their quantizers, and the linear layer every projection of the model uses.
 
-A projection's weight W[*stack, in, out] is either full precision (the model's dtype) or quantized
-in one `WeightFormat` (layouts in `kernels_pallas.quant_matmul`):
+A projection's weight W[*stack, in, out] is either full precision (the model's dtype) or a
+`QuantizedWeight` in one `WeightFormat` (the packed layouts are specified, with their reference
+dequantization, in `kernels_pallas.quant_matmul`):
 - int8: symmetric, one scale per output channel (group_size 0) or per group of 32 rows (GGUF Q8_0);
 - int4: two values per byte, one scale (and, asymmetric, one min) per group of 32/64/128 rows;
 - fp8: float8_e4m3fn, one scale per output channel.
-Quantized weights stay quantized in device memory: the layer hands them to
-`dispatch.quant_matmul` (Pallas kernel with in-register dequant on GPU, the XLA path on CPU).
+Quantized weights stay quantized in device memory: the layer hands them to `ops.quant_matmul`
+(Pallas kernel with in-register dequant on GPU, the native or XLA path on CPU).
 The norms and biases stay in full precision; the LM head (with a tied embedding) is int8 per
 vocabulary entry when asked or when the checkpoint stores it quantized (`resolve_lm_head_quantization`).
 """
@@ -18,9 +19,113 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas import dispatch
+from jaxinfer import ops
 from kernels_pallas import quant_matmul as qmm
-from kernels_pallas.quant_matmul import QuantizedWeight
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized W[K, N] (layouts: `kernels_pallas.quant_matmul`). A pytree: under `lax.scan`
+    over layers a stacked [num_layers, ...] weight slices like any array."""
+
+    data: jax.Array
+    scales: jax.Array
+    mins: jax.Array | None = None
+    format: str = dataclasses.field(default="int8", metadata=dict(static=True))
+    group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
+    # "kn": data as specified. "blocked" (per-channel int8 on the CPU): data [NB, K, B], each block of
+    # B columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`); "vnni": data
+    # [NB, K / 4, B, 4] for its integer path (`kernels_cpu.native.to_vnni`).
+    layout: str = dataclasses.field(default="kn", metadata=dict(static=True))
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this is a stack of weights (a leading layer axis)."""
+        return self.scales.ndim > (2 if self.group_size else 1)
+
+    @property
+    def shape(self):
+        if self.layout == "blocked":
+            return (self.data.shape[-2], self.scales.shape[-1])
+        if self.layout == "vnni":
+            return (self.data.shape[-3] * 4, self.scales.shape[-1])
+        rows, n = self.data.shape[-2:]
+        return (2 * rows if self.format == "int4" else rows, n)
+
+    def kn_data(self):
+        """`data` in the "kn" layout the reference and the Pallas kernel read."""
+        if self.layout == "kn":
+            return self.data
+        from kernels_cpu import native
+
+        return (native.from_blocked if self.layout == "blocked" else native.from_vnni)(self.data, self.shape[1])
+
+
+def _safe_divide(w, scale):
+    return w / jnp.where(scale == 0, 1, scale)
+
+
+def quantize_int8(w, *, group_size=0, scale_dtype=jnp.float32) -> QuantizedWeight:
+    """Symmetric int8, per output channel (group_size 0) or per group of rows (GGUF Q8_0: 32)."""
+    k, n = w.shape
+    w = w.astype(jnp.float32)
+    groups = w.reshape(k // group_size, group_size, n) if group_size else w[None]
+    scales = jnp.abs(groups).max(axis=1) / 127.0  # [K // group_size or 1, N]
+    q = jnp.clip(jnp.round(_safe_divide(groups, scales[:, None])), -127, 127).astype(jnp.int8)
+    scales = scales if group_size else scales[0]
+    return QuantizedWeight(q.reshape(k, n), scales.astype(scale_dtype), None, "int8", group_size)
+
+
+def pack_int4(q):
+    """q: [K, N] integers in 0..15 -> [K // 2, N] uint8, low nibble = even row."""
+    q = q.astype(jnp.uint8)
+    return q[0::2] | (q[1::2] << 4)
+
+
+def quantize_int4(w, *, group_size=32, symmetric=True, scale_dtype=jnp.float32) -> QuantizedWeight:
+    """int4 with one scale (and, asymmetric, one min) per group of `group_size` rows.
+
+    Symmetric is GGUF Q4_0's rule: scale = (the value of largest magnitude) / -8, so that value
+    maps exactly to q = 0. Asymmetric is Q4_1's: scale = (max - min) / 15, min = min.
+    """
+    k, n = w.shape
+    if k % group_size or k % 2:
+        raise ValueError(f"K={k} must be a multiple of group_size={group_size} (and even)")
+    groups = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
+    if symmetric:
+        biggest = jnp.take_along_axis(groups, jnp.abs(groups).argmax(axis=1)[:, None], axis=1)[:, 0]
+        scales, mins = biggest / -8.0, None
+        q = jnp.round(_safe_divide(groups, scales[:, None])) + 8
+    else:
+        lo, hi = groups.min(axis=1), groups.max(axis=1)
+        scales, mins = (hi - lo) / 15.0, lo
+        q = jnp.round(_safe_divide(groups - lo[:, None], scales[:, None]))
+    q = jnp.clip(q, 0, 15).reshape(k, n)
+    return QuantizedWeight(pack_int4(q), scales.astype(scale_dtype),
+                           None if mins is None else mins.astype(scale_dtype), "int4", group_size)
+
+
+def quantize_fp8(w, *, scale_dtype=jnp.float32) -> QuantizedWeight:
+    """float8_e4m3fn with one scale per output channel (the channel's max maps to 448)."""
+    w = w.astype(jnp.float32)
+    scales = jnp.abs(w).max(axis=0) / FP8_MAX  # [N]
+    q = jnp.clip(_safe_divide(w, scales), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    return QuantizedWeight(q, scales.astype(scale_dtype), None, "fp8", 0)
+
+
+def dequantize(w: QuantizedWeight, dtype=jnp.float32):
+    """The full-precision W[K, N], by the formats' reference (`kernels_pallas.quant_matmul`)."""
+    return qmm.dequantize_reference(w.kn_data(), w.scales, w.mins, fmt=w.format, group_size=w.group_size,
+                                    dtype=dtype)
+
+
+def quant_matmul_reference(x, w: QuantizedWeight):
+    """x: [M, K] -> [M, N] in x's dtype: dequantize W, then one dot accumulating in float32."""
+    return qmm.quant_matmul_reference(x, w.kn_data(), w.scales, w.mins, fmt=w.format, group_size=w.group_size)
+
 
 # `quantization` values: "none" keeps the checkpoint's weights in full precision; "native" keeps a
 # GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are; "int4" has a min per group (GGUF Q4_1's rule),
@@ -103,10 +208,10 @@ def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, sta
 def quantize(w, fmt: WeightFormat) -> QuantizedWeight:
     """Round-to-nearest quantization of a full-precision W[in, out]."""
     if fmt.kind == "int8":
-        return qmm.quantize_int8(w, group_size=fmt.group_size, scale_dtype=SCALE_DTYPE)
+        return quantize_int8(w, group_size=fmt.group_size, scale_dtype=SCALE_DTYPE)
     if fmt.kind == "int4":
-        return qmm.quantize_int4(w, group_size=fmt.group_size, symmetric=fmt.symmetric, scale_dtype=SCALE_DTYPE)
-    return qmm.quantize_fp8(w, scale_dtype=SCALE_DTYPE)
+        return quantize_int4(w, group_size=fmt.group_size, symmetric=fmt.symmetric, scale_dtype=SCALE_DTYPE)
+    return quantize_fp8(w, scale_dtype=SCALE_DTYPE)
 
 
 class Linear(nnx.Module):
@@ -145,7 +250,7 @@ class Linear(nnx.Module):
             stacked = w.stacked
             if stacked and layer is None:
                 raise ValueError("a stacked quantized weight needs the layer index")
-            y = dispatch.quant_matmul(x, w, backend=self.backend, layer=layer if stacked else None)
+            y = ops.quant_matmul(x, w, backend=self.backend, layer=layer if stacked else None)
         return y if self.b is None else y + self.b[...]
 
 

@@ -1,13 +1,13 @@
 """Builds the padded ragged batch of a step and runs the jitted step function on it.
 
-Compile discipline: the token count and the sequence count are padded up to powers of two, so the step has a bounded set of shapes; `warmup()` compiles all of them before
-serving, and a guard counts any compilation after that (and raises in strict mode). JAX's
-persistent compilation cache makes a restarted engine load those programs instead of compiling.
-The KV cache is donated to the step and updated in place.
+The step program (`jit_step`) is the engine's whole forward: model, attention, projections and
+sampling, with the KV cache donated so it is updated in place. Shapes are bounded by the buckets
+of `jaxinfer.compilation`; `warmup()` builds every bucket's program before serving, and any
+program built after that is counted (and raises in strict mode). `scripts/gpu_compile_check.py`
+compiles this same program for GPUs.
 """
 
 import logging
-import os
 import time
 from typing import NamedTuple
 
@@ -17,14 +17,15 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer.cache import allocate_kv_cache
+from jaxinfer.compilation import (CompilationDuringServingError, TraceCounter, enable_compilation_cache,
+                                  padded_step_shape, step_buckets)
 from jaxinfer.models.llama import AttentionMetadata
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingArrays, sample
 from jaxinfer.sequence import Sequence
 
 logger = logging.getLogger("jaxinfer")
 
-class CompilationDuringServingError(RuntimeError):
-    """A step needed a program that warm-up did not compile (strict mode)."""
+__all__ = ["ModelRunner", "StepOutput", "CompilationDuringServingError", "jit_step", "empty_batch"]
 
 
 class StepOutput(NamedTuple):
@@ -36,26 +37,36 @@ class StepOutput(NamedTuple):
     top_logprobs: np.ndarray  # [S, MAX_LOGPROBS] float32
 
 
-def enable_compilation_cache(path: str | None = None) -> str:
-    """Turns on JAX's persistent compilation cache, so a restarted engine skips XLA compiles."""
-    path = path or os.environ.get("JAXINFER_COMPILATION_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxinfer", "xla")
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return path
+def jit_step(graphdef):
+    """The engine's step program for a model of this graph: (state, k_cache, v_cache, token_ids,
+    positions, meta, sampling, history, num_prompt) -> ((tokens, logprobs, top_ids, top_logprobs),
+    k_cache, v_cache), the caches donated."""
+
+    def engine_step(state, k_cache, v_cache, token_ids, positions, meta, sampling, history, num_prompt):
+        model = nnx.merge(graphdef, state)
+        logits, k_cache, v_cache = model(token_ids, positions, k_cache, v_cache, meta)
+        return sample(logits, sampling, history, num_prompt, MAX_LOGPROBS), k_cache, v_cache
+
+    return jax.jit(engine_step, donate_argnums=(1, 2))
 
 
-def next_power_of_two(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def powers_of_two(lo: int, hi: int) -> list[int]:
-    """lo, 2*lo, ... up to the first power of two >= hi."""
-    out = [next_power_of_two(lo)]
-    while out[-1] < hi:
-        out.append(out[-1] * 2)
-    return out
+def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_model_len: int):
+    """An all-padding batch of one bucket (numpy): (token_ids, positions, meta, sampling, history,
+    num_prompt). Padding rows write nowhere and attend to nothing."""
+    meta = AttentionMetadata(
+        slot_mapping=np.full(num_tokens, -1, np.int32),
+        query_start_loc=np.zeros(num_seqs + 1, np.int32),
+        seq_lens=np.zeros(num_seqs, np.int32),
+        block_tables=np.zeros((num_seqs, max_pages_per_seq), np.int32),
+        logits_indices=np.zeros(num_seqs, np.int32))
+    f32 = lambda v: np.full(num_seqs, v, np.float32)  # noqa: E731
+    i32 = lambda v: np.full(num_seqs, v, np.int32)  # noqa: E731
+    sampling = SamplingArrays(temperature=f32(0), top_k=i32(0), top_p=f32(1), min_p=f32(0),
+                              presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
+                              seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1))
+    history = np.full((num_seqs, max_model_len), -1, np.int32)  # [S, max_model_len] token ids, -1 padding
+    return (np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32), meta, sampling, history,
+            np.zeros(num_seqs, np.int32))
 
 
 class ModelRunner:
@@ -73,36 +84,23 @@ class ModelRunner:
             allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         logger.info("persistent compilation cache: %s", enable_compilation_cache())
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2))
-        self.num_compilations = 0  # after warm-up
-        self._known_programs = 0
+        self._step = jit_step(self.graphdef)
+        self._traces = TraceCounter()
+        self.num_compilations = 0  # step programs built after warm-up
         self.warmed_up = False
 
     # -- buckets ----------------------------------------------------------------------------------
 
-    def token_buckets(self) -> list[int]:
-        return powers_of_two(1, self.config.max_num_batched_tokens)
-
     def buckets(self) -> list[tuple[int, int]]:
-        """Every (tokens, sequences) shape a step can have: one per power of two of tokens.
-
-        A step pads its sequences to min(tokens, max_num_seqs): each sequence has at least one token,
-        so that is always enough, and a few extra logits rows cost little next to the step's tokens.
-        Block tables are always max_model_len wide: the attention loops over the pages a sequence
-        has, so their width costs nothing.
-        """
-        return [self.padded_shape(t, 1) for t in self.token_buckets()]
+        """Every (tokens, sequences) shape a step can have (`compilation.step_buckets`). Block tables
+        are always max_model_len wide: the attention loops over the pages a sequence has, so their
+        width costs nothing."""
+        return step_buckets(self.config.max_num_batched_tokens, self.config.max_num_seqs)
 
     def padded_shape(self, num_tokens: int, num_seqs: int) -> tuple[int, int]:
-        tokens = next_power_of_two(num_tokens)
-        return tokens, min(tokens, next_power_of_two(self.config.max_num_seqs))
+        return padded_step_shape(num_tokens, num_seqs, self.config.max_num_seqs)
 
     # -- the step ---------------------------------------------------------------------------------
-
-    def _step_fn(self, state, k_cache, v_cache, token_ids, positions, meta, sampling, history, num_prompt):
-        model = nnx.merge(self.graphdef, state)
-        logits, k_cache, v_cache = model(token_ids, positions, k_cache, v_cache, meta)
-        return sample(logits, sampling, history, num_prompt, MAX_LOGPROBS), k_cache, v_cache
 
     def warmup(self) -> None:
         """Compiles (or loads from the persistent cache) the program of every bucket."""
@@ -111,7 +109,6 @@ class ModelRunner:
         logger.info("warm-up: %d step programs, (tokens, sequences) = %s", len(shapes), shapes)
         for shape in tqdm(shapes, desc="Compiling", unit="program", leave=False):
             self._run(*self._empty_batch(*shape))
-        self._known_programs = self._step._cache_size()
         self.warmed_up = True
         logger.info("warm-up: %d programs ready in %.1f s", len(shapes), time.perf_counter() - start)
 
@@ -151,35 +148,21 @@ class ModelRunner:
                 num_prompt[i] = len(seq.prompt_ids)
             start = end
         meta.query_start_loc[num_seqs:] = num_tokens  # padding sequences own no rows
+        traces_before = self._traces.traces
         out = self._run(*batch)
-        if self._step._cache_size() > self._known_programs:
-            self._known_programs = self._step._cache_size()
-            if self.warmed_up:
-                self.num_compilations += 1
-                shape = (len(token_ids), len(meta.seq_lens))
-                if self.config.strict_compile:
-                    raise CompilationDuringServingError(f"step shape {shape} was compiled during serving")
-                logger.warning("compiled a step program during serving for shape %s", shape)
+        if self.warmed_up and self._traces.traces > traces_before:
+            self.num_compilations += 1
+            shape = (len(token_ids), len(meta.seq_lens))
+            if self.config.strict_compile:
+                raise CompilationDuringServingError(f"step shape {shape} was compiled during serving")
+            logger.warning("compiled a step program during serving for shape %s", shape)
         return StepOutput(*(x[:num_seqs] for x in out))
 
     def _run(self, token_ids, positions, meta, sampling, history, num_prompt):
-        out, self.k_cache, self.v_cache = self._step(self.state, self.k_cache, self.v_cache, token_ids, positions,
-                                                     meta, sampling, history, num_prompt)
+        with self._traces.watch():
+            out, self.k_cache, self.v_cache = self._step(self.state, self.k_cache, self.v_cache, token_ids,
+                                                         positions, meta, sampling, history, num_prompt)
         return tuple(np.asarray(x) for x in out)
 
     def _empty_batch(self, num_tokens: int, num_seqs: int):
-        """An all-padding batch of the given bucket: padding rows write nowhere and attend to nothing."""
-        meta = AttentionMetadata(
-            slot_mapping=np.full(num_tokens, -1, np.int32),
-            query_start_loc=np.zeros(num_seqs + 1, np.int32),
-            seq_lens=np.zeros(num_seqs, np.int32),
-            block_tables=np.zeros((num_seqs, self.max_pages_per_seq), np.int32),
-            logits_indices=np.zeros(num_seqs, np.int32))
-        f32 = lambda v: np.full(num_seqs, v, np.float32)  # noqa: E731
-        i32 = lambda v: np.full(num_seqs, v, np.int32)  # noqa: E731
-        sampling = SamplingArrays(temperature=f32(0), top_k=i32(0), top_p=f32(1), min_p=f32(0),
-                                  presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
-                                  seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1))
-        history = np.full((num_seqs, self.config.max_model_len), -1, np.int32)
-        return (np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32), meta, sampling, history,
-                np.zeros(num_seqs, np.int32))
+        return empty_batch(num_tokens, num_seqs, self.max_pages_per_seq, self.config.max_model_len)

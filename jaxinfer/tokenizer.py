@@ -29,9 +29,11 @@ class Tokenizer:
     def from_gguf(cls, path: str, eos_token_ids=()) -> "Tokenizer":
         """Builds the tokenizer that the GGUF metadata describes (vocab, merges, special tokens)."""
         # transformers knows how each of llama.cpp's tokenizer types maps onto a `tokenizers` pipeline.
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+        # Without torch it says so at import; we need only its tokenizer converters.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-        arch, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
+        arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path)
         backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
         return cls(backend, chat_template=tokenizer_config.get("chat_template"),
                    bos_token=tokenizer_config.get("bos_token"), eos_token=tokenizer_config.get("eos_token"),
@@ -115,3 +117,25 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return full[len(prefix):]
         return ""
+
+
+def _gguf_tokenizer_fields(path: str) -> tuple[str, dict, dict]:
+    """(architecture, tokenizer fields, tokenizer config) of a GGUF file, in the shape transformers'
+    `convert_gguf_tokenizer` takes. Read with the `gguf` package: transformers' own GGUF reader
+    imports torch, which the engine does not install."""
+    from gguf import GGUFReader
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+    fields = GGUFReader(path).fields
+    value = lambda key: fields[key].contents()  # noqa: E731
+    grouped = {group: {name: value(f"tokenizer.{key}") for key, name in renames.items() if f"tokenizer.{key}" in fields}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        # Older files have no flag, and llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+        config.setdefault("add_bos_token", True)
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        token_id = fields[f"tokenizer.ggml.{key}"].contents() if f"tokenizer.ggml.{key}" in fields else None
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return value("general.architecture"), tokenizer, config

@@ -1,4 +1,5 @@
 """GPU kernels as Pallas programs, each beside its plain `jax.numpy` reference.
 
-`kernels_pallas.dispatch` is the one place that picks which implementation runs.
+This package imports nothing from `jaxinfer` or `kernels_cpu`; `jaxinfer.ops` picks which
+implementation runs.
 """

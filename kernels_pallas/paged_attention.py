@@ -95,7 +95,7 @@ def ragged_paged_attention_reference(
     # which is the minimum. Padding costs at most twice the rows' own compute.
     block_q = max(1, num_tokens // num_seqs)
     num_blocks = min(num_tokens // block_q + num_seqs, num_tokens)  # enough for any split
-    work = _work_table(query_start_loc, seq_lens, num_tokens, block_q, num_blocks)
+    work = work_table(query_start_loc, seq_lens, num_tokens, block_q, num_blocks)
     seq, first_row, num_rows, first_pos, kv_len = work.T  # each [num_blocks]
     offsets = jnp.arange(block_q, dtype=jnp.int32)
     row_valid = offsets[None, :] < num_rows[:, None]  # [num_blocks, block_q]
@@ -125,7 +125,7 @@ def ragged_paged_attention_reference(
     return jnp.zeros_like(q).at[rows].set(out, mode="drop")
 
 
-def _work_table(query_start_loc, seq_lens, num_tokens, block_q, num_programs):
+def work_table(query_start_loc, seq_lens, num_tokens, block_q, num_programs):
     """What each attention program does: [num_programs, 5] int32 rows of
     (seq, first_row, num_rows, first_pos, kv_len).
 
@@ -295,7 +295,7 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     block_q = block_m // group  # query tokens per program
     num_seqs = seq_lens.shape[0]
     num_programs = num_tokens // block_q + num_seqs + 1
-    work = _work_table(query_start_loc, seq_lens.astype(jnp.int32), num_tokens, block_q,
+    work = work_table(query_start_loc, seq_lens.astype(jnp.int32), num_tokens, block_q,
                        num_programs)
     kernel = functools.partial(
         _attention_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,

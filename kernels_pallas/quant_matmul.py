@@ -1,26 +1,23 @@
-"""Weight-only quantized matmul `x[M, K] @ W[K, N]`: the formats, their quantizers, the `jax.numpy`
-reference (the XLA path on CPU) and the Pallas kernel (Triton GPU backend).
+"""Weight-only quantized matmul `x[M, K] @ W[K, N]`: the Pallas kernel (Triton GPU backend) and its
+`jax.numpy` reference.
 
-Formats of a `QuantizedWeight` (W is [K, N]: K input features, N output features):
-- "int8": `data` int8 [K, N], `scales` [N]: w[k, n] = scales[n] * data[k, n] (symmetric,
-  per output channel; GGUF Q8_0 maps onto it with one scale per 32 rows only after
-  requantization, so Q8_0 is better stored as int8 groups: see `group_size`).
+W arrives as its packed arrays (the engine's `jaxinfer.quant.QuantizedWeight` holds them):
+- "int8": `data` int8 [K, N], `scales` [N] (per output channel) or [K // group_size, N]:
+  w = scale * q.
 - "int4": `data` uint8 [K // 2, N], two values per byte: the low nibble is row 2i, the high
   nibble row 2i + 1 (q in 0..15). `scales` and `mins` are [K // group_size, N], one per group of
-  `group_size` consecutive rows (32, 64 or 128). Symmetric (`mins` is None, GGUF Q4_0):
+  `group_size` consecutive rows (32, 64 or 128). Symmetric (`mins` None, GGUF Q4_0):
   w = scale * (q - 8). Asymmetric (GGUF Q4_1): w = scale * q + min.
-- "fp8": `data` float8_e4m3fn [K, N], `scales` [N]: w[k, n] = scales[n] * data[k, n].
-
-int8 and fp8 may also be group-wise (`group_size` > 0, `scales` [K // group_size, N]); the
-per-channel form (`group_size` 0) applies the scale once to the accumulator, after the dot.
+- "fp8": `data` float8_e4m3fn [K, N], `scales` as for int8: w = scale * q.
+The per-channel form (`group_size` 0) applies the scale once to the accumulator, after the dot.
 
 The kernel loads packed tiles and dequantizes them in registers right before the dot,
 accumulating in float32: W is never materialised in full precision. int4 tiles are not
 interleaved back into [K, N] order: the even and odd rows of W meet the even and odd columns of
-x in two dots, so the nibbles need no shuffling.
+x in two dots, so the nibbles need no shuffling. `dequantize_reference` is the specification of
+the formats; the reference matmul is that, then one dot.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -29,128 +26,37 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 FORMATS = ("int8", "int4", "fp8")
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
-    """A quantized W[K, N] (see the module docstring for the layouts). A pytree: under
-    `lax.scan` over layers a stacked [num_layers, ...] weight slices like any array."""
-
-    data: jax.Array
-    scales: jax.Array
-    mins: jax.Array | None = None
-    format: str = dataclasses.field(default="int8", metadata=dict(static=True))
-    group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
-    # "kn": data as above. "blocked" (per-channel int8 on the CPU): data [NB, K, B], each block of B
-    # columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`); "vnni": data
-    # [NB, K / 4, B, 4] for its integer path (`kernels_cpu.native.to_vnni`).
-    layout: str = dataclasses.field(default="kn", metadata=dict(static=True))
-
-    @property
-    def stacked(self) -> bool:
-        """Whether this is a stack of weights (a leading layer axis)."""
-        return self.scales.ndim > (2 if self.group_size else 1)
-
-    @property
-    def shape(self):
-        if self.layout == "blocked":
-            return (self.data.shape[-2], self.scales.shape[-1])
-        if self.layout == "vnni":
-            return (self.data.shape[-3] * 4, self.scales.shape[-1])
-        rows, n = self.data.shape[-2:]
-        return (2 * rows if self.format == "int4" else rows, n)
-
-
-# ------------------------------------------------------------------------------------------
-# Quantizers: round to nearest, from a full-precision W[K, N].
-# ------------------------------------------------------------------------------------------
-
-def _safe_divide(w, scale):
-    return w / jnp.where(scale == 0, 1, scale)
-
-
-def quantize_int8(w, *, group_size=0, scale_dtype=jnp.float32):
-    """Symmetric int8, per output channel (group_size 0) or per group of rows (GGUF Q8_0: 32)."""
-    k, n = w.shape
-    w = w.astype(jnp.float32)
-    groups = w.reshape(k // group_size, group_size, n) if group_size else w[None]
-    scales = jnp.abs(groups).max(axis=1) / 127.0  # [K // group_size or 1, N]
-    q = jnp.clip(jnp.round(_safe_divide(groups, scales[:, None])), -127, 127).astype(jnp.int8)
-    scales = scales if group_size else scales[0]
-    return QuantizedWeight(q.reshape(k, n), scales.astype(scale_dtype), None, "int8", group_size)
-
-
-def pack_int4(q):
-    """q: [K, N] integers in 0..15 -> [K // 2, N] uint8, low nibble = even row."""
-    q = q.astype(jnp.uint8)
-    return q[0::2] | (q[1::2] << 4)
 
 
 def unpack_int4(packed):
-    """[K // 2, N] uint8 -> [K, N] uint8 in 0..15 (inverse of `pack_int4`)."""
+    """[K // 2, N] uint8 -> [K, N] uint8 in 0..15, low nibble = even row."""
     low, high = packed & 0xF, packed >> 4
     return jnp.stack([low, high], axis=1).reshape(2 * packed.shape[0], packed.shape[1])
 
 
-def quantize_int4(w, *, group_size=32, symmetric=True, scale_dtype=jnp.float32):
-    """int4 with one scale (and, asymmetric, one min) per group of `group_size` rows.
-
-    Symmetric is GGUF Q4_0's rule: scale = (the value of largest magnitude) / -8, so that value
-    maps exactly to q = 0. Asymmetric is Q4_1's: scale = (max - min) / 15, min = min.
-    """
-    k, n = w.shape
-    if k % group_size or k % 2:
-        raise ValueError(f"K={k} must be a multiple of group_size={group_size} (and even)")
-    groups = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
-    if symmetric:
-        biggest = jnp.take_along_axis(groups, jnp.abs(groups).argmax(axis=1)[:, None], axis=1)[:, 0]
-        scales, mins = biggest / -8.0, None
-        q = jnp.round(_safe_divide(groups, scales[:, None])) + 8
-    else:
-        lo, hi = groups.min(axis=1), groups.max(axis=1)
-        scales, mins = (hi - lo) / 15.0, lo
-        q = jnp.round(_safe_divide(groups - lo[:, None], scales[:, None]))
-    q = jnp.clip(q, 0, 15).reshape(k, n)
-    return QuantizedWeight(pack_int4(q), scales.astype(scale_dtype),
-                           None if mins is None else mins.astype(scale_dtype), "int4", group_size)
-
-
-def quantize_fp8(w, *, scale_dtype=jnp.float32):
-    """float8_e4m3fn with one scale per output channel (the channel's max maps to 448)."""
-    w = w.astype(jnp.float32)
-    scales = jnp.abs(w).max(axis=0) / FP8_MAX  # [N]
-    q = jnp.clip(_safe_divide(w, scales), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
-    return QuantizedWeight(q, scales.astype(scale_dtype), None, "fp8", 0)
-
-
-def dequantize(w: QuantizedWeight, dtype=jnp.float32):
+def dequantize_reference(data, scales, mins=None, *, fmt, group_size, dtype=jnp.float32):
     """The full-precision W[K, N] (the reference path; the kernel never builds it)."""
-    k, n = w.shape
-    if w.format == "int4":
-        q = unpack_int4(w.data).astype(jnp.float32)
-        if w.mins is None:
+    if fmt == "int4":
+        q = unpack_int4(data).astype(jnp.float32)
+        if mins is None:
             q = q - 8.0
-    elif w.layout in ("blocked", "vnni"):
-        from kernels_cpu import native
-
-        q = (native.from_blocked if w.layout == "blocked" else native.from_vnni)(w.data, n).astype(jnp.float32)
     else:
-        q = w.data.astype(jnp.float32)
-    if w.group_size:
-        q = q.reshape(k // w.group_size, w.group_size, n)
-        out = q * w.scales.astype(jnp.float32)[:, None]
-        if w.mins is not None:
-            out = out + w.mins.astype(jnp.float32)[:, None]
+        q = data.astype(jnp.float32)
+    k, n = q.shape
+    if group_size:
+        q = q.reshape(k // group_size, group_size, n)
+        out = q * scales.astype(jnp.float32)[:, None]
+        if mins is not None:
+            out = out + mins.astype(jnp.float32)[:, None]
     else:
-        out = q * w.scales.astype(jnp.float32)
+        out = q * scales.astype(jnp.float32)
     return out.reshape(k, n).astype(dtype)
 
 
-def quant_matmul_reference(x, w: QuantizedWeight):
+def quant_matmul_reference(x, data, scales, mins=None, *, fmt, group_size):
     """x: [M, K] -> [M, N] in x's dtype: dequantize W, then one dot accumulating in float32."""
-    return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    w = dequantize_reference(data, scales, mins, fmt=fmt, group_size=group_size, dtype=x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,37 +134,37 @@ def _next_power_of_2(n):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "block_m", "block_n", "block_k", "num_warps", "num_stages", "interpret"))
-def quant_matmul(x, w: QuantizedWeight, *, block_m=64, block_n=64, block_k=64, num_warps=4,
-                 num_stages=3, interpret=False):
+    "fmt", "group_size", "block_m", "block_n", "block_k", "num_warps", "num_stages", "interpret"))
+def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, block_n=64, block_k=64,
+                 num_warps=4, num_stages=3, interpret=False):
     """Pallas version of `quant_matmul_reference`. x: [M, K] -> [M, N] in x's dtype.
 
     Grid: (M blocks, N blocks); each program walks K `block_k` rows at a time. block_m shrinks
     to the smallest power of two >= M (at least 16, the smallest tensor-core tile); with groups,
     block_k shrinks to divide group_size so that a tile has one scale row.
     """
-    if w.format not in FORMATS:
-        raise ValueError(f"unknown weight format {w.format!r}; expected one of {FORMATS}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
     m, k = x.shape
-    n = w.shape[1]
-    if w.shape[0] != k:
-        raise ValueError(f"x is [{m}, {k}] but W is {w.shape}")
+    w_rows, n = data.shape
+    if (2 * w_rows if fmt == "int4" else w_rows) != k:
+        raise ValueError(f"x is [{m}, {k}] but the {fmt} W data is {data.shape}")
     block_m = min(block_m, max(16, _next_power_of_2(m)))
-    if w.group_size:
-        block_k = min(block_k, w.group_size)
-        if w.group_size % block_k:
-            raise ValueError(f"block_k={block_k} must divide group_size={w.group_size}")
+    if group_size:
+        block_k = min(block_k, group_size)
+        if group_size % block_k:
+            raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
     for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if size != _next_power_of_2(size) or size < 16 or (name == "block_k" and size < 32):
             raise ValueError(f"{name}={size} must be a power of two >= 16 (block_k >= 32)")
-    kernel = functools.partial(_quant_matmul_kernel, fmt=w.format, group_size=w.group_size,
+    kernel = functools.partial(_quant_matmul_kernel, fmt=fmt, group_size=group_size,
                                block_m=block_m, block_n=block_n, block_k=block_k)
-    operands = (x, w.data, w.scales) + (() if w.mins is None else (w.mins,))
+    operands = (x, data, scales) + (() if mins is None else (mins,))
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(m, block_m), pl.cdiv(n, block_n)),
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name=f"quant_matmul_{w.format}",
+        name=f"quant_matmul_{fmt}",
     )(*operands)

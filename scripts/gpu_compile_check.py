@@ -1,222 +1,338 @@
-"""Compiles every Pallas kernel to PTX and cubins for sm_80 and sm_90a on a machine without a GPU.
+"""Compiles the engine's whole step for H100 (sm_90a) and A100 (sm_80) without a GPU, and says
+whether each shipped configuration fits the card.
 
-Each kernel configuration is exported for CUDA with `jax.export`; the Triton IR that Pallas put in
-the `__gpu$xla.gpu.triton` custom call's backend config (`ir`, with `num_warps`/`num_stages`) goes
-through jaxlib's Triton pipeline (`jax._src.lib.triton.compile`, the same one XLA runs on a GPU
-host) to PTX, and ptxas turns the PTX into a cubin and reports registers and spills. Prints one
-row per kernel, configuration and architecture; exits 1 on a compile error, on any spill, or on
-shared memory above what one block may use on sm_80.
+The program is `jaxinfer.runner.jit_step`, the one the engine runs: model, Pallas attention and
+K/V page write, Pallas quantized matmuls, sampling, bf16, KV cache donated. Its devices are
+compile-only GPUs from `jax.experimental.topologies` (XLA's real GPU compiler, Triton and ptxas
+included, runs; nothing executes). Weights are abstract: no checkpoint is needed to compile.
 
-Needs jax[cuda12-local] and nvidia-cuda-nvcc-cu12 (ptxas): run it through
-scripts/gpu_compile_check.sh, which builds that environment in .venv-cuda.
+For each configuration and card, the largest step bucket (max_num_batched_tokens tokens, the
+step with the most temporaries) is compiled with a one-sequence KV cache. Its `memory_analysis()`
+gives the weights and batch inputs (arguments less that cache), the temporaries and the outputs.
+The KV cache gets what is left of `util` x device memory, as vLLM's --gpu-memory-utilization sizes
+it; being donated and aliased, a bigger cache adds exactly its own bytes. A configuration that
+cannot hold one sequence of max_model_len does not fit. Our kernels' PTX (dumped by XLA) goes
+through ptxas for registers and spills. XLA's cost analysis of a
+compile-only GPU executable is unavailable in jax 0.12 (it returns None), so the bytes and flops
+of a decode step are computed from the shapes: every weight read once, each sequence's KV
+context read once per layer, 2 flops per weight per token plus attention. That gives the memory
+roofline tokens/s at batch 1 and 64 on the card's bandwidth and its $ per 1M tokens.
+
+Exits 1 on a compile error, a spill in one of our kernels, or a configuration that does not fit.
+Run it through scripts/gpu_compile_check.sh (it builds .venv-cuda). `--quick` compiles one
+configuration on H100 only; `--markdown FILE` writes the table.
 """
 
+import argparse
+import dataclasses
+import glob
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-import multiprocessing
+import time
 
+DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-gpu-compile-")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR}"
+                           " --xla_dump_emitter_re=.*").strip()
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAXINFER_NATIVE", "0")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax._src.interpreters import mlir  # noqa: E402
-from jax._src.lib import triton  # noqa: E402
-from jax._src.lib.mlir import ir  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from kernels_pallas import paged_attention, quant_matmul  # noqa: E402
+from jaxinfer import quant  # noqa: E402
+from jaxinfer.cache import kv_cache_bytes_per_page  # noqa: E402
+from jaxinfer.compilation import step_buckets  # noqa: E402
+from jaxinfer.config import EngineConfig, ModelConfig  # noqa: E402
+from jaxinfer.models.llama import Llama, head_tensor_name, projection_formats  # noqa: E402
+from jaxinfer.runner import empty_batch, jit_step  # noqa: E402
 
-ARCHS = {"sm_80": "8.0", "sm_90a": "9.0"}  # ptxas target -> Triton arch name
-SM80_MAX_SMEM_PER_BLOCK = 163 * 1024
-TRITON_CALL = "__gpu$xla.gpu.triton"
-BF16 = jnp.bfloat16
-
-
-def _spec(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def attention_config(num_heads, num_kv_heads, head_dim, page_size=16, num_tokens=256,
-                     num_seqs=16, num_pages=1024, max_pages=64, **kernel_args):
-    cache = _spec((2, num_kv_heads, num_pages, page_size, head_dim), BF16)
-    args = (_spec((num_tokens, num_heads, head_dim), BF16), cache, cache, _spec((), jnp.int32),
-            _spec((num_seqs + 1,), jnp.int32), _spec((num_seqs,), jnp.int32),
-            _spec((num_seqs, max_pages), jnp.int32))
-    kernel_args.setdefault("sm_scale", head_dim ** -0.5)
-
-    def fn(*a):
-        return paged_attention.ragged_paged_attention(*a, **kernel_args)
-    return fn, args
+GIB = 1024 ** 3
+SEED_PRICE_PER_HOUR = 2.60  # H100 80GB, $/hour: the seed article's cost table
+CONTEXT = 1024  # KV tokens per sequence for the decode roofline
 
 
-def write_kv_config(num_kv_heads, head_dim, page_size=16, num_tokens=256, **kernel_args):
-    cache = _spec((2, num_kv_heads, 1024, page_size, head_dim), BF16)
-    new = _spec((num_tokens, num_kv_heads, head_dim), BF16)
-    args = (cache, cache, _spec((), jnp.int32), new, new, _spec((num_tokens,), jnp.int32))
-
-    def fn(*a):
-        return paged_attention.write_kv(*a, **kernel_args)
-    return fn, args
-
-
-def quant_config(fmt, m, k=4096, n=4096, group_size=0, symmetric=True, **kernel_args):
-    w = jnp.zeros((k, n), jnp.float32)  # only the shapes and dtypes of the quantized form matter
-    if fmt == "int4":
-        weight = quant_matmul.quantize_int4(w, group_size=group_size, symmetric=symmetric)
-    elif fmt == "int8":
-        weight = quant_matmul.quantize_int8(w, group_size=group_size)
-    else:
-        weight = quant_matmul.quantize_fp8(w)
-    weight = jax.tree.map(lambda a: _spec(a.shape, a.dtype), weight)
-
-    def fn(x, w):
-        return quant_matmul.quant_matmul(x, w, **kernel_args)
-    return fn, (_spec((m, k), BF16), weight)
+@dataclasses.dataclass(frozen=True)
+class Card:
+    name: str
+    arch: str  # ptxas target
+    memory: int  # bytes
+    bandwidth: float  # bytes/s, the data sheet's
+    bf16_flops: float  # dense, per second
+    target_config: str  # XLA's GpuTargetConfigProto, text form, from the data sheet
 
 
-# name -> (function, abstract arguments). Model shapes: Llama-3-8B (32/8 heads, 128 dims),
-# SmolLM2-135M (9/3, 64), Gemma 3 270M (4/1, 256, sliding window 512).
-CONFIGS = {
-    "attention llama8b": attention_config(32, 8, 128),
-    "attention llama8b m64": attention_config(32, 8, 128, block_m=64),
-    "attention llama8b kv64": attention_config(32, 8, 128, block_kv=64),
-    "attention smollm2": attention_config(9, 3, 64),
-    "attention smollm2 m64 kv64": attention_config(9, 3, 64, block_m=64, block_kv=64),
-    "attention gemma3 window": attention_config(4, 1, 256, sliding_window=512),
-    "attention gemma3 window softcap": attention_config(4, 1, 256, sliding_window=512,
-                                                        soft_cap=50.0),
-    "attention mha page32": attention_config(8, 8, 128, page_size=32),
-    "write_kv d64": write_kv_config(3, 64),
-    "write_kv d128": write_kv_config(8, 128),
-    "write_kv d256": write_kv_config(1, 256),
-    "int8 m16": quant_config("int8", 16),
-    "int8 m256": quant_config("int8", 256),
-    "int8 m256 warps8": quant_config("int8", 256, num_warps=8),
-    "int8 g32 m16": quant_config("int8", 16, group_size=32),
-    "int4 sym g32 m16": quant_config("int4", 16, group_size=32),
-    "int4 sym g32 m256": quant_config("int4", 256, group_size=32),
-    "int4 asym g64 m16": quant_config("int4", 16, group_size=64, symmetric=False),
-    "int4 asym g128 m256": quant_config("int4", 256, group_size=128, symmetric=False),
-    "int4 sym g128 m256 n128 warps8": quant_config("int4", 256, group_size=128, block_n=128,
-                                                   num_warps=8),
-    "fp8 m16": quant_config("fp8", 16),
-    "fp8 m256": quant_config("fp8", 256),
+def _target_config(description, cc, sms, fpus, smem_optin, smem_core, bandwidth, l2, clock, memory):
+    return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_block_optin: {smem_optin} shared_memory_per_core: {smem_core}
+  threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(bandwidth)} l2_cache_size: {l2} clock_rate_ghz: {clock}
+  device_memory_size: {memory} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {cc[0]} minor: {cc[1]} }}
+}}
+platform_name: "CUDA"
+runtime_version {{ major: 12 minor: 9 patch: 0 }}
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{description}"
+"""
+
+
+H100_MEMORY, A100_MEMORY = 85520809984, 85899345920  # 80 GB cards, as their drivers report them
+CARDS = {
+    "H100": Card("H100 SXM 80GB", "sm_90a", H100_MEMORY, 3.35e12, 989e12, _target_config(
+        "NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 232448, 233472, 3.35e12, 52428800, 1.98, H100_MEMORY)),
+    "A100": Card("A100 SXM 80GB", "sm_80", A100_MEMORY, 2.039e12, 312e12, _target_config(
+        "NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 166912, 167936, 2.039e12, 41943040, 1.41, A100_MEMORY)),
 }
 
-
-def export(fn, args):
-    return jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+LLAMA3_ROPE = ("llama3", 8.0, 1.0, 4.0, 8192)
 
 
-def triton_calls(module_text):
-    """The Triton kernels of an exported module: [(name, ir bytes, num_warps, num_stages)]."""
-    calls = []
-
-    def walk(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    if (child.operation.name == "stablehlo.custom_call"
-                            and ir.StringAttr(child.attributes["call_target_name"]).value == TRITON_CALL):
-                        config = ir.DictAttr(child.attributes["mhlo.backend_config"])
-                        calls.append((ir.StringAttr(config["name"]).value,
-                                      ir.StringAttr(config["ir"]).value_bytes,
-                                      ir.IntegerAttr(config["num_warps"]).value,
-                                      ir.IntegerAttr(config["num_stages"]).value))
-                    walk(child.operation)
-
-    with mlir.make_ir_context():
-        walk(ir.Module.parse(module_text).operation)
-    return calls
+def llama3(hidden, intermediate, layers, heads, name):
+    return ModelConfig(architecture="llama", vocab_size=128256, hidden_size=hidden, intermediate_size=intermediate,
+                       num_layers=layers, num_heads=heads, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+                       rope_scaling=LLAMA3_ROPE, name=name)
 
 
-def ptxas_path():
+LLAMA3_8B = llama3(4096, 14336, 32, 32, "Llama-3-8B")
+LLAMA3_70B = llama3(8192, 28672, 80, 64, "Llama-3-70B")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shipped:
+    """One shipped configuration: a model, its weight format, and the engine limits."""
+
+    name: str
+    model: ModelConfig
+    formats: dict  # projection -> WeightFormat (empty: bf16)
+    head_format: object  # WeightFormat of the LM head, or None
+    engine: EngineConfig
+    cards: tuple[str, ...]
+
+
+def uniform(fmt):
+    return {p: fmt for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+
+
+def shipped_configurations() -> list[Shipped]:
+    # server.py's GPU defaults (EngineConfig: 512 batched tokens, page size 16), 64 sequences per step
+    # for the batch-64 row, and a context that fits each model's use.
+    engine = EngineConfig(max_num_seqs=64, dtype="bfloat16")
+    out = []
+    try:  # SmolLM2 as bundled: its GGUF's own Q4_1/Q8_0 blocks ("native", the GPU default for a GGUF)
+        from jaxinfer.weights import open_checkpoint
+
+        checkpoint = open_checkpoint("SmolLM2-135M-Instruct")
+        formats = {p: f for p, (f, _) in projection_formats(checkpoint.config, checkpoint, "native").items()}
+        head = quant.resolve_lm_head_quantization("auto", "native", checkpoint.tensor_type(
+            head_tensor_name(checkpoint.config)))
+        out.append(Shipped("SmolLM2-135M native (Q4_1 GGUF)", checkpoint.config, formats,
+                           quant.weight_format(head) if head == "int8" else None, engine, ("H100", "A100")))
+    except Exception as e:  # noqa: BLE001 - the bundled package is missing: say so, check the rest
+        print(f"SmolLM2 skipped: {type(e).__name__}: {e}")
+    long = engine.replace(max_model_len=8192)
+    int4 = quant.weight_format("int4", 128)
+    out += [
+        Shipped("Llama-3-8B bf16", LLAMA3_8B, {}, None, long, ("H100", "A100")),
+        Shipped("Llama-3-8B int8", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long, ("H100", "A100")),
+        Shipped("Llama-3-8B int4 g128", LLAMA3_8B, uniform(int4), None, long, ("H100", "A100")),
+        Shipped("Llama-3-70B int4 g128", LLAMA3_70B, uniform(int4), None, long, ("H100",)),
+    ]
+    return out
+
+
+def topology_mesh(card: Card) -> Mesh:
+    topology = topologies.get_topology_desc(card.name, "cuda", target_config=card.target_config,
+                                            topology="1x1x1")
+    return Mesh(topology.devices, ("x",))
+
+
+def abstract_step_args(shipped: Shipped, num_pages: int, num_tokens: int, num_seqs: int, sharding):
+    """(jitted step, its abstract arguments) for one bucket, every array on `sharding`."""
+    model = nnx.eval_shape(lambda: Llama(shipped.model, dtype=jnp.bfloat16, attention_backend="pallas",
+                                         formats=shipped.formats, quant_backend="pallas",
+                                         head_format=shipped.head_format))
+    graphdef, state = nnx.split(model)
+    c, e = shipped.model, shipped.engine
+    cache = jax.ShapeDtypeStruct((c.num_layers, c.num_kv_heads, num_pages, e.page_size, c.head_dim), jnp.bfloat16,
+                                 sharding=sharding)
+    batch = empty_batch(num_tokens, num_seqs, -(-e.max_model_len // e.page_size), e.max_model_len)
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
+    return jit_step(graphdef), (jax.tree.map(place, state), cache, cache, *jax.tree.map(place, batch))
+
+
+def compile_bucket(shipped, mesh, num_pages, num_tokens, num_seqs):
+    step, args = abstract_step_args(shipped, num_pages, num_tokens, num_seqs, NamedSharding(mesh, PartitionSpec()))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # Pallas reads the GPU kind from it
+        return step.lower(*args).compile()
+
+
+KERNEL_RE = re.compile(r"\.entry\s+(ragged_paged_attention|write_kv|quant_matmul_\w+)\s*\(")
+
+
+def kernel_reports(ptx_files, arch) -> dict[str, tuple[int, int, int]]:
+    """{kernel name: (registers, static smem bytes, spill bytes)} of our Pallas kernels, from ptxas -v."""
     import nvidia.cuda_nvcc
-    return os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
+
+    ptxas = os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
+    reports = {}
+    for path in ptx_files:
+        with open(path) as f:
+            text = f.read()
+        names = KERNEL_RE.findall(text)
+        if not names:
+            continue
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"ptxas failed on {names}: {proc.stderr[-2000:]}")
+        for block in proc.stderr.split("Compiling entry function")[1:]:
+            name = re.match(r"\s*'(\w+)'", block).group(1)
+            if name not in names:
+                continue
+            regs = int(re.search(r"Used (\d+) registers", block).group(1))
+            smem = re.search(r"(\d+) bytes smem", block)
+            spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", block))
+            old = reports.get(name, (0, 0, 0))
+            reports[name] = tuple(max(a, b) for a, b in zip(old, (regs, int(smem.group(1)) if smem else 0, spills)))
+    return reports
 
 
-def _init_worker():
-    jax.devices()  # initializing the CUDA plugin registers its Triton compilation handler
+def new_ptx_files(seen: set) -> list[str]:
+    files = set(glob.glob(os.path.join(DUMP_DIR, "*.ptx")))
+    new = sorted(files - seen)
+    seen.update(files)
+    return new
 
 
-def compile_cubin(ttir, arch, num_warps, num_stages):
-    """TTIR -> PTX (Triton) -> cubin (ptxas). Returns registers, smem bytes, spill bytes."""
-    result = triton.compile("cuda", ttir, ARCHS[arch], num_warps=num_warps, num_ctas=1,
-                            num_stages=num_stages)
-    with tempfile.TemporaryDirectory() as workdir:
-        ptx = os.path.join(workdir, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(result.asm)
-        proc = subprocess.run([ptxas_path(), f"-arch={arch}", "-v", ptx, "-o", ptx + ".cubin"],
-                              capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"ptxas failed:\n{proc.stderr}")
-    registers = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
-    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr))
-    # Triton kernels use dynamic shared memory only; ptxas reports static smem, Triton the rest.
-    static_smem = re.search(r"(\d+) bytes smem", proc.stderr)
-    smem = result.smem_bytes + (int(static_smem.group(1)) if static_smem else 0)
-    return registers, smem, spills
+def decode_cost(shipped: Shipped, weight_bytes: int, batch: int):
+    """(bytes, flops) of one decode step of `batch` sequences with CONTEXT tokens each."""
+    c, e = shipped.model, shipped.engine
+    kv_per_token = kv_cache_bytes_per_page(c, e.page_size, jnp.bfloat16) // e.page_size
+    num_bytes = weight_bytes + batch * CONTEXT * kv_per_token
+    q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q_dim + 2 * kv_dim) + 3 * c.hidden_size * c.intermediate_size
+    matmul_weights = c.num_layers * per_layer + c.vocab_size * c.hidden_size  # the LM head included
+    attention = 4 * c.num_layers * c.num_heads * c.head_dim * CONTEXT  # QK^T and PV, per token
+    return num_bytes, batch * (2 * matmul_weights + attention)
 
 
-def _new_pool():
-    # Triton aborts the process on some errors (an LLVM ERROR): compile in a worker that may die.
-    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker)
+@dataclasses.dataclass
+class Result:
+    config: str
+    card: str
+    weights_gib: float = 0.0
+    temp_gib: float = 0.0
+    kv_tokens: int = 0
+    total_gib: float = 0.0
+    fits: bool = False
+    tok_s: tuple = ()
+    usd_per_m: tuple = ()
+    kernels: dict = dataclasses.field(default_factory=dict)
+    compile_s: float = 0.0
+    error: str = ""
 
 
-def check(name, fn, args, pool):
-    """Exports, compiles and prints one configuration. Returns (failures, pool)."""
+def check(shipped: Shipped, card_key: str, util: float, seen_ptx: set) -> Result:
+    card = CARDS[card_key]
+    result = Result(shipped.name, card_key)
+    start = time.perf_counter()
     try:
-        calls = triton_calls(export(fn, args).mlir_module())
-        if not calls:
-            raise RuntimeError(f"no {TRITON_CALL} custom call in the exported module")
-    except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-        print(f"| {name:34} | export FAILED: {type(e).__name__}: {str(e).splitlines()[0]}")
-        return 1, pool
-    failures = 0
-    for _, ttir, num_warps, num_stages in calls:
-        for arch in ARCHS:
-            try:
-                regs, smem, spills = pool.submit(
-                    compile_cubin, ttir, arch, num_warps, num_stages).result()
-            except BrokenProcessPool:
-                print(f"| {name:34} | {arch:6} | compile FAILED: the compiler crashed "
-                      "(its message is above)")
-                failures, pool = failures + 1, _new_pool()
-                continue
-            except Exception as e:  # noqa: BLE001
-                print(f"| {name:34} | {arch:6} | compile FAILED: {type(e).__name__}: {e}")
-                failures += 1
-                continue
-            problems = (["spills"] if spills else []) + (
-                ["smem over the sm_80 limit"] if smem > SM80_MAX_SMEM_PER_BLOCK else [])
-            failures += bool(problems)
-            print(f"| {name:34} | {arch:6} | {num_warps:5} | {num_stages:6} | {regs:4} | "
-                  f"{smem / 1024:7.1f} | {spills:6} |"
-                  + (f" FAIL: {', '.join(problems)}" if problems else ""), flush=True)
-    return failures, pool
+        mesh = topology_mesh(card)
+        e = shipped.engine
+        pages_per_seq = -(-e.max_model_len // e.page_size)
+        largest = step_buckets(e.max_num_batched_tokens, e.max_num_seqs)[-1]
+        peak = compile_bucket(shipped, mesh, pages_per_seq, *largest).memory_analysis()
+        page_bytes = kv_cache_bytes_per_page(shipped.model, e.page_size, jnp.bfloat16)
+        cache_bytes = 2 * (page_bytes // 2) * pages_per_seq
+        inputs = peak.argument_size_in_bytes - cache_bytes  # weights + the batch's arrays
+        budget = int(util * card.memory) - inputs - peak.temp_size_in_bytes - peak.output_size_in_bytes
+        num_pages = max(budget // page_bytes, 0)
+        result.weights_gib, result.temp_gib = inputs / GIB, peak.temp_size_in_bytes / GIB
+        result.kv_tokens = num_pages * e.page_size
+        total = inputs + num_pages * page_bytes + peak.temp_size_in_bytes + peak.output_size_in_bytes
+        result.total_gib = total / GIB
+        result.fits = num_pages >= pages_per_seq and total <= util * card.memory
+        if not result.fits:
+            result.error = f"does not fit: {budget / GIB:.1f} GiB left for the KV cache"
+        result.kernels = kernel_reports(new_ptx_files(seen_ptx), card.arch)
+        weights = inputs  # the batch's arrays are a few KB next to the weights
+        rates = []
+        for batch in (1, 64):
+            num_bytes, flops = decode_cost(shipped, weights, batch)
+            rates.append(batch / max(num_bytes / card.bandwidth, flops / card.bf16_flops))
+        result.tok_s = tuple(rates)
+        result.usd_per_m = tuple(SEED_PRICE_PER_HOUR / (r * 3600) * 1e6 for r in rates)
+    except Exception as err:  # noqa: BLE001 - report every configuration, then fail
+        result.error = f"compile FAILED: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    finally:
+        result.compile_s = time.perf_counter() - start
+    return result
+
+
+def table(results: list[Result], util: float) -> str:
+    lines = [
+        f"| configuration | card | weights GiB | step temporaries GiB | KV tokens at util {util} | total GiB | fits "
+        "| decode tok/s roofline b=1 / b=64 | $ per 1M tokens b=1 / b=64 | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.error and not r.weights_gib:
+            lines.append(f"| {r.config} | {r.card} | {r.error} | | | | no | | | {r.compile_s:.0f} |")
+            continue
+        rates = " / ".join(f"{x:,.0f}" for x in r.tok_s) or "-"
+        usd = " / ".join(f"{x:.3f}" for x in r.usd_per_m) or "-"
+        lines.append(f"| {r.config} | {r.card} | {r.weights_gib:.2f} | {r.temp_gib:.2f} | {r.kv_tokens:,} | "
+                     f"{r.total_gib:.1f} | {'yes' if r.fits else 'NO: ' + r.error} | {rates} | {usd} | "
+                     f"{r.compile_s:.0f} |")
+    lines += ["", "| configuration | card | kernel | registers | static smem B | spill B |", "|---|---|---|---|---|---|"]
+    for r in results:
+        for name, (regs, smem, spills) in sorted(r.kernels.items()):
+            lines.append(f"| {r.config} | {r.card} | {name} | {regs} | {smem} | {spills} |")
+    return "\n".join(lines)
 
 
 def main():
-    header = (f"| {'kernel / configuration':34} | {'arch':6} | warps | stages | regs | smem KB "
-              "| spills |")
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    failures, pool = 0, _new_pool()
-    for name, (fn, args) in CONFIGS.items():
-        failed, pool = check(name, fn, args, pool)
-        failures += failed
-    pool.shutdown()
-    print(f"\n{failures} failure(s)" if failures else "\nall kernels compiled for " + ", ".join(ARCHS))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--util", type=float, default=0.9, help="--gpu-memory-utilization (default 0.9)")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 (or the first configuration) on H100 only")
+    parser.add_argument("--markdown", help="also write the tables to this file")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__}; compile-only devices from jax.experimental.topologies; "
+          f"decode roofline at {CONTEXT} tokens of context per sequence", flush=True)
+    configurations = shipped_configurations()
+    if args.quick:
+        configurations = [dataclasses.replace(configurations[0], cards=("H100",))]
+    results, seen_ptx = [], set()
+    for shipped in configurations:
+        for card in shipped.cards:
+            r = check(shipped, card, args.util, seen_ptx)
+            status = r.error or f"fits ({r.total_gib:.1f} GiB, {r.kv_tokens:,} KV tokens)"
+            print(f"{shipped.name} on {card}: {status}; kernels {r.kernels}; {r.compile_s:.0f} s", flush=True)
+            results.append(r)
+    text = table(results, args.util)
+    print("\n" + text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    failures = [r for r in results if not r.fits or any(s for _, _, s in r.kernels.values())]
+    for r in failures:
+        print(f"FAIL: {r.config} on {r.card}: {r.error or 'spills in ' + str(r.kernels)}")
+    print(f"\n{len(failures)} failure(s)" if failures else f"\nall {len(results)} configurations compiled and fit")
     return 1 if failures else 0
 
 

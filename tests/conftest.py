@@ -1,7 +1,5 @@
 """Shared fixtures: the bundled model, its HF transformers reference, and engines built once per session."""
 
-import importlib.metadata
-import os
 
 import pytest
 
@@ -16,39 +14,32 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
+def hf_reference():
+    """HF transformers in its own Python 3.11 process (tests/hf_reference.py)."""
+    from tests.hf_reference import HFReference
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path))
+    reference = HFReference()
+    yield reference
+    reference.close()
 
 
 @pytest.fixture(scope="session")
-def hf_model(smollm2_path):
-    """The reference: HF transformers (torch, CPU, float32) loading the same GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def hf_tokenizer(hf_reference, smollm2_path):
+    """transformers' tokenizer of the same GGUF file (in the reference process)."""
+    return hf_reference.load_tokenizer_gguf(smollm2_path)
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32)
-    return model.eval()
+
+@pytest.fixture(scope="session")
+def hf_model(hf_reference, smollm2_path):
+    """The reference: HF transformers (torch, CPU, float32) loading the same GGUF file."""
+    return hf_reference.load_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, hf_model, hf_tokenizer):
     """The bundled model as a Hugging Face directory (safetensors + config + tokenizer), made by transformers."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
     path = tmp_path_factory.mktemp("smollm2-hf")
-    # A GGUF-loaded model refuses save_pretrained (its config says "quantized with gguf"): copy its
-    # dequantized weights into a plain model of the same config first.
-    config = copy.deepcopy(hf_model.config)
-    del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(hf_model.state_dict())
-    plain.save_pretrained(path, safe_serialization=True, max_shard_size="200MB")  # sharded: 3 files + index
+    hf_model.save_pretrained(path)  # sharded: 3 files + index
     hf_tokenizer.save_pretrained(path)
     return str(path)
 

@@ -11,15 +11,9 @@ import jax.numpy as jnp
 import pytest
 
 from kernels_pallas import paged_attention as pa
+from jaxinfer import quant
 from kernels_pallas import quant_matmul as qm
-
-TRITON_CALL = "__gpu$xla.gpu.triton"
-
-
-def export_for_cuda(fn, *args):
-    return jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+from tests.helpers import TRITON_CALL, export_for_cuda
 
 
 def spec(shape, dtype):
@@ -60,12 +54,12 @@ def test_write_kv_lowers_to_triton_with_the_cache_aliased(num_kv_heads, head_dim
 
 
 QUANTIZERS = {
-    "int8": lambda w: qm.quantize_int8(w),
-    "int8-g32": lambda w: qm.quantize_int8(w, group_size=32),
-    "int4-sym-g32": lambda w: qm.quantize_int4(w, group_size=32),
-    "int4-asym-g64": lambda w: qm.quantize_int4(w, group_size=64, symmetric=False),
-    "int4-sym-g128": lambda w: qm.quantize_int4(w, group_size=128),
-    "fp8": lambda w: qm.quantize_fp8(w),
+    "int8": lambda w: quant.quantize_int8(w),
+    "int8-g32": lambda w: quant.quantize_int8(w, group_size=32),
+    "int4-sym-g32": lambda w: quant.quantize_int4(w, group_size=32),
+    "int4-asym-g64": lambda w: quant.quantize_int4(w, group_size=64, symmetric=False),
+    "int4-sym-g128": lambda w: quant.quantize_int4(w, group_size=128),
+    "fp8": lambda w: quant.quantize_fp8(w),
 }
 
 
@@ -73,7 +67,9 @@ QUANTIZERS = {
 @pytest.mark.parametrize("name", list(QUANTIZERS))
 def test_quant_matmul_lowers_to_triton(name, m):
     weight = jax.eval_shape(QUANTIZERS[name], spec((512, 384), jnp.float32))
-    exported = export_for_cuda(qm.quant_matmul, spec((m, 512), jnp.bfloat16), weight)
+    exported = export_for_cuda(
+        lambda x, w: qm.quant_matmul(x, w.data, w.scales, w.mins, fmt=w.format, group_size=w.group_size),
+        spec((m, 512), jnp.bfloat16), weight)
     assert TRITON_CALL in exported.mlir_module()
 
 

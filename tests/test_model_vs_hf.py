@@ -5,7 +5,6 @@ import pydoc_data.topics
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jaxinfer import SamplingParams
 from jaxinfer.cache import allocate_kv_cache
@@ -39,12 +38,7 @@ def prompts(hf_tokenizer):
 
 @pytest.fixture(scope="module")
 def hf_greedy(hf_model, prompts):
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            out = hf_model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)
-            outs.append(out[0, len(p):].tolist())
-    return outs
+    return hf_model.greedy(prompts, NEW_TOKENS)
 
 
 def test_greedy_tokens_match_hf(llm, prompts, hf_greedy):
@@ -70,8 +64,7 @@ def prefill_logits(llm, token_ids, page_size=16):
 
 
 def test_last_position_logits_match_hf(llm, hf_model, prompts):
-    for p in (prompts[0], prompts[3], prompts[-1]):
-        with torch.no_grad():
-            ref = hf_model(torch.tensor([p])).logits[0, -1].numpy()
+    some = [prompts[0], prompts[3], prompts[-1]]
+    for p, ref in zip(some, hf_model.last_logits(some)):
         ours = prefill_logits(llm, p)
         assert np.abs(ours - ref).max() <= 1e-3

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from kernels_cpu import native
-from kernels_pallas import dispatch
+from jaxinfer import ops
 from kernels_pallas.paged_attention import ragged_paged_attention_reference
-from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul_reference, quantize_int8
+from jaxinfer.quant import QuantizedWeight, quant_matmul_reference, quantize_int8
 from tests.test_paged_attention_xla import ragged_case
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernels are off")
@@ -96,9 +96,9 @@ def test_dispatch_sends_per_channel_int8_to_the_kernel_and_other_formats_to_xla(
     for m in (1, 33, 100):
         x = jnp.asarray(rng.standard_normal((m, 256)), jnp.float32)
         for weight, native_path in ((blocked, True), (qw, True), (grouped, False)):
-            text = jax.jit(lambda x, w: dispatch.quant_matmul(x, w, backend="xla")).lower(x, weight).as_text()
+            text = jax.jit(lambda x, w: ops.quant_matmul(x, w, backend="xla")).lower(x, weight).as_text()
             assert ("jaxinfer_int8_matmul" in text) == native_path, (m, weight.layout, weight.group_size)
-            got = dispatch.quant_matmul(x, weight, backend="xla")
+            got = ops.quant_matmul(x, weight, backend="xla")
             np.testing.assert_allclose(np.asarray(got), np.asarray(quant_matmul_reference(x, weight)), atol=1e-4,
                                        rtol=1e-4)
 

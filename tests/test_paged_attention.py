@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from kernels_pallas import dispatch
+from jaxinfer import ops
 from kernels_pallas import paged_attention as pa
 
 POISON = 1e6  # K/V in slots no query may see (NaN for the kernels)
@@ -233,10 +233,10 @@ def test_pallas_write_kv_at_a_traced_layer_inside_scan():
 
 def test_dispatch_backends_agree_and_auto_is_xla_on_cpu():
     batch = make_batch(6, [1, 4], [9, 4], group=2)
-    results = {b: dispatch.ragged_paged_attention(**batch, sm_scale=0.125, backend=b)
+    results = {b: ops.ragged_paged_attention(**batch, sm_scale=0.125, backend=b)
                for b in ("auto", "xla", "pallas_interpret")}
-    assert dispatch.resolve_backend("auto") == "xla"
+    assert ops.resolve_backend("auto") == "xla"
     np.testing.assert_array_equal(np.asarray(results["auto"]), np.asarray(results["xla"]))
     assert relative_error(results["pallas_interpret"], results["xla"]) <= 1e-5
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        dispatch.resolve_backend("cuda")
+        ops.resolve_backend("cuda")

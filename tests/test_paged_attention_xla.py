@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.paged_attention import ragged_paged_attention_reference
-from kernels_pallas.paged_attention_xla import ragged_paged_attention_xla
+from jaxinfer.xla_attention import ragged_paged_attention_xla
 
 
 def ragged_case(rng, q_lens, seq_lens, *, num_heads, num_kv_heads, head_dim=64, page_size=16, num_tokens=None,

@@ -1,6 +1,6 @@
 """Quantized weights: GGUF blocks taken bit for bit, load-time quantizers against the full-precision
 model on real text (perplexity, greedy tokens), device memory, the converted-weight cache, and the
-quantized projections through the dispatcher (XLA and interpreted Pallas)."""
+quantized projections through jaxinfer.ops (XLA and interpreted Pallas)."""
 
 import logging
 import os
@@ -20,8 +20,9 @@ from jaxinfer.cache import allocate_kv_cache
 from jaxinfer.models.llama import AttentionMetadata, Llama, load_llama, projection_formats
 from jaxinfer.weights.cache import WeightCache
 from jaxinfer.weights.gguf import GGUFCheckpoint
-from kernels_pallas import dispatch
-from kernels_pallas.quant_matmul import QuantizedWeight, dequantize
+from jaxinfer import ops
+from jaxinfer.quant import QuantizedWeight, dequantize
+from tests.helpers import TRITON_CALL, export_for_cuda
 
 # Perplexity over 4,096 tokens: 16 windows of 256 (attention over 1,024-token windows would cost
 # twice as much on CPU); each format relative to full precision (the same dequantized GGUF weights).
@@ -243,8 +244,8 @@ def test_quantized_projection_runs_through_interpreted_pallas(models):
     for q in ("native", "int8"):
         q_proj = models[q].layers.q_proj
         w = jax.tree.map(lambda a: a[0], q_proj.quantized_weight())  # layer 0
-        ref = dispatch.quant_matmul(x, w, backend="xla")
-        out = dispatch.quant_matmul(x, w, backend="pallas_interpret")
+        ref = ops.quant_matmul(x, w, backend="xla")
+        out = ops.quant_matmul(x, w, backend="pallas_interpret")
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4, rtol=2e-4)
 
 
@@ -265,12 +266,9 @@ def test_quantized_model_step_lowers_for_cuda(smollm2, quantization, kernel):
     def step(state, token_ids, positions, k_cache, v_cache, meta):
         return nnx.merge(graphdef, state)(token_ids, positions, k_cache, v_cache, meta)
 
-    triton = "__gpu$xla.gpu.triton"
-    exported = jax.export.export(jax.jit(step), platforms=["cuda"],
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])(
-        state, spec((8,), jnp.int32), spec((8,), jnp.int32), cache, cache, meta)
+    exported = export_for_cuda(step, state, spec((8,), jnp.int32), spec((8,), jnp.int32), cache, cache, meta)
     text = exported.mlir_module()
-    assert triton in text and kernel in text
+    assert TRITON_CALL in text and kernel in text
 
 
 # ------------------------------------------------------------------------------------------

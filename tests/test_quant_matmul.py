@@ -13,15 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import dispatch
+from jaxinfer import ops, quant
 from kernels_pallas import quant_matmul as qm
+
+
+def pallas_quant_matmul(x, qw, **options):
+    """The Pallas kernel, interpreted, on a `QuantizedWeight`'s arrays."""
+    return qm.quant_matmul(x, qw.data, qw.scales, qw.mins, fmt=qw.format, group_size=qw.group_size, interpret=True,
+                           **options)
 
 
 def random_weight(seed, k=256, n=96):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((k, n)), jnp.float32)
 
 
-def decode_numpy(w: qm.QuantizedWeight):
+def decode_numpy(w: quant.QuantizedWeight):
     """W[K, N] in float64, decoded element by element from the documented layout."""
     data = np.asarray(w.data.astype(jnp.float32) if w.format == "fp8" else w.data)
     scales = np.asarray(w.scales, np.float64)
@@ -45,13 +51,13 @@ def decode_numpy(w: qm.QuantizedWeight):
 
 
 QUANTIZERS = {
-    "int8": lambda w: qm.quantize_int8(w),
-    "int8-g32": lambda w: qm.quantize_int8(w, group_size=32),
-    "int4-sym-g32": lambda w: qm.quantize_int4(w, group_size=32),
-    "int4-asym-g32": lambda w: qm.quantize_int4(w, group_size=32, symmetric=False),
-    "int4-sym-g64": lambda w: qm.quantize_int4(w, group_size=64),
-    "int4-asym-g128": lambda w: qm.quantize_int4(w, group_size=128, symmetric=False),
-    "fp8": lambda w: qm.quantize_fp8(w),
+    "int8": lambda w: quant.quantize_int8(w),
+    "int8-g32": lambda w: quant.quantize_int8(w, group_size=32),
+    "int4-sym-g32": lambda w: quant.quantize_int4(w, group_size=32),
+    "int4-asym-g32": lambda w: quant.quantize_int4(w, group_size=32, symmetric=False),
+    "int4-sym-g64": lambda w: quant.quantize_int4(w, group_size=64),
+    "int4-asym-g128": lambda w: quant.quantize_int4(w, group_size=128, symmetric=False),
+    "fp8": lambda w: quant.quantize_fp8(w),
 }
 # Relative error of W itself after round-to-nearest on Gaussian weights, per format.
 QUANTIZATION_ERROR = {"int8": 0.01, "int4": 0.15, "fp8": 0.04}
@@ -63,7 +69,7 @@ QUANTIZATION_ERROR = {"int8": 0.01, "int4": 0.15, "fp8": 0.04}
 def test_dequantize_follows_the_documented_layout(name):
     w = random_weight(0, k=128, n=8)
     qw = QUANTIZERS[name](w)
-    np.testing.assert_allclose(np.asarray(qm.dequantize(qw)), decode_numpy(qw), rtol=1e-6,
+    np.testing.assert_allclose(np.asarray(quant.dequantize(qw)), decode_numpy(qw), rtol=1e-6,
                                atol=1e-6)
     error = np.linalg.norm(decode_numpy(qw) - np.asarray(w)) / np.linalg.norm(np.asarray(w))
     assert error <= QUANTIZATION_ERROR[qw.format]
@@ -71,7 +77,7 @@ def test_dequantize_follows_the_documented_layout(name):
 
 def test_int4_pack_unpack_round_trip_low_nibble_is_even_row():
     q = jnp.asarray(np.random.default_rng(1).integers(0, 16, (64, 5)), jnp.uint8)
-    packed = qm.pack_int4(q)
+    packed = quant.pack_int4(q)
     assert packed.shape == (32, 5) and packed.dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(packed & 0xF), np.asarray(q[0::2]))
     np.testing.assert_array_equal(np.asarray(qm.unpack_int4(packed)), np.asarray(q))
@@ -80,7 +86,7 @@ def test_int4_pack_unpack_round_trip_low_nibble_is_even_row():
 def test_int4_symmetric_keeps_each_groups_largest_magnitude_exactly():
     # Q4_0's rule: that value maps to q = 0, i.e. scale * -8.
     w = random_weight(2, k=64, n=4)
-    qw = qm.quantize_int4(w, group_size=32)
+    qw = quant.quantize_int4(w, group_size=32)
     groups = np.asarray(w).reshape(2, 32, 4)
     biggest = np.take_along_axis(groups, np.abs(groups).argmax(axis=1)[:, None], axis=1)[:, 0]
     np.testing.assert_allclose(np.asarray(qw.scales) * -8, biggest, rtol=1e-6)
@@ -88,7 +94,7 @@ def test_int4_symmetric_keeps_each_groups_largest_magnitude_exactly():
 
 def test_int4_asymmetric_keeps_each_groups_min_and_max():
     w = random_weight(3, k=64, n=4)
-    qw = qm.quantize_int4(w, group_size=32, symmetric=False)
+    qw = quant.quantize_int4(w, group_size=32, symmetric=False)
     groups = np.asarray(w).reshape(2, 32, 4)
     np.testing.assert_allclose(np.asarray(qw.mins), groups.min(axis=1), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(qw.mins + 15 * qw.scales), groups.max(axis=1),
@@ -106,11 +112,11 @@ def test_e4m3_integer_decode_matches_every_finite_fp8_value():
 
 
 def test_quantized_weight_is_a_pytree_that_scans_over_layers():
-    stacked = jax.vmap(lambda w: qm.quantize_int4(w, group_size=32))(
+    stacked = jax.vmap(lambda w: quant.quantize_int4(w, group_size=32))(
         jnp.stack([random_weight(4, k=64, n=8), random_weight(5, k=64, n=8)]))
     assert stacked.data.shape == (2, 32, 8) and stacked.format == "int4"
     x = jnp.ones((3, 64), jnp.float32)
-    _, outs = jax.lax.scan(lambda c, w: (c, qm.quant_matmul_reference(x, w)), 0, stacked)
+    _, outs = jax.lax.scan(lambda c, w: (c, quant.quant_matmul_reference(x, w)), 0, stacked)
     assert outs.shape == (2, 3, 8)
 
 
@@ -126,7 +132,7 @@ def test_reference_is_dequantize_then_dot():
     x = np.random.default_rng(7).standard_normal((5, 128))
     for name, quantize in QUANTIZERS.items():
         qw = quantize(w)
-        out = qm.quant_matmul_reference(jnp.asarray(x, jnp.float32), qw)
+        out = quant.quant_matmul_reference(jnp.asarray(x, jnp.float32), qw)
         assert relative_error(out, x @ decode_numpy(qw)) <= 1e-5, name
 
 
@@ -135,31 +141,31 @@ def test_reference_is_dequantize_then_dot():
 def test_pallas_quant_matmul_matches_reference(name, m):
     qw = QUANTIZERS[name](random_weight(8))
     x = jnp.asarray(np.random.default_rng(m).standard_normal((m, 256)), jnp.float32)
-    out = qm.quant_matmul(x, qw, interpret=True)
+    out = pallas_quant_matmul(x, qw)
     assert out.shape == (m, 96) and out.dtype == jnp.float32
-    assert relative_error(out, qm.quant_matmul_reference(x, qw)) <= 1e-5
+    assert relative_error(out, quant.quant_matmul_reference(x, qw)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-asym-g128", "fp8"])
 def test_pallas_quant_matmul_bfloat16(name):
     qw = QUANTIZERS[name](random_weight(9))
     x = jnp.asarray(np.random.default_rng(10).standard_normal((7, 256)), jnp.bfloat16)
-    out = qm.quant_matmul(x, qw, interpret=True)
+    out = pallas_quant_matmul(x, qw)
     assert out.dtype == jnp.bfloat16
-    assert relative_error(out, qm.quant_matmul_reference(x, qw)) <= 1e-2
+    assert relative_error(out, quant.quant_matmul_reference(x, qw)) <= 1e-2
 
 
 def test_pallas_quant_matmul_with_k_not_a_multiple_of_the_block():
-    qw = qm.quantize_int8(random_weight(11, k=200, n=40))
+    qw = quant.quantize_int8(random_weight(11, k=200, n=40))
     x = jnp.asarray(np.random.default_rng(12).standard_normal((3, 200)), jnp.float32)
-    out = qm.quant_matmul(x, qw, block_k=64, interpret=True)
-    assert relative_error(out, qm.quant_matmul_reference(x, qw)) <= 1e-5
+    out = pallas_quant_matmul(x, qw, block_k=64)
+    assert relative_error(out, quant.quant_matmul_reference(x, qw)) <= 1e-5
 
 
 def test_dispatch_quant_matmul_keeps_leading_dims():
-    qw = qm.quantize_int4(random_weight(13, k=64, n=16), group_size=32)
+    qw = quant.quantize_int4(random_weight(13, k=64, n=16), group_size=32)
     x = jnp.asarray(np.random.default_rng(14).standard_normal((2, 3, 64)), jnp.float32)
-    xla = dispatch.quant_matmul(x, qw, backend="xla")
-    pallas = dispatch.quant_matmul(x, qw, backend="pallas_interpret")
+    xla = ops.quant_matmul(x, qw, backend="xla")
+    pallas = ops.quant_matmul(x, qw, backend="pallas_interpret")
     assert xla.shape == (2, 3, 16)
     assert relative_error(pallas, xla) <= 1e-5

@@ -21,7 +21,7 @@ from jaxinfer import quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.weights.cache import WeightCache
 from jaxinfer.quant import Linear, WeightFormat
-from kernels_pallas import dispatch
+from jaxinfer import ops
 
 logger = logging.getLogger("jaxinfer")
 
@@ -105,9 +105,9 @@ class DecoderLayer(nnx.Module):
         k = self.k_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
         v = self.v_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_cache, v_cache = dispatch.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping,
+        k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping,
                                              backend=attention_backend)
-        attn = dispatch.ragged_paged_attention(
+        attn = ops.ragged_paged_attention(
             q, k_cache, v_cache, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             sm_scale=c.head_dim ** -0.5, sliding_window=c.sliding_window, backend=attention_backend)
         x = x + self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer)

@@ -1,4 +1,6 @@
-"""Ragged paged attention for XLA (the CPU path): the reference's math in blocks of rows and chunks of context.
+"""Ragged paged attention for XLA (the CPU path without the native kernel): the reference's math
+(`kernels_pallas.paged_attention.ragged_paged_attention_reference`, the specification) in blocks of
+rows and chunks of context.
 
 Like the reference, the query rows are cut into blocks of consecutive rows of one sequence, and a
 block gathers its sequence's pages once for all its rows. Unlike it, the context is walked in chunks
@@ -10,7 +12,7 @@ not the block table's width (max_model_len), so that width needs no compile buck
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.paged_attention import MASK_VALUE, _work_table
+from kernels_pallas.paged_attention import MASK_VALUE, work_table
 
 
 def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *, sm_scale,
@@ -28,7 +30,7 @@ def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_
     # gathers its pages once per block_q rows instead of once per row.
     block_q = max(1, num_tokens // num_seqs)
     num_blocks = min(num_tokens // block_q + num_seqs, num_tokens)
-    seq, first_row, num_rows, first_pos, kv_len = _work_table(
+    seq, first_row, num_rows, first_pos, kv_len = work_table(
         query_start_loc, seq_lens, num_tokens, block_q, num_blocks).T  # each [num_blocks]
     offsets = jnp.arange(block_q, dtype=jnp.int32)
     row_valid = offsets[None, :] < num_rows[:, None]  # [num_blocks, block_q]

@@ -1,20 +1,25 @@
-"""The one place that picks a kernel implementation.
+"""The one place that picks a kernel for a platform.
 
-Backends: "xla" (the CPU path: the native CPU kernels of `kernels_cpu` where they apply and are
-built, else the `jax.numpy` implementation compiled by XLA),
-"pallas" (the Pallas GPU kernels, Triton backend), "pallas_interpret" (the same Pallas kernels
-run by the interpreter on any platform: numerics tests only, slow), and "auto" (pallas on GPU,
-xla elsewhere). The choice is static: it is made when a step function is traced.
+Backends, chosen separately for attention (`--attention-backend`) and for the quantized matmul
+(`--matmul-backend`):
+- "xla": the CPU path. The native CPU kernels of `kernels_cpu` where they apply and are built,
+  else the `jax.numpy` implementation compiled by XLA (`jaxinfer.xla_attention` for attention, the
+  reference dequantize-then-dot for the matmul);
+- "pallas": the Pallas GPU kernels of `kernels_pallas` (Triton backend);
+- "pallas_interpret": the same Pallas kernels run by the interpreter on any platform (numerics
+  tests only, slow);
+- "auto": pallas on a GPU, xla elsewhere.
+The choice is static: it is made when a step function is traced. The kernel packages stand alone
+(they import nothing from each other or from jaxinfer); this module is where they meet the engine.
 """
 
-import dataclasses
-
 import jax
+import jax.numpy as jnp
 
-from kernels_pallas import paged_attention, quant_matmul as qmm
-from kernels_pallas.paged_attention_xla import ragged_paged_attention_xla
-from kernels_pallas.quant_matmul import QuantizedWeight
+from jaxinfer.xla_attention import ragged_paged_attention_xla
 from kernels_cpu import native
+from kernels_pallas import paged_attention
+from kernels_pallas import quant_matmul as qmm
 
 BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -50,8 +55,8 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
         *args, **options, interpret=backend == "pallas_interpret")
 
 
-def quant_matmul(x, w: QuantizedWeight, *, backend="auto", layer=None):
-    """x[..., K] @ W[K, N] -> [..., N] in x's dtype, W quantized (see `quant_matmul`).
+def quant_matmul(x, w, *, backend="auto", layer=None):
+    """x[..., K] @ W[K, N] -> [..., N] in x's dtype, W a `jaxinfer.quant.QuantizedWeight`.
 
     With `layer` (an int32 scalar, traced or not), W is a layer stack ([L, K, N] and so on) and
     layer `layer` of it is used: the native CPU kernel reads it in place, the other paths slice it.
@@ -64,25 +69,24 @@ def quant_matmul(x, w: QuantizedWeight, *, backend="auto", layer=None):
     else:
         if layer is not None:
             w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), w)
+        operands = (x2, w.kn_data(), w.scales, w.mins)  # the CPU kernel's layouts go back to [K, N]
+        formats = dict(fmt=w.format, group_size=w.group_size)
         if backend == "xla":
-            out = qmm.quant_matmul_reference(x2, w)
+            out = qmm.quant_matmul_reference(*operands, **formats)
         else:
-            if w.layout != "kn":  # the CPU kernel's layouts; the Pallas kernel reads [K, N]
-                unlayout = native.from_blocked if w.layout == "blocked" else native.from_vnni
-                w = dataclasses.replace(w, data=unlayout(w.data, w.shape[1]), layout="kn")
-            out = qmm.quant_matmul(x2, w, interpret=backend == "pallas_interpret")
+            out = qmm.quant_matmul(*operands, **formats, interpret=backend == "pallas_interpret")
     return out.reshape(*lead, out.shape[-1])
 
 
-def _native_int8(x2, w: QuantizedWeight) -> bool:
+def _native_int8(x2, w) -> bool:
     """Whether the native CPU kernel takes this matmul: per-channel int8, float32 x. It beats XLA's
     dequantize-then-dot at every batch size measured (1 to 512 rows: docs/KERNELS.md)."""
-    return (w.format == "int8" and w.group_size == 0 and x2.dtype == jax.numpy.float32
-            and w.scales.dtype == jax.numpy.float16 and jax.default_backend() == "cpu" and native.available())
+    return (w.format == "int8" and w.group_size == 0 and x2.dtype == jnp.float32
+            and w.scales.dtype == jnp.float16 and jax.default_backend() == "cpu" and native.available())
 
 
 def _native_attention(q, k_cache) -> bool:
     """Whether the native CPU attention takes this step: float32, head_dim a multiple of 16. It beats
     the XLA path's gather-then-dot for decode and prefill alike (docs/KERNELS.md)."""
-    return (q.dtype == jax.numpy.float32 and k_cache.dtype == jax.numpy.float32
+    return (q.dtype == jnp.float32 and k_cache.dtype == jnp.float32
             and q.shape[-1] % 16 == 0 and jax.default_backend() == "cpu" and native.available())

@@ -1,0 +1,121 @@
+"""The HF transformers reference, run in its own Python 3.11 venv (.venv-ref: torch's CPU wheel is
+for 3.11 only). `tests/hf_reference.py` starts it and sends it requests.
+
+Protocol: length-prefixed pickles on the original stdout/stdin, one reply per request:
+`(name, *args)` -> `("ok", result)` or `("error", traceback text)`. Everything the libraries
+print goes to stderr, so it cannot corrupt a reply. Models are held by a handle (an int).
+"""
+
+import os
+import pickle
+import struct
+import sys
+import traceback
+
+_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # library prints go to stderr
+_in = os.fdopen(sys.stdin.fileno(), "rb")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+torch.set_num_threads(2)
+_models = {}
+
+
+def load_gguf(path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return _keep(model)
+
+
+def load_dir(path):
+    return _keep(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+
+
+def _keep(model):
+    handle = len(_models)
+    _models[handle] = model.eval()
+    return handle
+
+
+def greedy(handle, prompts, max_new_tokens):
+    """Greedy continuations ([new token ids] per prompt), one prompt at a time."""
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            out = _models[handle].generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False)
+            outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+def last_logits(handle, prompts):
+    """[len(prompts), vocab] float32: each prompt's last-position logits."""
+    with torch.no_grad():
+        return np.stack([_models[handle](torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
+
+
+def save_pretrained(handle, path, max_shard_size="200MB"):
+    """Writes the model as a plain HF safetensors directory (config + weights)."""
+    import copy
+
+    model = _models[handle]
+    # A GGUF-loaded model refuses save_pretrained (its config says "quantized with gguf"): copy its
+    # dequantized weights into a plain model of the same config first.
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
+    return path
+
+
+_tokenizers = {}
+
+
+def load_tokenizer_gguf(path):
+    from transformers import AutoTokenizer
+
+    handle = len(_tokenizers)
+    _tokenizers[handle] = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return handle
+
+
+def tokenizer_call(handle, method, args, kwargs):
+    """Any method of a transformers tokenizer (encode, decode, apply_chat_template, save_pretrained)."""
+    result = getattr(_tokenizers[handle], method)(*args, **kwargs)
+    return list(map(int, result)) if method in ("encode",) or (
+        method == "apply_chat_template" and kwargs.get("tokenize")) else (
+        result if isinstance(result, str) else None)
+
+
+def versions():
+    return {"torch": str(torch.__version__), "transformers": str(transformers.__version__),
+            "python": sys.version.split()[0]}
+
+
+COMMANDS = {f.__name__: f for f in (load_gguf, load_dir, greedy, last_logits, save_pretrained, load_tokenizer_gguf,
+                                    tokenizer_call, versions)}
+
+
+def main():
+    while True:
+        header = _in.read(8)
+        if len(header) < 8:
+            return
+        name, *args = pickle.loads(_in.read(struct.unpack("<Q", header)[0]))
+        try:
+            reply = ("ok", COMMANDS[name](*args))
+        except Exception:  # noqa: BLE001 - the caller raises it
+            reply = ("error", traceback.format_exc())
+        data = pickle.dumps(reply, protocol=5)
+        _out.write(struct.pack("<Q", len(data)) + data)
+        _out.flush()
+
+
+if __name__ == "__main__":
+    main()
