@@ -126,6 +126,33 @@ def test_no_compilation_after_warmup(batched):
     assert_no_leak(batched)
 
 
+def test_a_step_shape_warm_up_did_not_compile_is_caught(batched):
+    """The guard itself: a step whose padded shape has no warmed program raises in strict mode. The
+    sequence cap is raised under the runner's feet, so 3 sequences pad to 4 rows where warm-up built 2."""
+    from jaxinfer.compilation import CompilationDuringServingError
+
+    llm = LLM("SmolLM2-135M-Instruct", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=4,
+              strict_compile=True, **EXACT)
+    runner = llm.engine.runner
+    assert runner.buckets() == [(1, 1), (2, 2), (4, 2)]
+    runner.config = runner.config.replace(max_num_seqs=4)
+    with pytest.raises(CompilationDuringServingError, match=r"\(4, 4\)"):
+        runner.execute([(seq, 1) for seq in fake_sequences(llm, 3)])
+    assert runner.num_compilations == 1
+
+
+def fake_sequences(llm, n):
+    """n one-token sequences with a page each, straight from the allocator."""
+    from jaxinfer.sequence import Sequence
+
+    seqs = []
+    for i in range(n):
+        seq = Sequence(f"guard-{i}", [1], SamplingParams(max_tokens=1), seed=0)
+        seq.block_table = [llm.engine.allocator.num_pages - 1 - i]
+        seqs.append(seq)
+    return seqs
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(batched):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234)
     prompt = "Write a short poem about the sea:"
