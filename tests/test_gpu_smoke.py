@@ -1,0 +1,23 @@
+"""scripts/gpu_smoke.py, the script for the first machine with a GPU, runs here at toy sizes
+(`--dry-run`: the Pallas kernels interpreted on the CPU), so a broken smoke script fails CI rather
+than a scarce GPU lease."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_engine_phase_matches_the_cpu_reference_in_every_format(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_smoke.py"), str(tmp_path), "--dry-run",
+                           "--phase", "engine"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAXINFER_NATIVE="0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "engine.json").read_text())
+    assert set(result["formats"]) == {"bf16", "int8", "int4-g128"}
+    for name, fmt in result["formats"].items():
+        assert fmt["within_tolerance"], (name, fmt)
+        # The interpreted Pallas kernels in bf16 against XLA in float32: peaked logits keep the same argmax.
+        assert fmt["device_tokens"] == fmt["cpu_tokens"], (name, fmt)
