@@ -150,6 +150,10 @@ def test_step_failure_fails_requests_in_flight_and_marks_the_engine_unhealthy(fa
     asyncio.run(main())
     assert not engine.healthy
     assert isinstance(engine.error, RuntimeError)
+    # The loop thread fails the streams first, then calls on_failure: give it a moment.
+    deadline = time.monotonic() + 10
+    while not failures and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert failures == [engine.error]
 
 
