@@ -39,7 +39,7 @@ def step_buckets(max_num_batched_tokens: int, max_num_seqs: int) -> list[tuple[i
 def padded_step_shape(num_tokens: int, num_seqs: int, max_num_seqs: int) -> tuple[int, int]:
     """A step's bucket. Sequences pad to min(tokens, max_num_seqs): each sequence has at least one
     token, so that is always enough, and a few extra logits rows cost little next to the tokens."""
-    tokens = next_power_of_two(max(num_tokens, num_seqs))
+    tokens = next_power_of_two(num_tokens)
     return tokens, min(tokens, next_power_of_two(max_num_seqs))
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from jaxinfer.cache import PageAllocator, free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
 from jaxinfer.models.llama import head_tensor_name, load_llama
+from jaxinfer.ops import resolve_backend
 from jaxinfer.quant import (resolve_lm_head_quantization, resolve_quantization, use_blocked_layout,
                             weight_bytes_by_format)
 from jaxinfer.runner import ModelRunner
@@ -25,7 +26,6 @@ from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
 from jaxinfer.weights.cache import default_cache_dir
 from jaxinfer.weights.gguf import GGUFCheckpoint
 from kernels_cpu import native
-from jaxinfer.ops import resolve_backend
 
 logger = logging.getLogger("jaxinfer")
 

@@ -17,11 +17,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxinfer import quant
+from jaxinfer import ops, quant
 from jaxinfer.config import ModelConfig
-from jaxinfer.weights.cache import WeightCache
 from jaxinfer.quant import Linear, WeightFormat
-from jaxinfer import ops
+from jaxinfer.weights.cache import WeightCache
 
 logger = logging.getLogger("jaxinfer")
 
@@ -105,8 +104,7 @@ class DecoderLayer(nnx.Module):
         k = self.k_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
         v = self.v_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping,
-                                             backend=attention_backend)
+        k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, backend=attention_backend)
         attn = ops.ragged_paged_attention(
             q, k_cache, v_cache, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             sm_scale=c.head_dim ** -0.5, sliding_window=c.sliding_window, backend=attention_backend)
