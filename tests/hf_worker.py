@@ -86,11 +86,12 @@ def load_tokenizer_gguf(path):
 
 
 def tokenizer_call(handle, method, args, kwargs):
-    """Any method of a transformers tokenizer (encode, decode, apply_chat_template, save_pretrained)."""
+    """A method of a transformers tokenizer: encode and apply_chat_template give text or token ids;
+    save_pretrained writes files and gives nothing back."""
     result = getattr(_tokenizers[handle], method)(*args, **kwargs)
-    return list(map(int, result)) if method in ("encode",) or (
-        method == "apply_chat_template" and kwargs.get("tokenize")) else (
-        result if isinstance(result, str) else None)
+    if method == "save_pretrained" or isinstance(result, str):
+        return None if method == "save_pretrained" else result
+    return [int(t) for t in result]
 
 
 def versions():
