@@ -83,8 +83,10 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: dict, has_output_tensor: bool, rope_freq_factors=None, name: str = "") -> "ModelConfig":
-        """From GGUF metadata (llama.cpp key names)."""
+    def from_gguf(cls, meta: dict, has_output_tensor: bool, rope_freq_factors=None, name: str = "",
+                  num_tokens: int = 0) -> "ModelConfig":
+        """From GGUF metadata (llama.cpp key names). `num_tokens`: the tokenizer's vocabulary size, for
+        files whose architecture has no vocab_size key (Qwen2's, among others)."""
         arch = meta.get("general.architecture", "")
         if arch not in LLAMA_FAMILY:
             raise UnsupportedModelError(
@@ -102,7 +104,9 @@ class ModelConfig:
             rope = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
         elif scaling_type not in (None, "none"):
             raise UnsupportedModelError(f"unsupported GGUF rope scaling {scaling_type!r}")
-        vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        vocab = key("vocab_size") or num_tokens or len(meta.get("tokenizer.ggml.tokens", []))
+        if not vocab:
+            raise UnsupportedModelError("the GGUF file gives no vocabulary size (no vocab_size key, no tokens)")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
             architecture=arch,

@@ -55,8 +55,10 @@ class GGUFCheckpoint:
         else:
             factors = None
         name = os.path.basename(path)
+        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
         self.config = ModelConfig.from_gguf(
-            self.metadata, has_output_tensor="output.weight" in self.tensors, rope_freq_factors=factors, name=name)
+            self.metadata, has_output_tensor="output.weight" in self.tensors, rope_freq_factors=factors, name=name,
+            num_tokens=len(tokens.data) if tokens is not None else 0)
         self._names = get_tensor_name_map(_ARCH_BY_NAME[arch], self.config.num_layers)
         logger.info("GGUF %s: %s, %d tensors, file type %s", path, arch, len(self.tensors),
                     self.metadata.get("general.file_type"))
