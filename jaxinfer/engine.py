@@ -309,6 +309,41 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
     return min(hits) if hits else None
 
 
+def normalize_prompts(prompts) -> list[str | list[int]]:
+    """vLLM's prompt forms as a list of texts and token-id lists; a wrong form is a ValueError that
+    names it."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a str, a list of token ids, a prompt dict, or a list of these; "
+                         f"got {type(prompts).__name__}")
+    return [_one_prompt(p, i) for i, p in enumerate(prompts)]
+
+
+def _one_prompt(prompt, index: int) -> str | list[int]:
+    where = f"prompt {index}"
+    if isinstance(prompt, dict):
+        keys = set(prompt)
+        if keys == {"prompt"}:
+            prompt = prompt["prompt"]
+            if not isinstance(prompt, str):
+                raise ValueError(f"{where}: 'prompt' must be a str, got {type(prompt).__name__}")
+            return prompt
+        if keys == {"prompt_token_ids"}:
+            prompt = prompt["prompt_token_ids"]
+            if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
+                raise ValueError(f"{where}: 'prompt_token_ids' must be a list of ints")
+            return list(prompt)
+        raise ValueError(f"{where}: a prompt dict takes exactly one of 'prompt' or 'prompt_token_ids' "
+                         f"(vLLM's TextPrompt / TokensPrompt), got keys {sorted(keys)}")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise ValueError(f"{where}: a prompt is a str, a list of token ids, or a dict with 'prompt' or "
+                     f"'prompt_token_ids'; got {type(prompt).__name__}")
+
+
 class LLM:
     """Offline generation: `LLM("SmolLM2-135M-Instruct").generate(prompts, SamplingParams(...))`."""
 
@@ -318,9 +353,9 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a list of strings, or a list of token-id lists."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """prompts, in vLLM's forms: a string, a list of token ids, {"prompt": str},
+        {"prompt_token_ids": [...]}, or a list of any of these."""
+        prompts = normalize_prompts(prompts)
         if not isinstance(sampling_params, list):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):

@@ -70,3 +70,27 @@ def test_out_of_int32_seed_and_top_k_are_accepted(llm):
     out = llm.generate(["Hello"], SamplingParams(max_tokens=2, temperature=1.0, seed=2**40, top_k=2**40),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_vllm_prompt_forms_give_the_same_tokens(llm):
+    text = "The capital of France is"
+    ids = llm.tokenizer.encode(text)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    outs = llm.generate([text, {"prompt": text}, {"prompt_token_ids": ids}, ids], params, use_tqdm=False)
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
+    single = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)  # one dict, not in a list
+    assert single[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ({"text": "hi"}, r"exactly one of 'prompt' or 'prompt_token_ids'.*\['text'\]"),
+    ([{"prompt": "hi", "prompt_token_ids": [1]}], "exactly one of"),
+    ([{"prompt": 5}], "'prompt' must be a str"),
+    ([{"prompt_token_ids": "1 2 3"}], "'prompt_token_ids' must be a list of ints"),
+    (["ok", 3.5], "prompt 1: a prompt is a str"),
+    (42, "got int"),
+])
+def test_wrong_prompt_form_is_named(llm, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
