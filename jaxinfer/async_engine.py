@@ -107,6 +107,7 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     stream: RequestStream
+    cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -141,7 +142,7 @@ class AsyncLLMEngine:
         return self.error is None and self._thread.is_alive()
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
-                          request_id: str | None = None) -> RequestStream:
+                          request_id: str | None = None, cache_salt: str | None = None) -> RequestStream:
         """Submits a request and waits until the engine accepts it.
 
         Raises what `LLMEngine.add_request` raises (ValueError for a bad prompt), QueueFullError,
@@ -158,7 +159,7 @@ class AsyncLLMEngine:
             if self.stats.num_waiting + pending >= self.max_waiting:
                 raise QueueFullError(f"{self.stats.num_waiting + pending} sequences are waiting for a slot "
                                      f"(max_waiting={self.max_waiting})")
-            self._inbox.append(_Add(prompt, params, stream))
+            self._inbox.append(_Add(prompt, params, stream, cache_salt))
             self._cond.notify()
         try:
             item = await stream._queue.get()
@@ -243,7 +244,7 @@ class AsyncLLMEngine:
         try:
             if request_id in self._tracked:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            self.engine.add_request(item.prompt, item.params, request_id)
+            self.engine.add_request(item.prompt, item.params, request_id, cache_salt=item.cache_salt)
         except Exception as e:  # a bad request is its caller's problem, not the loop's
             self._send(item.stream, e)
             return

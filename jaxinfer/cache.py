@@ -1,13 +1,17 @@
 """The paged KV cache: its device arrays, its size, and the host-side page allocator with prefix caching.
 
-Prefix caching (vLLM's automatic prefix caching): every full page of a sequence gets a hash chained
-from its parent page's hash and its own token ids, so equal hashes mean equal prefixes. A new
+Prefix caching (vLLM's automatic prefix caching): every full page of a sequence gets a SHA-256 digest
+chained from its parent page's digest and its own token ids (the first page's parent is the
+request's cache salt, so tenants with different salts never share pages). A hit is also verified
+against the (parent digest, token ids) the page was cached under, so even a digest collision cannot
+serve another prompt's KV. A new
 prompt reuses the longest run of cached pages that starts its token list. A page nobody uses any
 more keeps its contents and its hash; it sits in the free list in least-recently-freed order and
 is only forgotten when it is handed out again (LRU eviction).
 """
 
 import collections
+import hashlib
 import logging
 import os
 
@@ -41,8 +45,14 @@ def free_device_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def page_hash(parent: int | None, token_ids) -> int:
-    return hash((parent, tuple(token_ids)))
+def root_digest(cache_salt: str | None = None) -> bytes:
+    """The parent digest of a sequence's first page: its cache salt's, or none."""
+    return hashlib.sha256(b"jaxinfer-prefix-root\0" + (cache_salt or "").encode()).digest()
+
+
+def page_hash(parent: bytes, token_ids) -> bytes:
+    """sha256(parent digest || token ids as little-endian int64): the page's 32-byte digest."""
+    return hashlib.sha256(parent + b"".join(int(t).to_bytes(8, "little", signed=True) for t in token_ids)).digest()
 
 
 class PageAllocator:
@@ -53,8 +63,10 @@ class PageAllocator:
         # Free pages, least recently freed first: allocation takes from the front, evicting what it held.
         self.free_pages: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_pages))
         self.ref_counts = [0] * num_pages
-        self.page_hashes: list[int | None] = [None] * num_pages
-        self.cached_pages: dict[int, int] = {}  # hash -> page holding that prefix
+        self.page_hashes: list[bytes | None] = [None] * num_pages
+        # What each cached page was cached under: (parent digest, its token ids), checked on every hit.
+        self.page_keys: list[tuple[bytes, tuple[int, ...]] | None] = [None] * num_pages
+        self.cached_pages: dict[bytes, int] = {}  # digest -> page holding that prefix
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which found in the cache
 
@@ -74,7 +86,7 @@ class PageAllocator:
             page, _ = self.free_pages.popitem(last=False)
             if self.page_hashes[page] is not None:  # evict its cached prefix
                 del self.cached_pages[self.page_hashes[page]]
-                self.page_hashes[page] = None
+                self.page_hashes[page] = self.page_keys[page] = None
             self.ref_counts[page] = 1
             pages.append(page)
         return pages
@@ -86,39 +98,45 @@ class PageAllocator:
             if self.ref_counts[page] == 0:
                 self.free_pages[page] = None
 
-    def match_prefix(self, token_ids: list[int], max_pages: int) -> tuple[list[int], list[int]]:
+    def match_prefix(self, token_ids: list[int], max_pages: int,
+                     cache_salt: str | None = None) -> tuple[list[int], list[bytes]]:
         """Takes a reference on the cached pages that start `token_ids` (at most `max_pages`).
 
-        Returns (pages, their hashes).
+        Returns (pages, their digests).
         """
         pages, hashes = [], []
         if not self.enable_prefix_caching:
             return pages, hashes
-        parent = None
+        parent = root_digest(cache_salt)
         for i in range(max_pages):
-            parent = page_hash(parent, token_ids[i * self.page_size:(i + 1) * self.page_size])
-            page = self.cached_pages.get(parent)
-            if page is None:
+            tokens = tuple(token_ids[i * self.page_size:(i + 1) * self.page_size])
+            digest = page_hash(parent, tokens)
+            page = self.cached_pages.get(digest)
+            if page is None or self.page_keys[page] != (parent, tokens):  # a miss, or a digest collision
                 break
+            parent = digest
             if self.ref_counts[page] == 0:
                 del self.free_pages[page]
             self.ref_counts[page] += 1
             pages.append(page)
-            hashes.append(parent)
+            hashes.append(digest)
         self.prefix_cache_queries += len(token_ids)
         self.prefix_cache_hits += len(pages) * self.page_size
         return pages, hashes
 
-    def register_full_pages(self, block_table: list[int], hashes: list[int], token_ids: list[int],
-                            num_computed_tokens: int) -> None:
+    def register_full_pages(self, block_table: list[int], hashes: list[bytes], token_ids: list[int],
+                            num_computed_tokens: int, cache_salt: str | None = None) -> None:
         """Hashes the newly completed pages of a sequence (extending `hashes` in place) and caches them."""
         if not self.enable_prefix_caching:
             return
         ps = self.page_size
         for i in range(len(hashes), num_computed_tokens // ps):
-            h = page_hash(hashes[-1] if hashes else None, token_ids[i * ps:(i + 1) * ps])
+            parent = hashes[-1] if hashes else root_digest(cache_salt)
+            tokens = tuple(token_ids[i * ps:(i + 1) * ps])
+            h = page_hash(parent, tokens)
             hashes.append(h)
             page = block_table[i]
             if h not in self.cached_pages and self.page_hashes[page] is None:
                 self.cached_pages[h] = page
                 self.page_hashes[page] = h
+                self.page_keys[page] = (parent, tokens)

@@ -171,8 +171,11 @@ class LLMEngine:
         return num_pages
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, cache_salt: str | None = None) -> str:
+        """`cache_salt` (vLLM's): only requests with the same salt share prefix-cache pages."""
         params = params or SamplingParams()
+        if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
+            raise ValueError("cache_salt must be a non-empty string")
         if request_id is None:
             request_id = str(next(self._ids))
         if request_id in self.requests:
@@ -195,7 +198,7 @@ class LLMEngine:
         for i in range(params.n):
             # The device draws from int32 seeds: any Python int maps onto one.
             seed = (params.seed + i) % 2**31 if params.seed is not None else self._rng.randrange(2**31)
-            seq = Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed)
+            seq = Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed, cache_salt=cache_salt)
             if i > 0 and self.config.enable_prefix_caching:
                 seq.wait_for = seqs[0]  # share the first sequence's prompt pages through the prefix cache
             seqs.append(seq)
@@ -236,7 +239,7 @@ class LLMEngine:
             if self.config.enable_prefix_caching and seq.num_computed_tokens // self.config.page_size > len(
                     seq.page_hashes):  # a page just filled up: hash it (and only then build the token list)
                 self.allocator.register_full_pages(seq.block_table, seq.page_hashes, seq.token_ids(),
-                                                   seq.num_computed_tokens)
+                                                   seq.num_computed_tokens, seq.cache_salt)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk short of the prompt's end: nothing sampled yet
             request = self._request_of[seq]

@@ -76,7 +76,7 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> None:
         # At least the last token is computed, so the step has a row to sample from.
         max_pages = (seq.num_tokens - 1) // self.config.page_size
-        seq.block_table, seq.page_hashes = self.allocator.match_prefix(seq.token_ids(), max_pages)
+        seq.block_table, seq.page_hashes = self.allocator.match_prefix(seq.token_ids(), max_pages, seq.cache_salt)
         seq.num_computed_tokens = len(seq.block_table) * self.config.page_size
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens

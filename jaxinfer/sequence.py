@@ -21,7 +21,8 @@ class Sequence:
     seed: int  # the params' seed, or one drawn for this sequence: its random draws depend on nothing else
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)  # pages, in order of position
-    page_hashes: list[int] = field(default_factory=list)  # prefix-cache hashes of its full pages
+    page_hashes: list[bytes] = field(default_factory=list)  # prefix-cache digests of its full pages
+    cache_salt: str | None = None  # only requests with the same salt share prefix-cache pages
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"

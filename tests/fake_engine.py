@@ -40,7 +40,7 @@ class FakeEngine:
         self.calling_threads.add(threading.get_ident())
         self.num_calls += 1
 
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, cache_salt=None):
         self._called()
         if prompt == "bad":
             raise ValueError("prompt is bad")

@@ -153,6 +153,26 @@ def fake_sequences(llm, n):
     return seqs
 
 
+def test_cache_salt_requests_share_prefix_pages_only_with_their_own_salt(batched):
+    engine = batched.engine
+    prompt = SHARED_PREFIX + "\nSalted question."
+
+    def cached_tokens(cache_salt):
+        request_id = engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0.0), cache_salt=cache_salt)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id and out.finished:
+                    metrics = out.metrics
+        return metrics.num_cached_tokens
+
+    cached_tokens("tenant-a")
+    assert cached_tokens("tenant-b") == 0
+    assert cached_tokens("tenant-a") > 100
+    with pytest.raises(ValueError, match="cache_salt"):
+        engine.add_request(prompt, cache_salt="")
+    assert_no_leak(batched)
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(batched):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=1234)
     prompt = "Write a short poem about the sea:"

@@ -292,6 +292,8 @@ C, CHAT_PATH = "/v1/completions", "/v1/chat/completions"
     (C, {"prompt": ""}, "prompt"),
     (C, {"prompt": [1, 2, 10**9]}, "prompt"),
     (C, {"prompt": [1] * 600}, "prompt"),  # longer than max_model_len
+    (C, {"prompt": PROMPT, "cache_salt": ""}, "cache_salt"),
+    (CHAT_PATH, {"messages": CHAT, "cache_salt": 7}, "cache_salt"),
     (CHAT_PATH, {"messages": []}, "messages"),
     (CHAT_PATH, {"messages": "hi"}, "messages"),
     (CHAT_PATH, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
@@ -321,6 +323,22 @@ def test_unknown_model_gets_404(served):
 def test_unknown_route_and_wrong_method_get_openai_shaped_errors(served):
     assert_openai_error(httpx.get(f"{served.url}/v1/nothing"), 404)
     assert_openai_error(httpx.get(served.url + C), 405)
+
+
+def test_cache_salt_reaches_the_prefix_cache(served):
+    """vLLM's cache_salt through the official client: the same prompt hits the prefix cache under its own
+    salt only."""
+    allocator = served.async_engine.engine.allocator
+    prompt = "The quick brown fox jumps over the lazy dog. " * 12  # ~120 tokens: several full pages
+
+    def hits_after(salt):
+        before = allocator.prefix_cache_hits
+        served.client.completions.create(model=NAME, prompt=prompt, max_tokens=1, extra_body={"cache_salt": salt})
+        return allocator.prefix_cache_hits - before
+
+    hits_after("tenant-a")
+    assert hits_after("tenant-b") == 0
+    assert hits_after("tenant-a") >= 64
 
 
 def test_bad_requests_leave_the_engine_running(served):

@@ -73,6 +73,13 @@ def _number(body: dict, name: str, default=None):
     return float(value)
 
 
+def _cache_salt(body: dict) -> str | None:
+    value = body.get("cache_salt")
+    if value is not None and not (isinstance(value, str) and value):
+        raise _bad("cache_salt", "a non-empty string", value)
+    return value
+
+
 def _bool(body: dict, name: str, default=False):
     value = body.get(name)
     if value is None:
@@ -101,6 +108,7 @@ class GenerationRequest:
     max_tokens_param: str  # the name the client used, for error messages
     prompts: list | None = None  # completions: strings or token-id lists
     messages: list[dict] | None = None  # chat: checked messages, content as text
+    cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cache pages
 
 
 def parse_completion_request(body: dict) -> GenerationRequest:
@@ -113,7 +121,8 @@ def parse_completion_request(body: dict) -> GenerationRequest:
     best_of = _int(body, "best_of")
     if best_of is not None and best_of != params.n:
         raise APIError(400, f"'best_of' ({best_of}) other than n ({params.n}) is not supported", param="best_of")
-    return GenerationRequest(_model(body), params, *_stream(body), "max_tokens", prompts=prompts)
+    return GenerationRequest(_model(body), params, *_stream(body), "max_tokens", prompts=prompts,
+                             cache_salt=_cache_salt(body))
 
 
 def parse_chat_request(body: dict) -> GenerationRequest:
@@ -130,7 +139,8 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = _sampling_params(body, max_tokens=_int(body, max_param), max_tokens_param=max_param,
                               logprobs=(top_logprobs or 0) if logprobs else None, logprobs_param="top_logprobs")
-    return GenerationRequest(_model(body), params, *_stream(body), max_param, messages=messages)
+    return GenerationRequest(_model(body), params, *_stream(body), max_param, messages=messages,
+                             cache_salt=_cache_salt(body))
 
 
 def _model(body: dict) -> str | None:

@@ -85,7 +85,7 @@ async def _submit(engine, req: GenerationRequest, prompt_ids, request_id: str) -
     streams = []
     try:
         for i, ids in enumerate(prompt_ids):
-            streams.append(await engine.add_request(ids, req.params, f"{request_id}-{i}"))
+            streams.append(await engine.add_request(ids, req.params, f"{request_id}-{i}", cache_salt=req.cache_salt))
     except BaseException as e:
         for stream in streams:
             engine.abort(stream.request_id)
