@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxinfer.cache import PageAllocator, free_device_memory, kv_cache_bytes_per_page
+from jaxinfer.allocator import PageAllocator
+from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
 from jaxinfer.models.llama import head_tensor_name, load_llama
 from jaxinfer.ops import resolve_backend

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxinfer.cache import allocate_kv_cache
+from jaxinfer.kv_cache import allocate_kv_cache
 from jaxinfer.compilation import (CompilationDuringServingError, TraceCounter, enable_compilation_cache,
                                   padded_step_shape, step_buckets)
 from jaxinfer.models.llama import AttentionMetadata

@@ -4,7 +4,7 @@ One token-budget loop, no separate prefill and decode phases: running sequences 
 row costs one token, an unfinished prompt its next chunk), then waiting ones are admitted in
 arrival order while the budget, the sequence cap and the free pages allow. A long prompt is split
 into chunks across steps (chunked prefill). An admitted prompt first takes the pages of its longest
-cached prefix (prefix caching, see cache.py) and computes only the rest. When a running sequence needs a page and none is free,
+cached prefix (prefix caching, see allocator.py) and computes only the rest. When a running sequence needs a page and none is free,
 the most recently admitted running sequence is preempted: its pages are freed and it goes back to
 the front of the queue, to be recomputed later.
 """
@@ -13,7 +13,7 @@ import collections
 import logging
 import time
 
-from jaxinfer.cache import PageAllocator
+from jaxinfer.allocator import PageAllocator
 from jaxinfer.config import EngineConfig
 from jaxinfer.sequence import Sequence, SequenceStatus
 

@@ -267,7 +267,7 @@ import pydoc_data.topics
 from flax import nnx
 
 from jaxinfer import LLM, SamplingParams
-from jaxinfer.cache import allocate_kv_cache
+from jaxinfer.kv_cache import allocate_kv_cache
 from jaxinfer.models.llama import AttentionMetadata
 
 FORMATS = ("none", "int8", "native")

@@ -52,7 +52,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from jaxinfer import quant  # noqa: E402
-from jaxinfer.cache import kv_cache_bytes_per_page  # noqa: E402
+from jaxinfer.kv_cache import kv_cache_bytes_per_page  # noqa: E402
 from jaxinfer.compilation import step_buckets  # noqa: E402
 from jaxinfer.config import EngineConfig, ModelConfig  # noqa: E402
 from jaxinfer.models.llama import Llama, head_tensor_name, projection_formats  # noqa: E402

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxinfer import quant  # noqa: E402
-from jaxinfer.cache import kv_cache_bytes_per_page  # noqa: E402
+from jaxinfer.kv_cache import kv_cache_bytes_per_page  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.models.llama import PROJECTIONS, AttentionMetadata, Llama  # noqa: E402
 from jaxinfer.runner import empty_batch, jit_step  # noqa: E402

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxinfer import SamplingParams
-from jaxinfer.cache import allocate_kv_cache
+from jaxinfer.kv_cache import allocate_kv_cache
 from jaxinfer.models.llama import AttentionMetadata
 
 NEW_TOKENS = 32

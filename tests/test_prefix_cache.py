@@ -5,8 +5,8 @@ import hashlib
 
 import numpy as np
 
-from jaxinfer import cache
-from jaxinfer.cache import PageAllocator
+from jaxinfer import allocator as page_allocator
+from jaxinfer.allocator import PageAllocator
 
 PAGE = 4
 
@@ -20,11 +20,11 @@ def cache_prompt(allocator, tokens, cache_salt=None):
 
 
 def test_digest_is_sha256_of_the_parent_digest_and_the_token_ids():
-    root = cache.root_digest()
+    root = page_allocator.root_digest()
     tokens = [1, 2, 3, 70000]
     expected = hashlib.sha256(root + np.asarray(tokens, "<i8").tobytes()).digest()
-    assert cache.page_hash(root, tokens) == expected
-    second = cache.page_hash(expected, [5, 6, 7, 8])
+    assert page_allocator.page_hash(root, tokens) == expected
+    second = page_allocator.page_hash(expected, [5, 6, 7, 8])
     assert second == hashlib.sha256(expected + np.asarray([5, 6, 7, 8], "<i8").tobytes()).digest()
 
 
@@ -38,7 +38,7 @@ def test_a_cached_prefix_hits_page_by_page_and_stops_at_the_first_difference():
 def test_two_token_blocks_forced_onto_one_digest_do_not_share_a_page(monkeypatch):
     """A digest collision (forced here: every page gets the same digest) is a miss, not another
     prompt's KV: hits are checked against the tokens the page was cached under."""
-    monkeypatch.setattr(cache, "page_hash", lambda parent, tokens: b"\0" * 32)
+    monkeypatch.setattr(page_allocator, "page_hash", lambda parent, tokens: b"\0" * 32)
     allocator = PageAllocator(16, PAGE)
     pages, _ = cache_prompt(allocator, [1, 2, 3, 4])
     assert allocator.match_prefix([5, 6, 7, 8], 1) == ([], [])

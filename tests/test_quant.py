@@ -16,7 +16,7 @@ from flax import nnx
 from gguf.quants import dequantize as gguf_dequantize
 
 from jaxinfer import LLM, SamplingParams, quant
-from jaxinfer.cache import allocate_kv_cache
+from jaxinfer.kv_cache import allocate_kv_cache
 from jaxinfer.models.llama import AttentionMetadata, Llama, load_llama, projection_formats
 from jaxinfer.weights.cache import WeightCache
 from jaxinfer.weights.gguf import GGUFCheckpoint
