@@ -183,6 +183,11 @@ void Block(const float* x, const int8_t* w, int64_t stride, const uint16_t* scal
 // products of 4 pairs (AVX-512 VNNI vpdpbusd; AVX2 vpmaddubsw + vpmaddwd), which do several times
 // the multiply-adds per cycle of float FMAs. Layout: [NB, K / 4, B, 4]: in each block of B columns,
 // the 4 consecutive k of a column are adjacent, as the dot instructions take them.
+//
+// Contract: weights of this layout lie in [-127, 127]. The AVX2 dot takes w's sign from x with
+// vpsignb, and -(-128) does not fit an int8 (it stays -128), so a weight of -128 would give wrong
+// products. jaxinfer.quant's quantizer clips to [-127, 127]; kernels_cpu/native.py's to_vnni, which
+// lays weights out for this path, refuses a -128. x is quantized here to [-127, 127] for the same reason.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int64_t kQBlock = 32;  // x values per activation scale
@@ -203,7 +208,8 @@ constexpr int kILanes = 8;
 typedef __m256i VecI;
 inline VecI LoadI(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline VecI Bcast(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
-// Signed x: |x| (unsigned) times w with x's sign, so that pairs of products never saturate int16.
+// Signed x: |x| (unsigned) times w with x's sign, so that pairs of products never saturate int16
+// (2 * 127 * 127 < 32767). Needs w != -128 (the layout's contract above).
 inline VecI Dot(VecI acc, VecI xq, VecI w) {
   const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(xq, xq), _mm256_sign_epi8(w, xq));
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));

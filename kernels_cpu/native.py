@@ -9,7 +9,9 @@ where the XLA path first gathers them into a contiguous copy.
 The shared library is built with the system C++ compiler (`CXX`, else `g++`) and `-march=native`
 into `~/.cache/jaxinfer/native/` (`JAXINFER_NATIVE_DIR`), keyed by the source, the flags, the
 jaxlib version and the CPU, so a rebuild happens only when one of them changes. Without a compiler,
-or with `JAXINFER_NATIVE=0`, `available()` is False and callers keep the XLA path.
+or with `JAXINFER_NATIVE=0`, `available()` is False and callers keep the XLA path. A build that fails
+where a compiler exists is logged as a WARNING (the engine then runs the XLA path), and `load()`
+raises it, so the tests fail rather than skip.
 """
 
 import ctypes
@@ -65,7 +67,7 @@ def _library_path(compiler: str) -> Path:
 def _build(compiler: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    logger.info("Compiling the native CPU int8 matmul (%s, once for this machine) ...", compiler)
+    logger.info("Compiling the native CPU kernels (%s, once for this machine) ...", compiler)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
         cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE.parent}", *map(str, SOURCES), "-o",
@@ -74,31 +76,51 @@ def _build(compiler: str, out: Path) -> None:
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
         os.replace(partial, out)  # atomic: a concurrent build of the same key writes the same bytes
-    logger.info("Native CPU int8 matmul built in %.1f s: %s", time.perf_counter() - start, out)
+    logger.info("Native CPU kernels built in %.1f s: %s", time.perf_counter() - start, out)
 
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-@functools.cache
-def available() -> bool:
-    """Whether the native kernels are built and registered (building them if needed)."""
+def turned_off() -> str | None:
+    """Why the native kernels are not even tried (`JAXINFER_NATIVE=0`, no compiler), else None."""
     if os.environ.get("JAXINFER_NATIVE", "1") == "0":
-        return False
+        return "JAXINFER_NATIVE=0"
+    if _compiler() is None:
+        return "no C++ compiler (CXX, g++ or c++)"
+    return None
+
+
+def load() -> Path:
+    """Builds the shared library if this machine has none yet and registers its kernels with XLA.
+    Raises RuntimeError (with the compiler's message) or OSError where that fails."""
     compiler = _compiler()
     if compiler is None:
-        logger.warning("No C++ compiler found: the CPU int8 matmul stays on the XLA path (slower decode)")
-        return False
+        raise RuntimeError("no C++ compiler (CXX, g++ or c++)")
     path = _library_path(compiler)
+    if not path.exists():
+        _build(compiler, path)
+    library = ctypes.cdll.LoadLibrary(str(path))
+    for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the native kernels are built and registered (building them if needed). False, and the
+    callers keep the XLA path, when they are turned off, or with a WARNING when the build fails."""
+    reason = turned_off()
+    if reason is not None:  # asked for by the user, or a warning worth acting on
+        logger.log(logging.INFO if reason == "JAXINFER_NATIVE=0" else logging.WARNING,
+                   "native CPU kernels off (%s): matmul and attention run on the XLA path (slower decode)", reason)
+        return False
     try:
-        if not path.exists():
-            _build(compiler, path)
-        library = ctypes.cdll.LoadLibrary(str(path))
-        for target, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        load()
     except (OSError, RuntimeError) as e:
-        logger.warning("Native CPU int8 matmul unavailable, using the XLA path: %s", e)
+        logger.warning("the native CPU kernels failed to build or load, so the engine falls back to the XLA "
+                       "path (slower decode): %s", e)
         return False
     return True
 
@@ -129,10 +151,15 @@ VNNI_BLOCK = 64
 def to_vnni(data):
     """int8 W[..., K, N] -> [..., NB, K / 4, 64, 4]: the integer path's layout, blocks of 64 columns
     contiguous and each column's 4 consecutive k adjacent. K must be a multiple of 32 (the
-    activations' quantization block)."""
+    activations' quantization block), and every value in [-127, 127]: the AVX2 dot product negates
+    weights (vpsignb), and -128 has no int8 negation (int8_matmul.cc). `quant.quantize_int8` clips to
+    that range; a weight from elsewhere with a -128 is refused here, at load, rather than computed wrong."""
     *lead, k, n = data.shape
     if k % 32:
         raise ValueError(f"the vnni layout needs K a multiple of 32, got {k}")
+    if bool(jnp.any(data == -128)):
+        raise ValueError("the vnni layout needs int8 weights in [-127, 127] (the AVX2 integer path cannot "
+                         "negate -128); this weight has -128: quantize it with jaxinfer.quant.quantize_int8")
     blocked = to_blocked(data, block=VNNI_BLOCK)  # [..., NB, K, B]
     *_, nb, _, block = blocked.shape
     return jnp.swapaxes(blocked.reshape(*lead, nb, k // 4, 4, block), -1, -2)

@@ -1,6 +1,7 @@
 // Ragged paged attention for the CPU, an XLA FFI handler: the contract of
 // kernels_pallas.paged_attention.ragged_paged_attention_reference (causal, GQA, sliding window,
-// soft cap), for small batches (decode steps and short chunks; kernels_pallas/dispatch.py decides).
+// soft cap). jaxinfer/ops.py sends it every step on the CPU, decode and prefill alike, when the
+// cache is float32 and head_dim fits the vector width.
 //
 // Why it exists: the XLA path gathers each sequence's pages into a contiguous chunk before its
 // dots, a copy that costs more than the attention itself when a step has few rows. Here each row
@@ -8,6 +9,10 @@
 // The cache comes whole ([layers, kv_heads, pages, page_size, head_dim]) with the layer to use.
 //
 // Work items are (sequence, KV head, block of up to kRowBlock rows), dealt over parallel.h's threads.
+//
+// The metadata is checked before any row is read or written (CheckMetadata): query_start_loc, seq_lens
+// and block_tables index the query rows, the output and the page pool, so a bad value from the caller
+// would otherwise be an out-of-bounds read or write. A bad batch is an InvalidArgument error.
 
 #include <algorithm>
 #include <cmath>
@@ -81,7 +86,7 @@ void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
     }
   }
   const int64_t pos_lo = first_pos + (r0 - p.qsl[s]), pos_hi = first_pos + (r1 - 1 - p.qsl[s]);
-  const int64_t key_end = std::min({seq_len, pos_hi + 1, p.max_pages * p.page_size});
+  const int64_t key_end = std::min(seq_len, pos_hi + 1);  // <= max_pages * page_size (CheckMetadata)
   const int64_t key_begin = p.window > 0 ? std::max<int64_t>(0, pos_lo - p.window + 1) : 0;
   const int32_t* table = p.tables + s * p.max_pages;
   const int64_t page_stride = p.page_size * d_dim;
@@ -127,6 +132,29 @@ void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   }
 }
 
+// What Item() relies on, for every sequence s: 0 <= query_start_loc[s] <= query_start_loc[s + 1] <=
+// num_tokens (its rows lie in q and out), q_len <= seq_lens[s] <= max_pages * page_size (its first
+// query position is >= 0 and its keys lie in its block table row). Page ids are checked as they are
+// read: an id outside the pool is skipped.
+ffi::Error CheckMetadata(const Problem& p, int64_t num_seqs) {
+  if (p.qsl[0] < 0) return ffi::Error::InvalidArgument("paged_attention: query_start_loc[0] is negative");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t begin = p.qsl[s], end = p.qsl[s + 1];
+    if (end < begin || end > p.num_tokens) {
+      return ffi::Error::InvalidArgument("paged_attention: query_start_loc must be non-decreasing within "
+                                         "[0, num_tokens]");
+    }
+    if (p.seq_lens[s] < end - begin) {
+      return ffi::Error::InvalidArgument("paged_attention: seq_lens[s] is less than the sequence's query rows");
+    }
+    if (p.seq_lens[s] > p.max_pages * p.page_size) {
+      return ffi::Error::InvalidArgument("paged_attention: seq_lens[s] exceeds the block table "
+                                         "(max_pages * page_size)");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
                                     ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer,
                                     ffi::Buffer<ffi::S32> query_start_loc, ffi::Buffer<ffi::S32> seq_lens,
@@ -166,6 +194,7 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   p.sm_scale = sm_scale;
   p.soft_cap = soft_cap;
   p.window = sliding_window;
+  if (ffi::Error error = CheckMetadata(p, num_seqs); error.failure()) return error;
   std::memset(p.out, 0, sizeof(float) * p.num_tokens * p.num_heads * p.head_dim);  // padding rows: zeros
 
   struct Work {
@@ -173,8 +202,8 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   };
   std::vector<Work> items;
   for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t begin = p.qsl[s], end = std::min<int64_t>(p.qsl[s + 1], p.num_tokens);
-    if (begin >= end || p.seq_lens[s] <= 0) continue;
+    const int64_t begin = p.qsl[s], end = p.qsl[s + 1];
+    if (begin == end) continue;  // a padding sequence
     for (int64_t g = 0; g < p.num_kv_heads; ++g) {
       for (int64_t r = begin; r < end; r += kRowBlock) items.push_back({s, g, r, std::min(end, r + kRowBlock)});
     }

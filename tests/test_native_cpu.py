@@ -11,7 +11,14 @@ from kernels_pallas.paged_attention import ragged_paged_attention_reference
 from jaxinfer.quant import QuantizedWeight, quant_matmul_reference, quantize_int8
 from tests.test_paged_attention_xla import ragged_case
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler: the native kernels are off")
+# Skipped only where the kernels are not even tried: no compiler, or JAXINFER_NATIVE=0. Where a
+# compiler exists and the build fails, every test here fails (the first with the compiler's message).
+pytestmark = pytest.mark.skipif(native.turned_off() is not None, reason=f"native kernels off: {native.turned_off()}")
+
+
+def test_the_kernels_build_and_register_where_a_compiler_exists():
+    native.load()  # raises with the compiler's message if the build fails
+    assert native.available()
 
 
 def int8_weight(rng, k, n, layers=None):
@@ -125,6 +132,51 @@ def test_paged_attention_never_reads_outside_the_page_pool():
     tables[0, 1] = 10 ** 6
     out = native.ragged_paged_attention(q, k_cache, v_cache, layer, qsl, lens, tables, sm_scale=0.125)
     assert np.isfinite(np.asarray(out)).all()
+
+
+def bad_metadata_case():
+    """Three sequences (1, 4 and 1 query rows over 10, 20 and 5 tokens) and a padding one, 8 rows,
+    block tables 4 pages of 16 wide: a valid batch for the tests below to break one field of."""
+    return ragged_case(np.random.default_rng(4), [1, 4, 1], [10, 20, 5], num_heads=4, num_kv_heads=2,
+                       num_tokens=8, num_seqs=4, max_pages=4)
+
+
+def test_bad_metadata_case_is_valid_as_built():
+    q, k_cache, v_cache, layer, qsl, lens, tables = bad_metadata_case()
+    got = native.ragged_paged_attention(q, k_cache, v_cache, layer, qsl, lens, tables, sm_scale=0.125)
+    want = ragged_paged_attention_reference(q, k_cache, v_cache, layer, qsl, lens, tables, sm_scale=0.125)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field, index, value, message", [
+    ("qsl", 0, -1, "query_start_loc"),  # rows before q
+    ("qsl", 2, 0, "query_start_loc"),  # decreasing: [0, 1, 0, 6, 6]
+    ("qsl", 4, 9, "query_start_loc"),  # the padding sequence's end past the 8 rows
+    ("qsl", 3, 100, "query_start_loc"),  # a row range far past q and the output
+    ("lens", 1, 3, "seq_lens"),  # fewer tokens than query rows: a negative first position
+    ("lens", 1, 65, "seq_lens"),  # more tokens than 4 pages of 16 hold: keys past the block table row
+    ("lens", 3, 2 ** 30, "seq_lens"),  # a padding sequence too
+])
+def test_paged_attention_refuses_metadata_that_would_index_out_of_bounds(field, index, value, message):
+    """query_start_loc, seq_lens and the block tables index q, the output and the page pool: the
+    kernel checks them at the FFI boundary and returns an error instead of touching memory."""
+    q, k_cache, v_cache, layer, qsl, lens, tables = bad_metadata_case()
+    {"qsl": qsl, "lens": lens}[field][index] = value
+    with pytest.raises(jax.errors.JaxRuntimeError, match=f"INVALID_ARGUMENT.*{message}"):
+        out = jax.jit(lambda *a: native.ragged_paged_attention(*a, sm_scale=0.125))(
+            q, k_cache, v_cache, layer, qsl, lens, tables)
+        out.block_until_ready()
+
+
+def test_vnni_layout_refuses_a_weight_of_minus_128():
+    """The AVX2 integer path negates weights with vpsignb, and -(-128) is -128 in int8: the layout
+    for that path takes only [-127, 127] (the quantizer's range) and says so at load."""
+    data = np.ones((32, 64), np.int8)
+    data[5, 7] = -128
+    with pytest.raises(ValueError, match="-128"):
+        native.to_vnni(jnp.asarray(data))
+    data[5, 7] = -127
+    native.to_vnni(jnp.asarray(data))  # the quantizer's whole range is accepted
 
 
 def test_cpu_engine_runs_attention_through_the_native_kernel(llm):
