@@ -25,7 +25,7 @@ class SamplingParams:
 
     n: int = 1
     temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # over what top_k and min_p keep, renormalized (vLLM's and HF's order)
     top_k: int = -1  # -1 or 0: off
     min_p: float = 0.0
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
@@ -126,15 +126,7 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
         x = jax.lax.cond(use_penalties, lambda x: apply_penalties(x, p, history, num_prompt), lambda x: x, logits)
         greedy = argmax(x)
         scaled = x / jnp.maximum(p.temperature, 1e-6)[:, None]
-        order = jnp.argsort(-scaled, axis=-1)  # [S, vocab], best first
-        ranked = jnp.take_along_axis(scaled, order, axis=-1)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        rank = jnp.arange(vocab)[None, :]
-        keep = (p.top_k[:, None] <= 0) | (rank < p.top_k[:, None])
-        keep &= (jnp.cumsum(probs, axis=-1) - probs) < p.top_p[:, None]  # the smallest set reaching top_p
-        keep &= probs >= p.min_p[:, None] * probs[:, :1]
-        keep = keep.at[:, 0].set(True)
-        ranked = jnp.where(keep, ranked, -jnp.inf)
+        order, ranked = filter_logits(scaled, p.top_k, p.top_p, p.min_p)
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(p.seeds, p.counters)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,)))(keys)
         choice = argmax(ranked + gumbel)
@@ -168,6 +160,36 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
             lambda _: (jnp.zeros((num_rows,), jnp.float32), jnp.zeros((num_rows, num_logprobs), jnp.int32),
                        jnp.zeros((num_rows, num_logprobs), jnp.float32)), None)
     return tokens, chosen, top_ids, top_logprobs
+
+
+def filter_logits(logits, top_k, top_p, min_p):
+    """vLLM's min_p, top_k and top_p, in vLLM's order: min_p on the whole distribution, top_k, then
+    top_p on the distribution renormalized over the tokens still kept.
+
+    logits: [S, vocab] float32, temperature applied; top_k [S] int32 (<= 0: off), top_p, min_p [S]
+    float32. Ties: top_k keeps every token as likely as the k-th (as vLLM and HF do), and top_p keeps
+    or drops equally likely tokens together: a token stays if the tokens strictly more likely than it
+    hold less than top_p of the mass (vLLM's sort leaves that to the order of the sort). The most
+    likely token always stays.
+    Returns order [S, vocab] int32 (token ids, most likely first; equal logits: lower id first) and
+    ranked [S, vocab] (their logits, -inf where dropped).
+    """
+    num_rows, vocab = logits.shape
+    order = jnp.argsort(-logits, axis=-1)  # stable
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    keep = probs >= min_p[:, None] * probs[:, :1]
+    kth = jnp.take_along_axis(ranked, jnp.clip(top_k, 1, vocab)[:, None] - 1, axis=-1)  # [S, 1]
+    keep &= (top_k[:, None] <= 0) | (ranked >= kth)
+    kept = jnp.where(keep, probs, 0.0)
+    kept = kept / jnp.sum(kept, axis=-1, keepdims=True)  # min_p and top_k keep the first token: no 0 / 0
+    mass_above = jnp.cumsum(kept, axis=-1) - kept  # [S, vocab]: of the tokens ranked before each
+    rank = jnp.broadcast_to(jnp.arange(vocab), (num_rows, vocab))
+    tie_start = jnp.concatenate([jnp.ones((num_rows, 1), jnp.bool_), ranked[:, 1:] != ranked[:, :-1]], axis=-1)
+    first_of_ties = jax.lax.cummax(jnp.where(tie_start, rank, 0), axis=1)
+    keep &= jnp.take_along_axis(mass_above, first_of_ties, axis=-1) < top_p[:, None]
+    keep = keep.at[:, 0].set(True)
+    return order.astype(jnp.int32), jnp.where(keep, ranked, -jnp.inf)
 
 
 def argmax(x, chunk: int = 128):

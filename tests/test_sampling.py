@@ -7,7 +7,7 @@ import pytest
 
 from jaxinfer import SamplingParams
 from jaxinfer import sampling
-from jaxinfer.sampling import SamplingArrays, apply_penalties, sample
+from jaxinfer.sampling import SamplingArrays, apply_penalties, filter_logits, sample
 
 VOCAB = 64
 DRAWS = 2000
@@ -64,6 +64,62 @@ def test_min_p_never_emits_unlikely_tokens(logits_row):
     probs = softmax(logits_row)
     allowed = set(np.flatnonzero(probs >= 0.1 * probs.max()))
     assert set(draw(logits_row, min_p=0.1)) <= allowed
+
+
+def vllm_kept_tokens(logits, top_k, top_p, min_p):
+    """The tokens vLLM's sampler can draw from, in float64: its min_p processor on the whole
+    distribution, then `apply_top_k_top_p` (vllm/v1/sample/ops/topk_topp_sampler.py) as written:
+    sort ascending, mask below the k-th largest, softmax what is left, mask while the cumulative sum
+    is <= 1 - top_p, never the last."""
+    x = logits.astype(np.float64)
+    probs = softmax(x)
+    x = np.where(probs < min_p * probs.max(), -np.inf, x)
+    order = np.argsort(x, kind="stable")
+    ranked = x[order]
+    if top_k > 0:
+        ranked = np.where(ranked < ranked[len(ranked) - top_k], -np.inf, ranked)
+    remove = np.cumsum(softmax(ranked)) <= 1 - top_p
+    remove[-1] = False
+    ranked = np.where(remove, -np.inf, ranked)
+    return set(order[np.isfinite(ranked)].tolist())
+
+
+def kept_tokens(logits, top_k, top_p, min_p):
+    """The tokens `filter_logits` keeps, one set per row."""
+    n = len(logits)
+    order, ranked = jax.jit(filter_logits)(
+        jnp.asarray(logits, jnp.float32), jnp.full(n, top_k, jnp.int32), jnp.full(n, top_p, jnp.float32),
+        jnp.full(n, min_p, jnp.float32))
+    order, ranked = np.asarray(order), np.asarray(ranked)
+    return [set(order[i][np.isfinite(ranked[i])].tolist()) for i in range(n)]
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [
+    (5, 0.8, 0.0), (3, 0.6, 0.0), (10, 0.5, 0.0), (20, 0.9, 0.0), (1, 0.3, 0.0), (64, 0.95, 0.0),
+    (-1, 0.7, 0.0), (8, 1.0, 0.0), (12, 0.7, 0.05), (30, 0.85, 0.2)])
+def test_top_p_applies_to_the_top_k_renormalized_distribution_as_in_vllm(top_k, top_p, min_p):
+    rng = np.random.default_rng([top_k + 1, int(top_p * 100), int(min_p * 100)])
+    logits = rng.normal(0, 2.5, (12, VOCAB)).astype(np.float32)  # float logits: no ties
+    expected = [vllm_kept_tokens(row, top_k, top_p, min_p) for row in logits]
+    assert kept_tokens(logits, top_k, top_p, min_p) == expected
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = np.full((1, VOCAB), -5.0, np.float32)
+    logits[0, [9, 4, 30, 17, 2]] = [3.0, 2.0, 1.0, 1.0, 1.0]  # the 3rd, 4th and 5th are tied
+    assert kept_tokens(logits, 3, 1.0, 0.0) == [{9, 4, 30, 17, 2}] == [vllm_kept_tokens(logits[0], 3, 1.0, 0.0)]
+
+
+def test_top_p_keeps_or_drops_equally_likely_tokens_together():
+    logits = np.full((1, VOCAB), -8.0, np.float32)
+    logits[0, [40, 7, 21]] = [2.0, 1.0, 1.0]  # the nucleus boundary falls between the two tied tokens
+    probs = softmax(logits[0].astype(np.float64))
+    below_tie, with_tie = probs[40], probs[40] + probs[7] + probs[21]
+    for top_p in (below_tie + 1e-3, (below_tie + with_tie) / 2, with_tie - 1e-3):
+        # The documented rule: a token stays if the tokens strictly more likely than it hold < top_p.
+        mass_above = np.array([probs[probs > q].sum() for q in probs])
+        assert kept_tokens(logits, -1, top_p, 0.0) == [set(np.flatnonzero(mass_above < top_p).tolist())]
+        assert kept_tokens(logits, -1, top_p, 0.0) == [{40, 7, 21}]
 
 
 def test_temperature_sampling_matches_the_softmax_distribution():
