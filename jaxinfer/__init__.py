@@ -1,33 +1,15 @@
-"""jaxinfer: an LLM inference engine on JAX/XLA."""
+"""jaxinfer: an LLM inference engine on JAX/XLA.
 
-import logging
-import os
-import sys
+Importing it changes nothing process-wide. The engine logs what it is doing (model, dtype, pages,
+compile buckets) at INFO on the "jaxinfer" logger, which propagates and has no handler of its own:
+an application shows those lines by configuring logging (`logging.basicConfig(level="INFO")`, as
+`jaxinfer serve` does); without that, Python still prints WARNINGs and above on stderr. JAX's
+persistent compilation cache is for the application to turn on too (`jaxinfer serve` does):
+`jaxinfer.compilation.enable_compilation_cache()`.
+"""
 
-# The one logger setup: the engine says what it is doing (model, dtype, pages, compile buckets) at
-# INFO, on stderr, whether it runs under the server or in a notebook. JAXINFER_LOG_LEVEL changes it.
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time (a test runner or notebook may swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
-_logger = logging.getLogger("jaxinfer")
-if not _logger.handlers:
-    _handler = _StderrHandler()
-    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    _logger.addHandler(_handler)
-    _logger.setLevel(os.environ.get("JAXINFER_LOG_LEVEL", "INFO").upper())
-    _logger.propagate = False
-
-from jaxinfer.config import EngineConfig, ModelConfig  # noqa: E402
-from jaxinfer.engine import LLM, CompletionOutput, LLMEngine, RequestOutput  # noqa: E402
-from jaxinfer.sampling import SamplingParams  # noqa: E402
+from jaxinfer.config import EngineConfig, ModelConfig
+from jaxinfer.engine import LLM, CompletionOutput, LLMEngine, RequestOutput
+from jaxinfer.sampling import SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "ModelConfig", "RequestOutput", "CompletionOutput"]

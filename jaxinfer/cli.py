@@ -126,9 +126,12 @@ def serve(args: argparse.Namespace, path: str) -> int:
     from jaxinfer.api.metrics import ServerMetrics
     from jaxinfer.api.routes.app import create_app
     from jaxinfer.async_engine import DEFAULT_MAX_WAITING, AsyncLLMEngine
+    from jaxinfer.compilation import enable_compilation_cache
     from jaxinfer.engine import LLMEngine
 
     start = time.perf_counter()
+    # The process is ours: every step program it compiles is kept for the next start.
+    logger.info("persistent compilation cache: %s", enable_compilation_cache())
     llm_engine = LLMEngine(args.model, **engine_overrides(args))
     config, mc, runner = llm_engine.config, llm_engine.model_config, llm_engine.runner
     name = args.served_model_name or args.model

@@ -44,7 +44,10 @@ def padded_step_shape(num_tokens: int, num_seqs: int, max_num_seqs: int) -> tupl
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
-    """Turns on JAX's persistent compilation cache, so a restarted engine skips XLA compiles."""
+    """Turns on JAX's persistent compilation cache, so a restarted engine skips XLA compiles:
+    `path`, else $JAXINFER_COMPILATION_CACHE, else ~/.cache/jaxinfer/xla. This sets JAX's global
+    config, for every jit of the process: the application's choice, so the engine never calls it
+    (`jaxinfer serve` does, before it builds its engine). Returns the directory."""
     path = path or os.environ.get("JAXINFER_COMPILATION_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxinfer", "xla")
     os.makedirs(path, exist_ok=True)

@@ -17,8 +17,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer.kv_cache import allocate_kv_cache
-from jaxinfer.compilation import (CompilationDuringServingError, TraceCounter, enable_compilation_cache,
-                                  padded_step_shape, step_buckets)
+from jaxinfer.compilation import CompilationDuringServingError, TraceCounter, padded_step_shape, step_buckets
 from jaxinfer.models.llama import AttentionMetadata
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingArrays, sample
 from jaxinfer.sequence import Sequence
@@ -83,7 +82,6 @@ class ModelRunner:
         self.k_cache, self.v_cache = jax.device_put(
             allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
-        logger.info("persistent compilation cache: %s", enable_compilation_cache())
         self._step = jit_step(self.graphdef)
         self._traces = TraceCounter()
         self.num_compilations = 0  # step programs built after warm-up

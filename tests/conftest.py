@@ -8,6 +8,14 @@ from jaxinfer.weights import resolve_model_path
 SMOLLM2 = "SmolLM2-135M-Instruct"
 
 
+def pytest_configure(config):
+    """The test run is an application, so it chooses JAX's persistent compilation cache (the library
+    never turns it on): a second run loads the step programs the first compiled."""
+    from jaxinfer.compilation import enable_compilation_cache
+
+    enable_compilation_cache()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     return resolve_model_path(SMOLLM2)
