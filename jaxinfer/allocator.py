@@ -36,7 +36,7 @@ class PageAllocator:
         # What each cached page was cached under: (parent digest, its token ids), checked on every hit.
         self.page_keys: list[tuple[bytes, tuple[int, ...]] | None] = [None] * num_pages
         self.cached_pages: dict[bytes, int] = {}  # digest -> page holding that prefix
-        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_queries = 0  # tokens looked up, once per admission of a sequence (count_lookup)
         self.prefix_cache_hits = 0  # of which found in the cache
 
     @property
@@ -89,9 +89,14 @@ class PageAllocator:
             self.ref_counts[page] += 1
             pages.append(page)
             hashes.append(digest)
-        self.prefix_cache_queries += len(token_ids)
-        self.prefix_cache_hits += len(pages) * self.page_size
         return pages, hashes
+
+    def count_lookup(self, num_tokens: int, num_cached_tokens: int) -> None:
+        """Counts the prefix lookup of a sequence the scheduler admitted. Not counted in match_prefix:
+        a sequence refused for want of pages gives them back and is looked up again the next step."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_cached_tokens
 
     def register_full_pages(self, block_table: list[int], hashes: list[bytes], token_ids: list[int],
                             num_computed_tokens: int, cache_salt: str | None = None) -> None:

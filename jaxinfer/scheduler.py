@@ -65,6 +65,7 @@ class Scheduler:
                 self._release(seq)
                 break
             self.waiting.popleft()
+            self.allocator.count_lookup(seq.num_tokens, seq.num_computed_tokens)
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()

@@ -5,8 +5,12 @@ import hashlib
 
 import numpy as np
 
+from jaxinfer import SamplingParams
 from jaxinfer import allocator as page_allocator
 from jaxinfer.allocator import PageAllocator
+from jaxinfer.config import EngineConfig
+from jaxinfer.scheduler import Scheduler
+from jaxinfer.sequence import Sequence
 
 PAGE = 4
 
@@ -52,3 +56,20 @@ def test_a_cache_salt_keeps_tenants_apart():
     assert allocator.match_prefix(tokens, 2, cache_salt="tenant-b") == ([], [])
     assert allocator.match_prefix(tokens, 2)[0] == []  # no salt is a salt of its own
     assert allocator.match_prefix(tokens, 2, cache_salt="tenant-a")[0] == pages
+
+
+def test_a_hit_is_counted_once_per_admission_however_many_steps_the_request_waits_for_pages():
+    allocator = PageAllocator(6, PAGE)
+    scheduler = Scheduler(EngineConfig(page_size=PAGE, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64),
+                          allocator)
+    prefix_pages, _ = cache_prompt(allocator, list(range(8)))
+    allocator.free(prefix_pages)  # cached, nobody's: free but still holding the prefix
+    held = allocator.allocate(3)  # leaves one page beside the two cached ones
+    prompt = list(range(8)) + [50, 51, 52, 53, 54, 55]  # 14 tokens: the cached 2 pages + 2 more needed
+    scheduler.add(Sequence("waiting", prompt, SamplingParams(), seed=0))
+    for _ in range(3):
+        assert scheduler.schedule() == []  # matched the prefix, found one free page of two, gave them back
+    allocator.free(held)
+    [(seq, num_new)] = scheduler.schedule()
+    assert (seq.num_computed_tokens, num_new) == (8, 6)
+    assert (allocator.prefix_cache_queries, allocator.prefix_cache_hits) == (14, 8)
