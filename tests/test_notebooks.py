@@ -2,6 +2,7 @@
 they claim: the quickstart's greedy answer, the paged cache's prefix hits and preemptions, the
 quantization table."""
 
+import importlib.util
 import pathlib
 
 import nbclient
@@ -31,6 +32,21 @@ def execute(name: str) -> nbformat.NotebookNode:
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     return nb
+
+
+def test_committed_notebooks_are_what_build_py_writes():
+    """notebooks/build.py is the source: each committed .ipynb has its cells (type and text, in
+    order), its metadata, and no outputs. Cell ids are random per build and not compared."""
+    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOKS / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert sorted(build.NOTEBOOKS) == sorted(path.name for path in NOTEBOOKS.glob("*.ipynb"))
+    for name, cells in build.NOTEBOOKS.items():
+        want, got = build.build(cells), nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert [(c.cell_type, c.source) for c in got.cells] == [(c.cell_type, c.source) for c in want.cells], (
+            f"{name} differs from notebooks/build.py: run `python notebooks/build.py`")
+        assert got.metadata == want.metadata, name
+        assert not any(c.get("outputs") for c in got.cells), f"{name} is committed with outputs"
 
 
 def test_quickstart_answers_paris_greedily():

@@ -4,7 +4,6 @@ quantized projections through jaxinfer.ops (XLA and interpreted Pallas)."""
 
 import logging
 import os
-import time
 
 import gguf
 import jax
@@ -275,18 +274,22 @@ def test_quantized_model_step_lowers_for_cuda(smollm2, quantization, kernel):
 # The converted-weight cache
 # ------------------------------------------------------------------------------------------
 
-def test_cache_is_read_back_identically_and_a_corrupted_one_is_rebuilt(smollm2, tmp_path, caplog):
+def test_cache_is_read_back_identically_and_a_corrupted_one_is_rebuilt(smollm2, tmp_path, caplog, monkeypatch):
+    quantized = []  # one entry per weight quantized: a load from the cache quantizes none
+    real_quantize = quant.quantize
+    monkeypatch.setattr(quant, "quantize", lambda *a, **k: quantized.append(1) or real_quantize(*a, **k))
+
     def load():
-        start = time.perf_counter()
+        before = len(quantized)
         model = load_llama(smollm2.config, smollm2, quantization="int8", cache_dir=str(tmp_path))
-        return model, time.perf_counter() - start
+        return model, len(quantized) - before
 
     def arrays(model):
         return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
 
-    first, first_s = load()
-    second, second_s = load()
-    assert second_s < first_s
+    first, first_quantized = load()
+    second, second_quantized = load()
+    assert first_quantized == 7 * smollm2.config.num_layers and second_quantized == 0
     assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(second)))
 
     files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if "arrays" in d]
@@ -297,10 +300,11 @@ def test_cache_is_read_back_identically_and_a_corrupted_one_is_rebuilt(smollm2, 
         f.seek(os.path.getsize(largest) // 2)
         f.write(bytes(b ^ 0xFF for b in chunk))
     with caplog.at_level(logging.WARNING, logger="jaxinfer"):
-        third, _ = load()
-    assert "unusable" in caplog.text
+        third, third_quantized = load()
+    assert "unusable" in caplog.text and third_quantized == first_quantized  # rebuilt from the checkpoint
     assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(third)))
-    fourth, _ = load()  # the rebuilt entry is good again
+    fourth, fourth_quantized = load()  # the rebuilt entry is good again
+    assert fourth_quantized == 0
     assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(fourth)))
 
 

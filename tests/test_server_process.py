@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -21,13 +22,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerLog:
+    """The server's stdout and stderr, read line by line on a thread for as long as it runs: a pipe
+    nobody reads fills up (64 KiB) and blocks the server at its next log line."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream):
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 30) -> bool:
+        deadline = time.monotonic() + timeout
+        while text not in self.text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
 @pytest.fixture(scope="module")
 def server():
+    """`python server.py` on a free port. Every test leaves it running; it is stopped (SIGTERM) here,
+    after the module's last test, and must then exit 0."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "server.py", "--port", str(port), "--max-model-len", "256", "--max-num-seqs", "4",
          "--max-num-batched-tokens", "64", "--no-warmup", "--price-per-hour", "2.6", "--quantization", "none"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = ServerLog(proc.stdout)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -38,10 +70,14 @@ def server():
             time.sleep(1)
     else:
         proc.kill()
-        pytest.fail(f"server did not start:\n{proc.stdout.read()}")
-    yield url, proc
+        proc.wait(timeout=60)
+        log.join(timeout=10)
+        pytest.fail(f"server did not start:\n{log.text()}")
+    yield url, log
     proc.terminate()
-    proc.wait(timeout=60)
+    returncode = proc.wait(timeout=60)
+    log.join(timeout=10)
+    assert returncode == 0, f"the server exited {returncode} after SIGTERM:\n{log.text()[-3000:]}"
 
 
 def test_served_greedy_completion_matches_offline_generate(server, llm):
@@ -84,9 +120,10 @@ def test_serving_benchmark_smoke_run_reports_every_field(server, tmp_path):
 
 
 def test_start_up_log_says_what_the_engine_is(server):
-    url, proc = server
-    proc.terminate()
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0
-    for expected in ("SmolLM2-135M-Instruct", "float32 weights", "KV cache", "compile buckets", url):
-        assert expected in out, expected
+    """Read while the server runs: the last start-up line ("serving ... at <url>") comes before it
+    answers /health, so the whole start-up log is there."""
+    url, log = server
+    assert log.wait_for(url), log.text()
+    for expected in ("SmolLM2-135M-Instruct", "float32 weights", "KV cache", "compile buckets",
+                     "persistent compilation cache", url):
+        assert expected in log.text(), expected
