@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled model, its HF transformers reference, and engines built once per session."""
+"""Shared fixtures: the bundled model, its HF transformers reference, and engines and the API server
+built once per session."""
 
 
 import pytest
@@ -59,3 +60,36 @@ def llm():
     from jaxinfer import LLM
 
     return LLM(SMOLLM2, max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512, quantization="none")
+
+
+@pytest.fixture(scope="session")
+def served():
+    """The OpenAI-compatible server on the bundled model in the default configuration, live on
+    127.0.0.1 (tests/test_server*.py, test_openapi.py). `reference` holds the engine's own greedy
+    output for helpers.PROMPT and CHAT, taken offline before the server owns the engine."""
+    from types import SimpleNamespace
+
+    import openai
+    from helpers import CHAT, MAX_TOKENS, NAME, PROMPT, live_server
+
+    from jaxinfer import LLMEngine, SamplingParams
+    from jaxinfer.api import create_app
+    from jaxinfer.async_engine import AsyncLLMEngine
+
+    def offline(prompt):
+        request_id = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+        final = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == request_id and out.finished:
+                    final = out
+        return final
+
+    engine = LLMEngine(SMOLLM2, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128)
+    reference = SimpleNamespace(completion=offline(PROMPT), chat=offline(engine.tokenizer.encode_chat(CHAT)))
+    async_engine = AsyncLLMEngine(engine).start()
+    app = create_app(async_engine, served_model_name=NAME)
+    with live_server(app) as url:
+        yield SimpleNamespace(url=url, app=app, engine=engine, async_engine=async_engine, reference=reference,
+                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
+    async_engine.shutdown(timeout=1)

@@ -1,5 +1,10 @@
 """Helpers shared by the tests."""
 
+import contextlib
+import socket
+import threading
+import time
+
 import jax
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
@@ -15,3 +20,46 @@ def export_for_cuda(fn, *args, device_kind="NVIDIA H100"):
         return jax.export.export(
             jax.jit(fn), platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """`app` on uvicorn at http://127.0.0.1:<free port>, in a background thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    assert wait_until(lambda: server.started, 30)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+# The server the API tests share (conftest.py's `served`): its model's served name, and the requests
+# whose offline greedy output it keeps as the reference.
+NAME = "smol"
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+MAX_TOKENS = 12
+
+
+def idle(served) -> bool:
+    """No request in flight and every KV page free again (waits up to 10 s for it)."""
+    engine = served.engine
+    return wait_until(lambda: served.async_engine.stats.num_requests == 0 and not engine.requests
+                      and engine.allocator.num_free_pages == engine.allocator.num_pages)

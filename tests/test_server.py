@@ -1,91 +1,26 @@
 """The OpenAI-compatible server, through the official `openai` client (and httpx for malformed
-requests) against a real uvicorn server on 127.0.0.1, over one engine shared by the module.
+requests) against a real uvicorn server on 127.0.0.1: conftest.py's `served`, one engine shared by
+the API tests.
 
 The reference for generated text is the engine itself run offline (add_request / step) on the same
 prompts before the server takes it over: greedy output through HTTP must be the same tokens.
 """
 
-import contextlib
 import json
-import socket
-import threading
+import logging
+import re
 import time
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fake_engine import FakeEngine
+from helpers import CHAT, MAX_TOKENS, NAME, PROMPT, idle, live_server
 
-from jaxinfer import LLMEngine, SamplingParams
 from jaxinfer.api import create_app
+from jaxinfer.api.routes.app import MAX_JSON_DEPTH
 from jaxinfer.async_engine import AsyncLLMEngine
-
-MODEL = "SmolLM2-135M-Instruct"
-NAME = "smol"  # the served model name
-PROMPT = "The capital of France is"
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-MAX_TOKENS = 12
-
-
-@contextlib.contextmanager
-def live_server(app):
-    """`app` on uvicorn at http://127.0.0.1:<free port>, in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started, 30)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def offline(engine: LLMEngine, prompt, **params):
-    """The reference: the engine's own add_request/step loop, greedy."""
-    request_id = engine.add_request(prompt, SamplingParams(temperature=0, **params))
-    final = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == request_id and out.finished:
-                final = out
-    return final
-
-
-@pytest.fixture(scope="module")
-def served():
-    engine = LLMEngine(MODEL, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128)
-    reference = SimpleNamespace(
-        completion=offline(engine, PROMPT, max_tokens=MAX_TOKENS),
-        chat=offline(engine, engine.tokenizer.encode_chat(CHAT), max_tokens=MAX_TOKENS),
-    )
-    async_engine = AsyncLLMEngine(engine).start()
-    app = create_app(async_engine, served_model_name=NAME)
-    with live_server(app) as url:
-        yield SimpleNamespace(url=url, engine=engine, async_engine=async_engine, reference=reference,
-                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
-    async_engine.shutdown(timeout=1)
-
-
-def idle(served) -> bool:
-    """No request in flight and every KV page free again."""
-    engine = served.engine
-    return wait_until(lambda: served.async_engine.stats.num_requests == 0 and not engine.requests
-                      and engine.allocator.num_free_pages == engine.allocator.num_pages)
 
 
 # -- completions and chat ------------------------------------------------------------------------
@@ -313,6 +248,61 @@ def test_bad_requests_get_400_naming_the_field(served, path, body, param):
 def test_malformed_bodies_get_400(served, content):
     response = httpx.post(served.url + C, content=content, headers={"content-type": "application/json"})
     assert_openai_error(response, 400)
+
+
+def nested_list(depth: int) -> list:
+    """`depth` levels of arrays: [[...[]...]]."""
+    value = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_json_nested_to_the_depth_limit_is_served(served):
+    """The body is level 1, so a field nests MAX_JSON_DEPTH - 1 levels at most (unknown fields are ignored)."""
+    response = served.client.completions.create(model=NAME, prompt=PROMPT, max_tokens=1,
+                                                extra_body={"metadata": nested_list(MAX_JSON_DEPTH - 1)})
+    assert response.usage.completion_tokens == 1
+
+
+def test_json_nested_past_the_limit_gets_400_naming_the_problem(served):
+    with pytest.raises(openai.BadRequestError) as raised:
+        served.client.completions.create(model=NAME, prompt=PROMPT, max_tokens=1,
+                                         extra_body={"metadata": nested_list(MAX_JSON_DEPTH)})
+    error = raised.value.body
+    assert error["code"] == "json_too_deep" and f"more than {MAX_JSON_DEPTH} levels deep" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_json_nested_past_the_parsers_own_limit_gets_400_not_500(served):
+    """100,000 levels: Python's JSON parser gives up with a RecursionError, which must be a 400 too."""
+    depth = 100_000
+    content = b'{"prompt": "hi", "metadata": ' + b"[" * depth + b"]" * depth + b"}"
+    response = httpx.post(served.url + C, content=content, headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+    assert response.json()["error"]["code"] == "json_too_deep"
+
+
+def test_unexpected_exception_gets_a_500_that_does_not_echo_it(caplog):
+    """The client gets an error id, not the exception's text (paths, prompts, keys); the log gets the
+    traceback under the same id."""
+    def encode(text):
+        raise RuntimeError("secret detail: /home/alice/.api_key")
+
+    fake = FakeEngine()
+    fake.tokenizer = SimpleNamespace(encode=encode)
+    engine = AsyncLLMEngine(fake).start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="jaxinfer"), live_server(create_app(engine)) as url:
+            response = httpx.post(url + C, json={"prompt": "a string prompt is tokenized", "max_tokens": 2})
+    finally:
+        engine.shutdown(timeout=1)
+    assert_openai_error(response, 500)
+    assert "secret" not in response.text and "RuntimeError" not in response.text
+    error_id = re.fullmatch(r"internal server error \(error id (\w+), in the server's log\)",
+                            response.json()["error"]["message"]).group(1)
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert len(logged) == 1 and "secret detail" in str(logged[0].exc_info[1])
 
 
 def test_unknown_model_gets_404(served):

@@ -3,13 +3,18 @@ streaming chunks built in OpenAI's shapes, errors as OpenAI's `{"error": {...}}`
 
 Requests are plain JSON dicts checked field by field: a wrong type or value is an `APIError` (400)
 that names the field in `param`. Fields that OpenAI or vLLM define and we do not implement are
-refused with a message that says so, rather than silently ignored; unknown fields are ignored.
+refused with a message that says so, rather than silently ignored; unknown fields are ignored. The
+fields are declared once, as JSON Schema (COMPLETION_FIELDS, CHAT_FIELDS): the readers check bodies
+against those tables and /openapi.json publishes them.
 """
 
+import functools
+import json
 import math
+import operator
 from dataclasses import dataclass
 
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -41,10 +46,124 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
+# -- the fields of each request -----------------------------------------------------------------
+# Each request's fields as JSON Schema (OpenAPI 3.1), published by /openapi.json (api/openapi.py) and
+# checked by the readers below: every scalar field against its schema's type and bounds, every
+# field marked "x-not-implemented" refused unless it holds the one value that asks for nothing. So
+# the schema says what is checked. Every field but `prompt`/`messages` is optional; null is "not given".
+
+def _integer(description: str, **bounds) -> dict:
+    return {"type": "integer", "description": description, **bounds}
+
+
+def _number(description: str, **bounds) -> dict:
+    return {"type": "number", "description": description, **bounds}
+
+
+def _boolean(description: str, **default) -> dict:
+    return {"type": "boolean", "description": description, **default}
+
+
+def _not_implemented(unused, what: str) -> dict:
+    """A field refused unless it holds `unused`, the value that asks for nothing."""
+    return {"const": unused, "x-not-implemented": what,
+            "description": f"Not implemented ({what}): only {json.dumps(unused)} or null is accepted."}
+
+
+def nullable(schema: dict) -> dict:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+
+STREAM_OPTIONS_FIELDS = {
+    "include_usage": _boolean("A last chunk with the request's usage and no choices.", default=False),
+}
+
+COMMON_FIELDS = {
+    "model": {"type": "string", "description": "The served model's name (GET /v1/models); another is a 404."},
+    "n": _integer("Choices generated for each prompt.", minimum=1, maximum=MAX_N, default=1),
+    "temperature": _number("0 is greedy.", minimum=0, default=1.0),
+    "top_p": _number("Sample from the most likely tokens whose probabilities add up to top_p.",
+                     exclusiveMinimum=0, maximum=1, default=1.0),
+    "top_k": _integer("vLLM's: sample from the k most likely tokens; -1 or 0 is off.", minimum=-1, default=-1),
+    "min_p": _number("vLLM's: drop tokens less likely than min_p times the most likely one.",
+                     minimum=0, maximum=1, default=0.0),
+    "presence_penalty": _number("Subtracted from the logit of every token already generated.",
+                                minimum=-2, maximum=2, default=0.0),
+    "frequency_penalty": _number("Subtracted from a token's logit once per time it was generated.",
+                                 minimum=-2, maximum=2, default=0.0),
+    "repetition_penalty": _number("vLLM's (HF/CTRL style, over prompt and output): > 1 discourages repeats.",
+                                  exclusiveMinimum=0, default=1.0),
+    "stop": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": MAX_STOP}],
+             "description": "Generation ends before the first of these strings; it is not returned."},
+    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                       "description": "vLLM's: generation ends after any of these tokens."},
+    "seed": _integer("Reproducible sampling: choice i draws with seed + i."),
+    "ignore_eos": _boolean("vLLM's: go on past the end-of-sequence token.", default=False),
+    "skip_special_tokens": _boolean("vLLM's: leave special tokens out of the text.", default=True),
+    "stream": _boolean("Answer as server-sent events, one chunk per new text, then `data: [DONE]`.",
+                       default=False),
+    "stream_options": {"type": "object", "description": "Only with stream: true.",
+                       "properties": {k: nullable(v) for k, v in STREAM_OPTIONS_FIELDS.items()}},
+    "cache_salt": {"type": "string", "minLength": 1,
+                   "description": "vLLM's: only requests with the same salt share prefix-cache pages."},
+    "logit_bias": _not_implemented({}, "logit_bias"),
+    "min_tokens": _not_implemented(0, "min_tokens"),
+}
+
+COMPLETION_FIELDS = {
+    "prompt": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": MAX_PROMPTS},
+                         _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS}],
+               "description": "A string, a list of strings, a list of token ids or a list of token-id lists; "
+                              "each prompt gets n choices (index = prompt * n + i)."},
+    "max_tokens": _integer("Tokens generated at most per choice; the prompt plus max_tokens must fit in "
+                           "max_model_len.", minimum=1, default=16),
+    "logprobs": _integer("The chosen token's logprob and this many most likely alternatives.",
+                         minimum=0, maximum=MAX_LOGPROBS),
+    "best_of": _integer("Only best_of = n is supported.", minimum=1),
+    "echo": _not_implemented(False, "echo"),
+    "suffix": _not_implemented("", "suffix (insertion)"),
+    **COMMON_FIELDS,
+}
+COMPLETION_REQUIRED = ("prompt",)
+
+_TEXT_PART = {"type": "object", "required": ["type", "text"],
+              "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_MESSAGE = {"type": "object", "required": ["role"], "properties": {
+    "role": {"enum": list(CHAT_ROLES), "description": "developer is read as system."},
+    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}],
+                "description": "Text, or text parts joined by newlines; null only for an assistant message."},
+    "tool_calls": nullable(_not_implemented([], "tool calls")),
+}}
+
+CHAT_FIELDS = {
+    "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+    "max_completion_tokens": _integer("Tokens generated at most per choice (default: up to max_model_len).",
+                                      minimum=1),
+    "max_tokens": _integer("The older name of max_completion_tokens, which wins when both are given.", minimum=1),
+    "logprobs": _boolean("The chosen tokens' logprobs.", default=False),
+    "top_logprobs": _integer("With logprobs: this many most likely alternatives per token.",
+                             minimum=0, maximum=MAX_LOGPROBS),
+    "tools": _not_implemented([], "tool calling"),
+    "functions": _not_implemented([], "function calling"),
+    "tool_choice": _not_implemented("none", "tool calling"),
+    "response_format": _not_implemented({"type": "text"}, "structured output"),
+    **COMMON_FIELDS,
+}
+CHAT_REQUIRED = ("messages",)
+
+
 # -- field readers ------------------------------------------------------------------------------
 
 def _bad(name: str, expected: str, value) -> APIError:
-    return APIError(400, f"'{name}' must be {expected}, got {value!r:.100}", param=name)
+    return APIError(400, f"'{name}' must be {expected}, got {_short_repr(value)}", param=name)
+
+
+def _short_repr(value) -> str:
+    text = repr(value)  # the body nests at most MAX_JSON_DEPTH deep (read_json), so repr() cannot recurse too far
+    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def _is_int(x) -> bool:
@@ -55,44 +174,45 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _int(body: dict, name: str, default=None):
+def _is_finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer past float's range
+        return False
+
+
+_KINDS = {"integer": (_is_int, "an integer"), "number": (lambda x: _is_number(x) and _is_finite(x), "a finite number"),
+          "boolean": (lambda x: isinstance(x, bool), "a boolean"), "string": (lambda x: isinstance(x, str), "a string")}
+_BOUNDS = (("minimum", ">=", operator.ge), ("exclusiveMinimum", ">", operator.gt),
+           ("maximum", "<=", operator.le), ("exclusiveMaximum", "<", operator.lt))
+
+
+def _read(body: dict, fields: dict, name: str, default=None):
+    """`body[name]`, checked against the scalar schema `fields[name]`; `default` if absent or null."""
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value):
-        raise _bad(name, "an integer", value)
-    return value
+    schema = fields[name]
+    is_kind, expected = _KINDS[schema["type"]]
+    bounds = [(word, schema[key], holds) for key, word, holds in _BOUNDS if key in schema]
+    ok = is_kind(value) and all(holds(value, limit) for _, limit, holds in bounds)
+    if schema.get("minLength"):
+        expected, ok = "a non-empty string", ok and len(value) >= schema["minLength"]
+    if not ok:
+        raise _bad(name, " and ".join([expected] + [f"{word} {limit}" for word, limit, _ in bounds]), value)
+    return float(value) if schema["type"] == "number" else value
 
 
-def _number(body: dict, name: str, default=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value) or not math.isfinite(value):
-        raise _bad(name, "a finite number", value)
-    return float(value)
+def _same_json(value, expected) -> bool:
+    return type(value) is type(expected) and value == expected
 
 
-def _cache_salt(body: dict) -> str | None:
-    value = body.get("cache_salt")
-    if value is not None and not (isinstance(value, str) and value):
-        raise _bad("cache_salt", "a non-empty string", value)
-    return value
-
-
-def _bool(body: dict, name: str, default=False):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _bad(name, "a boolean", value)
-    return value
-
-
-def _refuse(body: dict, name: str, unless, why: str) -> None:
-    value = body.get(name)
-    if value is not None and not unless(value):
-        raise APIError(400, f"'{name}' is not supported: {why}", param=name)
+def _refuse_not_implemented(body: dict, fields: dict) -> None:
+    for name, schema in fields.items():
+        value = body.get(name)
+        if "x-not-implemented" in schema and value is not None and not _same_json(value, schema["const"]):
+            raise APIError(400, f"'{name}' is not supported: {schema['x-not-implemented']} is not implemented",
+                           param=name)
 
 
 # -- requests -----------------------------------------------------------------------------------
@@ -112,46 +232,38 @@ class GenerationRequest:
 
 
 def parse_completion_request(body: dict) -> GenerationRequest:
-    _refuse(body, "echo", lambda v: v is False, "echo is not implemented")
-    _refuse(body, "suffix", lambda v: v == "", "suffix (insertion) is not implemented")
+    fields = COMPLETION_FIELDS
+    _refuse_not_implemented(body, fields)
     prompts = _prompts(body.get("prompt"))
-    logprobs = _int(body, "logprobs")
-    params = _sampling_params(body, max_tokens=_int(body, "max_tokens", 16), max_tokens_param="max_tokens",
-                              logprobs=logprobs, logprobs_param="logprobs")
-    best_of = _int(body, "best_of")
+    params = _sampling_params(body, fields, max_tokens=_read(body, fields, "max_tokens", 16),
+                              max_tokens_param="max_tokens", logprobs=_read(body, fields, "logprobs"),
+                              logprobs_param="logprobs")
+    best_of = _read(body, fields, "best_of")
     if best_of is not None and best_of != params.n:
         raise APIError(400, f"'best_of' ({best_of}) other than n ({params.n}) is not supported", param="best_of")
-    return GenerationRequest(_model(body), params, *_stream(body), "max_tokens", prompts=prompts,
-                             cache_salt=_cache_salt(body))
+    return GenerationRequest(_read(body, fields, "model"), params, *_stream(body, fields), "max_tokens",
+                             prompts=prompts, cache_salt=_read(body, fields, "cache_salt"))
 
 
 def parse_chat_request(body: dict) -> GenerationRequest:
-    _refuse(body, "tools", lambda v: v == [], "tool calling is not implemented")
-    _refuse(body, "functions", lambda v: v == [], "function calling is not implemented")
-    _refuse(body, "tool_choice", lambda v: v == "none", "tool calling is not implemented")
-    _refuse(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-            "structured output is not implemented")
+    fields = CHAT_FIELDS
+    _refuse_not_implemented(body, fields)
     messages = _messages(body.get("messages"))
-    top_logprobs = _int(body, "top_logprobs")
-    logprobs = _bool(body, "logprobs")
+    top_logprobs = _read(body, fields, "top_logprobs")
+    logprobs = _read(body, fields, "logprobs", False)
     if top_logprobs is not None and not logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    _read(body, fields, "max_tokens")  # checked even when max_completion_tokens, OpenAI's newer name, wins
     max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params = _sampling_params(body, max_tokens=_int(body, max_param), max_tokens_param=max_param,
-                              logprobs=(top_logprobs or 0) if logprobs else None, logprobs_param="top_logprobs")
-    return GenerationRequest(_model(body), params, *_stream(body), max_param, messages=messages,
-                             cache_salt=_cache_salt(body))
+    params = _sampling_params(body, fields, max_tokens=_read(body, fields, max_param), max_tokens_param=max_param,
+                              logprobs=(top_logprobs or 0) if logprobs else None,
+                              logprobs_param="top_logprobs")
+    return GenerationRequest(_read(body, fields, "model"), params, *_stream(body, fields), max_param,
+                             messages=messages, cache_salt=_read(body, fields, "cache_salt"))
 
 
-def _model(body: dict) -> str | None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model", "a string", model)
-    return model
-
-
-def _stream(body: dict) -> tuple[bool, bool]:
-    stream = _bool(body, "stream")
+def _stream(body: dict, fields: dict) -> tuple[bool, bool]:
+    stream = _read(body, fields, "stream", False)
     options = body.get("stream_options")
     if options is None:
         return stream, False
@@ -159,7 +271,7 @@ def _stream(body: dict) -> tuple[bool, bool]:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
     if not isinstance(options, dict):
         raise _bad("stream_options", "an object", options)
-    return stream, _bool(options, "include_usage")
+    return stream, _read(options, STREAM_OPTIONS_FIELDS, "include_usage", False)
 
 
 def _prompts(prompt) -> list:
@@ -193,10 +305,10 @@ def _messages(messages) -> list[dict]:
         if not isinstance(message, dict):
             raise _bad(where, "an object with 'role' and 'content'", message)
         role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r:.50}",
+        if not (isinstance(role, str) and role in CHAT_ROLES):
+            raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {_short_repr(role)}",
                            param=f"{where}.role")
-        if message.get("tool_calls"):
+        if message.get("tool_calls") not in (None, []):
             raise APIError(400, "tool calls are not implemented", param=f"{where}.tool_calls")
         content = message.get("content")
         if content is None and role == "assistant":
@@ -213,13 +325,9 @@ def _messages(messages) -> list[dict]:
     return checked
 
 
-def _sampling_params(body: dict, *, max_tokens, max_tokens_param: str, logprobs, logprobs_param: str
-                     ) -> SamplingParams:
-    _refuse(body, "logit_bias", lambda v: v == {}, "logit_bias is not implemented")
-    _refuse(body, "min_tokens", lambda v: v == 0, "min_tokens is not implemented")
-    n = _int(body, "n", 1)
-    if n > MAX_N:
-        raise APIError(400, f"'n' must be at most {MAX_N}, got {n}", param="n")
+def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: str, logprobs,
+                     logprobs_param: str) -> SamplingParams:
+    read = functools.partial(_read, body, fields)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -227,29 +335,31 @@ def _sampling_params(body: dict, *, max_tokens, max_tokens_param: str, logprobs,
         raise _bad("stop", "a non-empty string or a list of them", stop)
     if stop is not None and len(stop) > MAX_STOP:
         raise APIError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
-    stop_token_ids = body.get("stop_token_ids") or []
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is None:
+        stop_token_ids = []
     if not (isinstance(stop_token_ids, list) and all(_is_int(t) for t in stop_token_ids)):
         raise _bad("stop_token_ids", "a list of token ids", stop_token_ids)
-    seed = _int(body, "seed")
-    fields = dict(
-        n=n,
-        temperature=_number(body, "temperature", 1.0),
-        top_p=_number(body, "top_p", 1.0),
-        top_k=min(_int(body, "top_k", -1), MAX_TOP_K),
-        min_p=_number(body, "min_p", 0.0),
-        presence_penalty=_number(body, "presence_penalty", 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+    seed = read("seed")
+    values = dict(
+        n=read("n", 1),
+        temperature=read("temperature", 1.0),
+        top_p=read("top_p", 1.0),
+        top_k=min(read("top_k", -1), MAX_TOP_K),
+        min_p=read("min_p", 0.0),
+        presence_penalty=read("presence_penalty", 0.0),
+        frequency_penalty=read("frequency_penalty", 0.0),
+        repetition_penalty=read("repetition_penalty", 1.0),
         logprobs=logprobs,
         max_tokens=max_tokens,
         stop=stop,
         stop_token_ids=stop_token_ids,
-        ignore_eos=_bool(body, "ignore_eos"),
+        ignore_eos=read("ignore_eos", False),
         seed=seed % SEED_RANGE if seed is not None else None,
-        skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        skip_special_tokens=read("skip_special_tokens", True),
     )
     try:
-        return SamplingParams(**fields)
+        return SamplingParams(**values)
     except ValueError as e:
         # "SamplingParams.<field> must be ...": answer in the client's names.
         message = str(e)

@@ -1,4 +1,5 @@
-"""The Starlette app: routes, API-key check, body limits, and every error as OpenAI's JSON shape.
+"""The Starlette app: routes (described at /openapi.json), API-key check, body limits (size and JSON
+depth), and every error as OpenAI's JSON shape (a 500 without the exception's text).
 
 The app does not own the engine's life: whoever builds it (server.py / `jaxinfer serve`, tests)
 starts the AsyncLLMEngine before serving and shuts it down after.
@@ -8,6 +9,7 @@ import hmac
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -17,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jaxinfer.api.metrics import ServerMetrics
+from jaxinfer.api.openapi import openapi_document
 from jaxinfer.api.protocol import APIError, error_body, model_card
 from jaxinfer.api.routes.completions import create_chat_completion, create_completion
 from jaxinfer.async_engine import AsyncLLMEngine
@@ -24,6 +27,9 @@ from jaxinfer.async_engine import AsyncLLMEngine
 logger = logging.getLogger("jaxinfer")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# Arrays and objects nested in a request body, at most. The deepest field read nests 5 levels (a
+# chat message's text part); without a bound, a deep body makes the parser or a repr() recurse.
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(slots=True)
@@ -37,6 +43,7 @@ class ServerState:
     api_key: str | None
     max_body_bytes: int
     created: int  # unix time the model was loaded, for /v1/models
+    openapi: dict  # /openapi.json
 
     @property
     def tokenizer(self):
@@ -74,9 +81,29 @@ class ServerState:
             body = json.loads(b"".join(chunks))
         except ValueError as e:  # UnicodeDecodeError included
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # nested past what the parser can follow
+            raise _too_deep() from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        if _nests_deeper_than(body, MAX_JSON_DEPTH):
+            raise _too_deep()
         return body
+
+
+def _nests_deeper_than(value, depth: int) -> bool:
+    """Whether arrays and objects nest more than `depth` levels in `value` (level by level, no recursion)."""
+    level = [value]
+    for _ in range(depth):
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def _too_deep() -> APIError:
+    return APIError(400, f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep",
+                    code="json_too_deep")
 
 
 def _too_large(limit: int) -> APIError:
@@ -102,11 +129,13 @@ def create_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, 
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.server = ServerState(engine, name, engine.engine.config.max_model_len, metrics, api_key,
-                                   max_body_bytes, int(time.time()))
+                                   max_body_bytes, int(time.time()),
+                                   openapi_document(routes, api_key=api_key is not None))
     return app
 
 
@@ -134,6 +163,10 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(request.app.state.server.openapi)
+
+
 async def _api_error(request: Request, exc: APIError) -> Response:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
@@ -143,5 +176,9 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(error_body(500, f"internal server error: {exc!r}"), status_code=500)
+    """A 500 that tells the client nothing of the exception (it may hold paths, prompts, keys): an error
+    id to quote, with which the traceback is logged."""
+    error_id = uuid.uuid4().hex[:16]
+    logger.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body(500, f"internal server error (error id {error_id}, in the server's log)",
+                                   code="internal_error"), status_code=500)
