@@ -89,6 +89,7 @@ class _Request:
     emitted_tokens: list[int]  # tokens already handed out, per sequence
     logprobs: list[list[TokenLogprob]]
     metrics: RequestMetrics
+    stop_token_ids: frozenset[int]  # the params' and, unless ignore_eos, the model's EOS tokens
 
 
 def resolve_dtype(name: str):
@@ -207,7 +208,9 @@ class LLMEngine:
         n = len(seqs)
         self.requests[request_id] = _Request(request_id, text, prompt_ids, params, seqs, detoks, [""] * n, [0] * n,
                                              [0] * n, [[] for _ in seqs],
-                                             RequestMetrics(seqs[0].arrival_time, num_prompt_tokens=len(prompt_ids)))
+                                             RequestMetrics(seqs[0].arrival_time, num_prompt_tokens=len(prompt_ids)),
+                                             frozenset(params.stop_token_ids).union(
+                                                 () if params.ignore_eos else self.tokenizer.eos_token_ids))
         for seq in seqs:
             self._request_of[seq] = self.requests[request_id]
             self.scheduler.add(seq)
@@ -264,11 +267,12 @@ class LLMEngine:
         i = request.seqs.index(seq)
         params = seq.params
         token = seq.output_ids[-1]
+        searched = len(request.texts[i])  # the text so far holds no stop string
         request.texts[i] += request.detokenizers[i].add([token])
         reason = None
-        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if token in request.stop_token_ids:
             reason = "stop"
-        elif params.stop and (cut := _find_stop(request.texts[i], params.stop)) is not None:
+        elif params.stop and (cut := _find_stop(request.texts[i], params.stop, searched)) is not None:
             request.texts[i] = request.texts[i][:cut]
             reason = "stop"
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
@@ -280,11 +284,13 @@ class LLMEngine:
 
     def _output(self, request: _Request) -> RequestOutput:
         outputs = []
-        holdback = max((len(s) for s in request.params.stop), default=1) - 1
+        stops = request.params.stop
         for i, seq in enumerate(request.seqs):
             text = request.texts[i]
             # Hold back what could still turn out to be the start of a stop string.
-            visible = len(text) if seq.finished else max(request.emitted[i], len(text) - holdback)
+            visible = len(text)
+            if stops and not seq.finished:
+                visible = max(request.emitted[i], _stop_prefix_start(text, stops))
             delta = text[request.emitted[i]:visible]
             new_tokens = seq.output_ids[request.emitted_tokens[i]:]
             request.emitted[i], request.emitted_tokens[i] = visible, len(seq.output_ids)
@@ -307,10 +313,26 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished, metrics)
 
 
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops]
-    hits = [h for h in hits if h >= 0]
+def _find_stop(text: str, stops: list[str], searched: int) -> int | None:
+    """Where the first stop string in `text` starts, given that `text[:searched]` holds none: only
+    the new text and the (longest stop - 1) characters before it are searched."""
+    start = max(0, searched - max(len(s) for s in stops) + 1)
+    hits = [h for h in (text.find(s, start) for s in stops) if h >= 0]
     return min(hits) if hits else None
+
+
+def _stop_prefix_start(text: str, stops: list[str]) -> int:
+    """Where the longest end of `text` that a stop string starts with begins (len(text): none):
+    what a stream holds back, as it could still turn into a stop."""
+    start = len(text)
+    for stop in stops:
+        p = text.find(stop[0], max(0, len(text) - len(stop) + 1))
+        while 0 <= p < start:
+            if stop.startswith(text[p:]):
+                start = p  # the earliest match is this stop's longest
+                break
+            p = text.find(stop[0], p + 1)
+    return start
 
 
 def normalize_prompts(prompts) -> list[str | list[int]]:

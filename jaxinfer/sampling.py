@@ -1,5 +1,6 @@
 """Sampling parameters and on-device sampling of the next token of every sequence in a step."""
 
+import reprlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -8,6 +9,9 @@ import jax.numpy as jnp
 
 
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_LENGTH = 256  # characters of one stop string: a stream holds back up to this many - 1
+MAX_STOP_TOKEN_IDS = 256  # stop_token_ids per request
 
 
 @dataclass(slots=True)
@@ -43,6 +47,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        if isinstance(self.stop_token_ids, (tuple, set, frozenset)):
+            self.stop_token_ids = list(self.stop_token_ids)
         checks = [
             ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
             ("temperature", _is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
@@ -51,9 +57,12 @@ class SamplingParams:
             ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
             ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              "an integer >= 1"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-             "non-negative token ids"),
+            ("stop", len(self.stop) <= MAX_STOP and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH
+                                                        for s in self.stop),
+             f"at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LENGTH} characters"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, list) and len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS
+             and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             f"a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids"),
             ("presence_penalty", _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "in [-2, 2]"),
             ("frequency_penalty", _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
@@ -65,7 +74,8 @@ class SamplingParams:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name} must be {expected}, got {getattr(self, name)!r}")
+                # reprlib: a refused value of any size gives an error message of a few dozen characters
+                raise ValueError(f"SamplingParams.{name} must be {expected}, got {reprlib.repr(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from jaxinfer import LLM, SamplingParams
+from jaxinfer.api import protocol
+from jaxinfer.api.protocol import APIError
 from jaxinfer.config import UnsupportedModelError
 from jaxinfer.weights import open_checkpoint
 
@@ -46,10 +48,20 @@ def test_directory_without_config_is_not_a_model(tmp_path):
 @pytest.mark.parametrize("kwargs, field", [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
     ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p"), ({"stop": [""]}, "stop"),
+    ({"stop": ["x"] * 17}, "stop"), ({"stop": ["x" * 257]}, "stop"),
+    ({"stop_token_ids": list(range(257))}, "stop_token_ids"), ({"stop_token_ids": 5}, "stop_token_ids"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field} "):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"stop": ["x" * 257]}, "stop"), ({"stop_token_ids": list(range(257))}, "stop_token_ids")])
+def test_the_api_answers_stop_bounds_with_400_naming_the_field(body, param):
+    with pytest.raises(APIError) as raised:
+        protocol.parse_completion_request({"prompt": "hi", **body})
+    assert (raised.value.status, raised.value.param) == (400, param)
 
 
 def test_prompt_longer_than_max_model_len_is_rejected_without_leaking_pages(llm):
