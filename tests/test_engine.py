@@ -25,11 +25,9 @@ def shared_prefix_prompts():
     return [SHARED_PREFIX + f"\nQuestion {i}: " + t[:60] if i % 2 == 0 else t for i, t in enumerate(tails)]
 
 
-# Float32 activations in the CPU int8 matmul: the outputs of a sequence must not depend on what shares
-# its batch. The default integer path (int8 activations) is not batch-invariant to the token: XLA's row
-# reductions (RMSNorm) round by 1 ulp differently for different batch shapes, and rounding activations
-# to 8 bits can turn that into a different token at a near-tie (docs/QUANTIZATION.md).
-EXACT = dict(cpu_integer_matmul=False)
+# Every engine here runs the default configuration (on the CPU: int8 weights, int8 activations, the
+# native kernels): it is the one that must give a sequence the same tokens whatever shares its batch.
+# A test of the float-activation path says so in its name.
 
 
 def tokens(outputs):
@@ -40,7 +38,7 @@ def tokens(outputs):
 def alone():
     """The reference engine: no prefix caching, a budget that takes any prompt in one step; one prompt at a time."""
     llm = LLM("SmolLM2-135M-Instruct", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=512,
-              enable_prefix_caching=False, warmup=False, **EXACT)
+              enable_prefix_caching=False, warmup=False)
 
     def run(prompts):
         return [tokens(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
@@ -49,9 +47,9 @@ def alone():
 
 @pytest.fixture(scope="module")
 def batched():
-    """32 sequences a step, 64 tokens a step: long prompts are prefilled in chunks beside decode rows."""
-    return LLM("SmolLM2-135M-Instruct", max_model_len=512, max_num_seqs=32, max_num_batched_tokens=64,
-               strict_compile=True, **EXACT)
+    """64 sequences a step, 128 tokens a step: long prompts are prefilled in chunks beside decode rows."""
+    return LLM("SmolLM2-135M-Instruct", max_model_len=512, max_num_seqs=64, max_num_batched_tokens=128,
+               strict_compile=True)
 
 
 def assert_no_leak(llm):
@@ -65,6 +63,47 @@ def test_batched_chunked_outputs_equal_each_prompt_alone(alone, batched):
     prompts = mixed_prompts()
     assert tokens(batched.generate(prompts, GREEDY, use_tqdm=False)) == alone(prompts)
     assert_no_leak(batched)
+
+
+def test_64_sequences_decoding_together_equal_each_alone(batched):
+    """Batch sizes from 1 to 64 in one run: ~4-token prompts are admitted ~25 a step (128-token budget),
+    and all 64 are decoding together before the first finishes."""
+    names = sorted(TOPICS)
+    prompts = [f"{names[i % len(names)]} {i}:" for i in range(64)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    runner = batched.engine.runner
+    execute, sizes = runner.execute, []
+    runner.execute = lambda work, *args: sizes.append(len(work)) or execute(work, *args)  # this run only
+    try:
+        together = tokens(batched.generate(prompts, params, use_tqdm=False))
+    finally:
+        del runner.execute
+    assert max(sizes) == 64
+    assert together == [tokens(batched.generate([p], params, use_tqdm=False))[0] for p in prompts]
+    assert_no_leak(batched)
+
+
+def test_logprobs_do_not_depend_on_the_batch(batched):
+    prompts = mixed_prompts()[:8]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)
+    together = batched.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, together):
+        single = batched.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert out.outputs[0].token_ids == single.token_ids
+        for a, b in zip(out.outputs[0].logprobs, single.logprobs):
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert abs(a.logprob - b.logprob) <= 1e-5
+            assert all(abs(x - y) <= 1e-5 for (_, x), (_, y) in zip(a.top, b.top))
+
+
+def test_float_activation_path_is_batch_invariant_too():
+    """cpu_integer_matmul=False: int8 weights, float32 activations (the native kernel's float path)."""
+    prompts = mixed_prompts()[:6]
+    llm = LLM("SmolLM2-135M-Instruct", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
+              warmup=False, cpu_integer_matmul=False)
+    together = tokens(llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert together == [tokens(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
+    assert_no_leak(llm)
 
 
 def test_prefix_cache_hits_give_the_same_outputs(alone, batched):
@@ -82,13 +121,13 @@ def test_prefix_cache_hits_give_the_same_outputs(alone, batched):
 def test_preemption_when_pages_run_out_keeps_outputs():
     # 40 pages of 16 tokens hold ~3 of these sequences at once; 8 arrive together.
     tiny = LLM("SmolLM2-135M-Instruct", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128,
-               num_pages=40, warmup=False, **EXACT)
+               num_pages=40, warmup=False)
     prompts = [TOPICS[name][:700] for name in sorted(TOPICS)[30:38]]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     out = tokens(tiny.generate(prompts, params, use_tqdm=False))
     assert tiny.engine.scheduler.num_preemptions > 0
     ref_llm = LLM("SmolLM2-135M-Instruct", max_model_len=512, max_num_seqs=8, max_num_batched_tokens=512,
-                  enable_prefix_caching=False, warmup=False, **EXACT)
+                  enable_prefix_caching=False, warmup=False)
     assert out == tokens(ref_llm.generate(prompts, params, use_tqdm=False))
     assert_no_leak(tiny)
 
@@ -132,7 +171,7 @@ def test_a_step_shape_warm_up_did_not_compile_is_caught(batched):
     from jaxinfer.compilation import CompilationDuringServingError
 
     llm = LLM("SmolLM2-135M-Instruct", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=4,
-              strict_compile=True, **EXACT)
+              strict_compile=True)
     runner = llm.engine.runner
     assert runner.buckets() == [(1, 1), (2, 2), (4, 2)]
     runner.config = runner.config.replace(max_num_seqs=4)

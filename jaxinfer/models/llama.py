@@ -35,9 +35,27 @@ class AttentionMetadata(NamedTuple):
     logits_indices: jax.Array  # [S] int32: the row whose logits each sequence needs (its last)
 
 
+def row_sum(x):
+    """Sum over the last axis in one fixed order, a pairwise tree, whatever the other dimensions.
+
+    XLA's own reduction vectorizes across rows once there are several (8+ on this CPU), which adds a
+    row's values in a different order than for a lone row: a 1-ulp difference that int8 activations can
+    turn into a different token. Elementwise adds of halves leave XLA no order to choose.
+    """
+    n = x.shape[-1]
+    width = 1 << (n - 1).bit_length()
+    if width != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x  # [..., 1]
+
+
 def rms_norm(x, weight, eps):
+    """Each row's result is bitwise the same whatever else is in the batch (`row_sum`)."""
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    x32 = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / x.shape[-1] + eps)
     return weight * x32.astype(x.dtype)
 
 
