@@ -3,7 +3,11 @@
 The LLMEngine is not thread-safe, so only the loop thread calls it. Other threads hand it work
 through a lock-protected inbox (adds and aborts) that the loop thread drains before each step; it
 sleeps on a condition variable when there is nothing to do. Each request's outputs go back to the
-asyncio event loop that submitted it, into an asyncio.Queue, through `call_soon_threadsafe`.
+asyncio event loop that submitted it, into an asyncio.Queue, through `call_soon_threadsafe`. They
+cross as deltas made on the loop thread (`LLMEngine.step(deltas_only=True)`: new text, tokens and
+logprobs, each in its own list), so a slow reader's queue grows with the output, not with its square,
+and the reader never sees a list the engine is still appending to; the stream adds them up on the
+reader's side into the cumulative RequestOutputs that `LLMEngine.step()` gives.
 
 A bad request (a ValueError from `add_request`) is reported to its caller and the loop goes on. An
 error in `step()` is fatal: every request in flight fails with `EngineDeadError`, `healthy` turns
@@ -18,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from jaxinfer.engine import LLMEngine, RequestOutput
+from jaxinfer.engine import CompletionOutput, LLMEngine, RequestOutput
 from jaxinfer.sampling import SamplingParams
 
 logger = logging.getLogger("jaxinfer")
@@ -69,7 +73,8 @@ class RequestStream:
         self.request_id = request_id
         self.finished = False
         self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue = asyncio.Queue()  # delta-only RequestOutputs, sentinels, exceptions
+        self._so_far: dict[int, CompletionOutput] = {}  # the last output given out, per sequence index
 
     def put(self, item) -> None:
         """From any thread."""
@@ -89,7 +94,18 @@ class RequestStream:
             self.finished = True
             raise item
         self.finished = item.finished
+        item.outputs = [self._add_up(delta) for delta in item.outputs]
         return item
+
+    def _add_up(self, delta: CompletionOutput) -> CompletionOutput:
+        """The cumulative output: the previous one's text, tokens and logprobs, then the delta's."""
+        previous = self._so_far.get(delta.index) or CompletionOutput(delta.index, "", [], None, logprobs=[])
+        output = CompletionOutput(
+            delta.index, previous.text + delta.delta, previous.token_ids + delta.delta_token_ids,
+            delta.finish_reason, delta.delta, delta.delta_token_ids,
+            None if delta.delta_logprobs is None else previous.logprobs + delta.delta_logprobs, delta.delta_logprobs)
+        self._so_far[delta.index] = output
+        return output
 
 
 @dataclass(slots=True)
@@ -98,7 +114,6 @@ class _Tracked:
 
     stream: RequestStream
     arrival_time: float  # time.monotonic() when submitted
-    num_tokens: int = 0  # tokens generated so far, over all n sequences
     last_token_time: float | None = None
 
 
@@ -221,7 +236,7 @@ class AsyncLLMEngine:
                 if stop:
                     break
                 if self.engine.has_unfinished_requests():
-                    self._deliver(self.engine.step())
+                    self._deliver(self.engine.step(deltas_only=True))
                 busy = self.engine.has_unfinished_requests()
                 self._update_stats()
         except Exception as e:
@@ -269,8 +284,7 @@ class AsyncLLMEngine:
     def _observe(self, tracked: _Tracked, output: RequestOutput, now: float) -> None:
         if self.observer is None:
             return
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
-        num_new = num_tokens - tracked.num_tokens
+        num_new = sum(len(c.delta_token_ids) for c in output.outputs)
         try:
             if num_new > 0:
                 if tracked.last_token_time is None:
@@ -278,7 +292,7 @@ class AsyncLLMEngine:
                     self.observer.tokens(num_new, None)
                 else:
                     self.observer.tokens(num_new, now - tracked.last_token_time)
-                tracked.num_tokens, tracked.last_token_time = num_tokens, now
+                tracked.last_token_time = now
             if output.finished:
                 self.observer.finished(now - tracked.arrival_time)
         except Exception:

@@ -33,13 +33,19 @@ logger = logging.getLogger("jaxinfer")
 
 @dataclass(slots=True)
 class CompletionOutput:
+    """One sequence of a request: everything so far (text, token_ids, logprobs) and what is new since
+    the request's previous output (the delta fields). Every list is the output's own: the engine
+    never touches it again. In a delta-only output (`LLMEngine.step(deltas_only=True)`, what the
+    AsyncLLMEngine hands across threads) text, token_ids and logprobs are None."""
+
     index: int
-    text: str
-    token_ids: list[int]
+    text: str | None
+    token_ids: list[int] | None
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
-    delta: str = ""  # text new since the previous step (streaming)
-    delta_token_ids: list[int] = field(default_factory=list)  # tokens new since the previous step
+    delta: str = ""  # text new since the previous output (streaming)
+    delta_token_ids: list[int] = field(default_factory=list)  # tokens new since the previous output
     logprobs: list[TokenLogprob] | None = None  # per generated token, when SamplingParams.logprobs is set
+    delta_logprobs: list[TokenLogprob] | None = None  # those of delta_token_ids
 
 
 @dataclass(slots=True)
@@ -86,8 +92,8 @@ class _Request:
     detokenizers: list[IncrementalDetokenizer]
     texts: list[str]  # detokenized output so far, per sequence
     emitted: list[int]  # characters of each text already handed out, per sequence
-    emitted_tokens: list[int]  # tokens already handed out, per sequence
-    logprobs: list[list[TokenLogprob]]
+    emitted_tokens: list[int]  # tokens (and their logprobs) already handed out, per sequence
+    logprobs: list[list[TokenLogprob]]  # per sequence, one per output token
     metrics: RequestMetrics
     stop_token_ids: frozenset[int]  # the params' and, unless ignore_eos, the model's EOS tokens
 
@@ -228,8 +234,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the requests that made progress, with their new text."""
+    def step(self, deltas_only: bool = False) -> list[RequestOutput]:
+        """Runs one step; returns the requests that made progress: all their output so far and what is
+        new. `deltas_only`: only what is new (the cumulative fields None, `metrics` only once finished),
+        so that no output repeats an earlier one's text, tokens or logprobs."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -261,7 +269,7 @@ class LLMEngine:
             metrics.last_token_time = now
             self._update_text(request, seq)
             touched[request.request_id] = request
-        return [self._output(request) for request in touched.values()]
+        return [self._output(request, deltas_only) for request in touched.values()]
 
     def _update_text(self, request: _Request, seq: Sequence) -> None:
         i = request.seqs.index(seq)
@@ -282,7 +290,7 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
-    def _output(self, request: _Request) -> RequestOutput:
+    def _output(self, request: _Request, deltas_only: bool) -> RequestOutput:
         outputs = []
         stops = request.params.stop
         for i, seq in enumerate(request.seqs):
@@ -291,12 +299,16 @@ class LLMEngine:
             visible = len(text)
             if stops and not seq.finished:
                 visible = max(request.emitted[i], _stop_prefix_start(text, stops))
-            delta = text[request.emitted[i]:visible]
-            new_tokens = seq.output_ids[request.emitted_tokens[i]:]
-            request.emitted[i], request.emitted_tokens[i] = visible, len(seq.output_ids)
+            start = request.emitted_tokens[i]  # the first token not handed out yet, and its logprob
             logprobs = request.logprobs[i] if request.params.logprobs is not None else None
-            outputs.append(CompletionOutput(i, text[:visible], list(seq.output_ids), seq.finish_reason, delta,
-                                            new_tokens, logprobs))
+            output = CompletionOutput(i, None, None, seq.finish_reason, delta=text[request.emitted[i]:visible],
+                                      delta_token_ids=seq.output_ids[start:],
+                                      delta_logprobs=None if logprobs is None else logprobs[start:])
+            if not deltas_only:
+                output.text, output.token_ids = text[:visible], list(seq.output_ids)
+                output.logprobs = None if logprobs is None else list(logprobs)
+            request.emitted[i], request.emitted_tokens[i] = visible, len(seq.output_ids)
+            outputs.append(output)
         finished = all(seq.finished for seq in request.seqs)
         metrics = request.metrics
         seqs = request.seqs
@@ -310,7 +322,10 @@ class LLMEngine:
             del self.requests[request.request_id]
             for seq in seqs:
                 del self._request_of[seq]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished, metrics)
+        # The engine updates `metrics` until the request finishes: a delta-only output is for another
+        # thread, so it gets them once they are final.
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished,
+                             metrics if finished or not deltas_only else None)
 
 
 def _find_stop(text: str, stops: list[str], searched: int) -> int | None:

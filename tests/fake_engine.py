@@ -1,17 +1,20 @@
 """A stand-in for LLMEngine with the same surface, for tests of the machinery around it (no model).
 
-Each step gives every request one more token (token i of a request is i, its text one "x" per
-token) until it has `params.max_tokens`. It records which thread called it, can be slowed down,
-and fails a step when told to or when it holds the prompt POISON. It has the attributes the server
-and the CLI read (limits, buckets, sizes).
+Each step gives every sequence of every request one more token until it has `params.max_tokens`:
+token i of sequence j (of `params.n`) is 1000 * j + i, its text one letter ("x" for sequence 0, "y"
+for 1, ...) and, with `params.logprobs`, its logprob -i / 10. It records which thread called it, can
+be slowed down, and fails a step when told to or when it holds the prompt POISON. It has the
+attributes the server and the CLI read (limits, buckets, sizes).
 """
 
 import collections
+import string
 import threading
 import time
 from types import SimpleNamespace
 
 from jaxinfer.engine import CompletionOutput, RequestOutput
+from jaxinfer.sampling import TokenLogprob
 
 POISON = [6, 6, 6]  # a prompt that makes the next step fail
 
@@ -59,18 +62,30 @@ class FakeEngine:
         self._called()
         return bool(self.requests)
 
-    def step(self):
+    def step(self, deltas_only: bool = False):
         self._called()
         self.num_steps += 1
         time.sleep(self.step_seconds)
         if self.fail_next_step:
             raise RuntimeError("the device fell over")
         outputs = []
-        for request_id, (params, tokens) in list(self.requests.items()):
-            tokens.append(len(tokens))
-            finished = len(tokens) >= params.max_tokens
-            outputs.append(RequestOutput(request_id, None, [1, 2, 3], [CompletionOutput(
-                0, "x" * len(tokens), list(tokens), "length" if finished else None, "x", [tokens[-1]])], finished))
+        for request_id, (params, generated) in list(self.requests.items()):
+            generated.append(len(generated))
+            finished = len(generated) >= params.max_tokens
+            outputs.append(RequestOutput(request_id, None, [1, 2, 3], [
+                _sequence_output(j, len(generated), params, finished, deltas_only) for j in range(params.n)], finished))
             if finished:
                 del self.requests[request_id]
         return outputs
+
+
+def _sequence_output(index: int, num_tokens: int, params, finished: bool, deltas_only: bool) -> CompletionOutput:
+    tokens = [1000 * index + i for i in range(num_tokens)]
+    letter = string.ascii_lowercase[(23 + index) % 26]  # x, y, z, a, ...
+    logprobs = None if params.logprobs is None else [TokenLogprob(t, -i / 10, [(t, -i / 10)][:params.logprobs])
+                                                     for i, t in enumerate(tokens)]
+    output = CompletionOutput(index, letter * num_tokens, tokens, "length" if finished else None, letter,
+                              tokens[-1:], logprobs, None if logprobs is None else logprobs[-1:])
+    if deltas_only:
+        output.text = output.token_ids = output.logprobs = None
+    return output

@@ -61,6 +61,42 @@ def test_concurrent_requests_each_get_their_own_outputs(engine):
     assert [outs[-1].outputs[0].token_ids for outs in results] == [list(range(3)), list(range(7)), [0]]
 
 
+def offline_outputs(prompt, params_, request_id):
+    """The reference: a FakeEngine of its own stepped here, cumulative outputs as `LLMEngine.step()` gives."""
+    fake = FakeEngine()
+    fake.add_request(prompt, params_, request_id)
+    outputs = []
+    while fake.has_unfinished_requests():
+        outputs += fake.step()
+    return outputs
+
+
+def test_a_stream_adds_the_deltas_up_to_the_engines_cumulative_outputs(engine):
+    sampling = SamplingParams(n=3, max_tokens=6, logprobs=2)
+
+    async def main():
+        return [out async for out in engine.generate("hi", sampling, "r")]
+
+    streamed = asyncio.run(main())
+    expected = offline_outputs("hi", sampling, "r")
+    assert [o.outputs for o in streamed] == [o.outputs for o in expected]
+    assert [o.finished for o in streamed] == [o.finished for o in expected]
+
+
+def test_the_queue_of_a_slow_reader_holds_deltas_not_snapshots(fake, engine):
+    async def main():
+        stream = await engine.add_request("hi", SamplingParams(n=2, max_tokens=40, logprobs=1), "slow")
+        while stream._queue.qsize() < 40:  # the engine runs to the end while nobody reads
+            await asyncio.sleep(0.01)
+        return [stream._queue.get_nowait() for _ in range(40)]
+
+    queued = asyncio.run(main())
+    sequences = [c for item in queued for c in item.outputs]
+    assert all(c.text is None and c.token_ids is None and c.logprobs is None for c in sequences)
+    assert all(len(c.delta) == len(c.delta_token_ids) == len(c.delta_logprobs) == 1 for c in sequences)
+    assert sum(len(c.delta_token_ids) for c in sequences) == 2 * 40  # each token crossed once
+
+
 def test_only_the_loop_thread_calls_the_engine(fake, engine):
     async def main():
         await asyncio.gather(*(collect(engine, "hi", 4) for _ in range(5)))

@@ -147,8 +147,9 @@ class _Reply:
         num_choices = len(streams) * self.n
         done = set()
         tokens = [0] * num_choices  # generated so far, per choice
-        logprobs_sent = [0] * num_choices
-        text_sent = [0] * num_choices  # characters, for the completions text_offset
+        # Completions text_offset: where the next token's text starts in the concatenated token texts
+        # (as in a whole response). Not the text sent so far: that lags while a stop string is held back.
+        text_offset = [0] * num_choices
         try:
             if self.chat:
                 yield self.chunk([protocol.chat_chunk_choice(i, {"role": "assistant", "content": ""})
@@ -160,14 +161,13 @@ class _Reply:
                     if i in done:
                         continue
                     tokens[i] = len(c.token_ids)
-                    new_logprobs = c.logprobs[logprobs_sent[i]:] if c.logprobs else None
-                    if not (c.delta or c.finish_reason or new_logprobs):
+                    if not (c.delta or c.finish_reason or c.delta_logprobs):
                         continue
                     if c.finish_reason:
                         done.add(i)
-                    logprobs = self.logprobs(new_logprobs, text_sent[i]) if new_logprobs else None
-                    logprobs_sent[i] += len(new_logprobs or ())
-                    text_sent[i] += len(c.delta)
+                    logprobs = self.logprobs(c.delta_logprobs, text_offset[i]) if c.delta_logprobs else None
+                    if logprobs and not self.chat:
+                        text_offset[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                     if self.chat:
                         choices.append(protocol.chat_chunk_choice(i, {"content": c.delta} if c.delta else {},
                                                                   c.finish_reason, logprobs))
