@@ -283,6 +283,29 @@ def test_json_nested_past_the_parsers_own_limit_gets_400_not_500(served):
     assert response.json()["error"]["code"] == "json_too_deep"
 
 
+@pytest.mark.parametrize("path, fields", [
+    (C, b'"prompt": "\\ud800"'),
+    (C, b'"prompt": "hi", "cache_salt": "tenant-\\udc00"'),  # once killed the engine loop (the salt's digest)
+    (C, b'"prompt": "hi", "model": "\\ud800"'),  # once a 500: the 404's message could not be encoded
+    (C, b'"prompt": "hi", "stop": ["\\udfff"]'),
+    (CHAT_PATH, b'"messages": [{"role": "user", "content": "x\\ud800"}]'),
+], ids=["prompt", "cache_salt", "model", "stop", "message"])
+def test_lone_surrogates_get_400_and_leave_the_engine_running(served, path, fields):
+    """JSON can spell half a UTF-16 pair (\\ud800); no tokenizer or digest takes it."""
+    response = httpx.post(served.url + path, content=b"{" + fields + b', "max_tokens": 2}',
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+    assert response.json()["error"]["code"] == "invalid_unicode"
+    assert served.async_engine.healthy
+
+
+def test_surrogate_pairs_are_text(served):
+    content = b'{"prompt": "I \\ud83d\\ude00 it", "max_tokens": 1}'  # an emoji, escaped as JSON spells it
+    response = httpx.post(served.url + C, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == len(served.engine.tokenizer.encode("I \U0001F600 it"))
+
+
 def test_unexpected_exception_gets_a_500_that_does_not_echo_it(caplog):
     """The client gets an error id, not the exception's text (paths, prompts, keys); the log gets the
     traceback under the same id."""

@@ -14,11 +14,10 @@ import math
 import operator
 from dataclasses import dataclass
 
-from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
+from jaxinfer.sampling import MAX_LOGPROBS, MAX_STOP, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, SamplingParams
 
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
-MAX_STOP = 16  # stop strings per request
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 # The engine keeps seeds (seed + i for choice i) and top_k in int32 arrays.
 SEED_RANGE = 2**31 - MAX_N  # seeds are reduced into [0, SEED_RANGE)
@@ -76,6 +75,7 @@ def nullable(schema: dict) -> dict:
 
 _TEXT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}
 
 STREAM_OPTIONS_FIELDS = {
     "include_usage": _boolean("A last chunk with the request's usage and no choices.", default=False),
@@ -96,9 +96,9 @@ COMMON_FIELDS = {
                                  minimum=-2, maximum=2, default=0.0),
     "repetition_penalty": _number("vLLM's (HF/CTRL style, over prompt and output): > 1 discourages repeats.",
                                   exclusiveMinimum=0, default=1.0),
-    "stop": {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "maxItems": MAX_STOP}],
+    "stop": {"anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOP}],
              "description": "Generation ends before the first of these strings; it is not returned."},
-    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0},
+    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": MAX_STOP_TOKEN_IDS,
                        "description": "vLLM's: generation ends after any of these tokens."},
     "seed": _integer("Reproducible sampling: choice i draws with seed + i."),
     "ignore_eos": _boolean("vLLM's: go on past the end-of-sequence token.", default=False),
@@ -131,12 +131,16 @@ COMPLETION_REQUIRED = ("prompt",)
 
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
-_MESSAGE = {"type": "object", "required": ["role"], "properties": {
-    "role": {"enum": list(CHAT_ROLES), "description": "developer is read as system."},
-    "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}],
-                "description": "Text, or text parts joined by newlines; null only for an assistant message."},
-    "tool_calls": nullable(_not_implemented([], "tool calls")),
-}}
+_CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}],
+            "description": "Text, or text parts (joined by newlines)."}
+_TOOL_CALLS = nullable(_not_implemented([], "tool calls"))
+_MESSAGE = {"anyOf": [  # content may be null (or absent) only in an assistant message
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": [r for r in CHAT_ROLES if r != "assistant"], "description": "developer is read as system."},
+        "content": _CONTENT, "tool_calls": _TOOL_CALLS}},
+    {"type": "object", "required": ["role"], "properties": {
+        "role": {"const": "assistant"}, "content": nullable(_CONTENT), "tool_calls": _TOOL_CALLS}},
+]}
 
 CHAT_FIELDS = {
     "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
@@ -167,7 +171,8 @@ def _short_repr(value) -> str:
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer as JSON Schema (and vLLM's pydantic) counts one: 3 or 3.0, not true; read with int()."""
+    return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, float) and x.is_integer()
 
 
 def _is_number(x) -> bool:
@@ -199,7 +204,10 @@ def _read(body: dict, fields: dict, name: str, default=None):
     if schema.get("minLength"):
         expected, ok = "a non-empty string", ok and len(value) >= schema["minLength"]
     if not ok:
-        raise _bad(name, " and ".join([expected] + [f"{word} {limit}" for word, limit, _ in bounds]), value)
+        limits = " and ".join(f"{word} {limit}" for word, limit, _ in bounds)
+        raise _bad(name, f"{expected} {limits}".rstrip(), value)
+    if schema["type"] == "integer":
+        return int(value)  # 3.0 is 3
     return float(value) if schema["type"] == "number" else value
 
 
@@ -280,12 +288,12 @@ def _prompts(prompt) -> list:
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        prompts = [prompt]
+        prompts = [[int(t) for t in prompt]]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = prompt
     elif (isinstance(prompt, list) and prompt
           and all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)):
-        prompts = prompt
+        prompts = [[int(t) for t in p] for p in prompt]
     elif prompt is None:
         raise APIError(400, "'prompt' is required", param="prompt")
     else:
@@ -340,6 +348,7 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
         stop_token_ids = []
     if not (isinstance(stop_token_ids, list) and all(_is_int(t) for t in stop_token_ids)):
         raise _bad("stop_token_ids", "a list of token ids", stop_token_ids)
+    stop_token_ids = [int(t) for t in stop_token_ids]
     seed = read("seed")
     values = dict(
         n=read("n", 1),

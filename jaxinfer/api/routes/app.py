@@ -8,6 +8,7 @@ starts the AsyncLLMEngine before serving and shuts it down after.
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 # Arrays and objects nested in a request body, at most. The deepest field read nests 5 levels (a
 # chat message's text part); without a bound, a deep body makes the parser or a repr() recurse.
 MAX_JSON_DEPTH = 64
+# A \uD800-\uDFFF escape: JSON can spell a lone UTF-16 surrogate, which no UTF-8 consumer (the
+# tokenizer, the prefix-cache digest, the response encoder) takes.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 
 @dataclass(slots=True)
@@ -77,8 +81,9 @@ class ServerState:
             if size > self.max_body_bytes:
                 raise _too_large(self.max_body_bytes)
             chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(raw)
         except ValueError as e:  # UnicodeDecodeError included
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         except RecursionError:  # nested past what the parser can follow
@@ -87,6 +92,9 @@ class ServerState:
             raise APIError(400, "the request body must be a JSON object")
         if _nests_deeper_than(body, MAX_JSON_DEPTH):
             raise _too_deep()
+        if SURROGATE_ESCAPE.search(raw) and not _all_strings_encode(body):
+            raise APIError(400, "the request body has a string with a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                           "escape without its pair): not Unicode text", code="invalid_unicode")
         return body
 
 
@@ -98,6 +106,15 @@ def _nests_deeper_than(value, depth: int) -> bool:
                  if isinstance(child, (dict, list))]
         if not level:
             return False
+    return True
+
+
+def _all_strings_encode(body: dict) -> bool:
+    """Whether every string in `body`, keys included, is Unicode text (encodes as UTF-8)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode()  # no deeper than MAX_JSON_DEPTH: checked first
+    except UnicodeEncodeError:
+        return False
     return True
 
 
