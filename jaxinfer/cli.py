@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "precision; int8: per vocabulary entry; none: --dtype")
     model.add_argument("--cpu-integer-matmul", action=argparse.BooleanOptionalAction, default=None,
                        help="CPU, int8 weights: quantize activations to int8 (blocks of 32) and use integer dot "
-                       "products, about 2x faster prefill and batched decode for about +0.25%% perplexity; "
-                       "--no-cpu-integer-matmul keeps float32 activations (default: on)")
+                       "products: about 2x faster prefill and batched decode, at a perplexity cost (measured in "
+                       "docs/QUANTIZATION.md); --no-cpu-integer-matmul keeps float32 activations (default: on)")
     model.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128],
                        help="int4: rows per scale (default 32)")
     model.add_argument("--weight-cache-dir", help="where converted weights are cached "

@@ -248,7 +248,7 @@ QUANTIZATION = [
 The same SmolLM2-135M in three formats (docs/QUANTIZATION.md has all of them):
 `none` (full precision, float32 on a CPU), `int8` (per output channel, the CPU default) and
 `native` (the GGUF file's own Q4_1 blocks). Perplexity is over 512 tokens of Python's own
-documentation (`pydoc_data.topics`), computed from the model's logits as tests/test_quant.py does;
+documentation (`pydoc_data.topics`), by `jaxinfer.evaluate.perplexity` as in tests/test_quant.py;
 speed is decode tokens/s of a short greedy generation (batch 1).
 
 The full-precision weights are the GGUF file's Q4_1 blocks dequantized, so `native` (those blocks
@@ -257,18 +257,11 @@ kept as they are) has the same perplexity; `int8` requantizes them. On a CPU, XL
 """),
     """
 %matplotlib inline
-import time
-
-import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
-import numpy as np
 import pydoc_data.topics
-from flax import nnx
 
 from jaxinfer import LLM, SamplingParams
-from jaxinfer.kv_cache import allocate_kv_cache
-from jaxinfer.models.llama import AttentionMetadata
+from jaxinfer.evaluate import perplexity, token_windows
 
 FORMATS = ("none", "int8", "native")
 llms = {q: LLM("SmolLM2-135M-Instruct", quantization=q, max_model_len=256, max_num_seqs=4, num_pages=64,
@@ -279,33 +272,8 @@ for q, llm in llms.items():
     """
 WINDOW, NUM_WINDOWS = 128, 4  # 512 tokens, one ragged batch of 4 sequences
 text = "\\n\\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-ids = llms["none"].tokenizer.encode(text)[:WINDOW * NUM_WINDOWS]
-windows = np.asarray(ids, np.int32).reshape(NUM_WINDOWS, WINDOW)
-
-
-def perplexity(model, windows, page_size=16):
-    \"\"\"exp(mean next-token NLL): every window is a sequence of its own, all in one prefill batch
-    with logits at every position (as in tests/test_quant.py).\"\"\"
-    num_seqs, n = windows.shape
-    pos = np.tile(np.arange(n, dtype=np.int32), num_seqs)
-    block_tables = np.arange(num_seqs * n // page_size, dtype=np.int32).reshape(num_seqs, -1)
-    slot_mapping = (block_tables[:, :, None] * page_size + np.arange(page_size)).reshape(-1)
-    meta = AttentionMetadata(*map(jnp.asarray, (slot_mapping, np.arange(num_seqs + 1, dtype=np.int32) * n,
-                                                np.full(num_seqs, n, np.int32), block_tables,
-                                                np.arange(n * num_seqs))))
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def nll(state, token_ids):  # [num_seqs, n] -> summed negative log-likelihood
-        k_cache, v_cache = allocate_kv_cache(model.config, block_tables.size, page_size, jnp.float32)
-        logits, _, _ = nnx.merge(graphdef, state)(token_ids.reshape(-1), jnp.asarray(pos), k_cache, v_cache, meta)
-        logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, :-1], axis=-1)  # [S, n - 1, vocab]
-        return -jnp.take_along_axis(logp, token_ids[:, 1:, None], axis=-1).sum()
-
-    return float(np.exp(float(nll(state, jnp.asarray(windows))) / (num_seqs * (n - 1))))
-
-
-ppl = {q: perplexity(llm.engine.model, windows) for q, llm in llms.items()}
+windows = token_windows(llms["none"].tokenizer.encode(text), WINDOW, NUM_WINDOWS)
+ppl = {q: perplexity(llm.engine.model, windows, seqs_per_call=NUM_WINDOWS) for q, llm in llms.items()}
 print(ppl)
 """,
     """

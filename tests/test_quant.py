@@ -15,7 +15,7 @@ from flax import nnx
 from gguf.quants import dequantize as gguf_dequantize
 
 from jaxinfer import LLM, SamplingParams, quant
-from jaxinfer.kv_cache import allocate_kv_cache
+from jaxinfer.evaluate import perplexity, token_windows
 from jaxinfer.models.llama import AttentionMetadata, Llama, load_llama, projection_formats
 from jaxinfer.weights.cache import WeightCache
 from jaxinfer.weights.gguf import GGUFCheckpoint
@@ -158,35 +158,11 @@ def models(engines, smollm2):
 @pytest.fixture(scope="module")
 def text_tokens(engines):
     text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-    ids = engines["none"].engine.tokenizer.encode(text)
-    assert len(ids) >= WINDOW * NUM_WINDOWS
-    return np.asarray(ids[:WINDOW * NUM_WINDOWS], np.int32).reshape(NUM_WINDOWS, WINDOW)
-
-
-def perplexity(model, windows, page_size=16, per_call=4):
-    """exp(mean next-token NLL) over windows of text, each a sequence of its own, `per_call`
-    sequences per forward (one ragged prefill batch) with logits at every position."""
-    num_seqs, n = per_call, windows.shape[1]
-    pos = np.tile(np.arange(n, dtype=np.int32), num_seqs)
-    block_tables = np.arange(num_seqs * n // page_size, dtype=np.int32).reshape(num_seqs, -1)
-    slot_mapping = (block_tables[:, :, None] * page_size + np.arange(page_size)).reshape(-1)
-    meta = AttentionMetadata(*map(jnp.asarray, (slot_mapping, np.arange(num_seqs + 1, dtype=np.int32) * n,
-                                                np.full(num_seqs, n, np.int32), block_tables, np.arange(n * num_seqs))))
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def nll(state, token_ids):  # the weights are an argument, not constants of the program
-        k_cache, v_cache = allocate_kv_cache(model.config, block_tables.size, page_size, jnp.float32)
-        logits, _, _ = nnx.merge(graphdef, state)(token_ids.reshape(-1), jnp.asarray(pos), k_cache, v_cache, meta)
-        logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, :-1], axis=-1)  # [S, n - 1, vocab]
-        return -jnp.take_along_axis(logp, token_ids[:, 1:, None], axis=-1).sum()
-
-    total = sum(float(nll(state, jnp.asarray(windows[i:i + num_seqs]))) for i in range(0, len(windows), num_seqs))
-    return float(np.exp(total / (windows.shape[0] * (n - 1))))
+    return token_windows(engines["none"].engine.tokenizer.encode(text), WINDOW, NUM_WINDOWS)
 
 
 def test_perplexity_of_each_format_is_close_to_full_precision(models, text_tokens):
-    ppl = {q: perplexity(m, text_tokens) for q, m in models.items()}
+    ppl = {q: perplexity(m, text_tokens, seqs_per_call=4) for q, m in models.items()}
     print(f"\nperplexity of SmolLM2-135M over {text_tokens.size} tokens of pydoc_data.topics")
     print("| format | perplexity | vs full precision |\n|---|---|---|")
     for q, value in ppl.items():

@@ -1,0 +1,70 @@
+"""Perplexity of a model over windows of tokens, through the same paged forward the engine runs.
+
+The definition, as every caller here uses it (tests/test_quant.py, notebooks/03_quantization):
+each window is a sequence of its own, starting at position 0 on an empty cache (nothing before
+it, no BOS added). Position t (t = 1 .. n-1) is scored by the cross-entropy of the window's token
+t under the model's distribution after tokens 0 .. t-1: -log softmax(logits)[token], natural log,
+over the whole vocabulary, in float32. The first token of a window is not scored. The perplexity is
+exp of the mean over all scored positions of all windows (num_windows * (n - 1) of them): exp of the
+mean over the windows of HF transformers' causal-LM loss with labels = the window.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.kv_cache import allocate_kv_cache
+from jaxinfer.models.llama import AttentionMetadata, Llama
+
+
+def token_windows(token_ids, window: int, num_windows: int) -> np.ndarray:
+    """The first window * num_windows tokens as [num_windows, window] int32 (windows do not overlap)."""
+    if len(token_ids) < window * num_windows:
+        raise ValueError(f"{num_windows} windows of {window} tokens need {window * num_windows} tokens, "
+                         f"got {len(token_ids)}")
+    return np.asarray(token_ids[:window * num_windows], np.int32).reshape(num_windows, window)
+
+
+def perplexity(model: Llama, windows, *, seqs_per_call: int = 4, page_size: int = 16,
+               cache_dtype=jnp.float32) -> float:
+    """exp(mean next-token cross-entropy) of `model` over `windows` ([num_windows, n] int), as the module
+    docstring defines it. `seqs_per_call` windows go through one forward (one ragged prefill batch,
+    logits at every position); the result does not depend on it beyond float rounding."""
+    windows = np.asarray(windows, np.int32)
+    num_windows, n = windows.shape
+    if n < 2:
+        raise ValueError(f"a window needs at least 2 tokens to score one, got {n}")
+    graphdef, state = nnx.split(model)
+    total = 0.0  # summed in float64 on the host, one float32 sum per call
+    for start in range(0, num_windows, seqs_per_call):
+        total += float(_summed_nll(graphdef, state, jnp.asarray(windows[start:start + seqs_per_call]),
+                                   page_size=page_size, cache_dtype=cache_dtype))
+    return float(np.exp(total / (num_windows * (n - 1))))
+
+
+def _metadata(num_seqs: int, n: int, page_size: int) -> AttentionMetadata:
+    """Sequence s of n tokens owns pages [s * pages_per_seq, (s + 1) * pages_per_seq); logits at every row."""
+    pages_per_seq = -(-n // page_size)
+    block_tables = np.arange(num_seqs * pages_per_seq, dtype=np.int32).reshape(num_seqs, pages_per_seq)
+    pos = np.arange(n)
+    slot_mapping = (block_tables[:, pos // page_size] * page_size + pos % page_size).reshape(-1)  # [S * n]
+    return AttentionMetadata(*map(jnp.asarray, (
+        slot_mapping, np.arange(num_seqs + 1, dtype=np.int32) * n, np.full(num_seqs, n, np.int32),
+        block_tables, np.arange(num_seqs * n, dtype=np.int32))))
+
+
+# The weights are an argument, not constants of the program; one compile per (num_seqs, n).
+@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "cache_dtype"))
+def _summed_nll(graphdef, state, token_ids, *, page_size, cache_dtype):
+    """token_ids [S, n] int32 -> the summed cross-entropy of positions 1 .. n-1 of every sequence."""
+    num_seqs, n = token_ids.shape
+    model = nnx.merge(graphdef, state)
+    meta = _metadata(num_seqs, n, page_size)
+    k_cache, v_cache = allocate_kv_cache(model.config, num_seqs * meta.block_tables.shape[1], page_size, cache_dtype)
+    positions = jnp.tile(jnp.arange(n, dtype=jnp.int32), num_seqs)  # [S * n]
+    logits, _, _ = model(token_ids.reshape(-1), positions, k_cache, v_cache, meta)  # [S * n, vocab] float32
+    logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, :-1], axis=-1)  # [S, n - 1, vocab]
+    return -jnp.take_along_axis(logp, token_ids[:, 1:, None], axis=-1).sum()
