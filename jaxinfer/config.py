@@ -162,15 +162,17 @@ class EngineConfig:
     warmup: bool = True  # compile every step shape at start-up
     strict_compile: bool = False  # raise if serving ever needs a program warm-up did not compile
     seed: int = 0
-    # Weight format of the projections: jaxinfer.quant.QUANTIZATIONS. "auto": on GPU the
-    # checkpoint's own (a GGUF's Q8_0/Q4_0/Q4_1 blocks as they are), on CPU full precision (docs/QUANTIZATION.md).
+    # Weight format of the projections: jaxinfer.quant.QUANTIZATIONS. "auto" (`quant.resolve_quantization`):
+    # a GGUF's own Q8_0/Q4_0/Q4_1 blocks (on GPU; on CPU where the native grouped kernel runs them),
+    # else on CPU int8 per channel; a full-precision HF checkpoint on GPU stays so (docs/QUANTIZATION.md).
     quantization: str = "auto"
     quantization_group_size: int | None = None  # int4: 32, 64 or 128 rows per scale (default 32)
-    # The LM head (and a tied embedding): "auto" int8 when the projections are quantized and the
-    # checkpoint stores the head quantized (a GGUF's Q8_0), "none", or "int8" (per vocabulary entry).
+    # The LM head (and a tied embedding): "auto" (`quant.resolve_lm_head_quantization`), "none", "int8"
+    # (per vocabulary entry) or "native" (a GGUF's Q8_0 head as stored).
     lm_head_quantization: str = "auto"
-    # CPU, int8 weights: quantize activations to int8 (blocks of 32) and use integer dot products
-    # (kernels_cpu, AVX-512 VNNI or AVX2); False: float32 activations, int8 weights converted in registers.
+    # CPU: quantize activations to int8 (blocks of 32) and use integer dot products (kernels_cpu, AVX-512
+    # VNNI or AVX2), for per-channel int8 and for a GGUF's own blocks; False: float32 activations (int8
+    # weights converted in registers; GGUF blocks then requantized to int8 per channel by "auto").
     cpu_integer_matmul: bool = True
     # Converted-weight cache: "auto" is $JAXINFER_CACHE_DIR or ~/.cache/jaxinfer/weights; None: off
     weight_cache_dir: str | None = "auto"
@@ -195,8 +197,9 @@ class EngineConfig:
 
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        if self.lm_head_quantization not in ("auto", "none", "int8"):
-            raise ValueError(f"lm_head_quantization must be auto, none or int8, got {self.lm_head_quantization!r}")
+        if self.lm_head_quantization not in ("auto", "none", "int8", "native"):
+            raise ValueError(f"lm_head_quantization must be auto, none, int8 or native, got "
+                             f"{self.lm_head_quantization!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

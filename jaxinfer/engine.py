@@ -119,12 +119,16 @@ class LLMEngine:
         if config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                              f"{mc.max_position_embeddings}")
-        self.quantization, why = resolve_quantization(config.quantization, jax.devices()[0].platform,
-                                                      isinstance(checkpoint, GGUFCheckpoint))
+        platform = jax.devices()[0].platform
+        # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
+        cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
+                           and config.cpu_integer_matmul and native.has_group_path())
+        self.quantization, why = resolve_quantization(config.quantization, platform,
+                                                      isinstance(checkpoint, GGUFCheckpoint), cpu_runs_blocks)
         logger.info("weights: quantization %s (%s)", self.quantization, why)
         stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
         self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,
-                                                                 stored_head)
+                                                                 stored_head, native_head=cpu_runs_blocks)
         logger.info("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
@@ -135,8 +139,8 @@ class LLMEngine:
                 and native.available()):
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
             if layouts:
-                logger.info("native CPU int8 matmul: weights by layout %s (vnni: int8 activations and integer "
-                            "dot products)", layouts)
+                logger.info("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
+                            "dot products; codes: the file's blocks)", layouts)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype)

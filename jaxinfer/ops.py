@@ -66,6 +66,8 @@ def quant_matmul(x, w, *, backend="auto", layer=None):
     x2 = x.reshape(-1, k)  # [M, K]
     if backend == "xla" and _native_int8(x2, w):
         out = native.int8_matmul(x2, w.data, w.scales, layer)
+    elif w.layout == "codes":  # only ever made where the native grouped kernel runs (quant.use_blocked_layout)
+        out = native.group_matmul(x2.astype(jnp.float32), w.data, w.scales, w.mins, layer, bits=w.bits).astype(x.dtype)
     else:
         if layer is not None:
             w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), w)

@@ -38,7 +38,8 @@ class QuantizedWeight:
     group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
     # "kn": data as specified. "blocked" (per-channel int8 on the CPU): data [NB, K, B], each block of
     # B columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`); "vnni": data
-    # [NB, K / 4, B, 4] for its integer path (`kernels_cpu.native.to_vnni`).
+    # [NB, K / 4, B, 4] for its integer path (`kernels_cpu.native.to_vnni`); "codes" (int8 and int4 in
+    # groups of 32 on the CPU): unsigned codes for the native grouped kernel (`native.to_group_codes`).
     layout: str = dataclasses.field(default="kn", metadata=dict(static=True))
 
     @property
@@ -50,8 +51,10 @@ class QuantizedWeight:
     def shape(self):
         if self.layout == "blocked":
             return (self.data.shape[-2], self.scales.shape[-1])
-        if self.layout == "vnni":
+        if self.layout == "vnni" or self.layout == "codes" and self.format == "int8":
             return (self.data.shape[-3] * 4, self.scales.shape[-1])
+        if self.layout == "codes":  # int4: [NB, K / 32, 4, B, 4]
+            return (self.data.shape[-4] * 32, self.scales.shape[-1])
         rows, n = self.data.shape[-2:]
         return (2 * rows if self.format == "int4" else rows, n)
 
@@ -61,7 +64,13 @@ class QuantizedWeight:
             return self.data
         from kernels_cpu import native
 
+        if self.layout == "codes":
+            return native.from_group_codes(self.data, self.bits, self.shape[1])
         return (native.from_blocked if self.layout == "blocked" else native.from_vnni)(self.data, self.shape[1])
+
+    @property
+    def bits(self) -> int:
+        return {"int8": 8, "int4": 4, "fp8": 8}[self.format]
 
 
 def _safe_divide(w, scale):
@@ -164,26 +173,36 @@ def weight_format(quantization: str, group_size: int | None = None) -> WeightFor
     return WeightFormat(quantization)
 
 
-def resolve_quantization(quantization: str, platform: str, is_gguf: bool) -> tuple[str, str]:
-    """("auto" resolved, why). On GPU: what the checkpoint carries. On CPU: int8, the fastest format
-    there (docs/QUANTIZATION.md): XLA dequantizes each weight before its dot, and int8's halved
-    memory traffic wins that trade at +0.03% perplexity; int4 and fp8 lose it (3-5x slower)."""
+def resolve_quantization(quantization: str, platform: str, is_gguf: bool, cpu_runs_blocks: bool = False
+                         ) -> tuple[str, str]:
+    """("auto" resolved, why). On GPU: what the checkpoint carries. On CPU (docs/QUANTIZATION.md): a
+    GGUF file's own Q8_0/Q4_0/Q4_1 blocks where the native grouped kernel runs them
+    (`cpu_runs_blocks`), which adds only the activations' rounding to the file's weights, as
+    llama.cpp does; else int8 per channel, run by the native int8 kernel (XLA dequantizes any other
+    format before its dot: int4 and fp8 are 3-5x slower there)."""
     if quantization != "auto":
         return quantization, "requested"
+    if platform == "cpu" and is_gguf and cpu_runs_blocks:
+        return "native", ("the file's Q8_0/Q4_0/Q4_1 blocks as stored (other types requantized to int8), run "
+                          "by the native grouped kernel on int8 activations: docs/QUANTIZATION.md")
     if platform == "cpu":
-        return "int8", ("int8 on CPU: decodes ~1.2-1.5x faster than f32 here at +0.03% perplexity; int4/fp8 "
-                        "are 3-5x slower (XLA dequantizes each weight before its dot): docs/QUANTIZATION.md")
+        return "int8", ("int8 per channel on CPU, run by the native int8 kernel; int4/fp8 are 3-5x slower "
+                        "there (XLA dequantizes each weight before its dot): docs/QUANTIZATION.md")
     if is_gguf:
         return "native", "the GGUF file's own formats"
     return "none", "the checkpoint's own precision"
 
 
-def resolve_lm_head_quantization(value: str, quantization: str, stored_type: str | None) -> str:
-    """The LM head's format ("none" or "int8"). "auto": int8 when the projections are quantized and the
-    checkpoint stores the head quantized itself (`stored_type`, e.g. a GGUF's Q8_0), which is the
-    file asking for it; a full-precision head stays so unless asked."""
+def resolve_lm_head_quantization(value: str, quantization: str, stored_type: str | None,
+                                 native_head: bool = False) -> str:
+    """The LM head's format ("none", "int8" or "native"). "auto": the file's own Q8_0 blocks when
+    the projections are "native" and the platform runs them (`native_head`); else int8 (per
+    vocabulary entry) when the projections are quantized and the checkpoint stores the head
+    quantized itself (`stored_type`), which is the file asking for it; a full-precision head stays so."""
     if value != "auto":
         return value
+    if quantization == "native" and stored_type == "Q8_0" and native_head:
+        return "native"
     stored_quantized = stored_type is not None and stored_type not in ("F32", "F16", "BF16")
     return "int8" if quantization != "none" and stored_quantized else "none"
 
@@ -255,20 +274,30 @@ class Linear(nnx.Module):
 
 
 def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int]:
-    """Re-lays every per-channel int8 weight of `model` for the native CPU kernel, in place: the
-    "vnni" layout of its integer path where the build has it and K is a multiple of 32 (`integer`),
-    else "blocked" (`kernels_cpu.native`). Returns how many weights went to each layout. Only for a
-    model that runs on the CPU with the native kernels available."""
+    """Re-lays the quantized weights of `model` for the native CPU kernels, in place. Per-channel
+    int8: the "vnni" layout of the integer path where the build has it and K is a multiple of 32
+    (`integer`), else "blocked". int8 and int4 in groups of 32 (GGUF's Q8_0, Q4_0, Q4_1), with
+    `integer` and N a multiple of 16: "codes", for the grouped integer kernel; else they stay on the
+    XLA path. Returns how many weights went to each layout. Only for a model that runs on the CPU
+    with the native kernels available."""
     from kernels_cpu import native
 
     changed: dict[str, int] = {}
     for _, node in nnx.iter_graph(model):
-        if isinstance(node, Linear) and node.fmt is not None and node.fmt.kind == "int8" and not node.fmt.group_size \
-                and node.layout == "kn":
-            k = node.w[...].shape[-2]
+        if not isinstance(node, Linear) or node.fmt is None or node.layout != "kn":
+            continue
+        k, n = QuantizedWeight(node.w[...], node.scales[...], format=node.fmt.kind,
+                               group_size=node.fmt.group_size).shape
+        if node.fmt.kind == "int8" and not node.fmt.group_size:
             node.layout = "vnni" if integer and native.has_integer_path() and k % 32 == 0 else "blocked"
             node.w = nnx.Param((native.to_vnni if node.layout == "vnni" else native.to_blocked)(node.w[...]))
-            changed[node.layout] = changed.get(node.layout, 0) + 1
+        elif (node.fmt.kind in ("int8", "int4") and node.fmt.group_size == native.GROUP and integer
+              and native.has_group_path() and n % 16 == 0):
+            node.layout = "codes"
+            node.w = nnx.Param(native.to_group_codes(node.w[...], 8 if node.fmt.kind == "int8" else 4))
+        else:
+            continue
+        changed[node.layout] = changed.get(node.layout, 0) + 1
     return changed
 
 

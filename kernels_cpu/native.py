@@ -3,6 +3,8 @@
 `int8_matmul` is the CPU engine's int8 weight-only matmul (`int8_matmul.cc`): XLA's CPU backend
 does not fuse the int8 -> f32 convert into a dot, so the XLA path writes every dequantized weight
 out and reads it back, and decode runs at about a third of the memory bandwidth.
+`group_matmul` (`group_matmul.cc`) runs GGUF's Q8_0/Q4_0/Q4_1 blocks as they are stored, with
+integer dot products on activations quantized per block of 32, as llama.cpp does.
 `ragged_paged_attention` (`paged_attention.cc`) reads keys and values in place in the page pool,
 where the XLA path first gathers them into a contiguous copy.
 
@@ -34,9 +36,9 @@ import numpy as np
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "int8_matmul.cc", HERE / "paged_attention.cc")
+SOURCES = (HERE / "int8_matmul.cc", HERE / "group_matmul.cc", HERE / "paged_attention.cc")
 HEADERS = (HERE / "parallel.h",)
-TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul",
+TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul", "jaxinfer_group_matmul": "JaxinferGroupMatmul",
            "jaxinfer_ragged_paged_attention": "JaxinferRaggedPagedAttention"}
 # $JAXINFER_NATIVE_CFLAGS adds flags, e.g. "-mno-avx512f" to build (and test) the AVX2 paths on an AVX-512 machine.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast",
@@ -218,3 +220,81 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     return call(q, k_cache, v_cache, i32(layer), i32(query_start_loc), i32(seq_lens), i32(block_tables),
                 sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
                 soft_cap=np.float32(soft_cap or 0.0))
+
+
+@functools.cache
+def has_group_path() -> bool:
+    """Whether the native build has `group_matmul` (AVX-512 VNNI, or AVX2 with FMA and F16C)."""
+    return available() and bool(ctypes.cdll.LoadLibrary(str(_library_path(_compiler()))).JaxinferHasGroupPath())
+
+
+GROUP = 32  # rows per scale of the grouped formats
+# How a symmetric format's codes are offset: its value is scale * (code - zero point).
+ZERO_POINTS = {8: 128, 4: 8}
+
+
+def to_group_codes(data, bits: int):
+    """A grouped weight's values as `group_matmul` reads them.
+
+    bits 8 (Q8_0): int8 W[..., K, N] -> uint8 codes (value + 128) [..., NB, K / 4, 64, 4], the vnni
+    layout. bits 4 (Q4_0/Q4_1): packed uint8 [..., K / 2, N] (`quant.pack_int4`: low nibble = even
+    row) -> [..., NB, K / 32, 4, 64, 4], byte (g, p, c, i) = code[32 g + 4 p + i] | code[... + 16] << 4.
+    N must be a multiple of 16, K of 32; the last block of columns is zero-padded.
+    """
+    if bits == 8:
+        *lead, k, n = data.shape
+        codes = (data.astype(jnp.int16) + 128).astype(jnp.uint8)
+    elif bits == 4:
+        *lead, half, n = data.shape
+        k = 2 * half
+        codes = jnp.stack([data & 0xF, data >> 4], axis=-2).reshape(*lead, k, n)  # [..., K, N], rows in order
+    else:
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if k % GROUP or n % 16:
+        raise ValueError(f"grouped weights need K a multiple of {GROUP} and N of 16, got K={k}, N={n}")
+    blocked = to_blocked(codes, block=VNNI_BLOCK)  # [..., NB, K, B]
+    *_, nb, _, block = blocked.shape
+    if bits == 8:
+        return jnp.swapaxes(blocked.reshape(*lead, nb, k // 4, 4, block), -1, -2)
+    # [..., NB, K / 32, 2 (halves of the group), 4 (quad p), 4 (i), B]
+    halves = blocked.reshape(*lead, nb, k // GROUP, 2, 4, 4, block)
+    packed = halves[..., 0, :, :, :] | (halves[..., 1, :, :, :] << 4)  # [..., NB, K / 32, 4, 4, B]
+    return jnp.swapaxes(packed, -1, -2)  # [..., NB, K / 32, 4, B, 4]
+
+
+def from_group_codes(codes, bits: int, n: int):
+    """The inverse of `to_group_codes`: the weight's int8 [..., K, n] (8) or packed [..., K / 2, n] (4)."""
+    if bits == 8:
+        *lead, nb, quads, block, _ = codes.shape
+        blocked = jnp.swapaxes(codes, -1, -2).reshape(*lead, nb, quads * 4, block)
+        return (from_blocked(blocked, n).astype(jnp.int16) - 128).astype(jnp.int8)
+    *lead, nb, groups, _, block, _ = codes.shape
+    packed = jnp.swapaxes(codes, -1, -2)  # [..., NB, K / 32, 4, 4, B]
+    halves = jnp.stack([packed & 0xF, packed >> 4], axis=-4)  # [..., NB, K / 32, 2, 4, 4, B]
+    values = from_blocked(halves.reshape(*lead, nb, groups * GROUP, block), n)  # [..., K, n], 0..15
+    return (values[..., 0::2, :] | (values[..., 1::2, :] << 4)).astype(jnp.uint8)
+
+
+def group_matmul(x, codes, scales, mins=None, layer=None, *, bits: int):
+    """x[M, K] float32 @ W, W[k, n] = scales[k // 32, n] * code[k, n] + mins[k // 32, n] (without
+    mins: scales * (code - ZERO_POINTS[bits])), codes as `to_group_codes` lays them out.
+
+    `codes`/`scales`/`mins` may carry a leading layer axis; `layer` (an int32 scalar, traced or not)
+    picks one without copying it out. Activations are quantized to int8 per block of 32 inside the
+    kernel. Returns float32 [M, N]. CPU only.
+    """
+    if x.dtype != jnp.float32 or codes.dtype != jnp.uint8 or scales.dtype != jnp.float16:
+        raise TypeError(f"group_matmul takes float32 x, uint8 codes, float16 scales; got {x.dtype}, "
+                        f"{codes.dtype}, {scales.dtype}")
+    if not has_group_path():
+        raise RuntimeError("the native grouped matmul is not available (see the log for why)")
+    if scales.ndim == 2:
+        codes, scales, layer = codes[None], scales[None], 0
+        mins = None if mins is None else mins[None]
+    if layer is None:
+        raise ValueError("group_matmul: a stacked weight needs `layer`")
+    m, n = x.shape[0], scales.shape[-1]
+    call = jax.ffi.ffi_call("jaxinfer_group_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))
+    no_mins = jnp.zeros((1, 1, 1), jnp.float16)
+    return call(x, codes, scales, no_mins if mins is None else mins, jnp.asarray(layer, jnp.int32),
+                bits=np.int64(bits), zero_point=np.float32(0.0 if mins is not None else ZERO_POINTS[bits]))

@@ -94,6 +94,109 @@ def test_int8_matmul_reads_the_requested_layer_of_a_stack_in_place():
         np.testing.assert_allclose(got[layer], want, atol=1e-5 * np.abs(want).max())
 
 
+# GGUF's block formats as `group_matmul` takes them: (bits, codes, with mins). Values are
+# scale * code + min per group of 32 rows; without mins, scale * (code - zero point).
+GROUP_FORMATS = {"q8_0": (8, False), "q4_0": (4, False), "q4_1": (4, True)}
+
+
+def group_weight(rng, fmt, k, n, layers=None):
+    """Random codes, scales (and mins) of a grouped weight, as the "kn" arrays the model holds
+    (`quant.QuantizedWeight`: int8 for 8 bits, packed nibbles for 4), and W itself in float64."""
+    bits, with_mins = GROUP_FORMATS[fmt]
+    lead = () if layers is None else (layers,)
+    codes = rng.integers(0, 2 ** bits, (*lead, k, n))
+    scales = rng.uniform(1e-3, 2e-2, (*lead, k // 32, n)).astype(np.float16)
+    mins = rng.uniform(-0.2, 0.1, scales.shape).astype(np.float16) if with_mins else None
+    offset = mins.astype(np.float64) if with_mins else -native.ZERO_POINTS[bits] * scales.astype(np.float64)
+    w = np.repeat(scales.astype(np.float64), 32, axis=-2) * codes + np.repeat(offset, 32, axis=-2)
+    data = (jnp.asarray(codes - 128, jnp.int8) if bits == 8 else
+            jnp.asarray(codes[..., 0::2, :] | (codes[..., 1::2, :] << 4), jnp.uint8))
+    return data, jnp.asarray(scales), None if mins is None else jnp.asarray(mins), w
+
+
+@pytest.fixture(scope="module")
+def group_path():
+    if not native.has_group_path():
+        pytest.skip("this build has no grouped integer path (needs AVX2 with FMA and F16C, or AVX-512 VNNI)")
+
+
+@pytest.mark.parametrize("fmt", GROUP_FORMATS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 17, 64])
+@pytest.mark.parametrize("k, n", [(576, 1536), (1536, 576), (576, 192), (64, 112)])
+def test_group_matmul_matches_reference(group_path, fmt, m, k, n):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    bits = GROUP_FORMATS[fmt][0]
+    data, scales, mins, w = group_weight(rng, fmt, k, n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    got = np.asarray(jax.jit(native.group_matmul, static_argnames="bits")(
+        x, native.to_group_codes(data, bits), scales, mins, bits=bits))
+    want = np.asarray(x, np.float64) @ w
+    scale = np.abs(want).max()
+    # exactly the weights times the 8-bit activations, up to float32 rounding...
+    np.testing.assert_allclose(got, quantized_activations(x).astype(np.float64) @ w,
+                               atol=2e-6 * scale * np.sqrt(k / 64), rtol=0)
+    # ...which stay within 1% of the full-precision product
+    np.testing.assert_allclose(got, want, atol=1e-2 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", GROUP_FORMATS)
+def test_group_codes_round_trip_and_place_each_code(fmt):
+    rng = np.random.default_rng(3)
+    bits = GROUP_FORMATS[fmt][0]
+    for n in (1536, 576, 112):
+        data, *_ = group_weight(rng, fmt, 64, n, layers=2)
+        codes = native.to_group_codes(data, bits)
+        np.testing.assert_array_equal(native.from_group_codes(codes, bits, n), data)
+    if bits == 8:  # column 5, k 12..15 of layer 1: 4 adjacent bytes
+        np.testing.assert_array_equal(codes[1, 0, 3, 5], np.asarray(data[1, 12:16, 5], np.int16) + 128)
+    else:  # byte (group 1, quad 2, column 5, i 3): k = 32 + 8 + 3 = 43 low, 59 high
+        values = np.stack([np.asarray(data) & 0xF, np.asarray(data) >> 4], axis=-2).reshape(2, 64, n)
+        assert codes[1, 0, 1, 2, 5, 3] == values[1, 43, 5] | (values[1, 59, 5] << 4)
+
+
+def test_group_matmul_reads_the_requested_layer_of_a_stack(group_path):
+    rng = np.random.default_rng(4)
+    data, scales, mins, w = group_weight(rng, "q4_1", 128, 320, layers=3)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+    codes = native.to_group_codes(data, 4)
+
+    @jax.jit
+    def every_layer(x, codes, scales, mins):
+        return jax.lax.scan(lambda c, layer: (c, native.group_matmul(x, codes, scales, mins, layer, bits=4)), 0,
+                            jnp.arange(3))[1]
+
+    got = np.asarray(every_layer(x, codes, scales, mins))
+    for layer in range(3):
+        want = quantized_activations(x).astype(np.float64) @ w[layer]
+        np.testing.assert_allclose(got[layer], want, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kernel", ["vnni", "q8_0", "q4_0", "q4_1"])
+def test_integer_matmul_rows_do_not_depend_on_the_batch(kernel):
+    """Bitwise: a row's result alone equals its result in batches of every size (the row passes of
+    4, 3, 2 and 1 rows and the tile widths they use must round alike)."""
+    rng = np.random.default_rng(5)
+    k, n = 576, 1536
+    if kernel == "vnni":
+        if not native.has_integer_path():
+            pytest.skip("no integer path in this build")
+        data, scales = int8_weight(rng, k, n)
+        vnni = native.to_vnni(data)
+        run = jax.jit(lambda x: native.int8_matmul(x, vnni, scales))
+    else:
+        if not native.has_group_path():
+            pytest.skip("no grouped path in this build")
+        bits = GROUP_FORMATS[kernel][0]
+        data, scales, mins, _ = group_weight(rng, kernel, k, n)
+        codes = native.to_group_codes(data, bits)
+        run = jax.jit(lambda x: native.group_matmul(x, codes, scales, mins, bits=bits))
+    x = jnp.asarray(rng.standard_normal((67, k)), jnp.float32)
+    alone = np.stack([np.asarray(run(x[i:i + 1]))[0] for i in range(0, 67, 11)])
+    for m in (2, 3, 5, 8, 13, 67):
+        batch = np.asarray(run(x[:m]))
+        np.testing.assert_array_equal(batch[::11], alone[:len(batch[::11])], err_msg=f"m={m}")
+
+
 def test_dispatch_sends_per_channel_int8_to_the_kernel_and_other_formats_to_xla():
     rng = np.random.default_rng(2)
     w = jnp.asarray(rng.standard_normal((256, 384)), jnp.float32)

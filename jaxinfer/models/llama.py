@@ -155,16 +155,21 @@ class Llama(nnx.Module):
         """[T] int32 -> [T, hidden]."""
         if self.embed is not None:
             return self.embed[...][token_ids]
-        w = self.lm_head.quantized_weight()  # int8 [hidden, vocab] (or blocked), scales [vocab]
+        w = self.lm_head.quantized_weight()  # int8 [hidden, vocab] (or a CPU layout), per entry or per 32 rows
         if w.layout == "blocked":  # [vocab / B, hidden, B]
             block = w.data.shape[-1]
-            rows = w.data[token_ids // block, :, token_ids % block].astype(jnp.float32)
-        elif w.layout == "vnni":  # [vocab / B, hidden / 4, B, 4]
+            rows = w.data[token_ids // block, :, token_ids % block]
+        elif w.layout in ("vnni", "codes"):  # [vocab / B, hidden / 4, B, 4]; codes: value + 128
             block = w.data.shape[-2]
-            rows = w.data[token_ids // block, :, token_ids % block, :].reshape(len(token_ids), -1).astype(jnp.float32)
+            rows = w.data[token_ids // block, :, token_ids % block, :].reshape(len(token_ids), -1)
+            rows = rows.astype(jnp.int16) - 128 if w.layout == "codes" else rows
         else:
-            rows = jnp.take(w.data, token_ids, axis=1).T.astype(jnp.float32)
-        return (rows * w.scales[token_ids].astype(jnp.float32)[:, None]).astype(self.norm[...].dtype)
+            rows = jnp.take(w.data, token_ids, axis=1).T
+        if w.group_size:  # scales [hidden / 32, vocab]
+            scales = jnp.repeat(jnp.take(w.scales, token_ids, axis=1).T.astype(jnp.float32), w.group_size, axis=1)
+        else:
+            scales = w.scales[token_ids].astype(jnp.float32)[:, None]
+        return (rows.astype(jnp.float32) * scales).astype(self.norm[...].dtype)
 
     def __call__(self, token_ids, positions, k_cache, v_cache, meta: AttentionMetadata):
         """token_ids, positions: [T] int32; k_cache, v_cache: [layers, kv_heads, pages, page_size, head_dim].
@@ -262,13 +267,17 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
     Quantized projections (see `projection_formats`) are quantized one layer at a time: no
     full-precision copy of them reaches the device. With `cache_dir`, converted weights are kept
     there (orbax) and read back by later loads of the same file in the same formats.
-    `lm_head_quantization` "int8" quantizes the LM head per vocabulary entry (a tied embedding then
-    reads its rows from it); "none" keeps it in `dtype`.
+    `lm_head_quantization` "int8" quantizes the LM head per vocabulary entry, "native" keeps a GGUF's
+    Q8_0 head as stored (a tied embedding then reads its rows from it); "none" keeps it in `dtype`.
     """
     formats = projection_formats(config, checkpoint, quantization, group_size)
-    if lm_head_quantization not in ("none", "int8"):
-        raise ValueError(f"lm_head_quantization must be none or int8, got {lm_head_quantization!r}")
+    if lm_head_quantization not in ("none", "int8", "native"):
+        raise ValueError(f"lm_head_quantization must be none, int8 or native, got {lm_head_quantization!r}")
     head_format = quant.weight_format("int8") if lm_head_quantization == "int8" else None
+    if lm_head_quantization == "native":
+        head_format = getattr(checkpoint, "native_format", lambda name: None)(head_tensor_name(config))
+        if head_format is None or head_format.kind != "int8":
+            raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0")
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=attention_backend,
                                          formats={p: f for p, (f, _) in formats.items()}, quant_backend=quant_backend,
                                          head_format=head_format))
@@ -296,7 +305,10 @@ def _read_params(config, checkpoint, shapes, formats, dtype, head_format=None) -
     params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
     if head_format is None or not config.tie_word_embeddings:
         params["embed"] = jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype)
-    if head_format is not None:
+    if head_format is not None and head_format.group_size:  # the file's own blocks
+        arrays = checkpoint.quantized_tensor(head_tensor_name(config))
+        params["lm_head"] = {"w": jnp.asarray(arrays["data"]), "scales": jnp.asarray(arrays["scales"])}
+    elif head_format is not None:
         qw = quant.quantize(jnp.asarray(checkpoint.tensor(head_tensor_name(config)).T, jnp.float32), head_format)
         params["lm_head"] = {"w": qw.data, "scales": qw.scales}
     elif not config.tie_word_embeddings:

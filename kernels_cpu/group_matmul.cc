@@ -1,0 +1,290 @@
+// y[M, N] = x[M, K] @ W for weights quantized in groups of 32 rows, as GGUF's Q8_0, Q4_0 and Q4_1
+// blocks store them: W[k, n] = scale[k / 32, n] * code[k, n] + min[k / 32, n], with unsigned codes
+// (8-bit: Q8_0's value + 128; 4-bit: Q4_0's and Q4_1's nibbles) and float16 scales and mins. An XLA
+// FFI handler (kernels_cpu/native.py lays the weights out and calls it).
+//
+// Why it exists: it runs a GGUF file's own blocks, with nothing requantized. Requantizing a file's
+// 4-bit blocks to per-channel int8 and then quantizing activations stacks two errors; this adds only
+// the second, as llama.cpp does: x is quantized per row in blocks of 32 (int8 and one float scale,
+// llama.cpp's Q8 activations), each block's codes meet x's in integer dot products (AVX-512 VNNI
+// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd), and per block
+//   y += (dot(code, xq) * x_scale) * scale + (x_scale * sum(xq)) * min.
+// A 4-bit weight is read as 4 bits (two codes a byte): batch-1 decode streams the file's bytes.
+//
+// Every row of y is computed by the same instructions in the same order whatever the other rows
+// are, so a sequence's result does not depend on what shares its batch.
+//
+// Layouts, per layer, in blocks of B = 64 columns (a tile of the single-row pass):
+//   8-bit: codes [NB, K / 4, B, 4]: each column's 4 consecutive k adjacent, as vpdpbusd takes them;
+//   4-bit: codes [NB, K / 32, 4, B, 4]: byte (g, p, c, i) holds k = 32 g + 4 p + i in its low nibble
+//          and k + 16 in its high nibble, so one load gives two quads of k for 16 columns.
+//   scales, mins: [K / 32, N] float16. Symmetric formats have no mins: min = -zero_point * scale
+//   (Q8_0: 128, Q4_0: 8).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "kernels_cpu/parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kGroup = 32;  // weights per scale and x values per activation scale (the same blocks)
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+constexpr bool kHasGroupPath = true;
+constexpr int kLanes = 16;
+typedef __m512i VecI;
+typedef __m512 VecF;
+inline VecI LoadI(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline VecI Bcast(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+inline VecI ZeroI() { return _mm512_setzero_si512(); }
+inline VecI LowNibbles(VecI v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0f)); }
+inline VecI HighNibbles(VecI v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f)); }
+// acc + the sums of 4 products of unsigned codes and signed activations, exact in int32.
+inline VecI Dot4(VecI acc, VecI codes, VecI x) { return _mm512_dpbusd_epi32(acc, codes, x); }
+inline VecI Dot8(VecI acc, VecI codes, VecI x) { return _mm512_dpbusd_epi32(acc, codes, x); }
+inline VecF ToFloat(VecI v) { return _mm512_cvtepi32_ps(v); }
+inline VecF LoadHalf(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline VecF Splat(float v) { return _mm512_set1_ps(v); }
+inline VecF Zero() { return _mm512_setzero_ps(); }
+inline VecF Mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
+inline VecF Fma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
+inline void Store(float* p, VecF v) { _mm512_storeu_ps(p, v); }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+constexpr bool kHasGroupPath = true;
+constexpr int kLanes = 8;
+typedef __m256i VecI;
+typedef __m256 VecF;
+inline VecI LoadI(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline VecI Bcast(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+inline VecI ZeroI() { return _mm256_setzero_si256(); }
+inline VecI LowNibbles(VecI v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0f)); }
+inline VecI HighNibbles(VecI v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f)); }
+// vpmaddubsw adds pairs of products in int16 with saturation: exact for 4-bit codes (2 * 15 * 127).
+inline VecI Dot4(VecI acc, VecI codes, VecI x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+}
+// 8-bit codes would saturate (2 * 255 * 127): their low and high nibbles go separately, the high
+// nibbles' pair sums weighted by 16 in vpmaddwd.
+inline VecI Dot8(VecI acc, VecI codes, VecI x) {
+  const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(LowNibbles(codes), x), _mm256_set1_epi16(1));
+  const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(HighNibbles(codes), x), _mm256_set1_epi16(16));
+  return _mm256_add_epi32(acc, _mm256_add_epi32(lo, hi));
+}
+inline VecF ToFloat(VecI v) { return _mm256_cvtepi32_ps(v); }
+inline VecF LoadHalf(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VecF Splat(float v) { return _mm256_set1_ps(v); }
+inline VecF Zero() { return _mm256_setzero_ps(); }
+inline VecF Mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
+inline VecF Fma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
+inline void Store(float* p, VecF v) { _mm256_storeu_ps(p, v); }
+#else
+constexpr bool kHasGroupPath = false;
+#endif
+
+constexpr int64_t kBlock = 64;  // columns per block of the layouts
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+
+struct Problem {
+  const int8_t* xq;    // [M, K] activations, int8 per block of 32
+  const float* xs;     // [M, K / 32] their scales
+  const float* xsums;  // [M, K / 32] scale * sum of the block's int8 values
+  const uint8_t* codes;  // this layer's codes (layout above)
+  const uint16_t* scales;  // this layer's [K / 32, N]
+  const uint16_t* mins;    // this layer's [K / 32, N], or null: min = -zero_point * scale
+  float zero_point;
+  float* y;
+  int64_t m, k, n;
+  int bits;
+};
+
+// Rows [m0, m0 + R) of y, V vectors of columns from n0 = c0 + col, in the block that starts at c0.
+template <int64_t R, int V, int Bits>
+inline void Tile(const Problem& p, const uint8_t* block_codes, int64_t col, int64_t m0, int64_t n0) {
+  const int64_t groups = p.k / kGroup;
+  VecF acc[R][V];
+  for (int64_t r = 0; r < R; ++r) {
+    for (int j = 0; j < V; ++j) acc[r][j] = Zero();
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    VecI iacc[R][V];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int j = 0; j < V; ++j) iacc[r][j] = ZeroI();
+    }
+    if constexpr (Bits == 8) {
+      const uint8_t* wp = block_codes + (g * (kGroup / 4) * kBlock + col) * 4;
+      for (int64_t q = 0; q < kGroup / 4; ++q, wp += kBlock * 4) {
+        __builtin_prefetch(wp + 8 * kBlock * 4);
+        VecI wv[V];
+        for (int j = 0; j < V; ++j) wv[j] = LoadI(wp + j * kLanes * 4);
+        for (int64_t r = 0; r < R; ++r) {
+          const VecI xb = Bcast(p.xq + (m0 + r) * p.k + g * kGroup + q * 4);
+          for (int j = 0; j < V; ++j) iacc[r][j] = Dot8(iacc[r][j], wv[j], xb);
+        }
+      }
+    } else {
+      const uint8_t* wp = block_codes + (g * 4 * kBlock + col) * 4;
+      for (int64_t q = 0; q < 4; ++q, wp += kBlock * 4) {
+        __builtin_prefetch(wp + 8 * kBlock * 4);
+        VecI lo[V], hi[V];
+        for (int j = 0; j < V; ++j) {
+          const VecI raw = LoadI(wp + j * kLanes * 4);
+          lo[j] = LowNibbles(raw);
+          hi[j] = HighNibbles(raw);
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const int8_t* xr = p.xq + (m0 + r) * p.k + g * kGroup + q * 4;
+          const VecI xlo = Bcast(xr), xhi = Bcast(xr + 16);
+          for (int j = 0; j < V; ++j) iacc[r][j] = Dot4(Dot4(iacc[r][j], lo[j], xlo), hi[j], xhi);
+        }
+      }
+    }
+    VecF scale[V], min[V];
+    for (int j = 0; j < V; ++j) {
+      scale[j] = LoadHalf(p.scales + g * p.n + n0 + j * kLanes);
+      min[j] = p.mins ? LoadHalf(p.mins + g * p.n + n0 + j * kLanes) : Mul(scale[j], Splat(-p.zero_point));
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const VecF xs = Splat(p.xs[(m0 + r) * groups + g]), xsum = Splat(p.xsums[(m0 + r) * groups + g]);
+      for (int j = 0; j < V; ++j) {
+        // Explicit fused multiply-adds, which the compiler cannot contract differently in different
+        // tile shapes: every row rounds the same way whatever R.
+        acc[r][j] = Fma(xsum, min[j], Fma(Mul(ToFloat(iacc[r][j]), xs), scale[j], acc[r][j]));
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int j = 0; j < V; ++j) Store(p.y + (m0 + r) * p.n + n0 + j * kLanes, acc[r][j]);
+  }
+}
+
+// Rows [m0, m0 + R) of y, every column of the block at c0 (the columns at or past N are padding).
+template <int64_t R, int Bits>
+inline void Columns(const Problem& p, const uint8_t* block_codes, int64_t m0, int64_t c0) {
+  constexpr int kMaxV = R >= 3 ? 2 : 4;
+  const int64_t width = std::min(kBlock, p.n - c0);
+  int64_t col = 0;
+  for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) Tile<R, kMaxV, Bits>(p, block_codes, col, m0, c0 + col);
+  for (; col < width; col += kLanes) Tile<R, 1, Bits>(p, block_codes, col, m0, c0 + col);
+}
+
+template <int Bits>
+void Block(const Problem& p, int64_t b) {
+  const int64_t block_bytes = p.k * kBlock * Bits / 8;
+  const uint8_t* block_codes = p.codes + b * block_bytes;
+  int64_t m0 = 0;
+  for (; m0 + 4 <= p.m; m0 += 4) Columns<4, Bits>(p, block_codes, m0, b * kBlock);
+  switch (p.m - m0) {
+    case 3: Columns<3, Bits>(p, block_codes, m0, b * kBlock); break;
+    case 2: Columns<2, Bits>(p, block_codes, m0, b * kBlock); break;
+    case 1: Columns<1, Bits>(p, block_codes, m0, b * kBlock); break;
+    default: break;
+  }
+}
+
+// x [M, K] -> int8 per block of 32 (round to nearest, llama.cpp's Q8_0 rule), the blocks' scales,
+// and each block's scale times the sum of its int8 values (for the mins).
+void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, int8_t* xq, float* xs, float* xsums) {
+  const int64_t groups = k_dim / kGroup;
+  for (int64_t m = 0; m < m_dim; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = x + m * k_dim + g * kGroup;
+      float amax = 0;
+      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const int q = static_cast<int>(std::nearbyint(v[i] * inv));
+        xq[m * k_dim + g * kGroup + i] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      xs[m * groups + g] = scale;
+      xsums[m * groups + g] = scale * static_cast<float>(sum);
+    }
+  }
+}
+#endif
+
+// x: [M, K] float32; codes: [L, NB, K / 4, B, 4] (8-bit) or [L, NB, K / 32, 4, B, 4] (4-bit) uint8;
+// scales, mins: [L, K / 32, N] float16 (mins [1, 1, 1] when the format has none); layer: scalar.
+ffi::Error GroupMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F16> scales,
+                           ffi::Buffer<ffi::F16> mins, ffi::Buffer<ffi::S32> layer,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t bits, float zero_point) {
+  if (!kHasGroupPath) return ffi::Error::InvalidArgument("group_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  auto xd = x.dimensions();
+  auto cd = codes.dimensions();
+  auto sd = scales.dimensions();
+  if (xd.size() != 2 || sd.size() != 3 || (bits != 4 && bits != 8) || cd.size() != (bits == 8 ? 5u : 6u)) {
+    return ffi::Error::InvalidArgument("group_matmul: bad ranks or bits (x [M, K], scales [L, K / 32, N], bits 4 or 8)");
+  }
+  Problem p;
+  p.m = xd[0];
+  p.k = xd[1];
+  p.n = sd[2];
+  p.bits = static_cast<int>(bits);
+  const int64_t num_layers = sd[0], num_blocks = (p.n + kBlock - 1) / kBlock;
+  bool ok = p.k % kGroup == 0 && sd[1] == p.k / kGroup && p.n % kLanes == 0 && y->dimensions()[0] == p.m &&
+            y->dimensions()[1] == p.n && cd[0] == num_layers && cd[1] == num_blocks;
+  ok &= bits == 8 ? cd[2] == p.k / 4 && cd[3] == kBlock && cd[4] == 4
+                  : cd[2] == p.k / kGroup && cd[3] == 4 && cd[4] == kBlock && cd[5] == 4;
+  const bool has_mins = mins.element_count() != 1;
+  ok &= !has_mins || mins.element_count() == scales.element_count();
+  if (!ok) return ffi::Error::InvalidArgument("group_matmul: x, codes, scales and mins shapes disagree");
+  const int32_t l = *layer.typed_data();
+  if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("group_matmul: layer out of range");
+
+  const int64_t layer_codes = num_blocks * p.k * kBlock * bits / 8, layer_scales = p.k / kGroup * p.n;
+  p.codes = codes.typed_data() + l * layer_codes;
+  p.scales = reinterpret_cast<const uint16_t*>(scales.typed_data()) + l * layer_scales;
+  p.mins = has_mins ? reinterpret_cast<const uint16_t*>(mins.typed_data()) + l * layer_scales : nullptr;
+  p.zero_point = zero_point;
+  p.y = y->typed_data();
+  std::vector<int8_t> xq(p.m * p.k);
+  std::vector<float> xs(p.m * (p.k / kGroup)), xsums(p.m * (p.k / kGroup));
+  QuantizeX(x.typed_data(), p.m, p.k, xq.data(), xs.data(), xsums.data());
+  p.xq = xq.data();
+  p.xs = xs.data();
+  p.xsums = xsums.data();
+
+  auto& workers = jaxinfer::Workers::Get();
+  // A few chunks per thread, so that a thread that starts late still finds work.
+  const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * workers.size()));
+  const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
+  workers.ParallelFor(num_chunks, [&](int64_t c) {
+    for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
+      if (p.bits == 8) {
+        Block<8>(p, b);
+      } else {
+        Block<4>(p, b);
+      }
+    }
+  });
+#endif
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGroupMatmul, GroupMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<float>("zero_point"));
+
+// Whether this build has the grouped integer path (AVX-512 VNNI, or AVX2, with F16C).
+extern "C" int JaxinferHasGroupPath() { return kHasGroupPath ? 1 : 0; }
