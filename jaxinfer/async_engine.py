@@ -9,6 +9,12 @@ logprobs, each in its own list), so a slow reader's queue grows with the output,
 and the reader never sees a list the engine is still appending to; the stream adds them up on the
 reader's side into the cumulative RequestOutputs that `LLMEngine.step()` gives.
 
+Admission is decided at submission, on the caller's thread, from the loop thread's stats snapshot:
+a request is refused at once (QueueFullError) when `max_waiting` sequences already wait, or
+(QueueWaitError) when its expected wait for a first token passes `max_queue_wait` seconds, estimated
+from the prefill tokens queued ahead of it and the prefill rate the loop thread measures
+(jaxinfer/admission.py). `num_rejected` counts the refusals by reason.
+
 A bad request (a ValueError from `add_request`) is reported to its caller and the loop goes on. An
 error in `step()` is fatal: every request in flight fails with `EngineDeadError`, `healthy` turns
 False, the thread stops, and `on_failure` (the server's exit) is called.
@@ -22,12 +28,15 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from jaxinfer import admission
+from jaxinfer.admission import PrefillRate
 from jaxinfer.engine import CompletionOutput, LLMEngine, RequestOutput
 from jaxinfer.sampling import SamplingParams
 
 logger = logging.getLogger("jaxinfer")
 
 DEFAULT_MAX_WAITING = 256
+DEFAULT_MAX_QUEUE_WAIT_S = 30.0
 
 
 class EngineDeadError(RuntimeError):
@@ -35,7 +44,17 @@ class EngineDeadError(RuntimeError):
 
 
 class QueueFullError(RuntimeError):
-    """Too many requests are waiting for a slot; the caller should retry later."""
+    """Too many requests are waiting for a slot; the caller should retry in `retry_after_s` seconds."""
+
+    retry_after_s = 1
+
+
+class QueueWaitError(QueueFullError):
+    """The request's expected wait for its first token is longer than `max_queue_wait`."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotAcceptingError(RuntimeError):
@@ -55,6 +74,13 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens
     num_compilations: int = 0  # step programs compiled after warm-up
     num_requests: int = 0  # requests in flight (accepted, not finished)
+    num_queued_tokens: int = 0  # prefill tokens a request submitted now waits behind (Scheduler.num_queued_tokens)
+    prefill_tokens_per_s: float = admission.PRIOR_TOKENS_PER_S  # the loop thread's PrefillRate
+
+    @property
+    def queue_wait(self) -> float:
+        """Seconds a request submitted now would wait for its prompt to start, by the admission estimate."""
+        return admission.expected_wait(self.num_queued_tokens, 0, self.prefill_tokens_per_s)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -123,17 +149,25 @@ class _Add:
     params: SamplingParams
     stream: RequestStream
     cache_salt: str | None = None
+    num_prompt_tokens: int = 0  # admission.num_prompt_tokens(prompt)
     arrival_time: float = field(default_factory=time.monotonic)
 
 
 class AsyncLLMEngine:
-    """`observer`, if given, is told of token timings from the loop thread: `first_token(ttft_s,
-    num_prompt_tokens)`, `tokens(num_new_tokens, itl_s or None)`, `finished(e2e_s)`."""
+    """`max_queue_wait`: seconds of expected wait for a first token past which a request is refused
+    (0 or None: no limit). `observer`, if given, is told of token timings from the loop thread:
+    `first_token(ttft_s, num_prompt_tokens)`, `tokens(num_new_tokens, itl_s or None)`, `finished(e2e_s)`."""
 
-    def __init__(self, engine: LLMEngine, max_waiting: int = DEFAULT_MAX_WAITING, observer=None,
+    def __init__(self, engine: LLMEngine, max_waiting: int = DEFAULT_MAX_WAITING,
+                 max_queue_wait: float | None = DEFAULT_MAX_QUEUE_WAIT_S, observer=None,
                  on_failure: Callable[[BaseException], None] | None = None):
+        if max_queue_wait is not None and max_queue_wait < 0:
+            raise ValueError(f"max_queue_wait must be 0 or None (no limit) or positive, got {max_queue_wait}")
         self.engine = engine
         self.max_waiting = max_waiting
+        self.max_queue_wait = max_queue_wait
+        self.prefill_rate = PrefillRate()  # the loop thread's once started
+        self.num_rejected = {"queue_full": 0, "queue_wait": 0}  # refusals at submission, by reason
         self.observer = observer
         self.on_failure = on_failure
         self.error: BaseException | None = None
@@ -141,6 +175,7 @@ class AsyncLLMEngine:
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._inbox: list[_Add | str] = []  # an _Add, or the id of a request to abort
+        self._in_transit: list[_Add | str] = []  # taken from the inbox, not yet in the stats snapshot
         self._stop = False
         self._tracked: dict[str, _Tracked] = {}  # loop thread only
         self._thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
@@ -160,21 +195,33 @@ class AsyncLLMEngine:
                           request_id: str | None = None, cache_salt: str | None = None) -> RequestStream:
         """Submits a request and waits until the engine accepts it.
 
-        Raises what `LLMEngine.add_request` raises (ValueError for a bad prompt), QueueFullError,
-        NotAcceptingError while shutting down, EngineDeadError once the loop has stopped.
+        Raises what `LLMEngine.add_request` raises (ValueError for a bad prompt), QueueFullError or
+        its QueueWaitError, NotAcceptingError while shutting down, EngineDeadError once the loop has stopped.
         """
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, asyncio.get_running_loop())
+        num_prompt_tokens = admission.num_prompt_tokens(prompt)
         with self._cond:
             if self.error is not None or self._stop:
                 raise EngineDeadError(f"the engine is not running: {self.error or 'shut down'}")
             if not self.accepting:
                 raise NotAcceptingError("the server is shutting down")
-            pending = sum(isinstance(item, _Add) for item in self._inbox)
-            if self.stats.num_waiting + pending >= self.max_waiting:
-                raise QueueFullError(f"{self.stats.num_waiting + pending} sequences are waiting for a slot "
+            # Submitted but not in the stats snapshot yet: one the loop thread has just handled may be
+            # counted twice, none is missed.
+            pending = [item for item in self._inbox + self._in_transit if isinstance(item, _Add)]
+            stats = self.stats
+            if stats.num_waiting + len(pending) >= self.max_waiting:
+                self.num_rejected["queue_full"] += 1
+                raise QueueFullError(f"{stats.num_waiting + len(pending)} sequences are waiting for a slot "
                                      f"(max_waiting={self.max_waiting})")
-            self._inbox.append(_Add(prompt, params, stream, cache_salt))
+            ahead = stats.num_queued_tokens + sum(item.num_prompt_tokens for item in pending)
+            wait = admission.expected_wait(ahead, num_prompt_tokens, stats.prefill_tokens_per_s)
+            if admission.refuses(ahead, wait, self.max_queue_wait):
+                self.num_rejected["queue_wait"] += 1
+                raise QueueWaitError(f"the expected wait for a first token is {wait:.1f} s ({ahead} prompt tokens "
+                                     f"queued ahead at {stats.prefill_tokens_per_s:.0f} tokens/s; max_queue_wait="
+                                     f"{self.max_queue_wait:g} s)", admission.retry_after(wait, self.max_queue_wait))
+            self._inbox.append(_Add(prompt, params, stream, cache_salt, num_prompt_tokens))
             self._cond.notify()
         try:
             item = await stream._queue.get()
@@ -228,15 +275,23 @@ class AsyncLLMEngine:
                     while not (self._inbox or self._stop or busy):
                         self._cond.wait()
                     inbox, self._inbox = self._inbox, []
+                    self._in_transit = inbox
                     stop = self._stop
+                started = time.monotonic()
                 for item in inbox:
                     self._handle(item)
                 if inbox:
                     self._update_stats()
+                    with self._cond:
+                        self._in_transit = []
                 if stop:
                     break
                 if self.engine.has_unfinished_requests():
+                    queued, computed = self.stats.num_queued_tokens, self.engine.scheduler.num_prefill_tokens
                     self._deliver(self.engine.step(deltas_only=True))
+                    if queued:  # the prefill rate: over time in which the queue had work (admission.py)
+                        self.prefill_rate.observe(self.engine.scheduler.num_prefill_tokens - computed,
+                                                  time.monotonic() - started)
                 busy = self.engine.has_unfinished_requests()
                 self._update_stats()
         except Exception as e:
@@ -333,4 +388,6 @@ class AsyncLLMEngine:
             prefix_cache_queries=getattr(allocator, "prefix_cache_queries", 0),
             num_compilations=getattr(engine.runner, "num_compilations", 0),
             num_requests=len(self._tracked),
+            num_queued_tokens=scheduler.num_queued_tokens(),
+            prefill_tokens_per_s=self.prefill_rate.tokens_per_s,
         )

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: open). /health and /metrics stay open")
     server.add_argument("--max-waiting", type=int, default=None,
                         help="sequences waiting for a slot beyond which requests get 503 + Retry-After (default: 256)")
+    server.add_argument("--max-queue-wait", type=float, default=None,
+                        help="seconds a new request may be expected to wait for its first token (from the prompt "
+                        "tokens queued ahead of it and the measured prefill rate); past it, 503 + Retry-After at "
+                        "once. 0: no limit (default: 30)")
     server.add_argument("--price-per-hour", type=float, help="the machine's price in dollars per hour: /metrics "
                         "then reports jaxinfer:cost_per_million_tokens_dollars at the measured throughput")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("jaxinfer").setLevel(args.log_level.upper())
     if args.log_level != "debug":
         logging.getLogger("jax").setLevel(logging.WARNING)
+    if args.max_queue_wait is not None and args.max_queue_wait < 0:
+        parser.error(f"--max-queue-wait must be 0 (no limit) or positive, got {args.max_queue_wait:g}")
     try:
         EngineConfig().replace(**engine_overrides(args))
         path = resolve_model_path(args.model)
@@ -125,7 +131,7 @@ def serve(args: argparse.Namespace, path: str) -> int:
 
     from jaxinfer.api.metrics import ServerMetrics
     from jaxinfer.api.routes.app import create_app
-    from jaxinfer.async_engine import DEFAULT_MAX_WAITING, AsyncLLMEngine
+    from jaxinfer.async_engine import DEFAULT_MAX_QUEUE_WAIT_S, DEFAULT_MAX_WAITING, AsyncLLMEngine
     from jaxinfer.compilation import enable_compilation_cache
     from jaxinfer.engine import LLMEngine
 
@@ -154,6 +160,8 @@ def serve(args: argparse.Namespace, path: str) -> int:
             server_box["server"].should_exit = True
 
     async_engine = AsyncLLMEngine(llm_engine, max_waiting=args.max_waiting or DEFAULT_MAX_WAITING,
+                                  max_queue_wait=(DEFAULT_MAX_QUEUE_WAIT_S if args.max_queue_wait is None
+                                                  else args.max_queue_wait),
                                   on_failure=on_failure)
     metrics = ServerMetrics(async_engine, name, args.price_per_hour)
     async_engine.observer = metrics

@@ -27,12 +27,22 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in order of admission
         self.num_preemptions = 0
+        self.num_prefill_tokens = 0  # scheduled so far, all but decode rows (jaxinfer/admission.py measures it)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def num_queued_tokens(self) -> int:
+        """Prefill tokens a prompt arriving now waits behind: every waiting sequence's (no prefix-cache
+        hit counted, but for an n > 1 request's siblings, which compute at most the last page of the
+        prompt they share) and the rest of the running prompts."""
+        page_size = self.config.page_size
+        waiting = sum(seq.num_prefill_tokens_left if seq.wait_for is None else min(seq.num_prefill_tokens_left,
+                                                                                    page_size) for seq in self.waiting)
+        return waiting + sum(seq.num_prefill_tokens_left for seq in self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The (sequence, number of new tokens) pairs of the next step."""
@@ -52,6 +62,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                self.num_prefill_tokens += min(num_new, seq.num_prefill_tokens_left)
                 scheduled.append((seq, num_new))
                 budget -= num_new
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
@@ -70,6 +81,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
+            self.num_prefill_tokens += min(num_new, seq.num_prefill_tokens_left)
             scheduled.append((seq, num_new))
             budget -= num_new
         return scheduled

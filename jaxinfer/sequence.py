@@ -45,6 +45,12 @@ class Sequence:
         return (self.prompt_ids + self.output_ids)[start:stop]
 
     @property
+    def num_prefill_tokens_left(self) -> int:
+        """Tokens to compute before the next one can be sampled, beyond a decode row's one: the rest
+        of the prompt or, after a preemption, of prompt and output but the last token."""
+        return max(0, self.num_tokens - self.num_computed_tokens - (1 if self.output_ids else 0))
+
+    @property
     def prompt_computed(self) -> bool:
         return self.num_computed_tokens >= len(self.prompt_ids)
 

@@ -4,7 +4,9 @@ Each step gives every sequence of every request one more token until it has `par
 token i of sequence j (of `params.n`) is 1000 * j + i, its text one letter ("x" for sequence 0, "y"
 for 1, ...) and, with `params.logprobs`, its logprob -i / 10. It records which thread called it, can
 be slowed down, and fails a step when told to or when it holds the prompt POISON. It has the
-attributes the server and the CLI read (limits, buckets, sizes).
+attributes the server and the CLI read (limits, buckets, sizes). For admission by expected wait its
+scheduler reports `queued_tokens` as the prefill tokens queued, which each step computes
+`prefill_tokens_per_step` of (set both; the requests themselves queue nothing).
 """
 
 import collections
@@ -28,7 +30,10 @@ class FakeEngine:
         self.num_calls = 0
         self.aborted: list[str] = []
         self.fail_next_step = False
-        self.scheduler = SimpleNamespace(running=[], waiting=collections.deque(), num_preemptions=0)
+        self.queued_tokens = 0
+        self.prefill_tokens_per_step = 0
+        self.scheduler = SimpleNamespace(running=[], waiting=collections.deque(), num_preemptions=0,
+                                         num_prefill_tokens=0, num_queued_tokens=lambda: self.queued_tokens)
         self.allocator = SimpleNamespace(num_pages=64, num_free_pages=64, prefix_cache_hits=0,
                                          prefix_cache_queries=0)
         self.runner = SimpleNamespace(num_compilations=0, num_pages=64, warmed_up=True,
@@ -68,6 +73,9 @@ class FakeEngine:
         time.sleep(self.step_seconds)
         if self.fail_next_step:
             raise RuntimeError("the device fell over")
+        prefilled = min(self.queued_tokens, self.prefill_tokens_per_step)
+        self.queued_tokens -= prefilled
+        self.scheduler.num_prefill_tokens += prefilled
         outputs = []
         for request_id, (params, generated) in list(self.requests.items()):
             generated.append(len(generated))

@@ -47,6 +47,7 @@ def test_flags_map_onto_the_engine_config(monkeypatch):
     (["--quantization", "int4", "--quantization-group-size", "48"], "invalid choice: 48"),
     (["--page-size", "24"], "page_size must be a power of two"),
     (["--model", "/no/such/model.gguf"], "unknown model"),
+    (["--max-queue-wait", "-1"], "--max-queue-wait must be 0 (no limit) or positive"),
 ])
 def test_bad_flags_exit_with_a_usage_error(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

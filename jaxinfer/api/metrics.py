@@ -2,8 +2,9 @@
 
 Latencies and token counts are observed from the engine's loop thread (`ServerMetrics` is the
 AsyncLLMEngine's observer). Engine state (queue lengths, KV cache use, preemptions, prefix cache,
-compilations) is read from the engine's stats snapshot at scrape time. With a machine price, a
-gauge gives the cost of a million generated tokens at the throughput measured over a sliding window.
+compilations, the admission estimate) and the refusals at submission are read from the engine at
+scrape time. With a machine price, a gauge gives the cost of a million generated tokens at the
+throughput measured over a sliding window.
 """
 
 import collections
@@ -119,6 +120,15 @@ class _EngineCollector:
                      stats.prefix_cache_hits)
         yield family(CounterMetricFamily, "jaxinfer:compilations", "Step programs compiled after warm-up.",
                      stats.num_compilations)
+        yield family(GaugeMetricFamily, "jaxinfer:queue_wait_estimate_seconds", "Expected wait of a request "
+                     "submitted now for its prompt to start: prefill tokens queued / measured prefill rate.",
+                     stats.queue_wait)
+        rejected = CounterMetricFamily("jaxinfer:requests_rejected", "Requests refused at submission (503), by "
+                                       "reason: queue_full (--max-waiting), queue_wait (--max-queue-wait).",
+                                       labels=[*self.labels, "reason"])
+        for reason, count in self.async_engine.num_rejected.items():
+            rejected.add_metric([*self.values, reason], count)
+        yield rejected
         if self.metrics.price_per_hour is not None:
             yield family(GaugeMetricFamily, "jaxinfer:cost_per_million_tokens_dollars",
                          f"Dollars per million generated tokens at the throughput of the last "

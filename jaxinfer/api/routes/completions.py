@@ -93,7 +93,7 @@ async def _submit(engine, req: GenerationRequest, prompt_ids, request_id: str) -
             raise APIError(400, str(e), param="prompt") from None
         if isinstance(e, (QueueFullError, NotAcceptingError)):
             raise APIError(503, f"the server is busy: {e}", code="overloaded",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                           headers={"Retry-After": str(getattr(e, "retry_after_s", RETRY_AFTER_S))}) from None
         if isinstance(e, EngineDeadError):
             raise APIError(503, str(e), code="engine_dead") from None
         raise
