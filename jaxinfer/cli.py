@@ -35,10 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "GGUF's own blocks on GPU; native: keep GGUF Q8_0/Q4_0/Q4_1 blocks as they are; none: the "
                        "checkpoint dequantized to --dtype; int8, int4 (with a min), int4_sym, fp8: round-to-nearest "
                        "at load time (docs/QUANTIZATION.md)")
-    model.add_argument("--lm-head-quantization", default=None, choices=["auto", "none", "int8"],
-                       help="the LM head (and a tied embedding): auto (default) int8 when the projections are "
-                       "quantized and the checkpoint stores the head quantized itself (a GGUF's Q8_0), else full "
-                       "precision; int8: per vocabulary entry; none: --dtype")
+    model.add_argument("--lm-head-quantization", default=None, choices=["auto", "none", "int8", "native"],
+                       help="the LM head (and a tied embedding): auto (default) the file's own Q8_0 blocks on "
+                       "a CPU that runs them (native), else int8 when the projections are quantized and the "
+                       "checkpoint stores the head quantized itself, else full precision; int8: per vocabulary "
+                       "entry; native: a GGUF's Q8_0 head as stored; none: --dtype")
     model.add_argument("--cpu-integer-matmul", action=argparse.BooleanOptionalAction, default=None,
                        help="CPU, int8 weights: quantize activations to int8 (blocks of 32) and use integer dot "
                        "products: about 2x faster prefill and batched decode, at a perplexity cost (measured in "

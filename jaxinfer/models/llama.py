@@ -1,7 +1,8 @@
 """The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) as Flax NNX modules over a paged KV cache.
 
-One forward serves prefill and decode: it takes the ragged flat batch of DESIGN.md, writes the new
-tokens' K/V into their pages and attends over pages. The decoder layers hold their parameters
+One forward serves prefill and decode: it takes a ragged flat batch (every sequence's new tokens one
+after another; `AttentionMetadata` says where each sequence's rows are), writes the new tokens' K/V
+into their pages and attends over pages. The decoder layers hold their parameters
 stacked on a leading `[num_layers]` axis and run under `lax.scan`: one layer is traced and compiled,
 and only one layer's temporaries are alive at a time. Each projection's weight is full precision or
 quantized (`jaxinfer.quant`), one format per projection across the layers.
