@@ -49,18 +49,21 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--quantization", default="auto", help="weight format (auto: int8 on CPU)")
+    parser.add_argument("--quantization", default="auto",
+                        help="weight format (auto: a GGUF's own blocks on a CPU with the native grouped kernel)")
+    parser.add_argument("--lm-head-quantization", default="auto", help="auto, none, int8 or native")
     parser.add_argument("--no-cpu-integer-matmul", dest="cpu_integer_matmul", action="store_false",
                         help="CPU: float32 activations in the int8 matmul (default: int8 activations)")
     parser.add_argument("--json", help="append results to this JSON-lines file")
     args = parser.parse_args()
     engine = LLMEngine(args.model, max_model_len=args.prompt_len + args.output_len + 64,
                        max_num_seqs=max(args.concurrency), max_num_batched_tokens=args.max_num_batched_tokens,
-                       quantization=args.quantization, cpu_integer_matmul=args.cpu_integer_matmul)
+                       quantization=args.quantization, lm_head_quantization=args.lm_head_quantization,
+                       cpu_integer_matmul=args.cpu_integer_matmul)
     rng = np.random.default_rng(0)
     run(engine, 1, args.prompt_len, 4, rng)  # touch every code path once more after warm-up
     print(f"# {args.model} on {engine.runner.k_cache.devices().pop().platform} ({platform.processor() or platform.machine()}), "
-          f"activations {np.dtype(engine.dtype).name}, weights {engine.quantization}")
+          f"activations {np.dtype(engine.dtype).name}, weights {engine.quantization}, head {engine.lm_head_quantization}")
     print("| concurrency | output tok/s | total tok/s | decode tok/s | TTFT s | steps |")
     print("|---|---|---|---|---|---|")
     for c in args.concurrency:
