@@ -186,8 +186,8 @@ class LLMEngine:
                     request_id: str | None = None, cache_salt: str | None = None) -> str:
         """`cache_salt` (vLLM's): only requests with the same salt share prefix-cache pages."""
         params = params or SamplingParams()
-        if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt):
-            raise ValueError("cache_salt must be a non-empty string")
+        if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt and _is_unicode(cache_salt)):
+            raise ValueError("cache_salt must be a non-empty string of Unicode text (no lone surrogates)")
         if request_id is None:
             request_id = str(next(self._ids))
         if request_id in self.requests:
@@ -427,3 +427,12 @@ class LLM:
         prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True, **template_kwargs)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes to UTF-8 (a lone surrogate, e.g. from a JSON "\\ud800", does not)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

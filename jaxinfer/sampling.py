@@ -1,5 +1,6 @@
 """Sampling parameters and on-device sampling of the next token of every sequence in a step."""
 
+import math
 import reprlib
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -83,7 +84,11 @@ class SamplingParams:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """An int or float that float32, the device's type for these parameters, holds as a finite number."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= FLOAT32_MAX
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class SamplingArrays(NamedTuple):

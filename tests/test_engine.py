@@ -209,6 +209,8 @@ def test_cache_salt_requests_share_prefix_pages_only_with_their_own_salt(batched
     assert cached_tokens("tenant-a") > 100
     with pytest.raises(ValueError, match="cache_salt"):
         engine.add_request(prompt, cache_salt="")
+    with pytest.raises(ValueError, match="cache_salt"):  # refused on the caller's thread, not the engine's
+        engine.add_request(prompt, cache_salt="tenant-\ud800")
     assert_no_leak(batched)
 
 

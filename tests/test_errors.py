@@ -50,6 +50,9 @@ def test_directory_without_config_is_not_a_model(tmp_path):
     ({"max_tokens": 0}, "max_tokens"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p"), ({"stop": [""]}, "stop"),
     ({"stop": ["x"] * 17}, "stop"), ({"stop": ["x" * 257]}, "stop"),
     ({"stop_token_ids": list(range(257))}, "stop_token_ids"), ({"stop_token_ids": 5}, "stop_token_ids"),
+    # float32 holds these parameters on the device: an infinite or NaN value, or one past its range, is refused
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": 1e39}, "temperature"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty"), ({"repetition_penalty": 1e300}, "repetition_penalty"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field} "):

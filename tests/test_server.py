@@ -105,6 +105,27 @@ def test_token_id_prompts_and_several_prompts_in_one_request(served):
     assert response.usage.prompt_tokens == 2 * len(ids)
 
 
+def test_concurrent_requests_get_the_text_each_gets_alone(served):
+    """The default configuration is batch-invariant through the server: 8 different greedy requests
+    (some long enough to prefill in chunks beside the others' decode steps), sent together from 8
+    threads, get exactly the text each gets when sent on its own."""
+    import pydoc_data.topics
+    from concurrent.futures import ThreadPoolExecutor
+
+    topics = pydoc_data.topics.topics
+    prompts = [topics[name][:length] for name, length in zip(sorted(topics)[10:18], [20, 900, 60, 400, 1500, 5, 250, 700])]
+
+    def complete(prompt):
+        return served.client.completions.create(model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                                extra_body={"ignore_eos": True}).choices[0].text
+
+    alone = [complete(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(complete, prompts))
+    assert together == alone
+    assert idle(served)
+
+
 def test_concurrent_streams_each_get_their_own_text(served):
     """Requests batched together: every stream carries its own request's tokens."""
     from concurrent.futures import ThreadPoolExecutor
