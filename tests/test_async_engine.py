@@ -11,6 +11,7 @@ import time
 
 import pytest
 from fake_engine import FakeEngine
+from helpers import wait_until
 
 from jaxinfer import SamplingParams
 from jaxinfer.async_engine import AsyncLLMEngine, EngineDeadError, NotAcceptingError, QueueFullError
@@ -18,15 +19,6 @@ from jaxinfer.async_engine import AsyncLLMEngine, EngineDeadError, NotAcceptingE
 
 def params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens)
-
-
-def wait_until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
