@@ -63,7 +63,7 @@ def _library_path(compiler: str) -> Path:
                  _cpu_id().encode()):
         key.update(part)
         key.update(b"\0")
-    return root / f"int8_matmul-{key.hexdigest()[:16]}.so"
+    return root / f"jaxinfer_kernels-{key.hexdigest()[:16]}.so"  # every kernel of SOURCES
 
 
 def _build(compiler: str, out: Path) -> None:
