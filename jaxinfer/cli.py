@@ -18,6 +18,7 @@ from jaxinfer.quant import QUANTIZATIONS
 from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
 logger = logging.getLogger("jaxinfer")
+STARTED = time.perf_counter()  # for "ready in ... s": server.py imports this module first
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,30 +105,34 @@ def engine_overrides(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
 
 
+def configure_logging(level: str) -> None:
+    """Our lines at `level`; every other library's (orbax logs through absl, jax, uvicorn) at WARNING
+    and above, all of them at debug. The root's level is what the other loggers inherit: absl's and
+    orbax's set none of their own."""
+    # force: an imported library may already have put a handler (and level WARNING) on the root logger.
+    logging.basicConfig(level=logging.DEBUG if level == "debug" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("jaxinfer").setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
-    # force: an imported library may already have put a handler (and level WARNING) on the root logger.
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        force=True)
-    logging.getLogger("jaxinfer").setLevel(args.log_level.upper())
-    if args.log_level != "debug":
-        logging.getLogger("jax").setLevel(logging.WARNING)
+    configure_logging(args.log_level)
     if args.max_queue_wait is not None and args.max_queue_wait < 0:
         parser.error(f"--max-queue-wait must be 0 (no limit) or positive, got {args.max_queue_wait:g}")
     try:
         EngineConfig().replace(**engine_overrides(args))
-        path = resolve_model_path(args.model)
+        resolve_model_path(args.model)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    return serve(args, path)
+    return serve(args)
 
 
-def serve(args: argparse.Namespace, path: str) -> int:
-    import jax.numpy as jnp
+def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from jaxinfer.api.metrics import ServerMetrics
@@ -136,22 +141,13 @@ def serve(args: argparse.Namespace, path: str) -> int:
     from jaxinfer.compilation import enable_compilation_cache
     from jaxinfer.engine import LLMEngine
 
-    start = time.perf_counter()
     # The process is ours: every step program it compiles is kept for the next start.
-    logger.info("persistent compilation cache: %s", enable_compilation_cache())
+    logger.debug("persistent compilation cache: %s", enable_compilation_cache())
     llm_engine = LLMEngine(args.model, **engine_overrides(args))
-    config, mc, runner = llm_engine.config, llm_engine.model_config, llm_engine.runner
     name = args.served_model_name or args.model
-    fmt = "Hugging Face safetensors directory" if os.path.isdir(path) else f"GGUF file {os.path.basename(path)}"
-    logger.info("model %s: %s, %s, %d layers; %s weights: %.1f MB", name, fmt, mc.architecture, mc.num_layers,
-                jnp.dtype(llm_engine.dtype).name, llm_engine.weight_bytes / 1e6)
-    logger.info("KV cache: %.1f MB, %d tokens (%d pages x %d); max_model_len %d, max_num_seqs %d, "
-                "max_num_batched_tokens %d", llm_engine.kv_cache_bytes / 1e6,
-                runner.num_pages * config.page_size, runner.num_pages, config.page_size, config.max_model_len,
-                config.max_num_seqs, config.max_num_batched_tokens)
-    logger.info("compile buckets (tokens, sequences): %s; %s; engine ready in %.1f s", runner.buckets(),
-                "warmed up" if runner.warmed_up else "no warm-up (programs compile on first use)",
-                time.perf_counter() - start)
+    if not llm_engine.runner.warmed_up:
+        logger.info("no warm-up: compile buckets (tokens, sequences) %s compile on first use",
+                    llm_engine.runner.buckets())
 
     server_box = {}
 
@@ -169,16 +165,23 @@ def serve(args: argparse.Namespace, path: str) -> int:
     app = create_app(async_engine, served_model_name=name, api_key=args.api_key, metrics=metrics)
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening: the last start-up line
+                logger.info("ready in %.1f s: serving %s at http://%s:%d/v1 (API key %s)",
+                            time.perf_counter() - STARTED, name, args.host, args.port,
+                            "required" if args.api_key else "not required")
+
         def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: stop admitting, then drain
             async_engine.stop_accepting()
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    # uvicorn's own start-up lines ("Started server process", ...) only at debug: ours says where it listens.
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                   log_level="debug" if args.log_level == "debug" else "warning",
                                    timeout_graceful_shutdown=args.shutdown_timeout, access_log=False))
     server_box["server"] = server
     async_engine.start()
-    logger.info("serving %s at http://%s:%d/v1 (API key %s)", name, args.host, args.port,
-                "required" if args.api_key else "not required")
     # uvicorn re-raises the signal that stopped it once it has drained, under the handler it found:
     # let that be a no-op, so the engine is shut down below and the exit status is ours.
     for sig in (signal.SIGINT, signal.SIGTERM):

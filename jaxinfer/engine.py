@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
-from jaxinfer.models.llama import head_tensor_name, load_llama
+from jaxinfer.models.llama import PROJECTIONS, head_tensor_name, load_llama
 from jaxinfer.ops import resolve_backend
-from jaxinfer.quant import (resolve_lm_head_quantization, resolve_quantization, use_blocked_layout,
+from jaxinfer.quant import (Linear, resolve_lm_head_quantization, resolve_quantization, use_blocked_layout,
                             weight_bytes_by_format)
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
@@ -125,11 +125,11 @@ class LLMEngine:
                            and config.cpu_integer_matmul and native.has_group_path())
         self.quantization, why = resolve_quantization(config.quantization, platform,
                                                       isinstance(checkpoint, GGUFCheckpoint), cpu_runs_blocks)
-        logger.info("weights: quantization %s (%s)", self.quantization, why)
+        logger.debug("weights: quantization %s (%s)", self.quantization, why)
         stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
         self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,
                                                                  stored_head, native_head=cpu_runs_blocks)
-        logger.info("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
+        logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
@@ -139,7 +139,7 @@ class LLMEngine:
                 and native.available()):
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
             if layouts:
-                logger.info("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
+                logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
                             "dot products; codes: the file's blocks)", layouts)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
@@ -153,14 +153,17 @@ class LLMEngine:
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.runner.state))
         self.weight_bytes = weight_bytes
         self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(mc, config.page_size, self.dtype)
-        logger.info("model %s (%s, %d layers) loaded in %.1f s: %s weights %.1f MB on %s", os.path.basename(
-            checkpoint.path), mc.architecture, mc.num_layers, time.perf_counter() - start,
-            jnp.dtype(self.dtype).name, weight_bytes / 1e6, jax.devices()[0].platform)
-        logger.info("weights on device by format: %s", ", ".join(
-            f"{name} {nbytes / 1e6:.1f} MB" for name, nbytes in self.weight_bytes_by_format.items()))
-        logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB; prefix caching %s", num_pages,
+        # One line for the weights, one for the KV cache: the per-tensor detail is at DEBUG.
+        formats = {getattr(self.model.layers, name).fmt.name if getattr(self.model.layers, name).fmt
+                   else jnp.dtype(self.dtype).name for name in PROJECTIONS}
+        head = self.model.lm_head.fmt.name if isinstance(self.model.lm_head, Linear) else jnp.dtype(self.dtype).name
+        logger.info("weights: %.1f MB on %s, loaded in %.1f s; projections %s (quantization %s), LM head %s (%s); "
+                    "by format: %s", weight_bytes / 1e6, platform, time.perf_counter() - start,
+                    "/".join(sorted(formats)), self.quantization, head, self.lm_head_quantization, ", ".join(
+                        f"{name} {nbytes / 1e6:.1f} MB" for name, nbytes in self.weight_bytes_by_format.items()))
+        logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB %s; prefix caching %s", num_pages,
                     config.page_size, num_pages * config.page_size, self.kv_cache_bytes / 1e6,
-                    "on" if config.enable_prefix_caching else "off")
+                    jnp.dtype(self.dtype).name, "on" if config.enable_prefix_caching else "off")
         if config.warmup:
             self.runner.warmup()
 

@@ -104,11 +104,14 @@ class ModelRunner:
         """Compiles (or loads from the persistent cache) the program of every bucket."""
         shapes = self.buckets()
         start = time.perf_counter()
-        logger.info("warm-up: %d step programs, (tokens, sequences) = %s", len(shapes), shapes)
-        for shape in tqdm(shapes, desc="Compiling", unit="program", leave=False):
+        logger.debug("warm-up: %d step programs, (tokens, sequences) = %s", len(shapes), shapes)
+        # disable=None: a bar on a terminal, nothing in a log file or a pipe.
+        for shape in tqdm(shapes, desc="Compiling", unit="program", leave=False, disable=None):
             self._run(*self._empty_batch(*shape))
         self.warmed_up = True
-        logger.info("warm-up: %d programs ready in %.1f s", len(shapes), time.perf_counter() - start)
+        cache = jax.config.jax_compilation_cache_dir
+        logger.info("compiled %d step programs in %.1f s, (tokens, sequences) = %s%s", len(shapes),
+                    time.perf_counter() - start, shapes, f"; compilation cache {cache}" if cache else "")
 
     def execute(self, scheduled: list[tuple[Sequence, int]], needs_history: bool = False) -> StepOutput:
         """Runs one step over the scheduled (sequence, num_new_tokens) pairs.

@@ -69,7 +69,7 @@ def _library_path(compiler: str) -> Path:
 def _build(compiler: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    logger.info("Compiling the native CPU kernels (%s, once for this machine) ...", compiler)
+    logger.debug("compiling the native CPU kernels (%s, once for this machine) ...", compiler)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         partial = Path(tmp) / out.name
         cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE.parent}", *map(str, SOURCES), "-o",
@@ -78,7 +78,7 @@ def _build(compiler: str, out: Path) -> None:
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
         os.replace(partial, out)  # atomic: a concurrent build of the same key writes the same bytes
-    logger.info("Native CPU kernels built in %.1f s: %s", time.perf_counter() - start, out)
+    logger.info("native CPU kernels built in %.1f s (once for this machine): %s", time.perf_counter() - start, out)
 
 
 def _compiler() -> str | None:

@@ -119,11 +119,19 @@ def test_serving_benchmark_smoke_run_reports_every_field(server, tmp_path):
     assert abs(report["dollars_per_million_output_tokens"] - expected_cost) <= 0.01 * expected_cost
 
 
-def test_start_up_log_says_what_the_engine_is(server):
-    """Read while the server runs: the last start-up line ("serving ... at <url>") comes before it
-    answers /health, so the whole start-up log is there."""
+def test_start_up_log_says_what_the_engine_is_in_a_few_lines(server):
+    """Read while the server runs: the last start-up line ("ready in ... s: serving ... at <url>") comes
+    before it answers /health, so the whole start-up log is there. One line a phase; the libraries'
+    own lines (orbax logs through absl, once per weight-cache read) only at --log-level debug. Cold
+    caches add at most a line (the native kernels' build), so this holds on a first start too."""
     url, log = server
     assert log.wait_for(url), log.text()
-    for expected in ("SmolLM2-135M-Instruct", "float32 weights", "KV cache", "compile buckets",
-                     "persistent compilation cache", url):
-        assert expected in log.text(), expected
+    lines = log.text().splitlines()
+    ready = next(i for i, line in enumerate(lines) if "ready in" in line and url in line)
+    start_up = "\n".join(lines[:ready + 1])
+    assert ready <= 12, start_up
+    for expected in ("SmolLM2-135M-Instruct", "GGUF, llama, 30 layers", "weights:", "MB on", "KV cache",
+                     "tokens", "compile buckets"):
+        assert expected in start_up, expected
+    for noise in ("absl", "orbax", "Checkpoint", "Uvicorn running"):
+        assert noise not in start_up, noise

@@ -74,7 +74,7 @@ class WeightCache:
             logger.warning("weight cache %s is unusable (%s: %s); rebuilding it", self.dir, type(e).__name__, e)
             shutil.rmtree(self.dir, ignore_errors=True)
             return None
-        logger.info("weights read from the cache %s in %.1f s", self.dir, time.perf_counter() - start)
+        logger.debug("weights read from the cache %s in %.1f s", self.dir, time.perf_counter() - start)
         return params
 
     def save(self, params: dict) -> None:
@@ -94,4 +94,4 @@ class WeightCache:
             logger.warning("could not write the weight cache %s: %s", self.dir, e)
             shutil.rmtree(self.dir, ignore_errors=True)
             return
-        logger.info("converted weights cached in %s (%.1f s)", self.dir, time.perf_counter() - start)
+        logger.debug("converted weights cached in %s (%.1f s)", self.dir, time.perf_counter() - start)

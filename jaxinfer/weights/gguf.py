@@ -13,7 +13,7 @@ import logging
 import os
 
 import numpy as np
-from gguf import GGUFReader, MODEL_ARCH_NAMES, get_tensor_name_map
+from gguf import GGUFReader, LlamaFileType, MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf.quants import dequantize
 
 from jaxinfer.config import LLAMA_FAMILY, ModelConfig, UnsupportedModelError
@@ -60,8 +60,8 @@ class GGUFCheckpoint:
             self.metadata, has_output_tensor="output.weight" in self.tensors, rope_freq_factors=factors, name=name,
             num_tokens=len(tokens.data) if tokens is not None else 0)
         self._names = get_tensor_name_map(_ARCH_BY_NAME[arch], self.config.num_layers)
-        logger.info("GGUF %s: %s, %d tensors, file type %s", path, arch, len(self.tensors),
-                    self.metadata.get("general.file_type"))
+        logger.info("model %s: GGUF, %s, %d layers, %d tensors, file type %s", path, arch, self.config.num_layers,
+                    len(self.tensors), _file_type(self.metadata.get("general.file_type")))
 
     def gguf_name(self, hf_name: str) -> str:
         base, _, suffix = hf_name.rpartition(".")
@@ -141,3 +141,11 @@ def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
         return w.reshape(num_heads, -1, 2).swapaxes(1, 2).reshape(w.shape)
     rows, cols = w.shape
     return w.reshape(num_heads, rows // num_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _file_type(value) -> str:
+    """GGUF's general.file_type by name (MOSTLY_Q4_1), or as stored when unknown."""
+    try:
+        return LlamaFileType(int(value)).name
+    except (TypeError, ValueError):
+        return str(value)

@@ -34,8 +34,8 @@ class HFCheckpoint:
                     weight_map.update({name: file for name in f.keys()})
         self._weight_map = weight_map
         self._open = {}
-        logger.info("HF checkpoint %s: %s, %d tensors in %d files", path, self.config.architecture,
-                    len(weight_map), len(set(weight_map.values())))
+        logger.info("model %s: Hugging Face checkpoint, %s, %d layers, %d tensors in %d files", path,
+                    self.config.architecture, self.config.num_layers, len(weight_map), len(set(weight_map.values())))
 
     def has(self, hf_name: str) -> bool:
         return hf_name in self._weight_map
