@@ -1,4 +1,5 @@
 """`jaxinfer serve` (and `python server.py`): flags -> engine -> OpenAI-compatible server on uvicorn.
+`jaxinfer chat` is jaxinfer/chat.py.
 
 Flags are named as vLLM's where the idea is the same. SIGTERM/SIGINT stop admitting requests (503),
 let those in flight finish for up to --shutdown-timeout seconds, then exit. If the engine loop
@@ -117,6 +118,10 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:
+        from jaxinfer.chat import main as chat
+
+        return chat(argv[1:])
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     parser = build_parser()
