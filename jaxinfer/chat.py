@@ -9,6 +9,7 @@ Ctrl-D at the prompt leaves.
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"a bundled model name, a GGUF file or an HF directory (default: {DEFAULT_MODEL}); "
                    "with --url the served name (default: the server's first model)")
     p.add_argument("--url", help="a running jaxinfer (or any OpenAI-compatible) server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", help="the server's API key (with --url)")
+    p.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
+                   help="the server's API key, with --url (default: $JAXINFER_API_KEY)")
     p.add_argument("--system", help="the system prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default: 0.8)")
     p.add_argument("--top-p", type=float, default=0.9, help="(default: 0.9)")
