@@ -71,7 +71,10 @@ class ServerChat:
     """Answers from a server's /v1/chat/completions, streamed."""
 
     def __init__(self, url: str, api_key: str | None, model: str | None):
-        import openai
+        try:
+            import openai
+        except ImportError as e:  # the client is an extra: the offline chat needs nothing more
+            raise SystemExit("jaxinfer chat --url needs the openai client: pip install 'jaxinfer[client]'") from e
 
         base = url.rstrip("/")
         self.client = openai.OpenAI(base_url=base if base.endswith("/v1") else f"{base}/v1",
