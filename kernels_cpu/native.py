@@ -185,6 +185,16 @@ def from_blocked(blocked, n: int):
     return jnp.moveaxis(blocked, -3, -2).reshape(*lead, k, nb * block)[..., :n]
 
 
+def _layer_stack(kernel: str, single: bool, layer, *arrays):
+    """The kernels take a layer stack and a layer index: a single weight becomes a stack of one
+    (layer 0); a stack needs its `layer`. None entries (no mins) stay None."""
+    if single:
+        return tuple(None if a is None else a[None] for a in arrays), 0
+    if layer is None:
+        raise ValueError(f"{kernel}: a stacked weight needs `layer`")
+    return arrays, layer
+
+
 def int8_matmul(x, data, scales, layer=None):
     """x[M, K] float32 @ W[K, N], W = data[(layer,) K, N] (int8) * scales[(layer,) N] (float16).
 
@@ -197,10 +207,7 @@ def int8_matmul(x, data, scales, layer=None):
                         f"{data.dtype}, {scales.dtype}")
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
-    if scales.ndim == 1:
-        data, scales, layer = data[None], scales[None], 0
-    if layer is None:
-        raise ValueError("int8_matmul: a stacked weight [L, K, N] needs `layer`")
+    (data, scales), layer = _layer_stack("int8_matmul", scales.ndim == 1, layer, data, scales)
     m, n = x.shape[0], scales.shape[-1]
     call = jax.ffi.ffi_call("jaxinfer_int8_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))
     return call(x, data, scales, jnp.asarray(layer, jnp.int32))
@@ -288,11 +295,7 @@ def group_matmul(x, codes, scales, mins=None, layer=None, *, bits: int):
                         f"{codes.dtype}, {scales.dtype}")
     if not has_group_path():
         raise RuntimeError("the native grouped matmul is not available (see the log for why)")
-    if scales.ndim == 2:
-        codes, scales, layer = codes[None], scales[None], 0
-        mins = None if mins is None else mins[None]
-    if layer is None:
-        raise ValueError("group_matmul: a stacked weight needs `layer`")
+    (codes, scales, mins), layer = _layer_stack("group_matmul", scales.ndim == 2, layer, codes, scales, mins)
     m, n = x.shape[0], scales.shape[-1]
     call = jax.ffi.ffi_call("jaxinfer_group_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))
     no_mins = jnp.zeros((1, 1, 1), jnp.float16)
