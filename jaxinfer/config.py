@@ -8,6 +8,9 @@ logger = logging.getLogger("jaxinfer")
 
 # Architectures served by models/llama.py, as HF `model_type` and GGUF `general.architecture` spell them.
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# Everything this engine runs; Gemma 3 (text) by models/gemma3.py (HF spells it "gemma3_text").
+ARCHITECTURES = (*LLAMA_FAMILY, "gemma3")
+LAYER_TYPES = ("sliding_attention", "full_attention")  # HF's names
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -17,7 +20,7 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2"
+    architecture: str  # one of ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -38,23 +41,44 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
+    # Gemma 3: which layers attend through `sliding_window` and which see everything (LAYER_TYPES, one
+    # per layer); empty: every layer uses `sliding_window` (Mistral's, or none).
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None  # Gemma 3: the RoPE base of the sliding-window layers (unscaled)
+    query_pre_attn_scalar: float | None = None  # Gemma: queries are scaled by its -1/2 power (None: head_dim)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores become cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # likewise the logits
 
     def __post_init__(self):
-        if self.architecture not in LLAMA_FAMILY:
+        if self.architecture not in ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unsupported architecture {self.architecture!r}; supported: {', '.join(LLAMA_FAMILY)}")
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.layer_types and (len(self.layer_types) != self.num_layers or
+                                 not set(self.layer_types) <= set(LAYER_TYPES)):
+            raise UnsupportedModelError(f"layer_types must give one of {LAYER_TYPES} for each of the "
+                                        f"{self.num_layers} layers, got {self.layer_types!r}")
+
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's sliding window, 0 for a layer that sees the whole sequence."""
+        window = self.sliding_window or 0
+        if not self.layer_types:
+            return (window,) * self.num_layers
+        return tuple(window if kind == "sliding_attention" else 0 for kind in self.layer_types)
 
     @classmethod
     def from_hf(cls, cfg: dict, name: str = "") -> "ModelConfig":
         """From a Hugging Face `config.json` (transformers 4.x and 5.x spellings)."""
         model_type = cfg.get("model_type", "")
-        if model_type not in LLAMA_FAMILY:
-            raise UnsupportedModelError(
-                f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(LLAMA_FAMILY)}")
+        if model_type not in (*LLAMA_FAMILY, "gemma3_text"):
+            raise UnsupportedModelError(f"unsupported model_type {model_type!r} in config.json; supported: "
+                                        f"{', '.join(LLAMA_FAMILY)}, gemma3_text")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        gemma = _gemma3_from_hf(cfg) if model_type == "gemma3_text" else {}
+        if gemma:
+            rope = gemma.pop("rope")  # the global layers'
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
@@ -62,7 +86,7 @@ class ModelConfig:
         if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
             sliding = None
         return cls(
-            architecture=model_type,
+            architecture="gemma3" if gemma else model_type,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -73,13 +97,14 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", bool(gemma)),  # Gemma's default: tied
             attention_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
             sliding_window=sliding,
             rope_scaling=_rope_scaling(rope),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
             name=name,
+            **gemma,
         )
 
     @classmethod
@@ -88,9 +113,9 @@ class ModelConfig:
         """From GGUF metadata (llama.cpp key names). `num_tokens`: the tokenizer's vocabulary size, for
         files whose architecture has no vocab_size key (Qwen2's, among others)."""
         arch = meta.get("general.architecture", "")
-        if arch not in LLAMA_FAMILY:
+        if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
-                f"unsupported GGUF architecture {arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
+                f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
 
         def key(k, default=None):
             return meta.get(f"{arch}.{k}", default)
@@ -122,13 +147,52 @@ class ModelConfig:
             max_position_embeddings=key("context_length", 2048),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
-            sliding_window=key("attention.sliding_window") if arch == "mistral" else None,
+            sliding_window=key("attention.sliding_window") if arch in ("mistral", "gemma3") else None,
             rope_scaling=_rope_scaling(rope),
             rope_freq_factors=rope_freq_factors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(eos,) if eos is not None else (),
             name=name or meta.get("general.name", ""),
+            **(_gemma3_from_gguf(meta) if arch == "gemma3" else {}),
         )
+
+
+def _gemma3_from_hf(cfg: dict) -> dict:
+    """Gemma 3's own fields of a config.json, and "rope": the global layers' rope parameters.
+
+    transformers 5 gives `layer_types` and `rope_parameters` per layer type; 4.x gives
+    `sliding_window_pattern` (every n-th layer global), `rope_theta` and `rope_scaling` (global
+    layers) and `rope_local_base_freq` (sliding layers, never scaled).
+    """
+    num_layers, pattern = cfg["num_hidden_layers"], cfg.get("sliding_window_pattern", 6)
+    layer_types = cfg.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+    rope = cfg.get("rope_parameters") or {}
+    if "full_attention" in rope:
+        global_rope, local_theta = dict(rope["full_attention"]), rope["sliding_attention"]["rope_theta"]
+    else:
+        global_rope = dict(cfg.get("rope_scaling") or {}, rope_theta=cfg.get("rope_theta", 1_000_000.0))
+        local_theta = cfg.get("rope_local_base_freq", 10_000.0)
+    if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"unsupported Gemma 3 activation {cfg['hidden_activation']!r}")
+    return dict(rope=global_rope, layer_types=tuple(layer_types), rope_local_theta=float(local_theta),
+                query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+                attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+                final_logit_softcap=cfg.get("final_logit_softcapping"))
+
+
+def _gemma3_from_gguf(meta: dict) -> dict:
+    """What llama.cpp knows of Gemma 3 without reading it from the file (llama-model.cpp, as of
+    2025): every 6th layer global when a sliding window is set, base 10000 unscaled for the sliding
+    layers, and query_pre_attn_scalar = hidden / heads for the 27B (62 layers), head_dim otherwise."""
+    num_layers = meta["gemma3.block_count"]
+    heads, hidden = meta["gemma3.attention.head_count"], meta["gemma3.embedding_length"]
+    windowed = bool(meta.get("gemma3.attention.sliding_window"))
+    layer_types = tuple("full_attention" if not windowed or (i + 1) % 6 == 0 else "sliding_attention"
+                        for i in range(num_layers))
+    head_dim = meta.get("gemma3.attention.key_length") or hidden // heads
+    return dict(layer_types=layer_types, rope_local_theta=10_000.0,
+                query_pre_attn_scalar=float(hidden // heads if num_layers == 62 else head_dim))
 
 
 def _rope_scaling(rope: dict) -> tuple | None:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
-from jaxinfer.models.llama import PROJECTIONS, head_tensor_name, load_llama
+from jaxinfer.models import load_model
+from jaxinfer.models.llama import PROJECTIONS, head_tensor_name
 from jaxinfer.ops import resolve_backend
 from jaxinfer.quant import (Linear, resolve_lm_head_quantization, resolve_quantization, use_blocked_layout,
                             weight_bytes_by_format)
@@ -131,7 +132,7 @@ class LLMEngine:
                                                                  stored_head, native_head=cpu_runs_blocks)
         logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
-        self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
+        self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
                                 quant_backend=config.matmul_backend, cache_dir=cache_dir,
                                 lm_head_quantization=self.lm_head_quantization)

@@ -7,6 +7,7 @@ from datetime import datetime
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers.processors import TemplateProcessing
 
 
 class Tokenizer:
@@ -35,6 +36,7 @@ class Tokenizer:
 
         arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path)
         backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+        _add_special_tokens_as_the_file_says(backend, tokenizer_config)
         return cls(backend, chat_template=tokenizer_config.get("chat_template"),
                    bos_token=tokenizer_config.get("bos_token"), eos_token=tokenizer_config.get("eos_token"),
                    eos_token_ids=eos_token_ids)
@@ -83,6 +85,22 @@ class Tokenizer:
         # The template writes the special tokens itself (BOS included where the model wants one).
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
                            add_special_tokens=False)
+
+
+def _add_special_tokens_as_the_file_says(backend: BackendTokenizer, config: dict) -> None:
+    """Makes `encode` add BOS (and EOS) where the GGUF's add_bos_token (add_eos_token) asks for it.
+
+    The converted tokenizer adds what its transformers class adds by default: Gemma's nothing, while
+    the model needs its <bos> first (transformers' AutoTokenizer applies the flags afterwards, as here).
+    Files that ask for neither keep the converter's post-processor.
+    """
+    bos = [config["bos_token"]] if config.get("add_bos_token") and config.get("bos_token") else []
+    eos = [config["eos_token"]] if config.get("add_eos_token") and config.get("eos_token") else []
+    if not bos + eos:
+        return
+    backend.post_processor = TemplateProcessing(
+        single=" ".join([*bos, "$A", *eos]), pair=" ".join([*bos, "$A", *eos, *bos, "$B:1", *eos]),
+        special_tokens=[(token, backend.token_to_id(token)) for token in dict.fromkeys(bos + eos)])
 
 
 def _token_text(token) -> str | None:

@@ -4,15 +4,17 @@ rows and chunks of context.
 
 Like the reference, the query rows are cut into blocks of consecutive rows of one sequence, and a
 block gathers its sequence's pages once for all its rows. Unlike it, the context is walked in chunks
-of `pages_per_chunk` pages with an online softmax, and the walk stops at the longest sequence of the
-batch (a `while` loop with a run-time trip count): a step's cost follows the real context lengths,
-not the block table's width (max_model_len), so that width needs no compile buckets.
+of `pages_per_chunk` pages with an online softmax. Each block starts at the chunk holding its first
+row's sliding-window start (chunks wholly outside the window are not read) and stops at its own
+length; the walk runs as many chunks as the longest block needs (a `while` loop with a run-time trip
+count): a step's cost follows the real context lengths, not the block table's width (max_model_len),
+so that width needs no compile buckets.
 """
 
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.paged_attention import MASK_VALUE, work_table
+from kernels_pallas.paged_attention import MASK_VALUE, in_window, window_start, work_table
 
 
 def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *, sm_scale,
@@ -43,10 +45,16 @@ def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_
     chunk = chunk_pages * page_size
     tables = block_tables[seq]  # [num_blocks, max_pages]
     tables = jnp.pad(tables, ((0, 0), (0, -tables.shape[1] % chunk_pages)))
+    # Block b walks chunks first_chunk[b] .. cdiv(kv_len[b], chunk) - 1; past its last one, its pages
+    # are clipped to the table and its keys masked (key_pos >= kv_len).
+    first_chunk = window_start(first_pos, sliding_window) // chunk  # [num_blocks]
+    num_chunks = (kv_len + chunk - 1) // chunk - first_chunk  # padding blocks: kv_len 0, first_chunk 0
 
     def body(c, carry):
         m, l, acc = carry  # [B, kv_heads, group, block_q] twice, then [..., head_dim]
-        pages = jax.lax.dynamic_slice_in_dim(tables, c * chunk_pages, chunk_pages, axis=1)  # [B, chunk_pages]
+        chunk_index = first_chunk + c  # [B]
+        page_index = chunk_index[:, None] * chunk_pages + jnp.arange(chunk_pages, dtype=jnp.int32)
+        pages = jnp.take_along_axis(tables, page_index, axis=1, mode="clip")  # [B, chunk_pages]
         # One gather straight from the whole cache reads only these pages:
         # [B, chunk_pages, kv_heads, page_size, head_dim] -> [B, kv_heads, chunk, head_dim]
         k = k_cache[layer, :, pages].swapaxes(1, 2).reshape(num_blocks, num_kv_heads, chunk, head_dim)
@@ -54,10 +62,9 @@ def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_
         s = jnp.einsum("bqkgd,bkcd->bkgqc", qb, k.astype(jnp.float32))
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        key_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        key_pos = (chunk_index * chunk)[:, None, None] + jnp.arange(chunk, dtype=jnp.int32)  # [B, 1, chunk]
         mask = key_pos <= positions[..., None]  # [B, block_q, chunk]
-        if sliding_window is not None:
-            mask &= key_pos > positions[..., None] - sliding_window
+        mask &= in_window(key_pos, positions[..., None], sliding_window)
         mask &= (key_pos < kv_len[:, None, None]) & row_valid[..., None]
         mask = mask[:, None, None]  # [B, 1, 1, block_q, chunk]
         s = jnp.where(mask, s, MASK_VALUE)
@@ -71,8 +78,7 @@ def ragged_paged_attention_xla(q, k_cache, v_cache, layer, query_start_loc, seq_
     shape = (num_blocks, num_kv_heads, group, block_q)
     init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, head_dim), jnp.float32))
-    num_chunks = (jnp.max(kv_len) + chunk - 1) // chunk
-    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    _, l, acc = jax.lax.fori_loop(0, jnp.max(num_chunks), body, init)
     out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # [B, kvh, g, block_q, d]
     out = out.transpose(0, 3, 1, 2, 4).reshape(num_blocks, block_q, num_heads, head_dim).astype(q.dtype)
     # Every real row belongs to exactly one block; rows in no block (padding) stay zero.

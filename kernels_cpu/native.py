@@ -217,16 +217,17 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
                            sliding_window=None, soft_cap=None):
     """The contract of `kernels_pallas.paged_attention.ragged_paged_attention_reference`, float32,
     on the CPU (`paged_attention.cc`): each row reads its keys and values in place in the page
-    pool. Best for few rows (decode); head_dim a multiple of the vector width (8 or 16)."""
+    pool. Best for few rows (decode); head_dim a multiple of the vector width (8 or 16).
+    `sliding_window`: None or an int32 scalar, traced or not (<= 0: none)."""
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
     if q.dtype != jnp.float32 or k_cache.dtype != jnp.float32 or v_cache.dtype != jnp.float32:
         raise TypeError(f"ragged_paged_attention takes float32 q and caches, got {q.dtype}, {k_cache.dtype}")
     call = jax.ffi.ffi_call("jaxinfer_ragged_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
-    return call(q, k_cache, v_cache, i32(layer), i32(query_start_loc), i32(seq_lens), i32(block_tables),
-                sm_scale=np.float32(sm_scale), sliding_window=np.int64(sliding_window or 0),
-                soft_cap=np.float32(soft_cap or 0.0))
+    window = i32(0 if sliding_window is None else sliding_window)
+    return call(q, k_cache, v_cache, i32(layer), i32(query_start_loc), i32(seq_lens), i32(block_tables), window,
+                sm_scale=np.float32(sm_scale), soft_cap=np.float32(soft_cap or 0.0))
 
 
 @functools.cache

@@ -6,7 +6,10 @@
 // Why it exists: the XLA path gathers each sequence's pages into a contiguous chunk before its
 // dots, a copy that costs more than the attention itself when a step has few rows. Here each row
 // reads its keys and values where they lie in the page pool, with an online softmax over them.
-// The cache comes whole ([layers, kv_heads, pages, page_size, head_dim]) with the layer to use.
+// The cache comes whole ([layers, kv_heads, pages, page_size, head_dim]) with the layer to use, and
+// the sliding window (0: none) comes as an operand like the layer, so a model whose layers differ in
+// window (Gemma 3: local and global) passes each layer's own from inside one scan. A row block
+// starts at its first row's window: pages wholly before it are never read.
 //
 // Work items are (sequence, KV head, block of up to kRowBlock rows), dealt over parallel.h's threads.
 //
@@ -67,7 +70,7 @@ struct Problem {
   float* out;
   int64_t num_tokens, num_heads, num_kv_heads, head_dim, num_pages, page_size, max_pages;
   float sm_scale, soft_cap;
-  int64_t window;  // 0: none
+  int64_t window;  // <= 0: none
 };
 
 // Rows [r0, r1) of sequence s, query heads of KV head g.
@@ -158,8 +161,8 @@ ffi::Error CheckMetadata(const Problem& p, int64_t num_seqs) {
 ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
                                     ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer,
                                     ffi::Buffer<ffi::S32> query_start_loc, ffi::Buffer<ffi::S32> seq_lens,
-                                    ffi::Buffer<ffi::S32> block_tables, ffi::ResultBuffer<ffi::F32> out,
-                                    float sm_scale, int64_t sliding_window, float soft_cap) {
+                                    ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> sliding_window,
+                                    ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap) {
   auto qd = q.dimensions();
   auto cd = k_cache.dimensions();
   auto td = block_tables.dimensions();
@@ -193,7 +196,7 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   p.out = out->typed_data();
   p.sm_scale = sm_scale;
   p.soft_cap = soft_cap;
-  p.window = sliding_window;
+  p.window = *sliding_window.typed_data();
   if (ffi::Error error = CheckMetadata(p, num_seqs); error.failure()) return error;
   std::memset(p.out, 0, sizeof(float) * p.num_tokens * p.num_heads * p.head_dim);  // padding rows: zeros
 
@@ -225,7 +228,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferRaggedPagedAttention, RaggedPagedAttention
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("sm_scale")
-                                  .Attr<int64_t>("sliding_window")
                                   .Attr<float>("soft_cap"));

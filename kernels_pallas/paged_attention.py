@@ -24,6 +24,29 @@ from jax.experimental.pallas import triton as plgpu
 MASK_VALUE = -1e30
 
 
+def in_window(keys, positions, sliding_window):
+    """Whether a query at `positions` sees the keys at `keys` through its sliding window: the rule
+    every kernel here and in `jaxinfer`/`kernels_cpu` follows (this function is its statement).
+
+    `sliding_window` is None (no window), or an int32 scalar, a Python int or a traced value (a
+    model with local and global layers scans one per layer): a query at position p sees keys at
+    positions > p - sliding_window; a value <= 0 means no window, so one traced value can say "global".
+    """
+    if sliding_window is None:
+        return jnp.ones(jnp.broadcast_shapes(jnp.shape(keys), jnp.shape(positions)), bool)
+    window = jnp.asarray(sliding_window, jnp.int32)
+    return (window <= 0) | (keys > positions - window)
+
+
+def window_start(first_pos, sliding_window):
+    """The first key position a query at `first_pos` (or any later one) sees: 0 without a window.
+    Pages wholly before it need not be read."""
+    if sliding_window is None:
+        return jnp.zeros_like(first_pos)
+    window = jnp.asarray(sliding_window, jnp.int32)
+    return jnp.where(window > 0, jnp.maximum(first_pos - window + 1, 0), 0)
+
+
 def write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping):
     """Writes the new tokens' K/V into their cache slots.
 
@@ -78,7 +101,8 @@ def ragged_paged_attention_reference(
     k_cache, v_cache: [num_layers, num_kv_heads, num_pages, page_size, head_dim]
     layer: int32 scalar; query_start_loc: [num_seqs + 1]; seq_lens: [num_seqs];
     block_tables: [num_seqs, max_pages_per_seq] int32 (entries past a sequence's pages are ignored).
-    sliding_window: a query at position p sees keys at positions > p - sliding_window only.
+    sliding_window: None, or an int32 scalar (static or traced; <= 0: none): a query at position
+        p sees keys at positions > p - sliding_window only (`in_window`).
     soft_cap: scores become soft_cap * tanh(scores / soft_cap) before the softmax.
     Returns [num_tokens, num_heads, head_dim] in q's dtype; padding rows are zeros.
     """
@@ -113,8 +137,7 @@ def ragged_paged_attention_reference(
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     key_pos = jnp.arange(num_keys, dtype=jnp.int32)
     mask = key_pos <= positions[..., None]  # [num_blocks, block_q, num_keys]
-    if sliding_window is not None:
-        mask &= key_pos > positions[..., None] - sliding_window
+    mask &= in_window(key_pos, positions[..., None], sliding_window)
     mask &= (key_pos < kv_len[:, None, None]) & row_valid[..., None]
     mask = mask[:, None, None]  # [num_blocks, 1, 1, block_q, num_keys]
     probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1)
@@ -214,14 +237,14 @@ def _check_power_of_2(**sizes):
             raise ValueError(f"{name}={size} must be a power of two for the Triton backend")
 
 
-def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref, v_cache_ref,
-                      o_ref, *, sm_scale, sliding_window, soft_cap, block_m, block_kv):
+def _attention_kernel(layer_ref, window_ref, work_ref, block_tables_ref, q_ref, k_cache_ref, v_cache_ref,
+                      o_ref, *, sm_scale, soft_cap, block_m, block_kv):
     num_tokens, num_heads, head_dim = q_ref.shape
     _, num_kv_heads, _, page_size, _ = k_cache_ref.shape
     max_pages = block_tables_ref.shape[1]
     group = num_heads // num_kv_heads
     program, kv_head = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[0]
+    layer, sliding_window = layer_ref[0], window_ref[0]  # window <= 0: none
     seq, first_row, num_rows, first_pos, kv_len = (work_ref[program, c] for c in range(5))
 
     # Row m of the tile is query token first_row + m // group, head kv_head * group + m % group:
@@ -235,7 +258,8 @@ def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref,
     q = plgpu.load(q_ref.at[jnp.minimum(tokens, num_tokens - 1), heads, dims],
                    mask=row_valid[:, None], other=0)  # [block_m, head_dim]
 
-    kv_start = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+    # Key tiles wholly before the first row's window are never loaded.
+    kv_start = window_start(first_pos, sliding_window)
 
     def body(tile, carry):
         acc, m_prev, l_prev = carry
@@ -252,8 +276,7 @@ def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref,
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         mask = keys[None, :] <= positions[:, None]
-        if sliding_window is not None:
-            mask &= keys[None, :] > positions[:, None] - sliding_window
+        mask &= in_window(keys[None, :], positions[:, None], sliding_window)
         s = jnp.where(mask, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, s.max(axis=1))
         correction = jnp.exp(m_prev - m_next)
@@ -273,7 +296,7 @@ def _attention_kernel(layer_ref, work_ref, block_tables_ref, q_ref, k_cache_ref,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "sliding_window", "soft_cap", "block_m", "block_kv", "num_warps", "num_stages",
+    "sm_scale", "soft_cap", "block_m", "block_kv", "num_warps", "num_stages",
     "interpret"))
 def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables,
                            *, sm_scale, sliding_window=None, soft_cap=None, block_m=16,
@@ -285,7 +308,8 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     one kv head, and walks that sequence's keys `block_kv` at a time (any page size: each key
     finds its page through the block table) with an online softmax in float32. Decode rows
     and prefill chunks mix freely; the keys a block needs stop at its last row's position
-    (causal) and, with a sliding window, start at its first row's window.
+    (causal) and, with a sliding window, start at its first row's window. The window is an operand
+    (not a compile-time constant), so one compiled kernel serves every layer of a scan.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -298,8 +322,8 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     work = work_table(query_start_loc, seq_lens.astype(jnp.int32), num_tokens, block_q,
                        num_programs)
     kernel = functools.partial(
-        _attention_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        block_m=block_m, block_kv=block_kv)
+        _attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, block_m=block_m, block_kv=block_kv)
+    window = jnp.asarray(0 if sliding_window is None else sliding_window, jnp.int32).reshape(1)
     return pl.pallas_call(
         kernel,
         grid=(num_programs, num_kv_heads),
@@ -307,5 +331,5 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="ragged_paged_attention",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), work, block_tables.astype(jnp.int32), q,
+    )(jnp.asarray(layer, jnp.int32).reshape(1), window, work, block_tables.astype(jnp.int32), q,
       k_cache, v_cache)

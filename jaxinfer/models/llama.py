@@ -134,12 +134,14 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
+    LAYER = DecoderLayer  # built once, every parameter stacked on a leading [num_layers] axis
+
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto", formats=None,
                  quant_backend="auto", head_format: WeightFormat | None = None):
         c = config
         self.config = config
         self.attention_backend = attention_backend
-        self.layers = DecoderLayer(config, dtype=dtype, stack=(c.num_layers,), formats=formats,
+        self.layers = self.LAYER(config, dtype=dtype, stack=(c.num_layers,), formats=formats,
                                    quant_backend=quant_backend)
         self.norm = nnx.Param(jnp.zeros((c.hidden_size,), dtype))
         if head_format is None:
@@ -178,28 +180,43 @@ class Llama(nnx.Module):
         Returns logits [S, vocab] float32 at `meta.logits_indices`, and the updated caches.
         """
         x = self.embed_tokens(token_ids)  # [T, hidden]
+        inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
+        x, k_cache, v_cache = self.run_layers(x, positions, k_cache, v_cache, meta, inv_freq=inv_freq)
+        x = rms_norm(x[meta.logits_indices], self.norm[...], self.config.rms_norm_eps)
+        return self.head(x), k_cache, v_cache
+
+    def run_layers(self, x, positions, k_cache, v_cache, meta: AttentionMetadata, per_layer=None, **constants):
+        """The decoder layers under one `lax.scan`: x [T, hidden] -> [T, hidden], and the updated caches.
+
+        `per_layer`: a dict of [num_layers, ...] arrays scanned beside the layers' parameters, each layer
+        getting its own row as a keyword (Gemma 3's window and RoPE frequencies differ by layer);
+        `constants` go to every layer as they are.
+        """
         # Quantized projection weights stay whole and each projection reads its layer's slice itself
         # (in place, for the native CPU kernel); everything else is sliced by the scan.
         quantized = {name for name in PROJECTIONS if getattr(self.layers, name).fmt is not None}
         layer_def, whole, layer_state = nnx.split(
             self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins"), ...)
-        inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
 
-        def body(carry, state):
+        def body(carry, xs):
             x, k_cache, v_cache, layer = carry
+            state, values = xs
             x, k_cache, v_cache = nnx.merge(layer_def, whole, state)(
-                x, positions, k_cache, v_cache, layer, meta, config=self.config, inv_freq=inv_freq,
-                attention_backend=self.attention_backend)
+                x, positions, k_cache, v_cache, layer, meta, config=self.config,
+                attention_backend=self.attention_backend, **constants, **values)
             return (x, k_cache, v_cache, layer + 1), None
 
         # The caches ride in the carry (not xs/ys): with the step's caches donated, XLA updates them in place.
-        (x, k_cache, v_cache, _), _ = jax.lax.scan(body, (x, k_cache, v_cache, jnp.int32(0)), layer_state)
-        x = rms_norm(x[meta.logits_indices], self.norm[...], self.config.rms_norm_eps)
+        (x, k_cache, v_cache, _), _ = jax.lax.scan(
+            body, (x, k_cache, v_cache, jnp.int32(0)), (layer_state, per_layer or {}))
+        return x, k_cache, v_cache
+
+    def head(self, x):
+        """The LM head: x [S, hidden], final-normed -> logits [S, vocab] float32."""
         if isinstance(self.lm_head, Linear):
-            return self.lm_head(x).astype(jnp.float32), k_cache, v_cache
+            return self.lm_head(x).astype(jnp.float32)
         head = self.embed[...] if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
-        return logits, k_cache, v_cache
+        return jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
 
 
 # Our parameter path -> (HF tensor name template, transpose to [in, out])
@@ -258,10 +275,16 @@ def head_tensor_name(config: ModelConfig) -> str:
     return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
 
-def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_backend="auto",
-               quantization="none", group_size=None, quant_backend="auto", cache_dir=None,
-               lm_head_quantization="none") -> Llama:
-    """Builds the model with the checkpoint's weights, one stacked parameter at a time.
+def load_llama(config: ModelConfig, checkpoint, **options) -> Llama:
+    """A Llama-family model with the checkpoint's weights (`load_stacked`'s options)."""
+    return load_stacked(Llama, _LAYER_TENSORS, config, checkpoint, **options)
+
+
+def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, dtype=jnp.float32,
+                 attention_backend="auto", quantization="none", group_size=None, quant_backend="auto",
+                 cache_dir=None, lm_head_quantization="none"):
+    """Builds `model_cls` (Llama or a model built like it) with the checkpoint's weights, one stacked
+    parameter at a time. `layer_tensors`: parameter path in the layer -> (HF name template, transpose).
 
     The module is created abstractly (no memory), then each parameter is read layer by layer into
     one host buffer and moved to the device, so at most one parameter has a second copy at a time.
@@ -279,9 +302,9 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
         head_format = getattr(checkpoint, "native_format", lambda name: None)(head_tensor_name(config))
         if head_format is None or head_format.kind != "int8":
             raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0")
-    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=attention_backend,
-                                         formats={p: f for p, (f, _) in formats.items()}, quant_backend=quant_backend,
-                                         head_format=head_format))
+    model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, attention_backend=attention_backend,
+                                             formats={p: f for p, (f, _) in formats.items()},
+                                             quant_backend=quant_backend, head_format=head_format))
     graphdef, state = nnx.split(model)
     shapes = nnx.to_pure_dict(state)
     cache = None
@@ -295,14 +318,14 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
         if params is not None:
             nnx.replace_by_pure_dict(state, params)
             return nnx.merge(graphdef, state)
-    params = _read_params(config, checkpoint, shapes, formats, dtype, head_format)
+    params = _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format)
     if cache is not None:
         cache.save(params)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
-def _read_params(config, checkpoint, shapes, formats, dtype, head_format=None) -> dict:
+def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format=None) -> dict:
     params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
     if head_format is None or not config.tie_word_embeddings:
         params["embed"] = jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype)
@@ -314,7 +337,7 @@ def _read_params(config, checkpoint, shapes, formats, dtype, head_format=None) -
         params["lm_head"] = {"w": qw.data, "scales": qw.scales}
     elif not config.tie_word_embeddings:
         params["lm_head"] = jnp.asarray(checkpoint.tensor("lm_head.weight"), dtype)
-    layer_items = [(path, spec) for path, spec in _LAYER_TENSORS.items() if _get(shapes["layers"], path) is not None]
+    layer_items = [(path, spec) for path, spec in layer_tensors.items() if _get(shapes["layers"], path) is not None]
     for path, (template, transpose) in tqdm(layer_items, desc="Loading weights", unit="tensor", leave=False):
         if path[-1] == "w" and path[0] in formats:
             params["layers"].setdefault(path[0], {}).update(_read_quantized(

@@ -3,7 +3,9 @@
 Tensors are handed out by their Hugging Face names in HF orientation (`[out_features, in_features]`),
 so one parameter mapping per model serves both checkpoint formats. llama.cpp stores the rows of
 `attn_q`/`attn_k` permuted for its interleaved RoPE; they are permuted back here, so the model uses
-HF's rotate-half RoPE for both formats. (Only the "llama" architecture is permuted; Qwen2 is not.)
+HF's rotate-half RoPE for both formats. (Only the "llama" architecture is permuted; Qwen2 and Gemma 3
+are not.) llama.cpp stores Gemma's RMSNorm weights as HF's weight + 1 (the factor the norm applies);
+they are handed out as HF stores them, as transformers' own GGUF loader does.
 
 Q8_0, Q4_0 and Q4_1 tensors can also be handed out as they are stored (`quantized_tensor`): the same
 integers, scales and mins, only rearranged into `kernels_pallas.quant_matmul`'s [in, out] layouts.
@@ -16,7 +18,7 @@ import numpy as np
 from gguf import GGUFReader, LlamaFileType, MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf.quants import dequantize
 
-from jaxinfer.config import LLAMA_FAMILY, ModelConfig, UnsupportedModelError
+from jaxinfer.config import ARCHITECTURES, ModelConfig, UnsupportedModelError
 from jaxinfer.quant import WeightFormat
 
 logger = logging.getLogger("jaxinfer")
@@ -47,9 +49,9 @@ class GGUFCheckpoint:
                 continue
         self.tensors = {t.name: t for t in self.reader.tensors}
         arch = self.metadata.get("general.architecture", "")
-        if arch not in LLAMA_FAMILY or arch not in _ARCH_BY_NAME:
+        if arch not in ARCHITECTURES or arch not in _ARCH_BY_NAME:
             raise UnsupportedModelError(
-                f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(LLAMA_FAMILY)}")
+                f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
         if "rope_freqs.weight" in self.tensors:
             factors = tuple(float(f) for f in self._read("rope_freqs.weight"))
         else:
@@ -126,6 +128,8 @@ class GGUFCheckpoint:
             raise KeyError(f"{self.path}: tensor {gguf_name} ({hf_name}) is missing")
         w = self._read(gguf_name).astype(np.float32, copy=False)
         cfg = self.config
+        if cfg.architecture == "gemma3" and gguf_name.endswith("norm.weight"):
+            return w - 1.0  # llama.cpp's convert_hf_to_gguf.py adds 1 to every Gemma norm weight
         if cfg.architecture != "llama":  # only llama.cpp's "llama" converter permutes (Qwen2 uses NeoX RoPE)
             return w
         if gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
