@@ -6,7 +6,12 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+from jaxinfer.kv_cache import allocate_kv_cache
+from jaxinfer.models.llama import AttentionMetadata
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -63,3 +68,19 @@ def idle(served) -> bool:
     engine = served.engine
     return wait_until(lambda: served.async_engine.stats.num_requests == 0 and not engine.requests
                       and engine.allocator.num_free_pages == engine.allocator.num_pages)
+
+
+def prefill_logits(model, token_ids, page_size=16):
+    """Last-position logits of one prompt, straight through `model` (an engine's, or one sharing its
+    weights) on a fresh paged cache whose block table is not the identity (pages in reverse order)."""
+    n = len(token_ids)
+    num_pages = -(-n // page_size)
+    k_cache, v_cache = allocate_kv_cache(model.config, num_pages, page_size, jnp.float32)
+    table = np.arange(num_pages, dtype=np.int32)[::-1].copy()
+    pos = np.arange(n, dtype=np.int32)
+    meta = AttentionMetadata(*map(jnp.asarray, AttentionMetadata(
+        slot_mapping=table[pos // page_size] * page_size + pos % page_size,
+        query_start_loc=np.array([0, n], np.int32), seq_lens=np.array([n], np.int32),
+        block_tables=table[None, :], logits_indices=np.array([n - 1], np.int32))))
+    logits, _, _ = model(jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), k_cache, v_cache, meta)
+    return np.asarray(logits[0])

@@ -2,13 +2,11 @@
 
 import pydoc_data.topics
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxinfer import SamplingParams
-from jaxinfer.kv_cache import allocate_kv_cache
-from jaxinfer.models.llama import AttentionMetadata
+from tests.helpers import prefill_logits
 
 NEW_TOKENS = 32
 LONG_TEXT = pydoc_data.topics.topics["assert"][:1300]
@@ -47,24 +45,8 @@ def test_greedy_tokens_match_hf(llm, prompts, hf_greedy):
         assert out.outputs[0].token_ids == ref, f"prompt of {len(prompt)} tokens diverged"
 
 
-def prefill_logits(llm, token_ids, page_size=16):
-    """Last-position logits of one prompt, straight through the model on a fresh paged cache."""
-    model, config = llm.engine.model, llm.engine.model_config
-    n = len(token_ids)
-    num_pages = -(-n // page_size)
-    k_cache, v_cache = allocate_kv_cache(config, num_pages, page_size, jnp.float32)
-    # Pages in reverse order: a block table that is not the identity.
-    table = np.arange(num_pages, dtype=np.int32)[::-1].copy()
-    pos = np.arange(n, dtype=np.int32)
-    meta = AttentionMetadata(*map(jnp.asarray, AttentionMetadata(slot_mapping=table[pos // page_size] * page_size + pos % page_size,
-                             query_start_loc=np.array([0, n], np.int32), seq_lens=np.array([n], np.int32),
-                             block_tables=table[None, :], logits_indices=np.array([n - 1], np.int32))))
-    logits, _, _ = model(jnp.asarray(token_ids, jnp.int32), jnp.asarray(pos), k_cache, v_cache, meta)
-    return np.asarray(logits[0])
-
-
 def test_last_position_logits_match_hf(llm, hf_model, prompts):
     some = [prompts[0], prompts[3], prompts[-1]]
     for p, ref in zip(some, hf_model.last_logits(some)):
-        ours = prefill_logits(llm, p)
+        ours = prefill_logits(llm.engine.model, p)
         assert np.abs(ours - ref).max() <= 1e-3
