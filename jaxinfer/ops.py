@@ -43,7 +43,10 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, backend="auto"):
 
 def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables,
                            *, sm_scale, sliding_window=None, soft_cap=None, backend="auto"):
-    """Ragged paged attention (see `paged_attention.ragged_paged_attention_reference`)."""
+    """Ragged paged attention (see `paged_attention.ragged_paged_attention_reference`).
+
+    `sliding_window`: None, or an int32 scalar that may be traced (a layer scan's own; <= 0: none).
+    """
     backend = resolve_backend(backend)
     args = (q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)

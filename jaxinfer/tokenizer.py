@@ -37,9 +37,12 @@ class Tokenizer:
         arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path)
         backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
         _add_special_tokens_as_the_file_says(backend, tokenizer_config)
+        # A Gemma chat turn ends with <end_of_turn>, which the GGUF's single EOS id does not name (HF's
+        # generation_config lists both, llama.cpp treats both as end of generation).
+        end_of_turn = backend.token_to_id("<end_of_turn>") if arch.startswith("gemma") else None
         return cls(backend, chat_template=tokenizer_config.get("chat_template"),
                    bos_token=tokenizer_config.get("bos_token"), eos_token=tokenizer_config.get("eos_token"),
-                   eos_token_ids=eos_token_ids)
+                   eos_token_ids=(*eos_token_ids, *([end_of_turn] if end_of_turn is not None else [])))
 
     @classmethod
     def from_hf_dir(cls, path: str, eos_token_ids=()) -> "Tokenizer":

@@ -35,7 +35,6 @@ PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
     "List three primary colors:\n1.",
-    "Once upon a time, in a small village by the sea,",
     "Die Hauptstadt von Deutschland ist",
     "東京は日本の",
     LONG_TEXT + "\n\nIn summary, a Python block is",
@@ -178,10 +177,15 @@ def test_config_from_the_gguf_matches_the_hf_config(llm):
     assert {f: getattr(ours, f) for f in fields} == {f: getattr(hf, f) for f in fields}
 
 
-def test_tokenizer_matches_hf_and_adds_bos(hf_reference, gemma3_path, prompts):
-    hf_tokenizer = hf_reference.load_tokenizer_gguf(gemma3_path)
-    assert [hf_tokenizer.encode(p) for p in PROMPTS] == prompts
-    assert all(p[0] == 2 for p in prompts)  # <bos>: the GGUF's add_bos_token
+# transformers 5.24's AutoTokenizer on the same GGUF (recorded: building it takes the reference
+# process most of a minute, for its merges of a 262k vocabulary).
+HF_TOKEN_IDS = {"The capital of France is": [2, 818, 5279, 529, 7001, 563],
+                "東京は日本の": [2, 31414, 237048, 76444]}
+
+
+def test_tokenizer_matches_hf_adds_bos_and_stops_at_either_end_token(llm):
+    assert {text: llm.tokenizer.encode(text) for text in HF_TOKEN_IDS} == HF_TOKEN_IDS  # <bos> (2) first
+    assert llm.tokenizer.eos_token_ids == (1, 106)  # <eos>, <end_of_turn>
 
 
 def test_greedy_tokens_match_hf(llm, hf_gemma3, prompts):
