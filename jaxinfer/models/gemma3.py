@@ -29,8 +29,9 @@ from jaxinfer.models.llama import (_LAYER_TENSORS, AttentionMetadata, DecoderLay
 
 
 def gemma_norm(x, weight, eps):
-    """Gemma's RMSNorm: the normalized x times (1 + weight), weight as HF stores it."""
-    return rms_norm(x, 1.0 + weight, eps)
+    """Gemma's RMSNorm: the normalized x times (1 + weight), weight as HF stores it. Unlike Llama's,
+    the product is taken in float32 and only then rounded to x's dtype (as HF's Gemma3RMSNorm does)."""
+    return rms_norm(x.astype(jnp.float32), 1.0 + weight.astype(jnp.float32), eps).astype(x.dtype)
 
 
 def layer_rope_inv_freq(config: ModelConfig) -> np.ndarray:

@@ -142,7 +142,7 @@ class Llama(nnx.Module):
         self.config = config
         self.attention_backend = attention_backend
         self.layers = self.LAYER(config, dtype=dtype, stack=(c.num_layers,), formats=formats,
-                                   quant_backend=quant_backend)
+                                 quant_backend=quant_backend)
         self.norm = nnx.Param(jnp.zeros((c.hidden_size,), dtype))
         if head_format is None:
             self.embed = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype))  # [vocab, hidden]
