@@ -113,7 +113,8 @@ class LLMEngine:
         checkpoint = open_checkpoint(model)
         self.model_config = mc = checkpoint.config
         if isinstance(checkpoint, GGUFCheckpoint):
-            self.tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids)
+            self.tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids,
+                                                 reader=checkpoint.reader)
         else:
             self.tokenizer = Tokenizer.from_hf_dir(checkpoint.path, eos_token_ids=mc.eos_token_ids)
         self.dtype = resolve_dtype(config.dtype)

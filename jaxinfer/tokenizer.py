@@ -27,14 +27,16 @@ class Tokenizer:
         self._template = None
 
     @classmethod
-    def from_gguf(cls, path: str, eos_token_ids=()) -> "Tokenizer":
-        """Builds the tokenizer that the GGUF metadata describes (vocab, merges, special tokens)."""
+    def from_gguf(cls, path: str, eos_token_ids=(), reader=None) -> "Tokenizer":
+        """Builds the tokenizer that the GGUF metadata describes (vocab, merges, special tokens).
+        `reader`: the file's `gguf.GGUFReader`, where the caller has one open (parsing a file takes
+        seconds for a large vocabulary: 9 s for Gemma's 262k tokens)."""
         # transformers knows how each of llama.cpp's tokenizer types maps onto a `tokenizers` pipeline.
         # Without torch it says so at import; we need only its tokenizer converters.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-        arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path)
+        arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path, reader)
         backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
         _add_special_tokens_as_the_file_says(backend, tokenizer_config)
         # A Gemma chat turn ends with <end_of_turn>, which the GGUF's single EOS id does not name (HF's
@@ -140,14 +142,14 @@ class IncrementalDetokenizer:
         return ""
 
 
-def _gguf_tokenizer_fields(path: str) -> tuple[str, dict, dict]:
+def _gguf_tokenizer_fields(path: str, reader=None) -> tuple[str, dict, dict]:
     """(architecture, tokenizer fields, tokenizer config) of a GGUF file, in the shape transformers'
     `convert_gguf_tokenizer` takes. Read with the `gguf` package: transformers' own GGUF reader
     imports torch, which the engine does not install."""
     from gguf import GGUFReader
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
 
-    fields = GGUFReader(path).fields
+    fields = (reader or GGUFReader(path)).fields
     value = lambda key: fields[key].contents()  # noqa: E731
     grouped = {group: {name: value(f"tokenizer.{key}") for key, name in renames.items() if f"tokenizer.{key}" in fields}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
