@@ -151,7 +151,7 @@ def test_an_answer_streams_in_and_its_copy_is_the_models_greedy_answer(served, c
     reference = served.reference.chat
     assert re.fullmatch(rf"\d+ prompt \+ {len(reference.outputs[0].token_ids)} answer tokens · first token after "
                         r"[\d.]+ s · [\d.]+ tokens/s", statistics), statistics
-    chat.answer().locator(":scope > .copy").click()
+    chat.answer().locator(".footer .copy").click()
     assert chat.page.evaluate("navigator.clipboard.readText()") == reference.outputs[0].text
 
 

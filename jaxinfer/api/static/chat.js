@@ -84,8 +84,8 @@ function conversation() {
 
 async function send(text) {
   messages.push({ role: "user", content: text });
-  showUser(addMessage("user"), text);
-  const answer = addMessage("assistant");
+  addMessage("user").body.textContent = text;
+  const answer = addAnswer();
   const body = { model, messages: conversation(), stream: true, stream_options: { include_usage: true }, ...settings() };
   controller = new AbortController();
   setStreaming(true);
@@ -124,11 +124,6 @@ function statistics(usage, started, firstToken, finished) {
   return `${counts} · ${first}` + (rate ? ` · ${rate.toFixed(1)} tokens/s` : "");
 }
 
-function showUser(message, text) {
-  message.text = text;
-  message.body.textContent = text;
-}
-
 function showAnswer(answer, content) {
   answer.text = content;
   answer.body.replaceChildren(renderMarkdown(content));
@@ -138,18 +133,26 @@ function showAnswer(answer, content) {
   answer.element.scrollIntoView({ block: "end" });
 }
 
-// An empty message; its Copy button copies `message.text` (an answer: the markdown as written).
 function addMessage(role) {
-  const message = { text: "", element: document.createElement("article") };
-  message.element.className = role;
-  message.body = document.createElement("div");
-  message.body.className = "body";
-  message.meta = document.createElement("div");
-  message.meta.className = "meta";
-  message.element.append(message.body, copyButton(() => message.text), message.meta);
-  $("messages").append(message.element);
-  message.element.scrollIntoView({ block: "end" });
-  return message;
+  const element = document.createElement("article");
+  element.className = role;
+  const body = document.createElement("div");
+  body.className = "body";
+  element.append(body);
+  $("messages").append(element);
+  element.scrollIntoView({ block: "end" });
+  return { element, body };
+}
+
+// An empty answer, with a line for its statistics and a Copy button for its text (the markdown as written).
+function addAnswer() {
+  const answer = { ...addMessage("assistant"), text: "", meta: document.createElement("span") };
+  const footer = document.createElement("div");
+  footer.className = "footer";
+  answer.meta.className = "meta";
+  footer.append(answer.meta, copyButton(() => answer.text));
+  answer.element.append(footer);
+  return answer;
 }
 
 function copyButton(text) {
