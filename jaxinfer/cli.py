@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     server.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (default: $JAXINFER_API_KEY; "
-                        "none: open). /health and /metrics stay open")
+                        "none: open). /health, /metrics and the chat page stay open")
     server.add_argument("--disable-frontend", action="store_true",
                         help="serve no chat page at / (then / is 404); the API is the same")
     server.add_argument("--max-waiting", type=int, default=None,
