@@ -64,7 +64,7 @@ async function* serverSentEvents(response) {
     const events = buffer.split("\n\n");
     buffer = events.pop();
     for (const event of events) {
-      const data = event.split("\n").filter((line) => line.startsWith("data:")).map((line) => line.slice(5).trim()).join("");
+      const data = event.split("\n").filter((line) => line.startsWith("data:")).map((line) => line.slice(5).trim()).join("\n");
       if (data === "[DONE]") return;
       if (data) yield JSON.parse(data);
     }
