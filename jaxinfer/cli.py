@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = EngineConfig()
     p = argparse.ArgumentParser(
         prog="jaxinfer serve", description="Serve a model over an OpenAI-compatible HTTP API "
-        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).",
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics), with a chat page at /.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model")
     model.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name (`jaxinfer list`), a GGUF file, or a "
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     server.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (default: $JAXINFER_API_KEY; "
-                        "none: open). /health and /metrics stay open")
+                        "none: open). /health, /metrics and the chat page stay open")
+    server.add_argument("--disable-frontend", action="store_true",
+                        help="serve no chat page at / (then / is 404); the API is the same")
     server.add_argument("--max-waiting", type=int, default=None,
                         help="sequences waiting for a slot beyond which requests get 503 + Retry-After (default: 256)")
     server.add_argument("--max-queue-wait", type=float, default=None,
@@ -199,15 +201,17 @@ def serve(args: argparse.Namespace) -> int:
                                   on_failure=on_failure)
     metrics = ServerMetrics(async_engine, name, args.price_per_hour)
     async_engine.observer = metrics
-    app = create_app(async_engine, served_model_name=name, api_key=args.api_key, metrics=metrics)
+    app = create_app(async_engine, served_model_name=name, api_key=args.api_key, metrics=metrics,
+                     disable_frontend=args.disable_frontend)
+    page = "" if args.disable_frontend else f", chat page at http://{args.host}:{args.port}/"
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:  # listening: the last start-up line
-                logger.info("ready in %.1f s: serving %s at http://%s:%d/v1 (API key %s)",
+                logger.info("ready in %.1f s: serving %s at http://%s:%d/v1 (API key %s)%s",
                             time.perf_counter() - STARTED, name, args.host, args.port,
-                            "required" if args.api_key else "not required")
+                            "required" if args.api_key else "not required", page)
 
         def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: stop admitting, then drain
             async_engine.stop_accepting()
