@@ -58,7 +58,7 @@ def qwen_hf(hf_reference, qwen_path):
 @pytest.fixture(scope="module")
 def qwen():
     """Full precision (the file dequantized, as the reference runs it), by its registry name."""
-    return LLM(NAME, quantization="none", max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128)
+    return LLM(NAME, quantization="none", max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128, warmup=False)
 
 
 @pytest.fixture(scope="module")
