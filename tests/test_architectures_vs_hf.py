@@ -7,10 +7,11 @@ safetensors), and a GGUF file written here the way llama.cpp's convert_hf_to_ggu
 architecture (its tensor names, its q/k row permutation for "llama", its metadata keys, Llama 3.1's
 `rope_freqs.weight`). The reference is transformers itself (torch, CPU, float32) on the same weights.
 
-Tolerance: the models are float32 end to end on both sides with logits of a few units (matrices
-drawn for unit-variance outputs), so the two implementations differ only by float32 rounding in
-a different summation order, ~1e-6; 1e-4 leaves room for that and still fails on any real
-difference (a dropped bias, an unpermuted row, a missing window moves logits by 0.1 or more).
+Tolerance: both sides are float32 end to end, with logits up to ~3.5 (matrices drawn for
+unit-variance outputs), so they differ only by float32 rounding in another summation order: at most
+3.3e-6 here. 1e-4 leaves 30x room for that; a real difference is far above it (dropping the
+window or the q/k/v biases moves logits by 2.5 to 4). Greedy tokens are safe too: the smallest
+gap between HF's top two logits at these prompts is 0.06.
 """
 
 import dataclasses
@@ -90,7 +91,7 @@ def permute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model_type: str, config: dict, hf_tensors: dict, arch) -> dict[str, np.ndarray]:
+def gguf_tensors(config: dict, hf_tensors: dict, arch) -> dict[str, np.ndarray]:
     """The HF tensors under llama.cpp's names; q/k rows permuted for the "llama" architecture only
     (Mistral converts as "llama"; Qwen2 keeps HF's rotate-half order)."""
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
@@ -142,7 +143,7 @@ def write_gguf(path, model_type: str, config: dict, hf_dir) -> str:
     writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
     writer.add_token_merges(merges)
     hf_tensors = load_file(str(hf_dir / "model.safetensors"))
-    for name, w in gguf_tensors(model_type, config, hf_tensors, arch).items():
+    for name, w in gguf_tensors(config, hf_tensors, arch).items():
         writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -233,11 +234,9 @@ def test_last_position_logits_match_hf(llm, prompts, hf_logits):
         np.testing.assert_allclose(prefill_logits(llm, prompt), ref, rtol=0, atol=LOGITS_ATOL)
 
 
-@pytest.mark.parametrize("loader", ["hf-dir", "gguf"])
-def test_default_configuration_runs_and_its_first_token_is_in_hf_top5(built, prompts, hf_logits, loader):
-    """`LLM(path)` as a user starts it: on CPU it quantizes the projections (int8 per channel), so
-    tokens may differ from full precision; the first one must still be one HF ranks in its top 5."""
-    path = str(built[3]) if loader == "hf-dir" else built[4]
-    llm = LLM(path, **ENGINE)
+def test_default_configuration_runs_and_its_first_token_is_in_hf_top5(built, prompts, hf_logits):
+    """`LLM(path)` on the GGUF as a user starts it: on CPU it quantizes the projections (int8 per
+    channel), so tokens may differ from full precision; the first one must still be in HF's top 5."""
+    llm = LLM(built[4], **ENGINE)
     for ours, ref in zip(greedy(llm, prompts, max_tokens=1), hf_logits):
         assert ours[0] in np.argsort(ref)[-5:]
