@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from test_model_vs_hf import prefill_logits
+from tests.hf_reference import HFModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from jaxinfer import LLM, SamplingParams
@@ -32,6 +33,8 @@ NEW_TOKENS = 16
 LOGITS_ATOL = 1e-4
 VOCAB_SIZE = 320  # 256 byte-level symbols + 64 merges
 PROMPT_LENGTHS = (100, 77, 45)  # all longer than Mistral's window; 100 is prefilled in two chunks
+# warmup off: compile only the step shapes these prompts use. No weight cache: its entries would be
+# keyed by throwaway tmp paths in the user's cache directory.
 ENGINE = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, page_size=16, warmup=False,
               weight_cache_dir=None)
 
@@ -154,9 +157,18 @@ def write_gguf(path, model_type: str, config: dict, hf_dir) -> str:
 
 # --- fixtures: one built model per architecture, one engine per (architecture, loader) -------------
 
+@dataclasses.dataclass(slots=True)
+class Built:
+    """One architecture's model: held by the reference process, and as the engine's two inputs."""
+    name: str
+    config: dict  # config.json fields
+    hf_model: HFModel
+    hf_dir: str
+    gguf_path: str
+
+
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def built(request, hf_reference, tmp_path_factory):
-    """(name, HF config, transformers model, HF directory, GGUF path) of one architecture."""
+def built(request, hf_reference, tmp_path_factory) -> Built:
     name = request.param
     model_type, fields = ARCHITECTURES[name]
     config = BASE | fields
@@ -164,7 +176,7 @@ def built(request, hf_reference, tmp_path_factory):
     hf_model = hf_reference.build_random(model_type, config, 0, hf_dir)
     write_tokenizer_json(hf_dir)
     gguf_path = write_gguf(tmp_path_factory.mktemp(f"{name}-gguf") / f"{name}.gguf", model_type, config, hf_dir)
-    return name, config, hf_model, hf_dir, gguf_path
+    return Built(name, config, hf_model, str(hf_dir), gguf_path)
 
 
 @pytest.fixture(scope="module")
@@ -175,18 +187,18 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def hf_greedy(built, prompts):
-    return built[2].greedy(prompts, NEW_TOKENS)
+    return built.hf_model.greedy(prompts, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def hf_logits(built, prompts):
-    return built[2].last_logits(prompts)
+    return built.hf_model.last_logits(prompts)
 
 
 @pytest.fixture(scope="module", params=["hf-dir", "gguf"])
 def llm(request, built):
     """Full precision (quantization "none"): the reference's float32 weights, as stored."""
-    path = str(built[3]) if request.param == "hf-dir" else built[4]
+    path = built.hf_dir if request.param == "hf-dir" else built.gguf_path
     return LLM(path, quantization="none", **ENGINE)
 
 
@@ -201,21 +213,20 @@ def greedy(llm, prompts, max_tokens=NEW_TOKENS) -> list[list[int]]:
 def test_both_loaders_read_the_same_model(built):
     """The HF config and the GGUF metadata give one model: same shapes, bias, window, tying, and the
     same RoPE frequencies (from rope_scaling on one side, from rope_freqs.weight on the other)."""
-    name, config = built[0], built[1]
-    hf, gg = HFCheckpoint(str(built[3])).config, GGUFCheckpoint(built[4]).config
+    hf, gg = HFCheckpoint(built.hf_dir).config, GGUFCheckpoint(built.gguf_path).config
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
               "head_dim", "rope_theta", "tie_word_embeddings", "attention_bias", "sliding_window")
     assert {f: getattr(gg, f) for f in fields} == {f: getattr(hf, f) for f in fields}
     assert gg.rms_norm_eps == pytest.approx(hf.rms_norm_eps, rel=1e-6)  # GGUF stores it as float32
     np.testing.assert_allclose(rope_inv_freq(gg), rope_inv_freq(hf), rtol=1e-6)
-    assert hf.sliding_window == config.get("sliding_window")
-    assert hf.attention_bias == (name == "qwen2")
+    assert hf.sliding_window == built.config.get("sliding_window")
+    assert hf.attention_bias == (built.name == "qwen2")
 
 
 def test_the_scaling_and_the_window_change_what_the_prompts_see(built):
     """Preconditions that make the comparisons below able to fail: the RoPE scaling changes the
     frequencies the prompt positions use, and the window is shorter than every prompt."""
-    hf = HFCheckpoint(str(built[3])).config
+    hf = HFCheckpoint(built.hf_dir).config
     if hf.rope_scaling is not None:
         unscaled = rope_inv_freq(dataclasses.replace(hf, rope_scaling=None))
         # at least two frequencies turn by more than a radian further, or less, within the shortest prompt
@@ -237,6 +248,6 @@ def test_last_position_logits_match_hf(llm, prompts, hf_logits):
 def test_default_configuration_runs_and_its_first_token_is_in_hf_top5(built, prompts, hf_logits):
     """`LLM(path)` on the GGUF as a user starts it: on CPU it quantizes the projections (int8 per
     channel), so tokens may differ from full precision; the first one must still be in HF's top 5."""
-    llm = LLM(built[4], **ENGINE)
+    llm = LLM(built.gguf_path, **ENGINE)
     for ours, ref in zip(greedy(llm, prompts, max_tokens=1), hf_logits):
         assert ours[0] in np.argsort(ref)[-5:]
