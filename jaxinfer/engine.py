@@ -134,7 +134,7 @@ class LLMEngine:
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
                                 quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                                lm_head_quantization=self.lm_head_quantization)
+                                lm_head_quantization=self.lm_head_quantization, kquants=cpu_runs_blocks)
         if (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
                 and native.available()):
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
