@@ -128,7 +128,8 @@ class LLMEngine:
         logger.debug("weights: quantization %s (%s)", self.quantization, why)
         stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
         self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,
-                                                                 stored_head, native_head=cpu_runs_blocks)
+                                                                 stored_head, native_head=cpu_runs_blocks,
+                                                                 tied=mc.tie_word_embeddings)
         logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,

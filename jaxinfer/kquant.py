@@ -76,7 +76,8 @@ class KQuantWeight:
 
     @property
     def stacked(self) -> bool:
-        return True
+        """A stack of one is a single weight (a model of one layer, or an LM head): layer 0."""
+        return len(self.types) > 1
 
 
 # --- from the file's blocks -------------------------------------------------------------------

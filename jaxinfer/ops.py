@@ -66,6 +66,8 @@ def quant_matmul(x, w, *, backend="auto", layer=None):
     backend = resolve_backend(backend)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
+    if isinstance(w, kquant.KQuantWeight) and layer is None:
+        layer = 0  # a stack of one
     if isinstance(w, kquant.KQuantWeight) and backend == "xla" and _native_kquant():
         out = native.kquant_matmul(x2.astype(jnp.float32), w.data, w.index, layer, n=w.n).astype(x.dtype)
     elif isinstance(w, kquant.KQuantWeight):  # GPU, or no native build: dequantize the layer, then dot

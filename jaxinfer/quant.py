@@ -200,14 +200,15 @@ def resolve_quantization(quantization: str, platform: str, is_gguf: bool, cpu_ru
 
 
 def resolve_lm_head_quantization(value: str, quantization: str, stored_type: str | None,
-                                 native_head: bool = False) -> str:
-    """The LM head's format ("none", "int8" or "native"). "auto": the file's own Q8_0 blocks when
-    the projections are "native" and the platform runs them (`native_head`); else int8 (per
+                                 native_head: bool = False, tied: bool = True) -> str:
+    """The LM head's format ("none", "int8" or "native"). "auto": the file's own Q8_0 blocks, or
+    K-quant super-blocks of a head not `tied` to the embedding (no row lookup reads that layout),
+    when the projections are "native" and the platform runs them (`native_head`); else int8 (per
     vocabulary entry) when the projections are quantized and the checkpoint stores the head
     quantized itself (`stored_type`), which is the file asking for it; a full-precision head stays so."""
     if value != "auto":
         return value
-    if quantization == "native" and stored_type == "Q8_0" and native_head:
+    if quantization == "native" and native_head and (stored_type == "Q8_0" or stored_type in kquant.TYPES and not tied):
         return "native"
     stored_quantized = stored_type is not None and stored_type not in ("F32", "F16", "BF16")
     return "int8" if quantization != "none" and stored_quantized else "none"
@@ -281,7 +282,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x, layer=None):
         """x[..., in] -> [..., out]. A quantized weight may be the whole layer stack
-        ([num_layers, ...], see `Llama.__call__`): `layer` then picks the layer's own."""
+        ([num_layers, ...], see `Llama.__call__`): `layer` then picks the layer's own (a K-quant
+        weight of one layer is a stack of one, `ops.quant_matmul` reads its layer 0)."""
         if self.fmt is None:
             y = x @ self.w[...]
         else:

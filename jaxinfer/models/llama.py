@@ -304,9 +304,7 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
         raise ValueError(f"lm_head_quantization must be none, int8 or native, got {lm_head_quantization!r}")
     head_format = quant.weight_format("int8") if lm_head_quantization == "int8" else None
     if lm_head_quantization == "native":
-        head_format = getattr(checkpoint, "native_format", lambda name: None)(head_tensor_name(config))
-        if head_format is None or head_format.kind != "int8":
-            raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0")
+        head_format = _native_head_format(config, checkpoint)
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=attention_backend,
                                          formats={p: f for p, (f, _) in formats.items()}, quant_backend=quant_backend,
                                          head_format=head_format))
@@ -331,11 +329,26 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
     return nnx.merge(graphdef, state)
 
 
+def _native_head_format(config: ModelConfig, checkpoint) -> WeightFormat:
+    """The LM head as stored: Q8_0 blocks, or (a head not tied to the embedding) a K-quant."""
+    name = head_tensor_name(config)
+    head_format = getattr(checkpoint, "native_format", lambda name: None)(name)
+    if head_format is not None and head_format.kind == "int8":
+        return head_format
+    stored = checkpoint.tensor_type(name) if hasattr(checkpoint, "tensor_type") else None
+    if stored in kquant.TYPES and not config.tie_word_embeddings and kquant.fits(config.hidden_size, config.vocab_size):
+        return WeightFormat("kquant", layer_types=(stored,))
+    raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0, or as a "
+                     "K-quant and not tied to the embedding")
+
+
 def _read_params(config, checkpoint, shapes, formats, dtype, head_format=None) -> dict:
     params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
     if head_format is None or not config.tie_word_embeddings:
         params["embed"] = jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype)
-    if head_format is not None and head_format.group_size:  # the file's own blocks
+    if head_format is not None and head_format.kind == "kquant":  # the file's own super-blocks
+        params["lm_head"] = _read_quantized(checkpoint, head_tensor_name(config), 1, head_format, True, None)
+    elif head_format is not None and head_format.group_size:  # the file's own blocks
         arrays = checkpoint.quantized_tensor(head_tensor_name(config))
         params["lm_head"] = {"w": jnp.asarray(arrays["data"]), "scales": jnp.asarray(arrays["scales"])}
     elif head_format is not None:
