@@ -11,7 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from jaxinfer import kquant, ops
+from jaxinfer import kquant, ops, quant
 from kernels_cpu import native
 from tests.test_native_cpu import quantized_activations
 
@@ -145,14 +145,30 @@ def test_kernel_rows_do_not_depend_on_the_batch(kind):
         np.testing.assert_array_equal(batch[::11], alone[:len(batch[::11])], err_msg=f"m={m}")
 
 
-@pytest.mark.skipif(not os.path.exists(QWEN), reason=f"{QWEN} not present")
-def test_real_q4_k_m_down_proj_kept_as_stored():
+@pytest.fixture(scope="module")
+def qwen():
+    if not os.path.exists(QWEN):
+        pytest.skip(f"{QWEN} not present")
+    from jaxinfer.weights.gguf import GGUFCheckpoint
+
+    return GGUFCheckpoint(QWEN)
+
+
+def test_native_keeps_k_quant_projections_only_where_their_kernel_runs(qwen):
+    from jaxinfer.models.llama import projection_formats
+
+    kept = projection_formats(qwen.config, qwen, "native", kquants=True)
+    assert kept["down_proj"][0].kind == "kquant" and kept["down_proj"][1]
+    assert kept["q_proj"][0].kind == "int8"  # Q5_0: not a K-quant, requantized as before
+    assert projection_formats(qwen.config, qwen, "native")["down_proj"] == (quant.weight_format("int8"), False)
+
+
+def test_real_q4_k_m_down_proj_kept_as_stored(qwen):
     """Qwen2.5-Coder-0.5B Q4_K_M: ffn_down mixes Q4_K and Q6_K layers. The stored form of four
     layers dequantizes bitwise like gguf, and the model's layer stack runs them by their own type."""
     from jaxinfer.models.llama import kquant_formats
-    from jaxinfer.weights.gguf import GGUFCheckpoint
 
-    checkpoint = GGUFCheckpoint(QWEN)
+    checkpoint = qwen
     fmt = kquant_formats(checkpoint.config, checkpoint)["down_proj"]
     assert set(fmt.layer_types) == {"Q4_K", "Q6_K"} and len(fmt.layer_types) == checkpoint.config.num_layers
     layers = [fmt.layer_types.index("Q6_K"), fmt.layer_types.index("Q4_K"), 22, 23]
