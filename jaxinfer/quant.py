@@ -215,9 +215,10 @@ def resolve_lm_head_quantization(value: str, quantization: str, stored_type: str
 
 
 def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, stack=()):
-    """{"data"|"scales"|"mins": (shape, dtype)} of W[*stack, in, out] in `fmt`."""
+    """{"data"|"scales"|"mins": (shape, dtype)} of W[*stack, in, out] in `fmt`; for "kquant"
+    {"data"|"kquant_index"}: every layer's bytes in one array, and each layer's type and offset."""
     k, n = in_features, out_features
-    if fmt.kind == "kquant":  # every layer's bytes in one array, and where each layer's start
+    if fmt.kind == "kquant":
         return {"data": ((kquant.stack_bytes(fmt.layer_types, k, n),), jnp.uint8),
                 "kquant_index": ((len(fmt.layer_types), 2), jnp.int32)}
     if fmt.group_size and k % fmt.group_size:
@@ -249,7 +250,7 @@ class Linear(nnx.Module):
     def __init__(self, in_features, out_features, *, dtype, bias=False, stack=(), fmt: WeightFormat | None = None,
                  backend="auto"):
         self.fmt, self.backend = fmt, backend  # static: part of the graph, not of the state
-        self.layout = "kn"  # "blocked": see `use_blocked_layout`
+        self.layout = "kn"  # "blocked" and others: see `use_blocked_layout`; "kquant": `jaxinfer.kquant`
         self.in_features, self.out_features = in_features, out_features
         if fmt is None:
             self.w = nnx.Param(jnp.zeros((*stack, in_features, out_features), dtype))
