@@ -202,7 +202,9 @@ def dequantize_layer(layer, kind: str, k: int, n: int):
 
 
 def dequantize(w: KQuantWeight, layer):
-    """W[layer] [K, N] float32 of a stack; `layer` may be traced (a switch over the types present)."""
+    """W[layer] [K, N] float32 of a stack; `layer` may be traced (a switch over the types present).
+    The byte offset is int32 here (jax's default), so a stack past 2 GiB needs the native kernel,
+    which widens it to 64 bits."""
     present = sorted(set(w.types), key=lambda name: TYPES[name].type_id)
     offset = w.index[layer, 1] * ALIGN
 
