@@ -128,13 +128,14 @@ class LLMEngine:
         logger.debug("weights: quantization %s (%s)", self.quantization, why)
         stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
         self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,
-                                                                 stored_head, native_head=cpu_runs_blocks)
+                                                                 stored_head, native_head=cpu_runs_blocks,
+                                                                 tied=mc.tie_word_embeddings)
         logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         self.model = load_llama(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
                                 quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                                lm_head_quantization=self.lm_head_quantization)
+                                lm_head_quantization=self.lm_head_quantization, kquants=cpu_runs_blocks)
         if (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
                 and native.available()):
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
