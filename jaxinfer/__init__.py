@@ -12,4 +12,5 @@ from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine import LLM, CompletionOutput, LLMEngine, RequestOutput
 from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "ModelConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "ModelConfig",
+           "RequestOutput", "CompletionOutput"]

@@ -41,23 +41,22 @@ class StructuredOutputsParams:
     def __post_init__(self):
         if isinstance(self.choice, tuple):
             self.choice = list(self.choice)
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        given += ["json_object"] if self.json_object else []
-        if len(given) != 1:
-            raise ValueError(f"StructuredOutputsParams takes exactly one of json, regex, choice, grammar or "
-                             f"json_object, got {given or 'none'}")
         checks = {
             "json": (isinstance(self.json, (dict, str)), "a JSON schema (a dict or its JSON text)"),
             "regex": (isinstance(self.regex, str), "a string"),
             "choice": (isinstance(self.choice, list) and bool(self.choice)
                        and all(isinstance(c, str) for c in self.choice), "a non-empty list of strings"),
             "grammar": (isinstance(self.grammar, str) and bool(self.grammar), "a non-empty string"),
-            "json_object": (self.json_object is True, "true"),
+            "json_object": (isinstance(self.json_object, bool), "a boolean"),
         }
-        ok, expected = checks[given[0]]
-        if not ok:
-            raise ValueError(f"StructuredOutputsParams.{given[0]} must be {expected}, got "
-                             f"{reprlib.repr(getattr(self, given[0]))}")
+        for name, (ok, expected) in checks.items():
+            if getattr(self, name) is not None and not ok:
+                raise ValueError(f"StructuredOutputsParams.{name} must be {expected}, got "
+                                 f"{reprlib.repr(getattr(self, name))}")
+        given = [name for name in checks if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutputsParams takes exactly one of json, regex, choice, grammar or "
+                             f"json_object, got {given or 'none'}")
 
     @property
     def kind(self) -> str:

@@ -151,8 +151,8 @@ def test_a_constraint_that_does_not_compile_gets_400_naming_its_field(served, bo
 
 def test_the_openai_client_reports_a_bad_schema_as_a_bad_request(served):
     with pytest.raises(openai.BadRequestError) as raised:
-        chat(served, response_format={"type": "json_schema",
-                                      "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}}})
+        chat(served, response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "minProperties": "two"}}})
     assert raised.value.body["param"] == "response_format"
 
 
@@ -172,7 +172,8 @@ def test_offline_constrained_and_unconstrained_in_one_batch(llm):
 
 def test_the_same_schema_is_compiled_once(llm):
     grammars = llm.engine.grammars
-    schema = {"type": "object", "properties": {"k": {"type": "boolean"}}, "required": ["k"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"k": {"type": "boolean"}}, "required": ["k"],
+              "additionalProperties": False}
     before = grammars.num_compiled
     params = [SamplingParams(temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(json=s))
               for s in (schema, json.dumps(schema, indent=2))]  # equal schemas, as a dict and as text
@@ -219,7 +220,8 @@ def test_an_offline_constraint_that_does_not_compile_is_a_value_error_and_queues
     assert not llm.engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("fields", [{}, {"regex": "a", "json_object": True}, {"choice": []}, {"json": 3}])
+@pytest.mark.parametrize("fields", [{}, {"regex": "a", "json_object": True}, {"choice": []}, {"json": 3},
+                                    {"regex": "a", "json_object": 0}])
 def test_structured_outputs_params_takes_exactly_one_valid_constraint(fields):
     with pytest.raises(ValueError):
         StructuredOutputsParams(**fields)
@@ -251,8 +253,8 @@ def test_sample_picks_only_allowed_tokens_greedy_and_sampled():
     logits = rng.standard_normal((num_rows, vocab)).astype(np.float32)
     bitmask = random_bitmask(rng, num_rows, vocab)
     *_, sampling, history, num_prompt, _ = empty_batch(num_rows, num_rows, 1, 8, vocab)
-    sampling = sampling._replace(temperature=np.array([0, 0, 1, 1], np.float32), num_top_logprobs=np.zeros(num_rows, np.int32),
-                                 seeds=np.arange(num_rows, dtype=np.int32))
+    sampling = sampling._replace(temperature=np.array([0, 0, 1, 1], np.float32), seeds=np.arange(num_rows, dtype=np.int32),
+                                 num_top_logprobs=np.zeros(num_rows, np.int32))
     tokens, chosen, _, _ = sample(jnp.asarray(logits), sampling, history, num_prompt, token_bitmask=bitmask)
     masked = logits.copy()
     llguidance.numpy.apply_token_bitmask_inplace(masked, bitmask)

@@ -127,7 +127,8 @@ COMMON_FIELDS = {
     "cache_salt": {"type": "string", "minLength": 1,
                    "description": "vLLM's: only requests with the same salt share prefix-cache pages."},
     "response_format": _RESPONSE_FORMAT,
-    "structured_outputs": {"type": "object", "properties": STRUCTURED_OUTPUTS_FIELDS, "additionalProperties": False,
+    "structured_outputs": {"type": "object", "additionalProperties": False,
+                           "properties": {key: nullable(value) for key, value in STRUCTURED_OUTPUTS_FIELDS.items()},
                            "description": "vLLM's: exactly one of these constraints on the text."},
     "guided_json": {**_JSON_SCHEMA, "description": "vLLM's older name of structured_outputs.json."},
     "guided_regex": {**_REGEX, "description": "vLLM's older name of structured_outputs.regex."},
@@ -404,11 +405,11 @@ def _response_format(value) -> dict:
     if kind != "json_schema":
         raise _bad(name, "an object with type text, json_object or json_schema", value)
     spec = value.get("json_schema")
-    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("schema"), dict)):
-        raise APIError(400, "'response_format.json_schema' must be an object with a 'name' and a 'schema' "
-                       f"(an object), got {_short_repr(spec)}", param=name)
-    if spec.get("strict") not in (None, True, False):
-        raise _bad(name, "an object whose json_schema.strict is a boolean", value)
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("schema"), dict)
+            and isinstance(spec.get("description", ""), str)
+            and isinstance(spec.get("strict", False), (bool, type(None)))):
+        raise APIError(400, "'response_format.json_schema' must be an object with a 'name' (a string), a 'schema' "
+                       f"(an object) and optionally 'description' and 'strict', got {_short_repr(spec)}", param=name)
     return {"json": spec["schema"]}
 
 
