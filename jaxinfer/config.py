@@ -147,7 +147,9 @@ class ModelConfig:
             max_position_embeddings=key("context_length", 2048),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
-            sliding_window=key("attention.sliding_window") if arch in ("mistral", "gemma3") else None,
+            # GGUF has no "mistral" architecture: llama.cpp converts Mistral as "llama". Qwen2 applies a
+            # window only where its config says use_sliding_window, which GGUF does not carry.
+            sliding_window=key("attention.sliding_window") if arch != "qwen2" else None,
             rope_scaling=_rope_scaling(rope),
             rope_freq_factors=rope_freq_factors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

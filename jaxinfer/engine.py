@@ -23,6 +23,7 @@ from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.sequence import Sequence
+from jaxinfer.structured_outputs import GrammarCompiler
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
 from jaxinfer.weights.cache import default_cache_dir
@@ -130,13 +131,14 @@ class LLMEngine:
         logger.debug("weights: quantization %s (%s)", self.quantization, why)
         stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
         self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,
-                                                                 stored_head, native_head=cpu_runs_blocks)
+                                                                 stored_head, native_head=cpu_runs_blocks,
+                                                                 tied=mc.tie_word_embeddings)
         logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
                                 quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                                lm_head_quantization=self.lm_head_quantization)
+                                lm_head_quantization=self.lm_head_quantization, kquants=cpu_runs_blocks)
         if (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
                 and native.available()):
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
@@ -148,6 +150,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype)
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
         self.requests: dict[str, _Request] = {}
         self._request_of: dict[Sequence, _Request] = {}
         self._rng = random.Random(config.seed)
@@ -189,7 +192,9 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None) -> str:
-        """`cache_salt` (vLLM's): only requests with the same salt share prefix-cache pages."""
+        """`cache_salt` (vLLM's): only requests with the same salt share prefix-cache pages. A
+        constraint that does not compile is a StructuredOutputsError (a ValueError) before anything
+        is queued."""
         params = params or SamplingParams()
         if cache_salt is not None and not (isinstance(cache_salt, str) and cache_salt and _is_unicode(cache_salt)):
             raise ValueError("cache_salt must be a non-empty string of Unicode text (no lone surrogates)")
@@ -211,11 +216,14 @@ class LLMEngine:
         if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > max_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({max_len})")
+        constraint = params.structured_outputs
+        matchers = [self.grammars.matcher(constraint) for _ in range(params.n)] if constraint else [None] * params.n
         seqs = []
         for i in range(params.n):
             # The device draws from int32 seeds: any Python int maps onto one.
             seed = (params.seed + i) % 2**31 if params.seed is not None else self._rng.randrange(2**31)
-            seq = Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed, cache_salt=cache_salt)
+            seq = Sequence(f"{request_id}-{i}", prompt_ids, params, seed=seed, cache_salt=cache_salt,
+                           matcher=matchers[i])
             if i > 0 and self.config.enable_prefix_caching:
                 seq.wait_for = seqs[0]  # share the first sequence's prompt pages through the prefix cache
             seqs.append(seq)
@@ -252,7 +260,7 @@ class LLMEngine:
             return []
         needs_history = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                             for p in (seq.params for seq, _ in scheduled))
-        out = self.runner.execute(scheduled, needs_history)
+        out = self.runner.execute(scheduled, needs_history, self._token_bitmask(scheduled))
         now = time.monotonic()
         touched = {}
         for i, (seq, num_new) in enumerate(scheduled):
@@ -265,6 +273,9 @@ class LLMEngine:
                 continue  # a prompt chunk short of the prompt's end: nothing sampled yet
             request = self._request_of[seq]
             seq.output_ids.append(int(out.tokens[i]))
+            if seq.matcher is not None and not seq.matcher.consume_token(seq.output_ids[-1]):
+                logger.error("%s: the grammar refused its own sampled token %d: %s", seq.request_id,
+                             seq.output_ids[-1], seq.matcher.get_error())
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 top = list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist()))
@@ -280,6 +291,13 @@ class LLMEngine:
             touched[request.request_id] = request
         return [self._output(request, deltas_only) for request in touched.values()]
 
+    def _token_bitmask(self, scheduled: list[tuple[Sequence, int]]):
+        """The grammar masks of the constrained rows that sample this step ([S, ceil(vocab / 32)]
+        int32), or None when no such row: a prompt chunk short of its end samples nothing."""
+        rows = [(seq.matcher, i) for i, (seq, num_new) in enumerate(scheduled)
+                if seq.matcher is not None and seq.num_computed_tokens + num_new >= seq.num_tokens]
+        return self.grammars.token_bitmask(rows, len(scheduled)) if rows else None
+
     def _update_text(self, request: _Request, seq: Sequence) -> None:
         i = request.seqs.index(seq)
         params = seq.params
@@ -288,6 +306,8 @@ class LLMEngine:
         request.texts[i] += request.detokenizers[i].add([token])
         reason = None
         if token in request.stop_token_ids:
+            reason = "stop"
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete (or broken)
             reason = "stop"
         elif params.stop and (cut := _find_stop(request.texts[i], params.stop, searched)) is not None:
             request.texts[i] = request.texts[i][:cut]

@@ -16,6 +16,7 @@ The choice is static: it is made when a step function is traced. The kernel pack
 import jax
 import jax.numpy as jnp
 
+from jaxinfer import kquant
 from jaxinfer.xla_attention import ragged_paged_attention_xla
 from kernels_cpu import native
 from kernels_pallas import paged_attention
@@ -59,7 +60,8 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
 
 
 def quant_matmul(x, w, *, backend="auto", layer=None):
-    """x[..., K] @ W[K, N] -> [..., N] in x's dtype, W a `jaxinfer.quant.QuantizedWeight`.
+    """x[..., K] @ W[K, N] -> [..., N] in x's dtype, W a `jaxinfer.quant.QuantizedWeight` or a
+    `jaxinfer.kquant.KQuantWeight`.
 
     With `layer` (an int32 scalar, traced or not), W is a layer stack ([L, K, N] and so on) and
     layer `layer` of it is used: the native CPU kernel reads it in place, the other paths slice it.
@@ -67,7 +69,13 @@ def quant_matmul(x, w, *, backend="auto", layer=None):
     backend = resolve_backend(backend)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
-    if backend == "xla" and _native_int8(x2, w):
+    if isinstance(w, kquant.KQuantWeight) and layer is None:
+        layer = 0  # a stack of one
+    if isinstance(w, kquant.KQuantWeight) and backend == "xla" and _native_kquant():
+        out = native.kquant_matmul(x2.astype(jnp.float32), w.data, w.index, layer, n=w.n).astype(x.dtype)
+    elif isinstance(w, kquant.KQuantWeight):  # GPU, or no native build: dequantize the layer, then dot
+        out = kquant.matmul_reference(x2, w, layer)
+    elif backend == "xla" and _native_int8(x2, w):
         out = native.int8_matmul(x2, w.data, w.scales, layer)
     elif w.layout == "codes":  # only ever made where the native grouped kernel runs (quant.use_blocked_layout)
         out = native.group_matmul(x2.astype(jnp.float32), w.data, w.scales, w.mins, layer, bits=w.bits).astype(x.dtype)
@@ -88,6 +96,11 @@ def _native_int8(x2, w) -> bool:
     dequantize-then-dot at every batch size measured (1 to 512 rows: docs/KERNELS.md)."""
     return (w.format == "int8" and w.group_size == 0 and x2.dtype == jnp.float32
             and w.scales.dtype == jnp.float16 and jax.default_backend() == "cpu" and native.available())
+
+
+def _native_kquant() -> bool:
+    """Whether the native CPU kernel runs K-quants (any batch: the file's bits, streamed in place)."""
+    return jax.default_backend() == "cpu" and native.has_group_path()
 
 
 def _native_attention(q, k_cache) -> bool:

@@ -5,7 +5,8 @@ A projection's weight W[*stack, in, out] is either full precision (the model's d
 dequantization, in `kernels_pallas.quant_matmul`):
 - int8: symmetric, one scale per output channel (group_size 0) or per group of 32 rows (GGUF Q8_0);
 - int4: two values per byte, one scale (and, asymmetric, one min) per group of 32/64/128 rows;
-- fp8: float8_e4m3fn, one scale per output channel.
+- fp8: float8_e4m3fn, one scale per output channel;
+- kquant: GGUF's Q4_K/Q5_K/Q6_K super-blocks as stored, a type per layer (`jaxinfer.kquant`).
 Quantized weights stay quantized in device memory: the layer hands them to `ops.quant_matmul`
 (Pallas kernel with in-register dequant on GPU, the native or XLA path on CPU).
 The norms and biases stay in full precision; the LM head (with a tied embedding) is int8 per
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer import ops
+from jaxinfer import kquant, ops
 from kernels_pallas import quant_matmul as qmm
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -137,7 +138,8 @@ def quant_matmul_reference(x, w: QuantizedWeight):
 
 
 # `quantization` values: "none" keeps the checkpoint's weights in full precision; "native" keeps a
-# GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are; "int4" has a min per group (GGUF Q4_1's rule),
+# GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (and, where the native CPU kernel runs them, its
+# K-quants: `jaxinfer.kquant`); "int4" has a min per group (GGUF Q4_1's rule),
 # "int4_sym" none (Q4_0's); "auto" is `resolve_quantization`'s choice.
 QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -147,12 +149,15 @@ SCALE_DTYPE = jnp.float16
 
 @dataclasses.dataclass(frozen=True)
 class WeightFormat:
-    kind: str  # "int8" | "int4" | "fp8"
+    kind: str  # "int8" | "int4" | "fp8" | "kquant"
     group_size: int = 0  # rows per scale; 0: one scale per output channel
     symmetric: bool = True  # int4 only: False adds a min per group
+    layer_types: tuple[str, ...] = ()  # kquant only: each layer's GGUF type (`jaxinfer.kquant`)
 
     @property
     def name(self) -> str:
+        if self.kind == "kquant":
+            return "+".join(sorted(set(self.layer_types)))
         group = f"-g{self.group_size}" if self.group_size else ""
         return f"{self.kind}{group}{'-sym' if self.kind == 'int4' and self.symmetric else ''}"
 
@@ -176,15 +181,16 @@ def weight_format(quantization: str, group_size: int | None = None) -> WeightFor
 def resolve_quantization(quantization: str, platform: str, is_gguf: bool, cpu_runs_blocks: bool = False
                          ) -> tuple[str, str]:
     """("auto" resolved, why). On GPU: what the checkpoint carries. On CPU (docs/QUANTIZATION.md): a
-    GGUF file's own Q8_0/Q4_0/Q4_1 blocks where the native grouped kernel runs them
+    GGUF file's own Q8_0/Q4_0/Q4_1 blocks and K-quants where the native grouped kernels run them
     (`cpu_runs_blocks`), which adds only the activations' rounding to the file's weights, as
     llama.cpp does; else int8 per channel, run by the native int8 kernel (XLA dequantizes any other
     format before its dot: int4 and fp8 are 3-5x slower there)."""
     if quantization != "auto":
         return quantization, "requested"
     if platform == "cpu" and is_gguf and cpu_runs_blocks:
-        return "native", ("the file's Q8_0/Q4_0/Q4_1 blocks as stored (other types requantized to int8), run "
-                          "by the native grouped kernel on int8 activations: docs/QUANTIZATION.md")
+        return "native", ("the file's Q8_0/Q4_0/Q4_1 blocks and Q4_K/Q5_K/Q6_K super-blocks as stored (other "
+                          "types requantized to int8), run by the native grouped kernels on int8 activations: "
+                          "docs/QUANTIZATION.md")
     if platform == "cpu":
         return "int8", ("int8 per channel on CPU, run by the native int8 kernel; int4/fp8 are 3-5x slower "
                         "there (XLA dequantizes each weight before its dot): docs/QUANTIZATION.md")
@@ -194,22 +200,27 @@ def resolve_quantization(quantization: str, platform: str, is_gguf: bool, cpu_ru
 
 
 def resolve_lm_head_quantization(value: str, quantization: str, stored_type: str | None,
-                                 native_head: bool = False) -> str:
-    """The LM head's format ("none", "int8" or "native"). "auto": the file's own Q8_0 blocks when
-    the projections are "native" and the platform runs them (`native_head`); else int8 (per
+                                 native_head: bool = False, tied: bool = True) -> str:
+    """The LM head's format ("none", "int8" or "native"). "auto": the file's own Q8_0 blocks, or
+    K-quant super-blocks of a head not `tied` to the embedding (no row lookup reads that layout),
+    when the projections are "native" and the platform runs them (`native_head`); else int8 (per
     vocabulary entry) when the projections are quantized and the checkpoint stores the head
     quantized itself (`stored_type`), which is the file asking for it; a full-precision head stays so."""
     if value != "auto":
         return value
-    if quantization == "native" and stored_type == "Q8_0" and native_head:
+    if quantization == "native" and native_head and (stored_type == "Q8_0" or stored_type in kquant.TYPES and not tied):
         return "native"
     stored_quantized = stored_type is not None and stored_type not in ("F32", "F16", "BF16")
     return "int8" if quantization != "none" and stored_quantized else "none"
 
 
 def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, stack=()):
-    """{"data"|"scales"|"mins": (shape, dtype)} of W[*stack, in, out] in `fmt`."""
+    """{"data"|"scales"|"mins": (shape, dtype)} of W[*stack, in, out] in `fmt`; for "kquant"
+    {"data"|"kquant_index"}: every layer's bytes in one array, and each layer's type and offset."""
     k, n = in_features, out_features
+    if fmt.kind == "kquant":
+        return {"data": ((kquant.stack_bytes(fmt.layer_types, k, n),), jnp.uint8),
+                "kquant_index": ((len(fmt.layer_types), 2), jnp.int32)}
     if fmt.group_size and k % fmt.group_size:
         raise ValueError(f"in_features={k} is not a multiple of the group size {fmt.group_size}")
     scales = (*stack, k // fmt.group_size, n) if fmt.group_size else (*stack, n)
@@ -239,9 +250,15 @@ class Linear(nnx.Module):
     def __init__(self, in_features, out_features, *, dtype, bias=False, stack=(), fmt: WeightFormat | None = None,
                  backend="auto"):
         self.fmt, self.backend = fmt, backend  # static: part of the graph, not of the state
-        self.layout = "kn"  # "blocked": see `use_blocked_layout`
+        self.layout = "kn"  # "blocked" and others: see `use_blocked_layout`; "kquant": `jaxinfer.kquant`
+        self.in_features, self.out_features = in_features, out_features
         if fmt is None:
             self.w = nnx.Param(jnp.zeros((*stack, in_features, out_features), dtype))
+        elif fmt.kind == "kquant":
+            self.layout = "kquant"
+            shapes = quantized_shapes(fmt, in_features, out_features, stack)
+            self.w = nnx.Param(jnp.zeros(*shapes["data"]))
+            self.kquant_index = nnx.Param(jnp.zeros(*shapes["kquant_index"]))
         else:
             shapes = quantized_shapes(fmt, in_features, out_features, stack)
             self.w = nnx.Param(jnp.zeros(*shapes["data"]))
@@ -249,7 +266,10 @@ class Linear(nnx.Module):
             self.mins = nnx.Param(jnp.zeros(*shapes["mins"])) if "mins" in shapes else None
         self.b = nnx.Param(jnp.zeros((*stack, out_features), dtype)) if bias else None
 
-    def quantized_weight(self) -> QuantizedWeight:
+    def quantized_weight(self) -> "QuantizedWeight | kquant.KQuantWeight":
+        if self.layout == "kquant":
+            return kquant.KQuantWeight(self.w[...], self.kquant_index[...], self.in_features, self.out_features,
+                                       self.fmt.layer_types)
         mins = None if self.mins is None else self.mins[...]
         return QuantizedWeight(self.w[...], self.scales[...], mins, self.fmt.kind, self.fmt.group_size, self.layout)
 
@@ -257,11 +277,14 @@ class Linear(nnx.Module):
         """W's parameters: the weight, and when quantized its scales (and mins); not the bias."""
         if self.fmt is None:
             return [self.w]
+        if self.layout == "kquant":
+            return [self.w, self.kquant_index]
         return [self.w, self.scales] + ([] if self.mins is None else [self.mins])
 
     def __call__(self, x, layer=None):
         """x[..., in] -> [..., out]. A quantized weight may be the whole layer stack
-        ([num_layers, ...], see `Llama.__call__`): `layer` then picks the layer's own."""
+        ([num_layers, ...], see `Llama.__call__`): `layer` then picks the layer's own (a K-quant
+        weight of one layer is a stack of one, `ops.quant_matmul` reads its layer 0)."""
         if self.fmt is None:
             y = x @ self.w[...]
         else:

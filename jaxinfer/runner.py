@@ -38,20 +38,22 @@ class StepOutput(NamedTuple):
 
 def jit_step(graphdef):
     """The engine's step program for a model of this graph: (state, k_cache, v_cache, token_ids,
-    positions, meta, sampling, history, num_prompt) -> ((tokens, logprobs, top_ids, top_logprobs),
-    k_cache, v_cache), the caches donated."""
+    positions, meta, sampling, history, num_prompt, token_bitmask) -> ((tokens, logprobs, top_ids,
+    top_logprobs), k_cache, v_cache), the caches donated. The grammar bitmask is an input of every
+    step, all ones when nothing is constrained, so a constrained request needs no program of its own."""
 
-    def engine_step(state, k_cache, v_cache, token_ids, positions, meta, sampling, history, num_prompt):
+    def engine_step(state, k_cache, v_cache, token_ids, positions, meta, sampling, history, num_prompt,
+                    token_bitmask):
         model = nnx.merge(graphdef, state)
         logits, k_cache, v_cache = model(token_ids, positions, k_cache, v_cache, meta)
-        return sample(logits, sampling, history, num_prompt, MAX_LOGPROBS), k_cache, v_cache
+        return sample(logits, sampling, history, num_prompt, MAX_LOGPROBS, token_bitmask), k_cache, v_cache
 
     return jax.jit(engine_step, donate_argnums=(1, 2))
 
 
-def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_model_len: int):
+def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_model_len: int, vocab_size: int):
     """An all-padding batch of one bucket (numpy): (token_ids, positions, meta, sampling, history,
-    num_prompt). Padding rows write nowhere and attend to nothing."""
+    num_prompt, token_bitmask). Padding rows write nowhere, attend to nothing, allow every token."""
     meta = AttentionMetadata(
         slot_mapping=np.full(num_tokens, -1, np.int32),
         query_start_loc=np.zeros(num_seqs + 1, np.int32),
@@ -64,8 +66,9 @@ def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_mode
                               presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
                               seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1))
     history = np.full((num_seqs, max_model_len), -1, np.int32)  # [S, max_model_len] token ids, -1 padding
+    token_bitmask = np.full((num_seqs, -(-vocab_size // 32)), -1, np.int32)  # [S, ceil(vocab / 32)], all allowed
     return (np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32), meta, sampling, history,
-            np.zeros(num_seqs, np.int32))
+            np.zeros(num_seqs, np.int32), token_bitmask)
 
 
 class ModelRunner:
@@ -82,6 +85,7 @@ class ModelRunner:
         self.k_cache, self.v_cache = jax.device_put(
             allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
+        self.vocab_size = model.config.vocab_size
         self._step = jit_step(self.graphdef)
         self._traces = TraceCounter()
         self.num_compilations = 0  # step programs built after warm-up
@@ -113,17 +117,21 @@ class ModelRunner:
         logger.info("compiled %d step programs in %.1f s, (tokens, sequences) = %s%s", len(shapes),
                     time.perf_counter() - start, shapes, f"; compilation cache {cache}" if cache else "")
 
-    def execute(self, scheduled: list[tuple[Sequence, int]], needs_history: bool = False) -> StepOutput:
+    def execute(self, scheduled: list[tuple[Sequence, int]], needs_history: bool = False,
+                token_bitmask: np.ndarray | None = None) -> StepOutput:
         """Runs one step over the scheduled (sequence, num_new_tokens) pairs.
 
         The outputs of a sequence are meaningful only if its chunk reaches its last token.
         `needs_history`: some sequence uses a repetition/presence/frequency penalty, so the step
-        needs every sequence's token ids.
+        needs every sequence's token ids. `token_bitmask`: [len(scheduled), ceil(vocab / 32)] int32,
+        the tokens each row may sample (structured outputs); None: any.
         """
         num_seqs = len(scheduled)
         num_tokens = sum(n for _, n in scheduled)
         batch = self._empty_batch(*self.padded_shape(num_tokens, num_seqs))
-        token_ids, positions, meta, sampling, history, num_prompt = batch
+        token_ids, positions, meta, sampling, history, num_prompt, padded_bitmask = batch
+        if token_bitmask is not None:
+            padded_bitmask[:num_seqs] = token_bitmask
         start = 0
         for i, (seq, num_new) in enumerate(scheduled):
             first = seq.num_computed_tokens
@@ -159,11 +167,12 @@ class ModelRunner:
             logger.warning("compiled a step program during serving for shape %s", shape)
         return StepOutput(*(x[:num_seqs] for x in out))
 
-    def _run(self, token_ids, positions, meta, sampling, history, num_prompt):
+    def _run(self, token_ids, positions, meta, sampling, history, num_prompt, token_bitmask):
         with self._traces.watch():
             out, self.k_cache, self.v_cache = self._step(self.state, self.k_cache, self.v_cache, token_ids,
-                                                         positions, meta, sampling, history, num_prompt)
+                                                         positions, meta, sampling, history, num_prompt,
+                                                         token_bitmask)
         return tuple(np.asarray(x) for x in out)
 
     def _empty_batch(self, num_tokens: int, num_seqs: int):
-        return empty_batch(num_tokens, num_seqs, self.max_pages_per_seq, self.config.max_model_len)
+        return empty_batch(num_tokens, num_seqs, self.max_pages_per_seq, self.config.max_model_len, self.vocab_size)

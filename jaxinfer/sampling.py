@@ -13,6 +13,7 @@ MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_LENGTH = 256  # characters of one stop string: a stream holds back up to this many - 1
 MAX_STOP_TOKEN_IDS = 256  # stop_token_ids per request
+MIN_LOGPROB = -9999.0  # a token the grammar forbids (logprob -inf), as vLLM reports it
 
 
 @dataclass(slots=True)
@@ -22,6 +23,46 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token_id, logprob), best first, as many as SamplingParams.logprobs
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """vLLM's `StructuredOutputsParams`: exactly one constraint on the generated text. `json`: a JSON
+    schema (a dict or its JSON text); `regex`: the whole text matches it; `choice`: the text is one
+    of these strings; `grammar`: a Lark or GBNF grammar (llguidance's dialects); `json_object`: any
+    JSON object. jaxinfer/structured_outputs.py compiles it."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        checks = {
+            "json": (isinstance(self.json, (dict, str)), "a JSON schema (a dict or its JSON text)"),
+            "regex": (isinstance(self.regex, str), "a string"),
+            "choice": (isinstance(self.choice, list) and bool(self.choice)
+                       and all(isinstance(c, str) for c in self.choice), "a non-empty list of strings"),
+            "grammar": (isinstance(self.grammar, str) and bool(self.grammar), "a non-empty string"),
+            "json_object": (isinstance(self.json_object, bool), "a boolean"),
+        }
+        for name, (ok, expected) in checks.items():
+            if getattr(self, name) is not None and not ok:
+                raise ValueError(f"StructuredOutputsParams.{name} must be {expected}, got "
+                                 f"{reprlib.repr(getattr(self, name))}")
+        given = [name for name in checks if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutputsParams takes exactly one of json, regex, choice, grammar or "
+                             f"json_object, got {given or 'none'}")
+
+    @property
+    def kind(self) -> str:
+        """The field that holds the constraint."""
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, name) not in (None, False))
 
 
 @dataclass(slots=True)
@@ -43,6 +84,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # a constraint on the text (grammar-masked)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -72,6 +114,8 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("structured_outputs", self.structured_outputs is None
+             or isinstance(self.structured_outputs, StructuredOutputsParams), "a StructuredOutputsParams"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -108,6 +152,17 @@ class SamplingArrays(NamedTuple):
     num_top_logprobs: jax.Array | None = None
 
 
+def apply_token_bitmask(logits, token_bitmask):
+    """-inf where a row's bitmask forbids the token: logits [S, vocab] float32, token_bitmask
+    [S, ceil(vocab / 32)] int32 in llguidance's layout, bit t % 32 of word t // 32 set when token t
+    is allowed (an all-ones row allows every token). tests/test_structured_outputs.py checks it
+    against numpy's unpacking."""
+    num_rows, vocab = logits.shape
+    bits = (token_bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32], low bit first
+    allowed = bits.reshape(num_rows, -1)[:, :vocab] != 0  # [S, vocab]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def apply_penalties(logits, p: SamplingArrays, history, num_prompt):
     """Presence/frequency penalties over generated tokens, repetition penalty over prompt and output.
 
@@ -126,15 +181,22 @@ def apply_penalties(logits, p: SamplingArrays, history, num_prompt):
     return logits - p.presence_penalty[:, None] * (out_counts > 0)
 
 
-def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = MAX_LOGPROBS):
+def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = MAX_LOGPROBS,
+           token_bitmask=None):
     """Next token per row, with its logprob and the top `num_logprobs` alternatives.
 
     logits: [S, vocab] float32. A row's random draw depends only on its own (seed, counter), so a
     seeded request samples the same tokens whatever shares its batch. Logprobs are those of the
-    model's distribution (before penalties and temperature), as vLLM reports them.
+    model's distribution (before penalties and temperature), as vLLM reports them, over the tokens
+    the row's grammar allows: like vLLM, the bitmask applies to the logits before anything else, so
+    constrained logprobs are renormalized over the allowed tokens and a forbidden alternative's is
+    -9999 (vLLM's stand-in for -inf, which JSON cannot carry).
+    token_bitmask: [S, ceil(vocab / 32)] int32 (`apply_token_bitmask`), all ones on unconstrained rows.
     Returns tokens [S] int32, logprobs [S], top_ids [S, num_logprobs], top_logprobs [S, num_logprobs].
     """
     num_rows, vocab = logits.shape
+    if token_bitmask is not None:  # no row constrained (the usual step): the unpacking is skipped
+        logits = jax.lax.cond(jnp.any(token_bitmask != -1), apply_token_bitmask, lambda x, _: x, logits, token_bitmask)
     use_penalties = jnp.any((p.presence_penalty != 0) | (p.frequency_penalty != 0) | (p.repetition_penalty != 1))
 
     def with_sampling(_):
@@ -158,7 +220,7 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
 
         def top(_):
             values, ids = jax.lax.top_k(logits, num_logprobs)
-            return ids.astype(jnp.int32), values - lse[:, None]
+            return ids.astype(jnp.int32), jnp.maximum(values - lse[:, None], MIN_LOGPROB)
 
         def no_top(_):  # no row wants alternatives: skip the top-k (a sort on XLA's CPU backend)
             return jnp.zeros((num_rows, num_logprobs), jnp.int32), jnp.zeros((num_rows, num_logprobs), jnp.float32)

@@ -3,8 +3,12 @@
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from jaxinfer.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -33,6 +37,8 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     last_token_time: float = 0.0
+    # Structured outputs: the grammar's state after output_ids (jaxinfer/structured_outputs.py).
+    matcher: "LLMatcher | None" = None
 
     @property
     def num_tokens(self) -> int:

@@ -29,6 +29,7 @@
 
 #include <immintrin.h>
 
+#include "kernels_cpu/group_simd.h"
 #include "kernels_cpu/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -37,58 +38,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kGroup = 32;  // weights per scale and x values per activation scale (the same blocks)
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
-constexpr bool kHasGroupPath = true;
-constexpr int kLanes = 16;
-typedef __m512i VecI;
-typedef __m512 VecF;
-inline VecI LoadI(const uint8_t* p) { return _mm512_loadu_si512(p); }
-inline VecI Bcast(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
-inline VecI ZeroI() { return _mm512_setzero_si512(); }
-inline VecI LowNibbles(VecI v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0f)); }
-inline VecI HighNibbles(VecI v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0f)); }
-// acc + the sums of 4 products of unsigned codes and signed activations, exact in int32.
-inline VecI Dot4(VecI acc, VecI codes, VecI x) { return _mm512_dpbusd_epi32(acc, codes, x); }
-inline VecI Dot8(VecI acc, VecI codes, VecI x) { return _mm512_dpbusd_epi32(acc, codes, x); }
-inline VecF ToFloat(VecI v) { return _mm512_cvtepi32_ps(v); }
-inline VecF LoadHalf(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline VecF Splat(float v) { return _mm512_set1_ps(v); }
-inline VecF Zero() { return _mm512_setzero_ps(); }
-inline VecF Mul(VecF a, VecF b) { return _mm512_mul_ps(a, b); }
-inline VecF Fma(VecF a, VecF b, VecF c) { return _mm512_fmadd_ps(a, b, c); }
-inline void Store(float* p, VecF v) { _mm512_storeu_ps(p, v); }
-#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-constexpr bool kHasGroupPath = true;
-constexpr int kLanes = 8;
-typedef __m256i VecI;
-typedef __m256 VecF;
-inline VecI LoadI(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline VecI Bcast(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
-inline VecI ZeroI() { return _mm256_setzero_si256(); }
-inline VecI LowNibbles(VecI v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0f)); }
-inline VecI HighNibbles(VecI v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0f)); }
-// vpmaddubsw adds pairs of products in int16 with saturation: exact for 4-bit codes (2 * 15 * 127).
-inline VecI Dot4(VecI acc, VecI codes, VecI x) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
-}
-// 8-bit codes would saturate (2 * 255 * 127): their low and high nibbles go separately, the high
-// nibbles' pair sums weighted by 16 in vpmaddwd.
-inline VecI Dot8(VecI acc, VecI codes, VecI x) {
-  const __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(LowNibbles(codes), x), _mm256_set1_epi16(1));
-  const __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(HighNibbles(codes), x), _mm256_set1_epi16(16));
-  return _mm256_add_epi32(acc, _mm256_add_epi32(lo, hi));
-}
-inline VecF ToFloat(VecI v) { return _mm256_cvtepi32_ps(v); }
-inline VecF LoadHalf(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline VecF Splat(float v) { return _mm256_set1_ps(v); }
-inline VecF Zero() { return _mm256_setzero_ps(); }
-inline VecF Mul(VecF a, VecF b) { return _mm256_mul_ps(a, b); }
-inline VecF Fma(VecF a, VecF b, VecF c) { return _mm256_fmadd_ps(a, b, c); }
-inline void Store(float* p, VecF v) { _mm256_storeu_ps(p, v); }
-#else
-constexpr bool kHasGroupPath = false;
-#endif
 
 constexpr int64_t kBlock = 64;  // columns per block of the layouts
 
@@ -191,27 +140,6 @@ void Block(const Problem& p, int64_t b) {
   }
 }
 
-// x [M, K] -> int8 per block of 32 (round to nearest, llama.cpp's Q8_0 rule), the blocks' scales,
-// and each block's scale times the sum of its int8 values (for the mins).
-void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, int8_t* xq, float* xs, float* xsums) {
-  const int64_t groups = k_dim / kGroup;
-  for (int64_t m = 0; m < m_dim; ++m) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* v = x + m * k_dim + g * kGroup;
-      float amax = 0;
-      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
-      const float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kGroup; ++i) {
-        const int q = static_cast<int>(std::nearbyint(v[i] * inv));
-        xq[m * k_dim + g * kGroup + i] = static_cast<int8_t>(q);
-        sum += q;
-      }
-      xs[m * groups + g] = scale;
-      xsums[m * groups + g] = scale * static_cast<float>(sum);
-    }
-  }
-}
 #endif
 
 // x: [M, K] float32; codes: [L, NB, K / 4, B, 4] (8-bit) or [L, NB, K / 32, 4, B, 4] (4-bit) uint8;
@@ -251,7 +179,7 @@ ffi::Error GroupMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, 
   p.y = y->typed_data();
   std::vector<int8_t> xq(p.m * p.k);
   std::vector<float> xs(p.m * (p.k / kGroup)), xsums(p.m * (p.k / kGroup));
-  QuantizeX(x.typed_data(), p.m, p.k, xq.data(), xs.data(), xsums.data());
+  QuantizeX(x.typed_data(), p.m, p.k, xq.data(), xs.data(), xsums.data(), nullptr);
   p.xq = xq.data();
   p.xs = xs.data();
   p.xsums = xsums.data();

@@ -4,7 +4,8 @@
 does not fuse the int8 -> f32 convert into a dot, so the XLA path writes every dequantized weight
 out and reads it back, and decode runs at about a third of the memory bandwidth.
 `group_matmul` (`group_matmul.cc`) runs GGUF's Q8_0/Q4_0/Q4_1 blocks as they are stored, with
-integer dot products on activations quantized per block of 32, as llama.cpp does.
+integer dot products on activations quantized per block of 32, as llama.cpp does; `kquant_matmul`
+(`kquant_matmul.cc`) does the same for the K-quants Q4_K/Q5_K/Q6_K (layout: `jaxinfer.kquant`).
 `ragged_paged_attention` (`paged_attention.cc`) reads keys and values in place in the page pool,
 where the XLA path first gathers them into a contiguous copy.
 
@@ -36,9 +37,10 @@ import numpy as np
 logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "int8_matmul.cc", HERE / "group_matmul.cc", HERE / "paged_attention.cc")
-HEADERS = (HERE / "parallel.h",)
+SOURCES = (HERE / "int8_matmul.cc", HERE / "group_matmul.cc", HERE / "kquant_matmul.cc", HERE / "paged_attention.cc")
+HEADERS = (HERE / "parallel.h", HERE / "group_simd.h")
 TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul", "jaxinfer_group_matmul": "JaxinferGroupMatmul",
+           "jaxinfer_kquant_matmul": "JaxinferKQuantMatmul",
            "jaxinfer_ragged_paged_attention": "JaxinferRaggedPagedAttention"}
 # $JAXINFER_NATIVE_CFLAGS adds flags, e.g. "-mno-avx512f" to build (and test) the AVX2 paths on an AVX-512 machine.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast",
@@ -302,3 +304,18 @@ def group_matmul(x, codes, scales, mins=None, layer=None, *, bits: int):
     no_mins = jnp.zeros((1, 1, 1), jnp.float16)
     return call(x, codes, scales, no_mins if mins is None else mins, jnp.asarray(layer, jnp.int32),
                 bits=np.int64(bits), zero_point=np.float32(0.0 if mins is not None else ZERO_POINTS[bits]))
+
+
+def kquant_matmul(x, data, index, layer, *, n: int):
+    """x[M, K] float32 @ W[K, n], W layer `layer` of a K-quant stack: `data` uint8 holds every
+    layer's bytes and `index` [L, 2] int32 each layer's type id and byte offset / 64 (the layout of
+    `jaxinfer.kquant`, which builds both). The layer is read in place. Activations are quantized to
+    int8 per block of 32 inside the kernel. Returns float32 [M, n]. CPU only; needs `has_group_path`.
+    """
+    if x.dtype != jnp.float32 or data.dtype != jnp.uint8 or index.dtype != jnp.int32:
+        raise TypeError(f"kquant_matmul takes float32 x, uint8 data, int32 index; got {x.dtype}, {data.dtype}, "
+                        f"{index.dtype}")
+    if not has_group_path():
+        raise RuntimeError("the native grouped matmul is not available (see the log for why)")
+    call = jax.ffi.ffi_call("jaxinfer_kquant_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
+    return call(x, data, index, jnp.asarray(layer, jnp.int32), n=np.int64(n))

@@ -171,7 +171,7 @@ def abstract_step_args(shipped: Shipped, num_pages: int, num_tokens: int, num_se
     c, e = shipped.model, shipped.engine
     cache = jax.ShapeDtypeStruct((c.num_layers, c.num_kv_heads, num_pages, e.page_size, c.head_dim), jnp.bfloat16,
                                  sharding=sharding)
-    batch = empty_batch(num_tokens, num_seqs, -(-e.max_model_len // e.page_size), e.max_model_len)
+    batch = empty_batch(num_tokens, num_seqs, -(-e.max_model_len // e.page_size), e.max_model_len, c.vocab_size)
     place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
     return jit_step(graphdef), (jax.tree.map(place, state), cache, cache, *jax.tree.map(place, batch))
 

@@ -233,7 +233,7 @@ def phase_speed(args):
             positions, meta, num_tokens, num_pages = paged_batch(lens, config, page_size, decode=decode)
             shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
             k_cache, v_cache = (jax.device_put(jnp.zeros(shape, jnp.bfloat16), device) for _ in range(2))
-            base = empty_batch(num_tokens, len(lens), meta.block_tables.shape[1], context + 1)
+            base = empty_batch(num_tokens, len(lens), meta.block_tables.shape[1], context + 1, config.vocab_size)
             batch = (np.zeros(num_tokens, np.int32), positions, meta, *base[3:])
             times = []
             for _ in range(2 if args.dry_run else 6):

@@ -55,6 +55,11 @@ class HFReference:
     def load_tokenizer_gguf(self, path) -> "HFTokenizer":
         return HFTokenizer(self, self.call("load_tokenizer_gguf", path))
 
+    def build_random(self, model_type: str, config: dict, seed: int, path) -> "HFModel":
+        """A transformers model of `config` with random weights, also saved to `path` (config.json +
+        safetensors) for the engine to load."""
+        return HFModel(self, self.call("build_random", model_type, config, seed, str(path)))
+
     def load_dir(self, path) -> "HFModel":
         return HFModel(self, self.call("load_dir", path))
 

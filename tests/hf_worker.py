@@ -36,6 +36,25 @@ def load_dir(path):
     return _keep(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
 
 
+def build_random(model_type, config, seed, path):
+    """A model of `config` (a config.json dict) with random weights drawn from `seed`, saved to `path`
+    as safetensors; its handle. Every parameter is redrawn, so a loader that drops one (a bias, a norm's
+    scale) shows: biases are nonzero, norm scales are not ones, matrices have unit-variance outputs."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **config),
+                                             dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return _keep(model)
+
+
 def _keep(model):
     handle = len(_models)
     _models[handle] = model.eval()
@@ -99,8 +118,8 @@ def versions():
             "python": sys.version.split()[0]}
 
 
-COMMANDS = {f.__name__: f for f in (load_gguf, load_dir, greedy, last_logits, save_pretrained, load_tokenizer_gguf,
-                                    tokenizer_call, versions)}
+COMMANDS = {f.__name__: f for f in (load_gguf, load_dir, build_random, greedy, last_logits, save_pretrained,
+                                    load_tokenizer_gguf, tokenizer_call, versions)}
 
 
 def main():

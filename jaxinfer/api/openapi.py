@@ -2,10 +2,13 @@
 
 The request bodies are protocol.py's field tables, the ones the readers check requests against, so
 the description cannot drift from what is accepted. Every route the app serves needs an entry in
-OPERATIONS: `openapi_document` fails at app creation for one that has none.
+OPERATIONS: `openapi_document` fails at app creation for one that has none. The chat page's static
+files (a Mount, not a Route) are not part of the API and not described.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+
+from starlette.routing import Route
 
 from jaxinfer.api.protocol import (CHAT_FIELDS, CHAT_REQUIRED, COMPLETION_FIELDS, COMPLETION_REQUIRED, ERROR_TYPES,
                                    nullable)
@@ -107,6 +110,8 @@ OPERATIONS = {
         "200": {"description": "The Prometheus text format.", "content": {"text/plain": {"schema": _STR}}}}}},
     "/openapi.json": {"get": {"summary": "This description", "responses": {
         "200": _json({"type": "object"}, "OpenAPI 3.1.")}}},
+    "/": {"get": {"summary": "The chat page (not with --disable-frontend)", "responses": {
+        "200": {"description": "HTML.", "content": {"text/html": {"schema": _STR}}}}}},
 }
 
 
@@ -114,6 +119,8 @@ def openapi_document(routes, *, api_key: bool) -> dict:
     """The description of `routes` (Starlette Routes); with an API key, the /v1 routes need it."""
     paths = {}
     for route in routes:
+        if not isinstance(route, Route):
+            continue
         for method in sorted(route.methods - {"HEAD"}):  # Starlette answers HEAD wherever it answers GET
             operation = OPERATIONS.get(route.path, {}).get(method.lower())
             if operation is None:

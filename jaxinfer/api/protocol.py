@@ -14,7 +14,8 @@ import math
 import operator
 from dataclasses import dataclass
 
-from jaxinfer.sampling import MAX_LOGPROBS, MAX_STOP, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, SamplingParams
+from jaxinfer.sampling import (MAX_LOGPROBS, MAX_STOP, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, SamplingParams,
+                               StructuredOutputsParams)
 
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -74,6 +75,22 @@ def nullable(schema: dict) -> dict:
 
 
 _TEXT = {"type": "string", "minLength": 1}
+# Structured outputs: the grammar's text is forced to follow (jaxinfer/structured_outputs.py).
+_JSON_SCHEMA = {"anyOf": [{"type": "object"}, {"type": "string"}], "description": "A JSON schema, or its JSON text."}
+_CHOICE = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+_REGEX = {"type": "string", "description": "The whole text matches it (Rust regex syntax)."}
+_GRAMMAR = {"type": "string", "minLength": 1, "description": "A Lark or GBNF grammar (llguidance's dialects)."}
+STRUCTURED_OUTPUTS_FIELDS = {"json": _JSON_SCHEMA, "regex": _REGEX, "choice": _CHOICE, "grammar": _GRAMMAR,
+                             "json_object": {"type": "boolean", "description": "Any JSON object."}}
+_RESPONSE_FORMAT = {"anyOf": [
+    {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "required": ["name", "schema"], "properties": {
+            "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+            "strict": nullable({"type": "boolean", "description": "The schema is enforced either way."})}}}},
+], "description": "OpenAI's: text (no constraint), json_object (any JSON object) or json_schema (JSON that "
+                  "follows the schema). At most one of response_format, structured_outputs, guided_*."}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 _STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}
 
@@ -109,6 +126,14 @@ COMMON_FIELDS = {
                        "properties": {k: nullable(v) for k, v in STREAM_OPTIONS_FIELDS.items()}},
     "cache_salt": {"type": "string", "minLength": 1,
                    "description": "vLLM's: only requests with the same salt share prefix-cache pages."},
+    "response_format": _RESPONSE_FORMAT,
+    "structured_outputs": {"type": "object", "additionalProperties": False,
+                           "properties": {key: nullable(value) for key, value in STRUCTURED_OUTPUTS_FIELDS.items()},
+                           "description": "vLLM's: exactly one of these constraints on the text."},
+    "guided_json": {**_JSON_SCHEMA, "description": "vLLM's older name of structured_outputs.json."},
+    "guided_regex": {**_REGEX, "description": "vLLM's older name of structured_outputs.regex."},
+    "guided_choice": {**_CHOICE, "description": "vLLM's older name of structured_outputs.choice."},
+    "guided_grammar": {**_GRAMMAR, "description": "vLLM's older name of structured_outputs.grammar."},
     "logit_bias": _not_implemented({}, "logit_bias"),
     "min_tokens": _not_implemented(0, "min_tokens"),
 }
@@ -153,7 +178,6 @@ CHAT_FIELDS = {
     "tools": _not_implemented([], "tool calling"),
     "functions": _not_implemented([], "function calling"),
     "tool_choice": _not_implemented("none", "tool calling"),
-    "response_format": _not_implemented({"type": "text"}, "structured output"),
     **COMMON_FIELDS,
 }
 CHAT_REQUIRED = ("messages",)
@@ -237,20 +261,23 @@ class GenerationRequest:
     prompts: list | None = None  # completions: strings or token-id lists
     messages: list[dict] | None = None  # chat: checked messages, content as text
     cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cache pages
+    structured_outputs_param: str | None = None  # the field that gave params.structured_outputs
 
 
 def parse_completion_request(body: dict) -> GenerationRequest:
     fields = COMPLETION_FIELDS
     _refuse_not_implemented(body, fields)
     prompts = _prompts(body.get("prompt"))
+    constraint, constraint_param = _structured_outputs(body)
     params = _sampling_params(body, fields, max_tokens=_read(body, fields, "max_tokens", 16),
                               max_tokens_param="max_tokens", logprobs=_read(body, fields, "logprobs"),
-                              logprobs_param="logprobs")
+                              logprobs_param="logprobs", structured_outputs=constraint)
     best_of = _read(body, fields, "best_of")
     if best_of is not None and best_of != params.n:
         raise APIError(400, f"'best_of' ({best_of}) other than n ({params.n}) is not supported", param="best_of")
     return GenerationRequest(_read(body, fields, "model"), params, *_stream(body, fields), "max_tokens",
-                             prompts=prompts, cache_salt=_read(body, fields, "cache_salt"))
+                             prompts=prompts, cache_salt=_read(body, fields, "cache_salt"),
+                             structured_outputs_param=constraint_param)
 
 
 def parse_chat_request(body: dict) -> GenerationRequest:
@@ -263,11 +290,13 @@ def parse_chat_request(body: dict) -> GenerationRequest:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     _read(body, fields, "max_tokens")  # checked even when max_completion_tokens, OpenAI's newer name, wins
     max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    constraint, constraint_param = _structured_outputs(body)
     params = _sampling_params(body, fields, max_tokens=_read(body, fields, max_param), max_tokens_param=max_param,
                               logprobs=(top_logprobs or 0) if logprobs else None,
-                              logprobs_param="top_logprobs")
+                              logprobs_param="top_logprobs", structured_outputs=constraint)
     return GenerationRequest(_read(body, fields, "model"), params, *_stream(body, fields), max_param,
-                             messages=messages, cache_salt=_read(body, fields, "cache_salt"))
+                             messages=messages, cache_salt=_read(body, fields, "cache_salt"),
+                             structured_outputs_param=constraint_param)
 
 
 def _stream(body: dict, fields: dict) -> tuple[bool, bool]:
@@ -333,8 +362,59 @@ def _messages(messages) -> list[dict]:
     return checked
 
 
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's constraint on its text and the field that gave it: OpenAI's response_format,
+    vLLM's structured_outputs, or one of vLLM's older guided_* fields; at most one of them."""
+    response_format = body.get("response_format")
+    is_text = isinstance(response_format, dict) and response_format.get("type") == "text"
+    given = [name for name in ("response_format", "structured_outputs", *_GUIDED) if body.get(name) is not None
+             and not (name == "response_format" and is_text)]
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise APIError(400, f"at most one constraint per request: got {', '.join(given)}", param=given[1])
+    name = given[0]
+    value = body[name]
+    if name == "response_format":
+        fields = _response_format(value)
+    elif name == "structured_outputs":
+        if not isinstance(value, dict):
+            raise _bad(name, "an object", value)
+        unknown = sorted(set(value) - set(STRUCTURED_OUTPUTS_FIELDS))
+        if unknown:
+            raise APIError(400, f"'{name}' supports only {', '.join(STRUCTURED_OUTPUTS_FIELDS)}; got "
+                           f"{_short_repr(unknown)}", param=name)
+        fields = {key: v for key, v in value.items() if v is not None}
+    else:
+        fields = {_GUIDED[name]: value}
+    try:
+        return StructuredOutputsParams(**fields), name
+    except ValueError as e:
+        raise APIError(400, f"'{name}': {e}", param=name) from None
+
+
+def _response_format(value) -> dict:
+    """OpenAI's response_format (but type text, no constraint) as StructuredOutputsParams fields."""
+    name = "response_format"
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
+        raise _bad(name, "an object with type text, json_object or json_schema", value)
+    spec = value.get("json_schema")
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("schema"), dict)
+            and isinstance(spec.get("description", ""), str)
+            and isinstance(spec.get("strict", False), (bool, type(None)))):
+        raise APIError(400, "'response_format.json_schema' must be an object with a 'name' (a string), a 'schema' "
+                       f"(an object) and optionally 'description' and 'strict', got {_short_repr(spec)}", param=name)
+    return {"json": spec["schema"]}
+
+
 def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: str, logprobs,
-                     logprobs_param: str) -> SamplingParams:
+                     logprobs_param: str, structured_outputs: StructuredOutputsParams | None) -> SamplingParams:
     read = functools.partial(_read, body, fields)
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -366,6 +446,7 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
         ignore_eos=read("ignore_eos", False),
         seed=seed % SEED_RANGE if seed is not None else None,
         skip_special_tokens=read("skip_special_tokens", True),
+        structured_outputs=structured_outputs,
     )
     try:
         return SamplingParams(**values)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxinfer import ops, quant
+from jaxinfer import kquant, ops, quant
 from jaxinfer.config import ModelConfig
 from jaxinfer.quant import Linear, WeightFormat
 from jaxinfer.weights.cache import WeightCache
@@ -196,7 +196,8 @@ class Llama(nnx.Module):
         # (in place, for the native CPU kernel); everything else is sliced by the scan.
         quantized = {name for name in PROJECTIONS if getattr(self.layers, name).fmt is not None}
         layer_def, whole, layer_state = nnx.split(
-            self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins"), ...)
+            self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins", "kquant_index"),
+            ...)
 
         def body(carry, xs):
             x, k_cache, v_cache, layer = carry
@@ -237,12 +238,12 @@ _LAYER_TENSORS = {
 
 
 def projection_formats(config: ModelConfig, checkpoint, quantization: str = "none",
-                       group_size: int | None = None) -> dict[str, tuple[WeightFormat, bool]]:
+                       group_size: int | None = None, kquants: bool = False) -> dict[str, tuple[WeightFormat, bool]]:
     """projection -> (its format, whether the checkpoint holds it in that format already).
 
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
-    Q8_0/Q4_0/Q4_1 blocks as they are, float tensors in full precision, other types requantized
-    to int8), or a format of
+    Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` its Q4_K/Q5_K/Q6_K too, float tensors in full
+    precision, other types requantized to int8), or a format of
     `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
     """
     if quantization == "none":
@@ -250,7 +251,15 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     requested = None if quantization == "native" else quant.weight_format(quantization, group_size)
     native_format = getattr(checkpoint, "native_format", lambda name: None)  # HF checkpoints: never native
     formats = {}
+    kept = kquant_formats(config, checkpoint) if quantization == "native" and kquants else {}
+    if kept:
+        logger.info("K-quants kept as stored (native kernel): %s", "; ".join(
+            f"{proj} " + ", ".join(f"{t} x{fmt.layer_types.count(t)}" for t in sorted(set(fmt.layer_types)))
+            for proj, fmt in kept.items()))
     for proj in PROJECTIONS:
+        if proj in kept:
+            formats[proj] = (kept[proj], True)
+            continue
         template = _LAYER_TENSORS[(proj, "w")][0]
         names = [template.format(layer) for layer in range(config.num_layers)]
         found = {native_format(name) for name in names}
@@ -271,6 +280,24 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     return formats
 
 
+def kquant_formats(config: ModelConfig, checkpoint) -> dict[str, WeightFormat]:
+    """The projections whose every layer is a K-quant (of any mix of types), as "kquant" formats."""
+    if not hasattr(checkpoint, "kquant_tensor"):
+        return {}
+    c = config
+    shapes = {"q_proj": (c.hidden_size, c.num_heads * c.head_dim), "k_proj": (c.hidden_size, c.num_kv_heads * c.head_dim),
+              "v_proj": (c.hidden_size, c.num_kv_heads * c.head_dim), "o_proj": (c.num_heads * c.head_dim, c.hidden_size),
+              "gate_proj": (c.hidden_size, c.intermediate_size), "up_proj": (c.hidden_size, c.intermediate_size),
+              "down_proj": (c.intermediate_size, c.hidden_size)}
+    formats = {}
+    for proj in PROJECTIONS:
+        template = _LAYER_TENSORS[(proj, "w")][0]
+        types = tuple(checkpoint.tensor_type(template.format(layer)) for layer in range(c.num_layers))
+        if all(t in kquant.TYPES for t in types) and kquant.fits(*shapes[proj]):
+            formats[proj] = WeightFormat("kquant", layer_types=types)
+    return formats
+
+
 def head_tensor_name(config: ModelConfig) -> str:
     return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
@@ -282,7 +309,7 @@ def load_llama(config: ModelConfig, checkpoint, **options) -> Llama:
 
 def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, dtype=jnp.float32,
                  attention_backend="auto", quantization="none", group_size=None, quant_backend="auto",
-                 cache_dir=None, lm_head_quantization="none"):
+                 cache_dir=None, lm_head_quantization="none", kquants=False):
     """Builds `model_cls` (Llama or a model built like it) with the checkpoint's weights, one stacked
     parameter at a time. `layer_tensors`: parameter path in the layer -> (HF name template, transpose).
 
@@ -293,15 +320,14 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     there (orbax) and read back by later loads of the same file in the same formats.
     `lm_head_quantization` "int8" quantizes the LM head per vocabulary entry, "native" keeps a GGUF's
     Q8_0 head as stored (a tied embedding then reads its rows from it); "none" keeps it in `dtype`.
+    `kquants`: "native" keeps the file's K-quant projections as stored (where their kernel runs).
     """
-    formats = projection_formats(config, checkpoint, quantization, group_size)
+    formats = projection_formats(config, checkpoint, quantization, group_size, kquants)
     if lm_head_quantization not in ("none", "int8", "native"):
         raise ValueError(f"lm_head_quantization must be none, int8 or native, got {lm_head_quantization!r}")
     head_format = quant.weight_format("int8") if lm_head_quantization == "int8" else None
     if lm_head_quantization == "native":
-        head_format = getattr(checkpoint, "native_format", lambda name: None)(head_tensor_name(config))
-        if head_format is None or head_format.kind != "int8":
-            raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0")
+        head_format = _native_head_format(config, checkpoint)
     model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, attention_backend=attention_backend,
                                              formats={p: f for p, (f, _) in formats.items()},
                                              quant_backend=quant_backend, head_format=head_format))
@@ -310,7 +336,8 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     cache = None
     if cache_dir and (formats or head_format):
         key_fields = {"dtype": jnp.dtype(dtype).name,
-                      "formats": {p: [f.name, native] for p, (f, native) in sorted(formats.items())}}
+                      "formats": {p: [f.name, native] + ([list(f.layer_types), kquant.LAYOUT_VERSION] if f.layer_types
+                                                         else []) for p, (f, native) in sorted(formats.items())}}
         if head_format is not None:
             key_fields["lm_head"] = head_format.name
         cache = WeightCache(cache_dir, checkpoint.path, **key_fields)
@@ -325,11 +352,26 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     return nnx.merge(graphdef, state)
 
 
+def _native_head_format(config: ModelConfig, checkpoint) -> WeightFormat:
+    """The LM head as stored: Q8_0 blocks, or (a head not tied to the embedding) a K-quant."""
+    name = head_tensor_name(config)
+    head_format = getattr(checkpoint, "native_format", lambda name: None)(name)
+    if head_format is not None and head_format.kind == "int8":
+        return head_format
+    stored = checkpoint.tensor_type(name) if hasattr(checkpoint, "tensor_type") else None
+    if stored in kquant.TYPES and not config.tie_word_embeddings and kquant.fits(config.hidden_size, config.vocab_size):
+        return WeightFormat("kquant", layer_types=(stored,))
+    raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0, or as a "
+                     "K-quant and not tied to the embedding")
+
+
 def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format=None) -> dict:
     params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
     if head_format is None or not config.tie_word_embeddings:
         params["embed"] = jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype)
-    if head_format is not None and head_format.group_size:  # the file's own blocks
+    if head_format is not None and head_format.kind == "kquant":  # the file's own super-blocks
+        params["lm_head"] = _read_quantized(checkpoint, head_tensor_name(config), 1, head_format, True, None)
+    elif head_format is not None and head_format.group_size:  # the file's own blocks
         arrays = checkpoint.quantized_tensor(head_tensor_name(config))
         params["lm_head"] = {"w": jnp.asarray(arrays["data"]), "scales": jnp.asarray(arrays["scales"])}
     elif head_format is not None:
@@ -355,7 +397,13 @@ def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head
 
 def _read_quantized(checkpoint, template, num_layers, fmt: WeightFormat, native: bool, targets) -> dict:
     """{"w", "scales"(, "mins")} of one stacked projection: the checkpoint's blocks as stored
-    (`native`), or each layer's full-precision weight quantized on its own."""
+    (`native`), or each layer's full-precision weight quantized on its own. K-quants: {"w",
+    "kquant_index"}, every layer's super-blocks rearranged (`kquant.stack_layers`)."""
+    if fmt.kind == "kquant":
+        data, index = kquant.stack_layers([
+            (kind, kquant.pack_layer(checkpoint.kquant_tensor(template.format(layer)), kind))
+            for layer, kind in enumerate(fmt.layer_types)])
+        return {"w": jnp.asarray(data), "kquant_index": jnp.asarray(index)}
     parts = {"w": "data", "scales": "scales", "mins": "mins"}
     host = {key: np.empty(targets[key].shape, targets[key].dtype) for key in parts if key in targets}
     for layer in range(num_layers):

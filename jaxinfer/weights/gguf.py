@@ -8,7 +8,8 @@ are not.) llama.cpp stores Gemma's RMSNorm weights as HF's weight + 1 (the facto
 they are handed out as HF stores them, as transformers' own GGUF loader does.
 
 Q8_0, Q4_0 and Q4_1 tensors can also be handed out as they are stored (`quantized_tensor`): the same
-integers, scales and mins, only rearranged into `kernels_pallas.quant_matmul`'s [in, out] layouts.
+integers, scales and mins, only rearranged into `kernels_pallas.quant_matmul`'s [in, out] layouts;
+K-quants likewise (`kquant_tensor`, for `jaxinfer.kquant`).
 """
 
 import logging
@@ -18,6 +19,7 @@ import numpy as np
 from gguf import GGUFReader, LlamaFileType, MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf.quants import dequantize
 
+from jaxinfer import kquant
 from jaxinfer.config import ARCHITECTURES, ModelConfig, UnsupportedModelError
 from jaxinfer.quant import WeightFormat
 
@@ -114,6 +116,23 @@ class GGUFCheckpoint:
         if kind != "Q8_0":
             arrays["data"] = arrays["data"][0::2] | (arrays["data"][1::2] << 4)  # as pack_int4
         return arrays
+
+    def kquant_tensor(self, hf_name: str) -> dict[str, np.ndarray]:
+        """A Q4_K/Q5_K/Q6_K matrix's codes and factors as stored (`kquant.decode_blocks`), rows
+        (output channels) first."""
+        gguf_name = self.gguf_name(hf_name)
+        t = self.tensors[gguf_name]
+        kind = t.tensor_type.name
+        if kind not in kquant.TYPES:
+            raise ValueError(f"{gguf_name} is {kind}, not one of {tuple(kquant.TYPES)}")
+        rows = int(t.shape[-1])
+        parts = kquant.decode_blocks(np.asarray(t.data).reshape(rows, -1), kind)
+        if self.config.architecture == "llama":  # output rows hold whole super-blocks: permuting them is exact
+            heads = {"attn_q.weight": self.config.num_heads, "attn_k.weight": self.config.num_kv_heads}
+            for suffix, num_heads in heads.items():
+                if gguf_name.endswith(suffix):
+                    parts = {k: _unpermute_rope_rows(v, num_heads) for k, v in parts.items()}
+        return parts
 
     def _read(self, gguf_name: str) -> np.ndarray:
         t = self.tensors[gguf_name]

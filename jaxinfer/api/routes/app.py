@@ -1,5 +1,6 @@
-"""The Starlette app: routes (described at /openapi.json), API-key check, body limits (size and JSON
-depth), and every error as OpenAI's JSON shape (a 500 without the exception's text).
+"""The Starlette app: routes (described at /openapi.json), the chat page (routes/frontend.py), API-key
+check, body limits (size and JSON depth), and every error as OpenAI's JSON shape (a 500 without the
+exception's text).
 
 The app does not own the engine's life: whoever builds it (server.py / `jaxinfer serve`, tests)
 starts the AsyncLLMEngine before serving and shuts it down after.
@@ -23,6 +24,7 @@ from jaxinfer.api.metrics import ServerMetrics
 from jaxinfer.api.openapi import openapi_document
 from jaxinfer.api.protocol import APIError, error_body, model_card
 from jaxinfer.api.routes.completions import create_chat_completion, create_completion
+from jaxinfer.api.routes.frontend import frontend_routes
 from jaxinfer.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger("jaxinfer")
@@ -138,8 +140,9 @@ def _too_large(limit: int) -> APIError:
 
 def create_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, api_key: str | None = None,
                metrics: ServerMetrics | None = None, price_per_hour: float | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
-    """The OpenAI-compatible app over a (started) AsyncLLMEngine.
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, disable_frontend: bool = False) -> Starlette:
+    """The OpenAI-compatible app over a (started) AsyncLLMEngine, with the chat page at / unless
+    `disable_frontend`.
 
     Without `metrics`, the app makes its own registry and, if the engine has no observer yet,
     becomes it (several apps may share one engine; only one gets its token timings).
@@ -157,6 +160,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, 
         Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    if not disable_frontend:
+        routes += frontend_routes()
     app = Starlette(routes=routes, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.server = ServerState(engine, name, engine.engine.config.max_model_len, metrics, api_key,

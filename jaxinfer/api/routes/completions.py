@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from jaxinfer.api import protocol
 from jaxinfer.api.protocol import APIError, GenerationRequest
 from jaxinfer.async_engine import EngineDeadError, NotAcceptingError, QueueFullError, RequestStream
+from jaxinfer.structured_outputs import StructuredOutputsError
 
 RETRY_AFTER_S = 1
 
@@ -89,6 +90,8 @@ async def _submit(engine, req: GenerationRequest, prompt_ids, request_id: str) -
     except BaseException as e:
         for stream in streams:
             engine.abort(stream.request_id)
+        if isinstance(e, StructuredOutputsError):
+            raise APIError(400, str(e), param=req.structured_outputs_param) from None
         if isinstance(e, ValueError):
             raise APIError(400, str(e), param="prompt") from None
         if isinstance(e, (QueueFullError, NotAcceptingError)):

@@ -1,0 +1,167 @@
+"""Batch-1 decode speed beside its memory roofline and beside llama.cpp on the same file.
+
+    .venv/bin/python benchmarks/decode.py --model qwen2.5-coder-0.5b-instruct \
+        [--quantization auto native int8 none] [--llama-cpp-python /path/to/python-with-llama_cpp]
+
+Decode at batch 1 reads every weight once per token, so its ceiling is (bytes read per token) /
+(memory read bandwidth). Bytes per token: each projection's and the LM head's bytes as the engine
+holds them, plus one embedding row (measured from the loaded model's arrays, not the file). The
+bandwidth is measured here, now: a NumPy reduction over 1 GiB, the best of 5. llama.cpp runs the
+same GGUF through llama-cpp-python (`n_threads` = our thread count) in a subprocess; configurations
+alternate round by round so drift in the machine's speed hits both alike.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxinfer import LLM, SamplingParams  # noqa: E402
+from jaxinfer.weights import resolve_model_path  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+LLAMA_CPP_DECODE = r"""
+import json, sys, time
+import llama_cpp
+path, n_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+prompt = llm.tokenize(sys.argv[4].encode())
+for _ in range(2):  # the first run warms up
+    llm.reset()
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+        if count == n_tokens:
+            break
+    end = time.perf_counter()
+print(json.dumps({"version": llama_cpp.__version__, "tokens_per_s": (count - 1) / (end - first)}))
+"""
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def read_bandwidth(size: int = 1 << 30) -> float:
+    """Bytes/s of a streaming read, the best of 5 (a sum over int64 keeps the CPU's work small)."""
+    data = np.ones(size // 8, dtype=np.int64)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return size / best
+
+
+def bytes_per_token(llm) -> int:
+    """Weight bytes one decode step reads: every projection and the LM head whole, one embedding row."""
+    model = llm.engine.model
+    total = 0
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        linear = getattr(model.layers, proj)
+        for name in ("w", "scales", "mins", "b"):
+            param = getattr(linear, name, None)
+            if param is not None:
+                total += param[...].nbytes
+    head = model.lm_head
+    if head is not None:
+        if hasattr(head, "w"):
+            total += sum(getattr(head, n)[...].nbytes for n in ("w", "scales", "mins") if getattr(head, n, None) is not None)
+        else:
+            total += head[...].nbytes
+    if model.embed is not None:  # a tied head is read whole above; else the row gathered
+        total += model.embed[...].nbytes // model.embed[...].shape[0]
+    if head is None:  # full-precision tied embedding: the head is the embedding, read whole
+        total += model.embed[...].nbytes
+    return total
+
+
+def ours(llm, n_tokens: int) -> float:
+    """Decode tokens/s at batch 1, after the first token (prefill excluded)."""
+    params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([PROMPT], params, use_tqdm=False)  # warm
+    engine = llm.engine
+    request_id = engine.add_request(PROMPT, params)
+    first = None
+    count = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == request_id:
+                count = len(out.outputs[0].token_ids)
+                if first is None and count:
+                    first, first_count = time.perf_counter(), count
+    return (count - first_count) / (time.perf_counter() - first)
+
+
+def llama_cpp(python: str, path: str, n_tokens: int, threads: int) -> dict:
+    done = subprocess.run([python, "-c", LLAMA_CPP_DECODE, path, str(n_tokens), str(threads), PROMPT],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--quantization", nargs="+", default=["auto", "int8"])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--llama-cpp-python", help="a Python with llama_cpp installed (llama-cpp-python)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    path = resolve_model_path(args.model)
+    threads = len(os.sched_getaffinity(0))
+    bandwidth = read_bandwidth()
+    engines = {q: LLM(args.model, quantization=q, max_model_len=512, max_num_seqs=1, max_num_batched_tokens=64)
+               for q in args.quantization}
+    speeds = {q: [] for q in engines} | ({"llama.cpp": []} if args.llama_cpp_python else {})
+    version = None
+    for _ in range(args.rounds):
+        for q, llm in engines.items():
+            speeds[q].append(ours(llm, args.tokens))
+        if args.llama_cpp_python:
+            result = llama_cpp(args.llama_cpp_python, path, args.tokens, threads)
+            if "error" in result:
+                raise SystemExit(f"llama-cpp-python failed: {result['error']}")
+            version = result["version"]
+            speeds["llama.cpp"].append(result["tokens_per_s"])
+    print(f"# {args.model} ({os.path.getsize(path) / 1e6:.0f} MB file), batch-1 decode of {args.tokens} tokens, "
+          f"{threads} threads, {cpu_name()}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| configuration | weight bytes per token | roofline tok/s | measured tok/s (median) | of roofline |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for name, values in speeds.items():
+        measured = float(np.median(values))
+        if name in engines:
+            nbytes = bytes_per_token(engines[name])
+            label = f"jaxinfer {name} (weights {engines[name].engine.quantization})"
+        else:
+            nbytes = os.path.getsize(path)  # an upper bound: llama.cpp reads one embedding row, not the table
+            label = f"llama.cpp {version} via llama-cpp-python (file as is)"
+        roofline = bandwidth / nbytes
+        rows.append({"configuration": label, "bytes_per_token": nbytes, "roofline": roofline, "measured": measured,
+                     "all": values})
+        print(f"| {label} | {nbytes / 1e6:.0f} MB | {roofline:.0f} | {measured:.1f} | {measured / roofline:.0%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "bandwidth": bandwidth, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

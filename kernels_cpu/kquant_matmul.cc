@@ -1,0 +1,256 @@
+// y[M, N] = x[M, K] @ W for GGUF's K-quants (Q4_K, Q5_K, Q6_K), held as their super-blocks of 256
+// rows rearranged bit for bit (jaxinfer/kquant.py writes the layout; an XLA FFI handler):
+//   Q4_K, Q5_K: W[k, n] = d * sc[k / 32] * code - dmin * m[k / 32], code 4 or 5 bits;
+//   Q6_K:       W[k, n] = d * sc[k / 16] * (code - 32), code 6 bits, sc signed.
+// d, dmin float16 per super-block; sc, m the 6-bit (Q6_K: int8) sub-block scales as bytes.
+// d * sc and dmin * m are formed here, in float32, where they are exact.
+//
+// Why it exists: a Q4_K_M file's 4- and 6-bit weights would otherwise be requantized to int8 (8 bits
+// a weight, two rounding errors). As group_matmul.cc does for Q8_0/Q4_x: x is quantized per row in
+// blocks of 32 (int8, llama.cpp's Q8 activations), codes meet x in integer dot products (AVX-512 VNNI
+// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd; codes < 64 cannot saturate), and per sub-block
+//   Q4_K/Q5_K: y += (dot(code, xq) * x_scale) * (d * sc) - (x_scale * sum(xq)) * (dmin * m)
+//   Q6_K:      y += ((dot(code, xq) - 32 * sum(xq)) * x_scale) * (d * sc)   (per 16: half an x block)
+// Batch-1 decode streams the stored bits: 4.625, 5.625 and 6.5625 bits a weight.
+//
+// One projection's layer stack may mix types (a Q4_K_M file makes some layers' ffn_down Q6_K): the
+// layers of every type lie in one byte buffer, and `index` [L, 2] gives each layer's type (0 Q4_K,
+// 1 Q5_K, 2 Q6_K) and byte offset / 64. Each row of y is computed by the same instructions in the
+// same order whatever the other rows are (row invariance, as in group_matmul.cc).
+//
+// A layer's bytes, in blocks of B = 64 columns (NB = ceil(N / 64), the last block zero-padded):
+//   nibbles [NB, K / 32, 4, B, 4]: byte (g, p, c, i) holds code k = 32 g + 4 p + i's low 4 bits in
+//           its low nibble and k + 16's in its high nibble (group_matmul.cc's 4-bit layout);
+//   high    [NB, K / 32, H, B, 4] (H = bits - 4): the codes' high bits, j = 4 * half + p at bit
+//           position j * H of byte (j * H) / 8 (Q5_K: one byte, bit j; Q6_K: byte half, bits 2 p);
+//   sc      [K / S, N] uint8 (S = 32; Q6_K: 16, int8); m [K / 32, N] uint8 (Q4_K, Q5_K);
+//   d       [K / 256, N] float16; dmin [K / 256, N] float16 (Q4_K, Q5_K).
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "kernels_cpu/group_simd.h"
+#include "kernels_cpu/parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kSuper = 256;  // rows per super-block
+constexpr int64_t kCols = 64;    // columns per block of the layout
+
+// The byte sizes of one layer's sections (the layout above); kquant.py computes the same.
+struct Sections {
+  int64_t nibbles, high, sc, m, d, dmin;
+  Sections(int bits, int64_t k, int64_t n) {
+    const int64_t nb = (n + kCols - 1) / kCols;
+    const bool has_min = bits != 6;
+    nibbles = nb * k * kCols / 2;
+    high = nb * k * kCols * (bits - 4) / 8;
+    sc = k / (bits == 6 ? 16 : 32) * n;
+    m = has_min ? k / 32 * n : 0;
+    d = k / kSuper * n * 2;
+    dmin = has_min ? d : 0;
+  }
+  int64_t total() const { return nibbles + high + sc + m + d + dmin; }
+};
+
+constexpr int kBits[3] = {4, 5, 6};  // by type id: Q4_K, Q5_K, Q6_K
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+
+struct Problem {
+  const int8_t* xq;      // [M, K] activations, int8 per block of 32
+  const float* xs;       // [M, K / 32] their scales
+  const float* xsums;    // [M, K / 32] scale * sum of the block's int8 values
+  const int32_t* isums;  // [M, K / 16] integer sums of each half block
+  const uint8_t *nibbles, *high, *sc, *m;  // this layer's sections
+  const uint16_t *d, *dmin;
+  float* y;
+  int64_t rows, k, n;
+};
+
+// Rows [m0, m0 + R) of y, V vectors of columns from n0 = c0 + col, in the block that starts at c0.
+template <int64_t R, int V, int Bits>
+inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t col, int64_t m0, int64_t n0) {
+  constexpr int kHigh = Bits - 4;
+  const int64_t groups = p.k / 32;
+  VecF acc[R][V];
+  for (int64_t r = 0; r < R; ++r) {
+    for (int j = 0; j < V; ++j) acc[r][j] = Zero();
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* wp = nibbles + (g * 4 * kCols + col) * 4;
+    const uint8_t* hp = high + (g * kHigh * kCols + col) * 4;
+    VecF d[V];
+    for (int j = 0; j < V; ++j) d[j] = LoadHalf(p.d + g * 32 / kSuper * p.n + n0 + j * kLanes);
+    if constexpr (Bits == 6) {  // a scale per 16: each half of the 32 rows on its own
+      for (int half = 0; half < 2; ++half) {
+        VecI iacc[R][V];
+        for (int64_t r = 0; r < R; ++r) {
+          for (int j = 0; j < V; ++j) iacc[r][j] = ZeroI();
+        }
+        for (int q = 0; q < 4; ++q) {
+          VecI code[V];
+          for (int j = 0; j < V; ++j) {
+            const VecI raw = LoadI(wp + (q * kCols + j * kLanes) * 4);
+            const VecI bits = LoadI(hp + (half * kCols + j * kLanes) * 4);
+            code[j] = Or(half ? HighNibbles(raw) : LowNibbles(raw), HighBits(bits, 2 * q, 3));
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            const VecI xb = Bcast(p.xq + (m0 + r) * p.k + g * 32 + half * 16 + q * 4);
+            for (int j = 0; j < V; ++j) iacc[r][j] = Dot4(iacc[r][j], code[j], xb);
+          }
+        }
+        VecF scale[V];
+        for (int j = 0; j < V; ++j) scale[j] = Mul(d[j], LoadS8(p.sc + (2 * g + half) * p.n + n0 + j * kLanes));
+        for (int64_t r = 0; r < R; ++r) {
+          const VecF xs = Splat(p.xs[(m0 + r) * groups + g]);
+          const int32_t offset = 32 * p.isums[(m0 + r) * 2 * groups + 2 * g + half];
+          for (int j = 0; j < V; ++j) acc[r][j] = Fma(Mul(ToFloat(SubI(iacc[r][j], offset)), xs), scale[j], acc[r][j]);
+        }
+      }
+    } else {
+      VecI iacc[R][V];
+      for (int64_t r = 0; r < R; ++r) {
+        for (int j = 0; j < V; ++j) iacc[r][j] = ZeroI();
+      }
+      for (int q = 0; q < 4; ++q) {
+        __builtin_prefetch(wp + (q + 8) * kCols * 4);
+        VecI lo[V], hi[V];
+        for (int j = 0; j < V; ++j) {
+          const VecI raw = LoadI(wp + (q * kCols + j * kLanes) * 4);
+          lo[j] = LowNibbles(raw);
+          hi[j] = HighNibbles(raw);
+          if constexpr (kHigh == 1) {
+            const VecI bits = LoadI(hp + j * kLanes * 4);
+            lo[j] = Or(lo[j], HighBits(bits, q, 1));
+            hi[j] = Or(hi[j], HighBits(bits, 4 + q, 1));
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const int8_t* xr = p.xq + (m0 + r) * p.k + g * 32 + q * 4;
+          const VecI xlo = Bcast(xr), xhi = Bcast(xr + 16);
+          for (int j = 0; j < V; ++j) iacc[r][j] = Dot4(Dot4(iacc[r][j], lo[j], xlo), hi[j], xhi);
+        }
+      }
+      VecF scale[V], min[V];
+      for (int j = 0; j < V; ++j) {
+        const int64_t at = g * p.n + n0 + j * kLanes;
+        scale[j] = Mul(d[j], LoadU8(p.sc + at));
+        min[j] = Mul(LoadHalf(p.dmin + g * 32 / kSuper * p.n + n0 + j * kLanes), LoadU8(p.m + at));
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const VecF xs = Splat(p.xs[(m0 + r) * groups + g]), xsum = Splat(-p.xsums[(m0 + r) * groups + g]);
+        // Explicit fused multiply-adds: every row rounds the same way whatever R and V.
+        for (int j = 0; j < V; ++j) acc[r][j] = Fma(xsum, min[j], Fma(Mul(ToFloat(iacc[r][j]), xs), scale[j], acc[r][j]));
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int j = 0; j < V; ++j) Store(p.y + (m0 + r) * p.n + n0 + j * kLanes, acc[r][j]);
+  }
+}
+
+// Rows [m0, m0 + R) of y, every column of the block at c0 (columns at or past N are padding).
+template <int64_t R, int Bits>
+inline void Columns(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t m0, int64_t c0) {
+  constexpr int kMaxV = R >= 3 ? 2 : 4;
+  const int64_t width = std::min(kCols, p.n - c0);
+  int64_t col = 0;
+  for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) Tile<R, kMaxV, Bits>(p, nibbles, high, col, m0, c0 + col);
+  for (; col < width; col += kLanes) Tile<R, 1, Bits>(p, nibbles, high, col, m0, c0 + col);
+}
+
+template <int Bits>
+void Block(const Problem& p, int64_t b) {
+  const uint8_t* nibbles = p.nibbles + b * p.k * kCols / 2;
+  const uint8_t* high = p.high + b * p.k * kCols * (Bits - 4) / 8;
+  int64_t m0 = 0;
+  for (; m0 + 4 <= p.rows; m0 += 4) Columns<4, Bits>(p, nibbles, high, m0, b * kCols);
+  switch (p.rows - m0) {
+    case 3: Columns<3, Bits>(p, nibbles, high, m0, b * kCols); break;
+    case 2: Columns<2, Bits>(p, nibbles, high, m0, b * kCols); break;
+    case 1: Columns<1, Bits>(p, nibbles, high, m0, b * kCols); break;
+    default: break;
+  }
+}
+#endif
+
+// x: [M, K] float32; data: uint8, every layer's sections; index: [L, 2] int32 (type id, offset / 64);
+// layer: scalar int32; n: the output width.
+ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, ffi::Buffer<ffi::S32> index,
+                            ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t n) {
+  if (!kHasGroupPath) return ffi::Error::InvalidArgument("kquant_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  auto xd = x.dimensions();
+  auto id = index.dimensions();
+  if (xd.size() != 2 || id.size() != 2 || id[1] != 2) {
+    return ffi::Error::InvalidArgument("kquant_matmul: bad ranks (x [M, K], index [L, 2])");
+  }
+  Problem p;
+  p.rows = xd[0];
+  p.k = xd[1];
+  p.n = n;
+  if (p.k % kSuper || p.n % kLanes || y->dimensions()[0] != p.rows || y->dimensions()[1] != p.n) {
+    return ffi::Error::InvalidArgument("kquant_matmul: K must be a multiple of 256, N of 16, y [M, N]");
+  }
+  const int32_t l = *layer.typed_data();
+  if (l < 0 || l >= id[0]) return ffi::Error::InvalidArgument("kquant_matmul: layer out of range");
+  const int32_t type = index.typed_data()[2 * l];
+  if (type < 0 || type > 2) return ffi::Error::InvalidArgument("kquant_matmul: unknown type id");
+  const int bits = kBits[type];
+  const Sections s(bits, p.k, p.n);
+  const int64_t offset = int64_t{index.typed_data()[2 * l + 1]} * 64;
+  if (offset < 0 || offset + s.total() > static_cast<int64_t>(data.element_count())) {
+    return ffi::Error::InvalidArgument("kquant_matmul: the layer's bytes lie outside the data");
+  }
+  const uint8_t* base = data.typed_data() + offset;
+  p.nibbles = base;
+  p.high = p.nibbles + s.nibbles;
+  p.sc = p.high + s.high;
+  p.m = p.sc + s.sc;
+  p.d = reinterpret_cast<const uint16_t*>(p.m + s.m);
+  p.dmin = reinterpret_cast<const uint16_t*>(p.m + s.m + s.d);
+  p.y = y->typed_data();
+  const int64_t groups = p.k / 32;
+  std::vector<int8_t> xq(p.rows * p.k);
+  std::vector<float> xs(p.rows * groups), xsums(p.rows * groups);
+  std::vector<int32_t> isums(p.rows * groups * 2);
+  QuantizeX(x.typed_data(), p.rows, p.k, xq.data(), xs.data(), xsums.data(), isums.data());
+  p.xq = xq.data();
+  p.xs = xs.data();
+  p.xsums = xsums.data();
+  p.isums = isums.data();
+
+  const int64_t num_blocks = (p.n + kCols - 1) / kCols;
+  auto& workers = jaxinfer::Workers::Get();
+  const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * workers.size()));
+  const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
+  workers.ParallelFor(num_chunks, [&](int64_t c) {
+    for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
+      if (bits == 4) {
+        Block<4>(p, b);
+      } else if (bits == 5) {
+        Block<5>(p, b);
+      } else {
+        Block<6>(p, b);
+      }
+    }
+  });
+#endif
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferKQuantMatmul, KQuantMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n"));

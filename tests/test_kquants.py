@@ -1,0 +1,212 @@
+"""GGUF K-quants kept as stored (`jaxinfer.kquant`): the layout dequantizes bitwise like
+`gguf.quants.dequantize`, and the native kernel (`kernels_cpu/kquant_matmul.cc`) equals a float64
+NumPy product of those weights with the kernel's int8 activations."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from jaxinfer import kquant, ops, quant
+from kernels_cpu import native
+from tests.test_native_cpu import quantized_activations
+
+KINDS = ("Q4_K", "Q5_K", "Q6_K")
+BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+QWEN = os.path.expanduser("~/.cache/jaxinfer/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+
+needs_kernel = pytest.mark.skipif(native.turned_off() is not None or not native.has_group_path(),
+                                  reason="no native grouped integer path in this build")
+
+
+def random_blocks(rng, kind, rows, k):
+    """A K-quant matrix [rows, k] as the file stores it: random bytes, with d (and dmin) set to
+    float16 values of a real model's range (random bytes would make them inf or NaN)."""
+    raw = rng.integers(0, 256, (rows, k // 256, BLOCK_BYTES[kind]), dtype=np.uint8)
+    factors = rng.uniform(1e-4, 2e-3, (rows, k // 256, 2)).astype(np.float16).view(np.uint8)
+    if kind == "Q6_K":
+        raw[..., 208:210] = factors[..., :2]
+    else:
+        raw[..., 0:4] = factors
+    return raw.reshape(rows, -1)
+
+
+def gguf_weight(raw, kind):
+    """W[K, N] float32 by gguf's own dequantization (the file's rows are output channels)."""
+    return gguf_dequantize(raw, GGMLQuantizationType[kind]).reshape(raw.shape[0], -1).T
+
+
+def stack(raws, kinds):
+    data, index = kquant.stack_layers([(kind, kquant.pack_layer(kquant.decode_blocks(raw, kind), kind))
+                                       for raw, kind in zip(raws, kinds)])
+    k = gguf_weight(raws[0], kinds[0]).shape[0]
+    return kquant.KQuantWeight(jnp.asarray(data), jnp.asarray(index), k, raws[0].shape[0], tuple(kinds))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k, n", [(512, 192), (256, 80)])  # 80: the last block of 64 columns padded
+def test_dequantize_equals_gguf_bitwise(kind, k, n):
+    raw = random_blocks(np.random.default_rng(len(kind) + n), kind, n, k)
+    layer = jnp.asarray(kquant.pack_layer(kquant.decode_blocks(raw, kind), kind))
+    got = np.asarray(jax.jit(kquant.dequantize_layer, static_argnums=(1, 2, 3))(layer, kind, k, n))
+    np.testing.assert_array_equal(got.view(np.uint32), gguf_weight(raw, kind).view(np.uint32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layout_bytes_are_the_files_but_for_q4_k_and_q5_k_scales(kind):
+    """Bits a weight in memory: the file's, plus Q4_K/Q5_K's 6-bit scales and mins kept as bytes."""
+    k, n = 4864, 896
+    bits = kquant.TYPES[kind].layer_bytes(k, n) * 8 / (k * n)
+    file_bits = BLOCK_BYTES[kind] * 8 / 256
+    assert bits == file_bits + (0.125 if kind != "Q6_K" else 0)
+
+
+def test_stack_of_mixed_types_dequantizes_each_layer_by_its_own_type():
+    rng = np.random.default_rng(1)
+    kinds = ["Q4_K", "Q6_K", "Q5_K", "Q6_K"]
+    raws = [random_blocks(rng, kind, 64, 512) for kind in kinds]
+    w = stack(raws, kinds)
+    run = jax.jit(kquant.dequantize)  # the layer traced, as under lax.scan
+    for layer, (raw, kind) in enumerate(zip(raws, kinds)):
+        np.testing.assert_array_equal(np.asarray(run(w, layer)), gguf_weight(raw, kind), err_msg=f"layer {layer}")
+
+
+def test_xla_reference_matmul_equals_a_float64_product():
+    rng = np.random.default_rng(2)
+    raws = [random_blocks(rng, "Q4_K", 128, 512), random_blocks(rng, "Q6_K", 128, 512)]
+    w = stack(raws, ["Q4_K", "Q6_K"])
+    x = jnp.asarray(rng.standard_normal((5, 512)), jnp.float32)
+    got = np.asarray(jax.jit(kquant.matmul_reference)(x, w, 1))
+    want = np.asarray(x, np.float64) @ gguf_weight(raws[1], "Q6_K").astype(np.float64)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
+def check_kernel(got, x, weight):
+    """The kernel is the weights times the int8 activations up to float32 rounding, and within 1%
+    of the full-precision product."""
+    w64 = np.asarray(weight, np.float64)
+    want = quantized_activations(np.asarray(x)).astype(np.float64) @ w64
+    full = np.asarray(x, np.float64) @ w64
+    scale = np.abs(full).max()
+    np.testing.assert_allclose(got, want, atol=2e-6 * scale * np.sqrt(w64.shape[0] / 64), rtol=0)
+    np.testing.assert_allclose(got, full, atol=1e-2 * scale, rtol=0)
+
+
+kernel = jax.jit(native.kquant_matmul, static_argnames="n")
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 17])
+@pytest.mark.parametrize("k, n", [(768, 192), (512, 80)])
+def test_kernel_matches_reference(kind, m, k, n):
+    rng = np.random.default_rng(m * 100 + n + len(kind))
+    raw = random_blocks(rng, kind, n, k)
+    w = stack([raw], [kind])
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    y = np.full((m, n), np.nan, np.float32)  # a column the kernel leaves unwritten fails below
+    y[:] = np.asarray(kernel(x, w.data, w.index, 0, n=n))
+    check_kernel(y, x, gguf_weight(raw, kind))
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
+def test_a_mixed_stack_runs_each_layer_by_its_own_type_under_scan(backend):
+    """"xla" on the CPU: the native kernel. Any other backend (a GPU's "pallas", here its interpret
+    mode) has no K-quant kernel and runs the jnp reference: the layer dequantized, then a dot."""
+    if backend == "xla" and (native.turned_off() is not None or not native.has_group_path()):
+        pytest.skip("no native grouped integer path in this build")
+    rng = np.random.default_rng(3)
+    kinds = ["Q6_K", "Q4_K", "Q4_K", "Q5_K", "Q6_K"]
+    raws = [random_blocks(rng, kind, 128, 512) for kind in kinds]
+    w = stack(raws, kinds)
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
+
+    @jax.jit
+    def every_layer(x, w):
+        return jax.lax.scan(lambda c, layer: (c, ops.quant_matmul(x, w, backend=backend, layer=layer)), 0,
+                            jnp.arange(len(kinds)))[1]
+
+    got = np.asarray(every_layer(x, w))
+    for layer, (raw, kind) in enumerate(zip(raws, kinds)):
+        if backend == "xla":
+            check_kernel(got[layer], x, gguf_weight(raw, kind))
+        else:
+            want = np.asarray(x, np.float64) @ gguf_weight(raw, kind).astype(np.float64)
+            np.testing.assert_allclose(got[layer], want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_rows_do_not_depend_on_the_batch(kind):
+    """Bitwise: a row alone equals the same row in batches of 2 to 67 (row passes of 4, 3, 2, 1)."""
+    rng = np.random.default_rng(4)
+    k, n = 512, 320
+    w = stack([random_blocks(rng, kind, n, k)], [kind])
+    x = jnp.asarray(rng.standard_normal((67, k)), jnp.float32)
+    run = jax.jit(lambda x: native.kquant_matmul(x, w.data, w.index, 0, n=n))
+    alone = np.stack([np.asarray(run(x[i:i + 1]))[0] for i in range(0, 67, 11)])
+    for m in (2, 3, 5, 8, 13, 67):
+        batch = np.asarray(run(x[:m]))
+        np.testing.assert_array_equal(batch[::11], alone[:len(batch[::11])], err_msg=f"m={m}")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    if not os.path.exists(QWEN):
+        pytest.skip(f"{QWEN} not present")
+    from jaxinfer.weights.gguf import GGUFCheckpoint
+
+    return GGUFCheckpoint(QWEN)
+
+
+def test_native_keeps_k_quant_projections_only_where_their_kernel_runs(qwen):
+    from jaxinfer.models.llama import projection_formats
+
+    kept = projection_formats(qwen.config, qwen, "native", kquants=True)
+    assert kept["down_proj"][0].kind == "kquant" and kept["down_proj"][1]
+    assert kept["q_proj"][0].kind == "int8"  # Q5_0: not a K-quant, requantized as before
+    assert projection_formats(qwen.config, qwen, "native")["down_proj"] == (quant.weight_format("int8"), False)
+
+
+def test_real_q4_k_m_down_proj_kept_as_stored(qwen):
+    """Qwen2.5-Coder-0.5B Q4_K_M: ffn_down mixes Q4_K and Q6_K layers. The stored form of four
+    layers dequantizes bitwise like gguf, and the model's layer stack runs them by their own type."""
+    from jaxinfer.models.llama import kquant_formats
+
+    checkpoint = qwen
+    fmt = kquant_formats(checkpoint.config, checkpoint)["down_proj"]
+    assert set(fmt.layer_types) == {"Q4_K", "Q6_K"} and len(fmt.layer_types) == checkpoint.config.num_layers
+    layers = [fmt.layer_types.index("Q6_K"), fmt.layer_types.index("Q4_K"), 22, 23]
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in layers]
+    tensors = [checkpoint.tensors[checkpoint.gguf_name(name)] for name in names]
+    kinds = [t.tensor_type.name for t in tensors]
+    want = [gguf_weight(np.asarray(t.data).reshape(int(t.shape[-1]), -1), kind) for t, kind in zip(tensors, kinds)]
+    data, index = kquant.stack_layers([(kind, kquant.pack_layer(checkpoint.kquant_tensor(name), kind))
+                                       for name, kind in zip(names, kinds)])
+    k, n = want[0].shape
+    w = kquant.KQuantWeight(jnp.asarray(data), jnp.asarray(index), k, n, tuple(kinds))
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, k)), jnp.float32)
+    for i, weight in enumerate(want):
+        np.testing.assert_array_equal(np.asarray(jax.jit(kquant.dequantize)(w, i)), weight, err_msg=kinds[i])
+        if native.turned_off() is None and native.has_group_path():
+            check_kernel(np.asarray(kernel(x, w.data, w.index, i, n=n)), x, weight)
+
+
+@pytest.mark.skipif("avx512f" not in open("/proc/cpuinfo").read(), reason="the main run already is the AVX2 build")
+@needs_kernel
+def test_avx2_build_passes_the_kernel_tests_too():
+    """Machines without AVX-512 build the AVX2 path (vpmaddubsw): build it with -mno-avx512f and
+    run this file's kernel tests against it in a fresh process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAXINFER_NATIVE_CFLAGS": "-mno-avx512f"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                             "-k", "(kernel or mixed_stack) and not avx2_build"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
