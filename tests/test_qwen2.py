@@ -77,12 +77,31 @@ def test_config_from_the_gguf(qwen):
     assert c.attention_bias and c.rope_theta == 1e6
 
 
-def test_greedy_tokens_match_hf(qwen, qwen_hf, prompts):
-    hf = qwen_hf.greedy(prompts, NEW_TOKENS)
+@pytest.fixture(scope="module")
+def hf_greedy(qwen_hf, prompts):
+    return qwen_hf.greedy(prompts, NEW_TOKENS)
+
+
+def test_greedy_tokens_match_hf(qwen, hf_greedy, prompts):
     outs = qwen.generate([{"prompt_token_ids": p} for p in prompts],
                          SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
-    for prompt, out, ref in zip(prompts, outs, hf):
+    for prompt, out, ref in zip(prompts, outs, hf_greedy):
         assert out.outputs[0].token_ids == ref, f"prompt of {len(prompt)} tokens diverged"
+
+
+def test_the_default_quantized_model_keeps_the_full_precision_token_in_its_top_5(hf_greedy, prompts):
+    """The default configuration on a CPU (the file's blocks as stored, int8 activations): where its
+    greedy text first differs from full precision's, HF's token is among its 5 most likely."""
+    llm = LLM(NAME, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=128, warmup=False)
+    assert llm.engine.quantization == "native"
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=5), use_tqdm=False)
+    for out, ref in zip(outs, hf_greedy):
+        ours = out.outputs[0]
+        first = next((i for i, (a, b) in enumerate(zip(ours.token_ids, ref)) if a != b), None)
+        if first is not None:
+            top = [token for token, _ in ours.logprobs[first].top]
+            assert ref[first] in top, f"HF's token {ref[first]} is not in our top 5 at token {first}"
 
 
 def test_last_position_logits_match_hf(qwen, qwen_hf, prompts):
