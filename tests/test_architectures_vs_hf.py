@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from test_model_vs_hf import prefill_logits
+from helpers import prefill_logits
 from tests.hf_reference import HFModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -242,7 +242,7 @@ def test_greedy_tokens_match_hf(llm, prompts, hf_greedy):
 
 def test_last_position_logits_match_hf(llm, prompts, hf_logits):
     for prompt, ref in zip(prompts, hf_logits):
-        np.testing.assert_allclose(prefill_logits(llm, prompt), ref, rtol=0, atol=LOGITS_ATOL)
+        np.testing.assert_allclose(prefill_logits(llm.engine.model, prompt), ref, rtol=0, atol=LOGITS_ATOL)
 
 
 def test_default_configuration_runs_and_its_first_token_is_in_hf_top5(built, prompts, hf_logits):

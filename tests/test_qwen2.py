@@ -9,7 +9,8 @@ import json
 
 import numpy as np
 import pytest
-from test_model_vs_hf import LONG_TEXT, prefill_logits
+from helpers import prefill_logits
+from test_model_vs_hf import LONG_TEXT
 
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.weights import resolve_model_path
@@ -107,7 +108,7 @@ def test_the_default_quantized_model_keeps_the_full_precision_token_in_its_top_5
 def test_last_position_logits_match_hf(qwen, qwen_hf, prompts):
     some = [prompts[0], prompts[2], prompts[-1]]
     for p, ref in zip(some, qwen_hf.last_logits(some)):
-        ours = prefill_logits(qwen, p)
+        ours = prefill_logits(qwen.engine.model, p)
         assert np.abs(ours - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
 
 
