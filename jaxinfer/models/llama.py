@@ -225,8 +225,8 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     """projection -> (its format, whether the checkpoint holds it in that format already).
 
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
-    Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` its Q4_K/Q5_K/Q6_K too, float tensors in full
-    precision, other types requantized to int8), or a format of
+    Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` also its Q4_K/Q5_K/Q6_K, Q5_0/Q5_1 and
+    projections mixing types (`kquant_formats`), float tensors in full precision, other types requantized to int8), or a format of
     `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
     """
     if quantization == "none":
@@ -236,7 +236,7 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     formats = {}
     kept = kquant_formats(config, checkpoint) if quantization == "native" and kquants else {}
     if kept:
-        logger.info("K-quants kept as stored (native kernel): %s", "; ".join(
+        logger.info("GGUF blocks kept as stored (native byte-stack kernel): %s", "; ".join(
             f"{proj} " + ", ".join(f"{t} x{fmt.layer_types.count(t)}" for t in sorted(set(fmt.layer_types)))
             for proj, fmt in kept.items()))
     for proj in PROJECTIONS:
@@ -264,7 +264,9 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
 
 
 def kquant_formats(config: ModelConfig, checkpoint) -> dict[str, WeightFormat]:
-    """The projections whose every layer is a K-quant (of any mix of types), as "kquant" formats."""
+    """The projections kept as the file stores them in a byte stack (`jaxinfer.kquant`), as "kquant"
+    formats: those whose layers are all of its types and hold a K-quant, a Q5_0/Q5_1, or a mix of
+    types. A stack of one of Q8_0/Q4_0/Q4_1 throughout stays with `group_matmul` (`native_format`)."""
     if not hasattr(checkpoint, "kquant_tensor"):
         return {}
     c = config
@@ -276,11 +278,10 @@ def kquant_formats(config: ModelConfig, checkpoint) -> dict[str, WeightFormat]:
     for proj in PROJECTIONS:
         template = _LAYER_TENSORS[(proj, "w")][0]
         types = tuple(checkpoint.tensor_type(template.format(layer)) for layer in range(c.num_layers))
-        if all(t in kquant.TYPES for t in types) and kquant.fits(*shapes[proj]):
+        group_matmul_runs = len(set(types)) == 1 and types[0] in ("Q8_0", "Q4_0", "Q4_1")
+        if all(t in kquant.TYPES for t in types) and not group_matmul_runs and kquant.fits(*shapes[proj], types):
             formats[proj] = WeightFormat("kquant", layer_types=types)
     return formats
-
-
 def head_tensor_name(config: ModelConfig) -> str:
     return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
@@ -297,7 +298,8 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
     there (orbax) and read back by later loads of the same file in the same formats.
     `lm_head_quantization` "int8" quantizes the LM head per vocabulary entry, "native" keeps a GGUF's
     Q8_0 head as stored (a tied embedding then reads its rows from it); "none" keeps it in `dtype`.
-    `kquants`: "native" keeps the file's K-quant projections as stored (where their kernel runs).
+    `kquants`: "native" keeps the file's K-quant, Q5_0/Q5_1 and mixed-type projections as stored
+    (where their kernel runs: `kquant_formats`).
     """
     formats = projection_formats(config, checkpoint, quantization, group_size, kquants)
     if lm_head_quantization not in ("none", "int8", "native"):
@@ -330,13 +332,14 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
 
 
 def _native_head_format(config: ModelConfig, checkpoint) -> WeightFormat:
-    """The LM head as stored: Q8_0 blocks, or (a head not tied to the embedding) a K-quant."""
+    """The LM head as stored: Q8_0 blocks, or (a head not tied to the embedding) a byte-stack type."""
     name = head_tensor_name(config)
     head_format = getattr(checkpoint, "native_format", lambda name: None)(name)
     if head_format is not None and head_format.kind == "int8":
         return head_format
     stored = checkpoint.tensor_type(name) if hasattr(checkpoint, "tensor_type") else None
-    if stored in kquant.TYPES and not config.tie_word_embeddings and kquant.fits(config.hidden_size, config.vocab_size):
+    if (stored in kquant.TYPES and not config.tie_word_embeddings
+            and kquant.fits(config.hidden_size, config.vocab_size, (stored,))):
         return WeightFormat("kquant", layer_types=(stored,))
     raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0, or as a "
                      "K-quant and not tied to the embedding")
