@@ -277,6 +277,33 @@ def dequantize(w: KQuantWeight, layer):
     return jax.lax.switch(which[w.index[layer, 0]], [branch(kind) for kind in present])
 
 
+def dequantize_rows(rows, kind: str):
+    """Rows of a matrix of a block type of 32 in the file's own bytes [T, K / 32 * block bytes] uint8
+    -> [T, K] float32, bitwise `gguf.quants.dequantize` (an embedding kept as stored: rows gathered,
+    then dequantized here)."""
+    t = TYPES[kind]
+    blocks = rows.reshape(rows.shape[0], -1, BLOCK_BYTES[kind])  # [T, K / 32, bytes]
+
+    def half(at):  # the float16 at bytes [at, at + 2) of each block -> float32 [T, K / 32, 1]
+        return jax.lax.bitcast_convert_type(blocks[..., at:at + 2], jnp.float16).astype(jnp.float32)[..., None]
+
+    d = half(0)
+    if kind == "Q8_0":
+        values = jax.lax.bitcast_convert_type(blocks[..., 2:], jnp.int8).astype(jnp.float32)
+        return (values * d).reshape(rows.shape[0], -1)
+    at = 4 if t.has_min else 2
+    qs = blocks[..., at + (4 if t.bits == 5 else 0):]  # [T, K / 32, 16]: element j low nibble, j + 16 high
+    codes = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.int32)  # [T, K / 32, 32]
+    if t.bits == 5:  # the 5th bits: bit j of a little-endian uint32
+        qh = jax.lax.bitcast_convert_type(blocks[..., at:at + 4], jnp.uint32)[..., None]
+        codes = codes | (((qh >> jnp.arange(32, dtype=jnp.uint32)) & 1).astype(jnp.int32) << 4)
+    if t.has_min:
+        w = jax.lax.optimization_barrier(d * codes.astype(jnp.float32)) + half(2)  # no fused multiply-add
+    else:
+        w = d * (codes - t.zero).astype(jnp.float32)
+    return w.reshape(rows.shape[0], -1)
+
+
 def matmul_reference(x, w: KQuantWeight, layer):
     """x[M, K] @ W[layer] -> [M, N] in x's dtype: dequantize, then one float32 dot."""
     y = jnp.dot(x.astype(jnp.float32), dequantize(w, layer), precision=jax.lax.Precision.HIGHEST)

@@ -329,6 +329,8 @@ def weight_bytes_by_format(model: nnx.Module) -> dict[str, int]:
     """Bytes of the model's parameters on device, by format: each quantized projection (data,
     scales and mins) under its format's name, everything else under its dtype's name."""
     format_of = {}  # id(param) -> format name
+    if getattr(model, "embed_type", None) is not None:  # the embedding's rows as stored (`Llama.embed_type`)
+        format_of[id(model.embed)] = f"{model.embed_type} embedding"
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear) and node.fmt is not None:
             format_of.update((id(p), node.fmt.name) for p in node.weight_params())

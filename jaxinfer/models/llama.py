@@ -135,9 +135,10 @@ class DecoderLayer(nnx.Module):
 
 class Llama(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto", formats=None,
-                 quant_backend="auto", head_format: WeightFormat | None = None):
+                 quant_backend="auto", head_format: WeightFormat | None = None, embed_type: str | None = None):
         c = config
         self.config = config
+        self.embed_type = embed_type  # a block type of 32: the embedding's rows as the file stores them
         self.attention_backend = attention_backend
         self.layers = DecoderLayer(config, dtype=dtype, stack=(c.num_layers,), formats=formats,
                                    quant_backend=quant_backend)
@@ -151,9 +152,14 @@ class Llama(nnx.Module):
             # embedding reads its rows from it (a row's scale is the entry's scale): no full-precision copy.
             self.lm_head = Linear(c.hidden_size, c.vocab_size, dtype=dtype, fmt=head_format, backend=quant_backend)
             self.embed = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype)) if not c.tie_word_embeddings else None
+        if embed_type is not None:  # only untied: [vocab, hidden / 32 * block bytes] uint8
+            row_bytes = c.hidden_size // kquant.BLOCK * kquant.BLOCK_BYTES[embed_type]
+            self.embed = nnx.Param(jnp.zeros((c.vocab_size, row_bytes), jnp.uint8))
 
     def embed_tokens(self, token_ids):
         """[T] int32 -> [T, hidden]."""
+        if self.embed_type is not None:
+            return kquant.dequantize_rows(self.embed[...][token_ids], self.embed_type).astype(self.norm[...].dtype)
         if self.embed is not None:
             return self.embed[...][token_ids]
         w = self.lm_head.quantized_weight()  # int8 [hidden, vocab] (or a CPU layout), per entry or per 32 rows
@@ -307,9 +313,10 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
     head_format = quant.weight_format("int8") if lm_head_quantization == "int8" else None
     if lm_head_quantization == "native":
         head_format = _native_head_format(config, checkpoint)
+    embed_type = _stored_embed_type(config, checkpoint) if quantization == "native" and kquants else None
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=attention_backend,
                                          formats={p: f for p, (f, _) in formats.items()}, quant_backend=quant_backend,
-                                         head_format=head_format))
+                                         head_format=head_format, embed_type=embed_type))
     graphdef, state = nnx.split(model)
     shapes = nnx.to_pure_dict(state)
     cache = None
@@ -319,12 +326,14 @@ def load_llama(config: ModelConfig, checkpoint, *, dtype=jnp.float32, attention_
                                                          else []) for p, (f, native) in sorted(formats.items())}}
         if head_format is not None:
             key_fields["lm_head"] = head_format.name
+        if embed_type is not None:
+            key_fields["embed"] = [embed_type, kquant.LAYOUT_VERSION]
         cache = WeightCache(cache_dir, checkpoint.path, **key_fields)
         params = cache.load(shapes)
         if params is not None:
             nnx.replace_by_pure_dict(state, params)
             return nnx.merge(graphdef, state)
-    params = _read_params(config, checkpoint, shapes, formats, dtype, head_format)
+    params = _read_params(config, checkpoint, shapes, formats, dtype, head_format, embed_type)
     if cache is not None:
         cache.save(params)
     nnx.replace_by_pure_dict(state, params)
@@ -345,9 +354,21 @@ def _native_head_format(config: ModelConfig, checkpoint) -> WeightFormat:
                      "K-quant and not tied to the embedding")
 
 
-def _read_params(config, checkpoint, shapes, formats, dtype, head_format=None) -> dict:
+def _stored_embed_type(config: ModelConfig, checkpoint) -> str | None:
+    """The embedding's type where it is kept as the file stores it: a block type of 32 (Qwen2.5-0.5B's
+    Q5_0), not tied to the LM head (which reads it by columns). Else None: dequantized to `dtype`."""
+    name = "model.embed_tokens.weight"
+    stored = checkpoint.tensor_type(name) if hasattr(checkpoint, "raw_rows") else None
+    if config.tie_word_embeddings or stored not in kquant.TYPES or kquant.TYPES[stored].block != kquant.BLOCK:
+        return None
+    return stored if config.hidden_size % kquant.BLOCK == 0 else None
+
+
+def _read_params(config, checkpoint, shapes, formats, dtype, head_format=None, embed_type=None) -> dict:
     params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
-    if head_format is None or not config.tie_word_embeddings:
+    if embed_type is not None:
+        params["embed"] = jnp.asarray(checkpoint.raw_rows("model.embed_tokens.weight"))
+    elif head_format is None or not config.tie_word_embeddings:
         params["embed"] = jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype)
     if head_format is not None and head_format.kind == "kquant":  # the file's own super-blocks
         params["lm_head"] = _read_quantized(checkpoint, head_tensor_name(config), 1, head_format, True, None)
