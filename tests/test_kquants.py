@@ -63,6 +63,15 @@ def test_dequantize_equals_gguf_bitwise(kind, k, n):
     np.testing.assert_array_equal(got.view(np.uint32), gguf_weight(raw, kind).view(np.uint32))
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_rows_in_the_files_bytes_dequantize_like_gguf_bitwise(kind):
+    """An embedding kept as stored: rows gathered from the file's bytes, then dequantized."""
+    raw = random_blocks(np.random.default_rng(7), kind, 40, 256)
+    ids = np.array([3, 0, 39, 3])
+    got = np.asarray(jax.jit(kquant.dequantize_rows, static_argnums=1)(jnp.asarray(raw)[ids], kind))
+    np.testing.assert_array_equal(got.view(np.uint32), gguf_weight(raw, kind).T[ids].view(np.uint32))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_layout_bytes_are_the_files_but_for_q4_k_and_q5_k_scales(kind):
     """Bits a weight in memory: the file's (Q5_0 5.5, Q8_0 8.5, ...), plus Q4_K/Q5_K's 6-bit scales
@@ -186,6 +195,18 @@ def test_native_keeps_k_quant_and_q5_0_projections_only_where_their_kernel_runs(
     assert set(kept["v_proj"][0].layer_types) == {"Q5_0", "Q8_0"}  # mixed across layers: one stack
     assert projection_formats(qwen.config, qwen, "native")["down_proj"] == (quant.weight_format("int8"), False)
     assert projection_formats(qwen.config, qwen, "native")["q_proj"] == (quant.weight_format("int8"), False)
+
+
+def test_real_q5_0_embedding_kept_as_stored(qwen):
+    """Qwen2.5-Coder-0.5B's token embedding (Q5_0, not tied to its Q8_0 head): its rows, read from
+    the file's bytes, equal gguf's dequantization."""
+    from jaxinfer.models.llama import _stored_embed_type
+
+    assert _stored_embed_type(qwen.config, qwen) == "Q5_0"
+    raw = qwen.raw_rows("model.embed_tokens.weight")
+    ids = np.array([0, 151643, 785, 12])
+    got = np.asarray(kquant.dequantize_rows(jnp.asarray(raw[ids]), "Q5_0"))
+    np.testing.assert_array_equal(got, gguf_weight(raw[ids], "Q5_0").T)
 
 
 class StubCheckpoint:
