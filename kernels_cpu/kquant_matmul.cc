@@ -7,20 +7,23 @@
 //   Q8_0, Q4_0, Q5_0: W[k, n] = d[k / 32] * (code - zero), zero 128 / 8 / 16 (Q8_0: value + 128);
 //   Q4_1, Q5_1:       W[k, n] = d[k / 32] * code + m[k / 32], d and m float16.
 //
-// Why it exists: a Q4_K_M file's 4- and 6-bit weights would otherwise be requantized to int8 (8 bits
-// a weight, two rounding errors). As group_matmul.cc does for Q8_0/Q4_x: x is quantized per row in
+// Why it exists: a Q4_K_M file's 4-, 5- and 6-bit weights would otherwise be requantized to int8 (8
+// bits a weight, two rounding errors). As group_matmul.cc does for Q8_0/Q4_x: x is quantized per row in
 // blocks of 32 (int8, llama.cpp's Q8 activations), codes meet x in integer dot products (AVX-512 VNNI
-// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd; codes < 64 cannot saturate), and per sub-block
+// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd; codes < 64 cannot saturate, Q8_0's go by nibbles: Dot8),
+// and per sub-block
 //   Q4_K/Q5_K: y += (dot(code, xq) * x_scale) * (d * sc) - (x_scale * sum(xq)) * (dmin * m)
 //   Q6_K:      y += ((dot(code, xq) - 32 * sum(xq)) * x_scale) * (d * sc)   (per 16: half an x block)
 //   Q8_0/Q4_0/Q5_0: y += ((dot(code, xq) - zero * sum(xq)) * x_scale) * d
 //   Q4_1/Q5_1: y += (dot(code, xq) * x_scale) * d + (x_scale * sum(xq)) * m
-// Batch-1 decode streams the stored bits: 4.625, 5.625 and 6.5625 bits a weight.
+// Batch-1 decode streams the stored bits: 4.625, 5.625 and 6.5625 bits a weight; blocks of 32 the
+// file's own (Q5_0 5.5, Q8_0 8.5).
 //
 // One projection's layer stack may mix types (a Q4_K_M file makes some layers' ffn_down Q6_K, some
 // attn_v Q8_0 among Q5_0): the layers of every type lie in one byte buffer, and `index` [L, 2] gives
-// each layer's type (0 Q4_K, 1 Q5_K, 2 Q6_K, 3 Q8_0, 4 Q4_0, 5 Q4_1, 6 Q5_0, 7 Q5_1) and byte offset / 64. Each row of y is computed by the same instructions in the
-// same order whatever the other rows are (row invariance, as in group_matmul.cc).
+// each layer's type (0 Q4_K, 1 Q5_K, 2 Q6_K, 3 Q8_0, 4 Q4_0, 5 Q4_1, 6 Q5_0, 7 Q5_1) and byte
+// offset / 64. Each row of y is computed by the same instructions in the same order whatever the
+// other rows are (row invariance, as in group_matmul.cc).
 //
 // A layer's bytes, in blocks of B = 64 columns (NB = ceil(N / 64), the last block zero-padded):
 //   nibbles [NB, K / 32, 4, B, 4]: byte (g, p, c, i) holds code k = 32 g + 4 p + i's low 4 bits in

@@ -232,8 +232,8 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
 
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
     Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` also its Q4_K/Q5_K/Q6_K, Q5_0/Q5_1 and
-    projections mixing types (`kquant_formats`), float tensors in full precision, other types requantized to int8), or a format of
-    `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
+    projections mixing types (`kquant_formats`), float tensors in full precision, other types
+    requantized to int8), or a format of `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
     """
     if quantization == "none":
         return {}
