@@ -89,7 +89,7 @@ def fits(k: int, n: int, types) -> bool:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KQuantWeight:
-    """A stack of K-quant weights W[L, K, N], each layer of its own type."""
+    """A stack of weights W[L, K, N] in GGUF's blocks, each layer of its own type (`TYPES`)."""
 
     data: jax.Array  # [bytes] uint8: every layer's sections, each layer at a multiple of ALIGN
     index: jax.Array  # [L, 2] int32: (type id, byte offset / ALIGN) of each layer

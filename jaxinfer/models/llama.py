@@ -233,7 +233,8 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
     Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` also its Q4_K/Q5_K/Q6_K, Q5_0/Q5_1 and
     projections mixing types (`kquant_formats`), float tensors in full precision, other types
-    requantized to int8), or a format of `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
+    requantized to int8), or a format of `quant.QUANTIZATIONS`, which GGUF blocks of the same kind
+    and group satisfy without requantization.
     """
     if quantization == "none":
         return {}
@@ -288,6 +289,8 @@ def kquant_formats(config: ModelConfig, checkpoint) -> dict[str, WeightFormat]:
         if all(t in kquant.TYPES for t in types) and not group_matmul_runs and kquant.fits(*shapes[proj], types):
             formats[proj] = WeightFormat("kquant", layer_types=types)
     return formats
+
+
 def head_tensor_name(config: ModelConfig) -> str:
     return "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
 
