@@ -1,5 +1,5 @@
-"""A Q4_K_M GGUF on the CPU: its K-quants kept as stored (`quantization="native"`) against the
-same file requantized to int8 per channel (and full precision for perplexity).
+"""A Q4_K_M GGUF on the CPU: its K-quants and Q5_0 blocks kept as stored (`quantization="native"`)
+against the same file requantized to int8 per channel (and full precision for perplexity).
 
     .venv/bin/python benchmarks/kquant.py ~/.cache/jaxinfer/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 

@@ -1,4 +1,5 @@
-"""GGUF's K-quants (Q4_K, Q5_K, Q6_K) kept quantized: their super-blocks, rearranged bit for bit.
+"""GGUF's quantized blocks kept as stored, a type per layer: K-quants (Q4_K, Q5_K, Q6_K) and the
+blocks of 32 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), rearranged bit for bit.
 
 A K-quant stores 256 weights of a row (a super-block) as small integer codes with a 6- or 8-bit
 scale per sub-block of 32 (Q6_K: 16) and float16 factors per super-block:
@@ -11,9 +12,16 @@ That costs 4.625 / 5.625 / 6.5625 bits a weight, against the file's 4.5 / 5.5 / 
 packs Q4_K's and Q5_K's 6-bit scales tighter). `dequantize_layer` is the reference: it equals
 `gguf.quants.dequantize` bitwise, d * sc being exact in float32.
 
-A projection's layers may differ in type (Q4_K_M files make some layers' ffn_down Q6_K): every
-layer's bytes lie one after another in one uint8 array, and an index [L, 2] gives each layer's
-type id and offset, so no layer pays for a wider type (docs/QUANTIZATION.md).
+The blocks of 32 store a float16 d (and m) per 32 weights of a row:
+  Q8_0, Q4_0, Q5_0: w = d * (code - zero)    code 8 / 4 / 5 bits, zero 128 / 8 / 16 (Q8_0's code: value + 128);
+  Q4_1, Q5_1:       w = d * code + m         code 4 / 5 bits.
+Their codes take the same nibbles and bit plane (Q8_0: group_matmul.cc's 8-bit layout), d and m
+float16 [K / 32, N]: exactly the file's bits (8.5, 4.5, 5, 5.5, 6 a weight).
+
+A projection's layers may differ in type (Q4_K_M files make some layers' ffn_down Q6_K, and where
+K is not a multiple of 256, some attn_v Q8_0 among Q5_0): every layer's bytes lie one after another
+in one uint8 array, and an index [L, 2] gives each layer's type id and offset, so no layer pays for
+a wider type (docs/QUANTIZATION.md).
 """
 
 import dataclasses
@@ -25,23 +33,32 @@ from gguf.quants import Q4_K as GGUF_Q4_K
 
 from kernels_cpu import native
 
-SUPER = 256  # rows per super-block
+SUPER = 256  # rows per K-quant super-block
+BLOCK = 32  # rows per block of the other types
 COLS = native.VNNI_BLOCK  # columns per block of the layout
 ALIGN = 64  # each layer's bytes start at a multiple of 64: the index stores offset / 64 in int32
-LAYOUT_VERSION = 1  # part of the converted-weight cache key
+LAYOUT_VERSION = 2  # part of the converted-weight cache key
 
 
 @dataclasses.dataclass(frozen=True)
 class KQuantType:
     name: str
-    type_id: int  # the kernel's: 0 Q4_K, 1 Q5_K, 2 Q6_K
+    type_id: int  # the kernel's: 0 Q4_K, 1 Q5_K, 2 Q6_K, 3 Q8_0, 4 Q4_0, 5 Q4_1, 6 Q5_0, 7 Q5_1
     bits: int
-    sub_block: int  # rows per sub-block scale
+    sub_block: int  # rows per scale
     has_min: bool
+    block: int = SUPER  # rows per block of the file: K must be a multiple
+    zero: int = 0  # blocks of 32 without a min: w = d * (code - zero)
 
     def sections(self, k: int, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """One layer's arrays in byte order: name -> (shape, dtype)."""
         nb, groups = -(-n // COLS), k // 32
+        if self.block == BLOCK:
+            return {"nibbles": ((nb, groups, 4, COLS, 4) if self.bits < 8 else (0,), np.uint8),
+                    "high": ((nb, groups, 1, COLS, 4) if self.bits == 5 else (0,), np.uint8),
+                    "codes": ((nb, k // 4, COLS, 4) if self.bits == 8 else (0,), np.uint8),
+                    "d": ((groups, n), np.float16),
+                    "m": ((groups if self.has_min else 0, n), np.float16)}
         return {"nibbles": ((nb, groups, 4, COLS, 4), np.uint8),
                 "high": ((nb, groups, self.bits - 4, COLS, 4), np.uint8),
                 "sc": ((k // self.sub_block, n), np.uint8),
@@ -54,19 +71,25 @@ class KQuantType:
 
 
 TYPES = {"Q4_K": KQuantType("Q4_K", 0, 4, 32, True), "Q5_K": KQuantType("Q5_K", 1, 5, 32, True),
-         "Q6_K": KQuantType("Q6_K", 2, 6, 16, False)}
+         "Q6_K": KQuantType("Q6_K", 2, 6, 16, False),
+         "Q8_0": KQuantType("Q8_0", 3, 8, 32, False, BLOCK, 128), "Q4_0": KQuantType("Q4_0", 4, 4, 32, False, BLOCK, 8),
+         "Q4_1": KQuantType("Q4_1", 5, 4, 32, True, BLOCK), "Q5_0": KQuantType("Q5_0", 6, 5, 32, False, BLOCK, 16),
+         "Q5_1": KQuantType("Q5_1", 7, 5, 32, True, BLOCK)}
 BY_ID = tuple(TYPES.values())
+# GGUF's bytes per block of each type (a block: 256 rows for K-quants, else 32)
+BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 
 
-def fits(k: int, n: int) -> bool:
-    """Whether W[K, N] can take this layout (GGUF itself needs K a multiple of 256)."""
-    return k % SUPER == 0 and n % 16 == 0
+def fits(k: int, n: int, types) -> bool:
+    """Whether W[K, N] of these types can take this layout (K a multiple of each type's block, as
+    GGUF itself needs; N of 16)."""
+    return all(k % TYPES[t].block == 0 for t in types) and n % 16 == 0
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KQuantWeight:
-    """A stack of K-quant weights W[L, K, N], each layer of its own type."""
+    """A stack of weights W[L, K, N] in GGUF's blocks, each layer of its own type (`TYPES`)."""
 
     data: jax.Array  # [bytes] uint8: every layer's sections, each layer at a multiple of ALIGN
     index: jax.Array  # [L, 2] int32: (type id, byte offset / ALIGN) of each layer
@@ -83,12 +106,15 @@ class KQuantWeight:
 # --- from the file's blocks -------------------------------------------------------------------
 
 def decode_blocks(raw: np.ndarray, kind: str) -> dict[str, np.ndarray]:
-    """A K-quant matrix's bytes [rows, K / 256 * block bytes] -> its integers and factors, rows
-    first: codes [rows, K] (0..2^bits - 1), sc [rows, K / sub_block] (Q6_K: int8 bits), m [rows,
-    K / 32] (Q4_K, Q5_K), d and dmin [rows, K / 256] float16. Unpacked as `gguf.quants` does."""
+    """A matrix's bytes [rows, K / block * block bytes] -> its integers and factors, rows first:
+    codes [rows, K] (0..2^bits - 1; Q8_0: value + 128), sc [rows, K / sub_block] (Q6_K: int8 bits),
+    m [rows, K / 32] (Q4_K, Q5_K: uint8; Q4_1, Q5_1: float16), d [rows, K / block] and dmin
+    [rows, K / 256] (Q4_K, Q5_K) float16. Unpacked as `gguf.quants` does."""
     rows = raw.shape[0]
-    blocks = raw.reshape(-1, {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[kind])  # [rows * K / 256, bytes]
+    blocks = raw.reshape(-1, BLOCK_BYTES[kind])  # [rows * K / block, bytes]
     n = blocks.shape[0]
+    if TYPES[kind].block == BLOCK:
+        return _decode_blocks_of_32(blocks, kind, rows)
     if kind == "Q6_K":
         ql, qh, sc, d = np.split(blocks, [128, 192, 208], axis=1)
         low = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0xF
@@ -109,13 +135,35 @@ def decode_blocks(raw: np.ndarray, kind: str) -> dict[str, np.ndarray]:
             for name, a in parts.items()}
 
 
+def _decode_blocks_of_32(blocks: np.ndarray, kind: str, rows: int) -> dict[str, np.ndarray]:
+    n = blocks.shape[0]
+    d, rest = np.split(blocks, [2], axis=1)
+    parts = {"d": d.copy().view(np.float16).reshape(rows, -1)}
+    if kind == "Q8_0":
+        codes = rest.view(np.int8).astype(np.int16) + 128
+    else:
+        if TYPES[kind].has_min:
+            m, rest = np.split(rest, [2], axis=1)
+            parts["m"] = m.copy().view(np.float16).reshape(rows, -1)
+        qh, qs = np.split(rest, [4 if TYPES[kind].bits == 5 else 0], axis=1)
+        # element j in the low nibble of byte j, element j + 16 in its high nibble; its 5th bit at bit j of qh
+        codes = ((qs.reshape(n, 1, 16) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)) & 0xF).reshape(n, 32)
+        if TYPES[kind].bits == 5:
+            qh32 = qh.copy().view("<u4")  # [n, 1]
+            codes = codes | (((qh32 >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4)
+    return {"codes": codes.astype(np.uint8).reshape(rows, -1), **parts}
+
+
 def pack_layer(parts: dict[str, np.ndarray], kind: str) -> np.ndarray:
     """`decode_blocks`' arrays (rows = output channels) -> one layer's bytes, padded to ALIGN."""
     t = TYPES[kind]
     codes = jnp.asarray(parts["codes"].T)  # [K, N]
     low = codes & 0xF
-    sections = {"nibbles": native.to_group_codes(low[0::2] | (low[1::2] << 4), 4),
-                "high": _to_high_planes(codes >> 4, t.bits - 4)}
+    if t.bits == 8:  # Q8_0: group_matmul.cc's 8-bit layout, which takes the value
+        sections = {"codes": native.to_group_codes((codes.astype(jnp.int16) - 128).astype(jnp.int8), 8)}
+    else:
+        sections = {"nibbles": native.to_group_codes(low[0::2] | (low[1::2] << 4), 4),
+                    "high": _to_high_planes(codes >> 4, t.bits - 4)}
     sections |= {name: parts[name].T for name in ("sc", "m", "d", "dmin") if name in parts}
     out = np.concatenate([np.ascontiguousarray(np.asarray(sections[name])).view(np.uint8).reshape(-1)
                           for name in t.sections(*codes.shape) if name in sections])
@@ -153,7 +201,8 @@ def stack_bytes(types: tuple[str, ...], k: int, n: int) -> int:
 # --- the reference, in jax.numpy ---------------------------------------------------------------
 
 def unpack_layer(layer, kind: str, k: int, n: int) -> dict[str, jax.Array]:
-    """One layer's bytes -> codes [K, N] int32 and the float32 factors sc, (m,) d, (dmin)."""
+    """One layer's bytes -> codes [K, N] int32 and the float32 factors sc, (m,) d, (dmin); blocks
+    of 32: d (and m)."""
     t = TYPES[kind]
     arrays, at = {}, 0
     for name, (shape, dtype) in t.sections(k, n).items():
@@ -164,11 +213,15 @@ def unpack_layer(layer, kind: str, k: int, n: int) -> dict[str, jax.Array]:
             arrays[name] = jax.lax.bitcast_convert_type(raw.reshape(*shape, 2), jnp.float16).astype(jnp.float32)
         else:
             arrays[name] = raw.reshape(shape)
-    packed = native.from_group_codes(arrays.pop("nibbles"), 4, n)  # [K / 2, N], low nibble = even row
+    nibbles, high, codes8 = arrays.pop("nibbles"), arrays.pop("high"), arrays.pop("codes", None)
+    if t.bits == 8:
+        return {"codes": native.from_group_codes(codes8, 8, n).astype(jnp.int32) + 128, "d": arrays["d"]}
+    packed = native.from_group_codes(nibbles, 4, n)  # [K / 2, N], low nibble = even row
     codes = jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(k, n).astype(jnp.int32)
-    high = arrays.pop("high")
     if t.bits > 4:
         codes = codes | (_from_high_planes(high, t.bits - 4, k, n) << 4)
+    if t.block == BLOCK:
+        return {"codes": codes, "d": arrays["d"], **({"m": arrays["m"]} if t.has_min else {})}
     arrays["sc"] = (arrays["sc"].view(jnp.int8) if kind == "Q6_K" else arrays["sc"]).astype(jnp.float32)
     if t.has_min:
         arrays["m"] = arrays["m"].astype(jnp.float32)
@@ -190,6 +243,12 @@ def dequantize_layer(layer, kind: str, k: int, n: int):
     """One layer's bytes -> W[K, N] float32, bitwise `gguf.quants.dequantize` (same products, same order)."""
     a = unpack_layer(layer, kind, k, n)
     t = TYPES[kind]
+    if t.block == BLOCK:
+        d = jnp.repeat(a["d"], BLOCK, axis=0)  # [K, N]
+        if not t.has_min:
+            return d * (a["codes"] - t.zero).astype(jnp.float32)
+        product = jax.lax.optimization_barrier(d * a["codes"].astype(jnp.float32))  # no fused multiply-add
+        return product + jnp.repeat(a["m"], BLOCK, axis=0)
     d = jnp.repeat(a["d"], SUPER // t.sub_block, axis=0)  # [K / sub_block, N]
     scale = jnp.repeat(d * a["sc"], t.sub_block, axis=0)  # [K, N], exact: 11 x 8 significant bits
     if not t.has_min:
@@ -216,6 +275,33 @@ def dequantize(w: KQuantWeight, layer):
         return branch(present[0])()
     which = jnp.asarray([present.index(t.name) if t.name in present else 0 for t in BY_ID], jnp.int32)
     return jax.lax.switch(which[w.index[layer, 0]], [branch(kind) for kind in present])
+
+
+def dequantize_rows(rows, kind: str):
+    """Rows of a matrix of a block type of 32 in the file's own bytes [T, K / 32 * block bytes] uint8
+    -> [T, K] float32, bitwise `gguf.quants.dequantize` (an embedding kept as stored: rows gathered,
+    then dequantized here)."""
+    t = TYPES[kind]
+    blocks = rows.reshape(rows.shape[0], -1, BLOCK_BYTES[kind])  # [T, K / 32, bytes]
+
+    def half(at):  # the float16 at bytes [at, at + 2) of each block -> float32 [T, K / 32, 1]
+        return jax.lax.bitcast_convert_type(blocks[..., at:at + 2], jnp.float16).astype(jnp.float32)[..., None]
+
+    d = half(0)
+    if kind == "Q8_0":
+        values = jax.lax.bitcast_convert_type(blocks[..., 2:], jnp.int8).astype(jnp.float32)
+        return (values * d).reshape(rows.shape[0], -1)
+    at = 4 if t.has_min else 2
+    qs = blocks[..., at + (4 if t.bits == 5 else 0):]  # [T, K / 32, 16]: element j low nibble, j + 16 high
+    codes = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.int32)  # [T, K / 32, 32]
+    if t.bits == 5:  # the 5th bits: bit j of a little-endian uint32
+        qh = jax.lax.bitcast_convert_type(blocks[..., at:at + 4], jnp.uint32)[..., None]
+        codes = codes | (((qh >> jnp.arange(32, dtype=jnp.uint32)) & 1).astype(jnp.int32) << 4)
+    if t.has_min:
+        w = jax.lax.optimization_barrier(d * codes.astype(jnp.float32)) + half(2)  # no fused multiply-add
+    else:
+        w = d * (codes - t.zero).astype(jnp.float32)
+    return w.reshape(rows.shape[0], -1)
 
 
 def matmul_reference(x, w: KQuantWeight, layer):

@@ -6,7 +6,8 @@ dequantization, in `kernels_pallas.quant_matmul`):
 - int8: symmetric, one scale per output channel (group_size 0) or per group of 32 rows (GGUF Q8_0);
 - int4: two values per byte, one scale (and, asymmetric, one min) per group of 32/64/128 rows;
 - fp8: float8_e4m3fn, one scale per output channel;
-- kquant: GGUF's Q4_K/Q5_K/Q6_K super-blocks as stored, a type per layer (`jaxinfer.kquant`).
+- kquant: GGUF's blocks as stored in one byte stack, a type per layer (`jaxinfer.kquant`): K-quants,
+  Q5_0/Q5_1, and Q8_0/Q4_0/Q4_1 where a projection mixes types.
 Quantized weights stay quantized in device memory: the layer hands them to `ops.quant_matmul`
 (Pallas kernel with in-register dequant on GPU, the native or XLA path on CPU).
 The norms and biases stay in full precision; the LM head (with a tied embedding) is int8 per
@@ -139,8 +140,8 @@ def quant_matmul_reference(x, w: QuantizedWeight):
 
 # `quantization` values: "none" keeps the checkpoint's weights in full precision; "native" keeps a
 # GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (and, where the native CPU kernel runs them, its
-# K-quants: `jaxinfer.kquant`); "int4" has a min per group (GGUF Q4_1's rule),
-# "int4_sym" none (Q4_0's); "auto" is `resolve_quantization`'s choice.
+# K-quants, Q5_0/Q5_1 and projections mixing types: `jaxinfer.kquant`); "int4" has a min per group
+# (GGUF Q4_1's rule), "int4_sym" none (Q4_0's); "auto" is `resolve_quantization`'s choice.
 QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128)
 # Scales and mins in float16 (as GGUF stores them): int4 g32 with a min costs 20 bytes per 32 weights.
@@ -188,8 +189,8 @@ def resolve_quantization(quantization: str, platform: str, is_gguf: bool, cpu_ru
     if quantization != "auto":
         return quantization, "requested"
     if platform == "cpu" and is_gguf and cpu_runs_blocks:
-        return "native", ("the file's Q8_0/Q4_0/Q4_1 blocks and Q4_K/Q5_K/Q6_K super-blocks as stored (other "
-                          "types requantized to int8), run by the native grouped kernels on int8 activations: "
+        return "native", ("the file's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 blocks and Q4_K/Q5_K/Q6_K super-blocks as stored "
+                          "(other types requantized to int8), run by the native grouped kernels on int8 activations: "
                           "docs/QUANTIZATION.md")
     if platform == "cpu":
         return "int8", ("int8 per channel on CPU, run by the native int8 kernel; int4/fp8 are 3-5x slower "
@@ -328,6 +329,8 @@ def weight_bytes_by_format(model: nnx.Module) -> dict[str, int]:
     """Bytes of the model's parameters on device, by format: each quantized projection (data,
     scales and mins) under its format's name, everything else under its dtype's name."""
     format_of = {}  # id(param) -> format name
+    if getattr(model, "embed_type", None) is not None:  # the embedding's rows as stored (`Llama.embed_type`)
+        format_of[id(model.embed)] = f"{model.embed_type} embedding"
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear) and node.fmt is not None:
             format_of.update((id(p), node.fmt.name) for p in node.weight_params())

@@ -1,22 +1,29 @@
-// y[M, N] = x[M, K] @ W for GGUF's K-quants (Q4_K, Q5_K, Q6_K), held as their super-blocks of 256
-// rows rearranged bit for bit (jaxinfer/kquant.py writes the layout; an XLA FFI handler):
+// y[M, N] = x[M, K] @ W for GGUF's quantized blocks, held as stored, bits rearranged
+// (jaxinfer/kquant.py writes the layout; an XLA FFI handler). K-quants, super-blocks of 256 rows:
 //   Q4_K, Q5_K: W[k, n] = d * sc[k / 32] * code - dmin * m[k / 32], code 4 or 5 bits;
-//   Q6_K:       W[k, n] = d * sc[k / 16] * (code - 32), code 6 bits, sc signed.
+//   Q6_K:       W[k, n] = d * sc[k / 16] * (code - 32), code 6 bits, sc signed;
 // d, dmin float16 per super-block; sc, m the 6-bit (Q6_K: int8) sub-block scales as bytes.
-// d * sc and dmin * m are formed here, in float32, where they are exact.
+// d * sc and dmin * m are formed here, in float32, where they are exact. Blocks of 32 rows:
+//   Q8_0, Q4_0, Q5_0: W[k, n] = d[k / 32] * (code - zero), zero 128 / 8 / 16 (Q8_0: value + 128);
+//   Q4_1, Q5_1:       W[k, n] = d[k / 32] * code + m[k / 32], d and m float16.
 //
-// Why it exists: a Q4_K_M file's 4- and 6-bit weights would otherwise be requantized to int8 (8 bits
-// a weight, two rounding errors). As group_matmul.cc does for Q8_0/Q4_x: x is quantized per row in
+// Why it exists: a Q4_K_M file's 4-, 5- and 6-bit weights would otherwise be requantized to int8 (8
+// bits a weight, two rounding errors). As group_matmul.cc does for Q8_0/Q4_x: x is quantized per row in
 // blocks of 32 (int8, llama.cpp's Q8 activations), codes meet x in integer dot products (AVX-512 VNNI
-// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd; codes < 64 cannot saturate), and per sub-block
+// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd; codes < 64 cannot saturate, Q8_0's go by nibbles: Dot8),
+// and per sub-block
 //   Q4_K/Q5_K: y += (dot(code, xq) * x_scale) * (d * sc) - (x_scale * sum(xq)) * (dmin * m)
 //   Q6_K:      y += ((dot(code, xq) - 32 * sum(xq)) * x_scale) * (d * sc)   (per 16: half an x block)
-// Batch-1 decode streams the stored bits: 4.625, 5.625 and 6.5625 bits a weight.
+//   Q8_0/Q4_0/Q5_0: y += ((dot(code, xq) - zero * sum(xq)) * x_scale) * d
+//   Q4_1/Q5_1: y += (dot(code, xq) * x_scale) * d + (x_scale * sum(xq)) * m
+// Batch-1 decode streams the stored bits: 4.625, 5.625 and 6.5625 bits a weight; blocks of 32 the
+// file's own (Q5_0 5.5, Q8_0 8.5).
 //
-// One projection's layer stack may mix types (a Q4_K_M file makes some layers' ffn_down Q6_K): the
-// layers of every type lie in one byte buffer, and `index` [L, 2] gives each layer's type (0 Q4_K,
-// 1 Q5_K, 2 Q6_K) and byte offset / 64. Each row of y is computed by the same instructions in the
-// same order whatever the other rows are (row invariance, as in group_matmul.cc).
+// One projection's layer stack may mix types (a Q4_K_M file makes some layers' ffn_down Q6_K, some
+// attn_v Q8_0 among Q5_0): the layers of every type lie in one byte buffer, and `index` [L, 2] gives
+// each layer's type (0 Q4_K, 1 Q5_K, 2 Q6_K, 3 Q8_0, 4 Q4_0, 5 Q4_1, 6 Q5_0, 7 Q5_1) and byte
+// offset / 64. Each row of y is computed by the same instructions in the same order whatever the
+// other rows are (row invariance, as in group_matmul.cc).
 //
 // A layer's bytes, in blocks of B = 64 columns (NB = ceil(N / 64), the last block zero-padded):
 //   nibbles [NB, K / 32, 4, B, 4]: byte (g, p, c, i) holds code k = 32 g + 4 p + i's low 4 bits in
@@ -25,6 +32,8 @@
 //           position j * H of byte (j * H) / 8 (Q5_K: one byte, bit j; Q6_K: byte half, bits 2 p);
 //   sc      [K / S, N] uint8 (S = 32; Q6_K: 16, int8); m [K / 32, N] uint8 (Q4_K, Q5_K);
 //   d       [K / 256, N] float16; dmin [K / 256, N] float16 (Q4_K, Q5_K).
+// Blocks of 32: nibbles and high (Q5_0, Q5_1: one plane) as above, or (Q8_0) codes [NB, K / 4, B, 4]
+// (group_matmul.cc's 8-bit layout); then d [K / 32, N] float16 and m [K / 32, N] float16 (Q4_1, Q5_1).
 
 #include <algorithm>
 #include <cstdint>
@@ -41,23 +50,38 @@ namespace {
 constexpr int64_t kSuper = 256;  // rows per super-block
 constexpr int64_t kCols = 64;    // columns per block of the layout
 
+struct Type {
+  int bits;
+  bool block32;  // blocks of 32 rows with float16 factors (else a K-quant)
+  bool has_min;
+  int zero;  // blocks of 32 without a min: W = d * (code - zero)
+};
+// By type id; jaxinfer/kquant.py's TYPES say the same.
+constexpr Type kTypes[8] = {{4, false, true, 0},  {5, false, true, 0}, {6, false, false, 0}, {8, true, false, 128},
+                            {4, true, false, 8},  {4, true, true, 0},  {5, true, false, 16}, {5, true, true, 0}};
+
 // The byte sizes of one layer's sections (the layout above); kquant.py computes the same.
 struct Sections {
-  int64_t nibbles, high, sc, m, d, dmin;
-  Sections(int bits, int64_t k, int64_t n) {
+  int64_t nibbles = 0, high = 0, codes = 0, sc = 0, m = 0, d = 0, dmin = 0;
+  Sections(const Type& t, int64_t k, int64_t n) {
     const int64_t nb = (n + kCols - 1) / kCols;
-    const bool has_min = bits != 6;
+    if (t.block32) {
+      nibbles = t.bits < 8 ? nb * k * kCols / 2 : 0;
+      high = t.bits == 5 ? nb * k * kCols / 8 : 0;
+      codes = t.bits == 8 ? nb * k * kCols : 0;
+      d = k / 32 * n * 2;
+      m = t.has_min ? d : 0;
+      return;
+    }
     nibbles = nb * k * kCols / 2;
-    high = nb * k * kCols * (bits - 4) / 8;
-    sc = k / (bits == 6 ? 16 : 32) * n;
-    m = has_min ? k / 32 * n : 0;
+    high = nb * k * kCols * (t.bits - 4) / 8;
+    sc = k / (t.bits == 6 ? 16 : 32) * n;
+    m = t.has_min ? k / 32 * n : 0;
     d = k / kSuper * n * 2;
-    dmin = has_min ? d : 0;
+    dmin = t.has_min ? d : 0;
   }
-  int64_t total() const { return nibbles + high + sc + m + d + dmin; }
+  int64_t total() const { return nibbles + high + codes + sc + m + d + dmin; }
 };
-
-constexpr int kBits[3] = {4, 5, 6};  // by type id: Q4_K, Q5_K, Q6_K
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 
@@ -66,16 +90,31 @@ struct Problem {
   const float* xs;       // [M, K / 32] their scales
   const float* xsums;    // [M, K / 32] scale * sum of the block's int8 values
   const int32_t* isums;  // [M, K / 16] integer sums of each half block
-  const uint8_t *nibbles, *high, *sc, *m;  // this layer's sections
-  const uint16_t *d, *dmin;
+  const uint8_t *nibbles, *high, *sc, *m;  // this layer's sections (Q8_0: nibbles = its codes)
+  const uint16_t *d, *dmin, *m16;            // m16: the float16 mins of Q4_1, Q5_1
   float* y;
   int64_t rows, k, n;
 };
 
+// acc += ((iacc - zero * sum(xq)) * x_scale) * d: a block of 32 of Q8_0, Q4_0 or Q5_0.
+template <int64_t R, int V>
+inline void ZeroPointStep(const Problem& p, const VecI (&iacc)[R][V], const VecF (&d)[V], int zero, int64_t m0,
+                          int64_t g, VecF (&acc)[R][V]) {
+  const int64_t groups = p.k / 32;
+  for (int64_t r = 0; r < R; ++r) {
+    const VecF xs = Splat(p.xs[(m0 + r) * groups + g]);
+    const int32_t* half_sums = p.isums + (m0 + r) * 2 * groups + 2 * g;
+    const int32_t offset = zero * (half_sums[0] + half_sums[1]);
+    for (int j = 0; j < V; ++j) acc[r][j] = Fma(Mul(ToFloat(SubI(iacc[r][j], offset)), xs), d[j], acc[r][j]);
+  }
+}
+
 // Rows [m0, m0 + R) of y, V vectors of columns from n0 = c0 + col, in the block that starts at c0.
-template <int64_t R, int V, int Bits>
+template <int64_t R, int V, int Id>
 inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t col, int64_t m0, int64_t n0) {
-  constexpr int kHigh = Bits - 4;
+  constexpr Type kType = kTypes[Id];
+  constexpr int Bits = kType.bits;
+  constexpr int kHigh = Bits == 8 ? 0 : Bits - 4;
   const int64_t groups = p.k / 32;
   VecF acc[R][V];
   for (int64_t r = 0; r < R; ++r) {
@@ -85,8 +124,25 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
     const uint8_t* wp = nibbles + (g * 4 * kCols + col) * 4;
     const uint8_t* hp = high + (g * kHigh * kCols + col) * 4;
     VecF d[V];
-    for (int j = 0; j < V; ++j) d[j] = LoadHalf(p.d + g * 32 / kSuper * p.n + n0 + j * kLanes);
-    if constexpr (Bits == 6) {  // a scale per 16: each half of the 32 rows on its own
+    const int64_t d_row = kType.block32 ? g : g * 32 / kSuper;
+    for (int j = 0; j < V; ++j) d[j] = LoadHalf(p.d + d_row * p.n + n0 + j * kLanes);
+    if constexpr (Bits == 8) {  // Q8_0: 8 quads of k a group, [K / 4, B, 4]
+      VecI iacc[R][V];
+      for (int64_t r = 0; r < R; ++r) {
+        for (int j = 0; j < V; ++j) iacc[r][j] = ZeroI();
+      }
+      const uint8_t* cp = nibbles + (g * 8 * kCols + col) * 4;
+      for (int q = 0; q < 8; ++q) {
+        __builtin_prefetch(cp + (q + 16) * kCols * 4);
+        VecI code[V];
+        for (int j = 0; j < V; ++j) code[j] = LoadI(cp + (q * kCols + j * kLanes) * 4);
+        for (int64_t r = 0; r < R; ++r) {
+          const VecI xb = Bcast(p.xq + (m0 + r) * p.k + g * 32 + q * 4);
+          for (int j = 0; j < V; ++j) iacc[r][j] = Dot8(iacc[r][j], code[j], xb);
+        }
+      }
+      ZeroPointStep<R, V>(p, iacc, d, kType.zero, m0, g, acc);
+    } else if constexpr (Bits == 6) {  // a scale per 16: each half of the 32 rows on its own
       for (int half = 0; half < 2; ++half) {
         VecI iacc[R][V];
         for (int64_t r = 0; r < R; ++r) {
@@ -136,14 +192,24 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
           for (int j = 0; j < V; ++j) iacc[r][j] = Dot4(Dot4(iacc[r][j], lo[j], xlo), hi[j], xhi);
         }
       }
+      if constexpr (kType.block32 && !kType.has_min) {
+        ZeroPointStep<R, V>(p, iacc, d, kType.zero, m0, g, acc);
+        continue;
+      }
       VecF scale[V], min[V];
       for (int j = 0; j < V; ++j) {
         const int64_t at = g * p.n + n0 + j * kLanes;
-        scale[j] = Mul(d[j], LoadU8(p.sc + at));
-        min[j] = Mul(LoadHalf(p.dmin + g * 32 / kSuper * p.n + n0 + j * kLanes), LoadU8(p.m + at));
+        if constexpr (kType.block32) {  // Q4_1, Q5_1: + m, float16 per 32
+          scale[j] = d[j];
+          min[j] = LoadHalf(p.m16 + at);
+        } else {
+          scale[j] = Mul(d[j], LoadU8(p.sc + at));
+          min[j] = Mul(LoadHalf(p.dmin + g * 32 / kSuper * p.n + n0 + j * kLanes), LoadU8(p.m + at));
+        }
       }
       for (int64_t r = 0; r < R; ++r) {
-        const VecF xs = Splat(p.xs[(m0 + r) * groups + g]), xsum = Splat(-p.xsums[(m0 + r) * groups + g]);
+        const float sum = p.xsums[(m0 + r) * groups + g];
+        const VecF xs = Splat(p.xs[(m0 + r) * groups + g]), xsum = Splat(kType.block32 ? sum : -sum);
         // Explicit fused multiply-adds: every row rounds the same way whatever R and V.
         for (int j = 0; j < V; ++j) acc[r][j] = Fma(xsum, min[j], Fma(Mul(ToFloat(iacc[r][j]), xs), scale[j], acc[r][j]));
       }
@@ -155,25 +221,26 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
 }
 
 // Rows [m0, m0 + R) of y, every column of the block at c0 (columns at or past N are padding).
-template <int64_t R, int Bits>
+template <int64_t R, int Id>
 inline void Columns(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t m0, int64_t c0) {
   constexpr int kMaxV = R >= 3 ? 2 : 4;
   const int64_t width = std::min(kCols, p.n - c0);
   int64_t col = 0;
-  for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) Tile<R, kMaxV, Bits>(p, nibbles, high, col, m0, c0 + col);
-  for (; col < width; col += kLanes) Tile<R, 1, Bits>(p, nibbles, high, col, m0, c0 + col);
+  for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) Tile<R, kMaxV, Id>(p, nibbles, high, col, m0, c0 + col);
+  for (; col < width; col += kLanes) Tile<R, 1, Id>(p, nibbles, high, col, m0, c0 + col);
 }
 
-template <int Bits>
+template <int Id>
 void Block(const Problem& p, int64_t b) {
-  const uint8_t* nibbles = p.nibbles + b * p.k * kCols / 2;
-  const uint8_t* high = p.high + b * p.k * kCols * (Bits - 4) / 8;
+  constexpr int Bits = kTypes[Id].bits;
+  const uint8_t* nibbles = p.nibbles + b * p.k * kCols / (Bits == 8 ? 1 : 2);  // Q8_0: its codes
+  const uint8_t* high = p.high + b * p.k * kCols * (Bits == 8 ? 0 : Bits - 4) / 8;
   int64_t m0 = 0;
-  for (; m0 + 4 <= p.rows; m0 += 4) Columns<4, Bits>(p, nibbles, high, m0, b * kCols);
+  for (; m0 + 4 <= p.rows; m0 += 4) Columns<4, Id>(p, nibbles, high, m0, b * kCols);
   switch (p.rows - m0) {
-    case 3: Columns<3, Bits>(p, nibbles, high, m0, b * kCols); break;
-    case 2: Columns<2, Bits>(p, nibbles, high, m0, b * kCols); break;
-    case 1: Columns<1, Bits>(p, nibbles, high, m0, b * kCols); break;
+    case 3: Columns<3, Id>(p, nibbles, high, m0, b * kCols); break;
+    case 2: Columns<2, Id>(p, nibbles, high, m0, b * kCols); break;
+    case 1: Columns<1, Id>(p, nibbles, high, m0, b * kCols); break;
     default: break;
   }
 }
@@ -190,19 +257,20 @@ ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, 
   if (xd.size() != 2 || id.size() != 2 || id[1] != 2) {
     return ffi::Error::InvalidArgument("kquant_matmul: bad ranks (x [M, K], index [L, 2])");
   }
-  Problem p;
+  Problem p{};
   p.rows = xd[0];
   p.k = xd[1];
   p.n = n;
-  if (p.k % kSuper || p.n % kLanes || y->dimensions()[0] != p.rows || y->dimensions()[1] != p.n) {
-    return ffi::Error::InvalidArgument("kquant_matmul: K must be a multiple of 256, N of 16, y [M, N]");
-  }
   const int32_t l = *layer.typed_data();
   if (l < 0 || l >= id[0]) return ffi::Error::InvalidArgument("kquant_matmul: layer out of range");
   const int32_t type = index.typed_data()[2 * l];
-  if (type < 0 || type > 2) return ffi::Error::InvalidArgument("kquant_matmul: unknown type id");
-  const int bits = kBits[type];
-  const Sections s(bits, p.k, p.n);
+  if (type < 0 || type > 7) return ffi::Error::InvalidArgument("kquant_matmul: unknown type id");
+  const Type& t = kTypes[type];
+  if (p.k % (t.block32 ? 32 : kSuper) || p.n % kLanes || y->dimensions()[0] != p.rows || y->dimensions()[1] != p.n) {
+    return ffi::Error::InvalidArgument("kquant_matmul: K must be a multiple of the type's block (256 or 32), N of 16, "
+                                       "y [M, N]");
+  }
+  const Sections s(t, p.k, p.n);
   const int64_t offset = int64_t{index.typed_data()[2 * l + 1]} * 64;
   if (offset < 0 || offset + s.total() > static_cast<int64_t>(data.element_count())) {
     return ffi::Error::InvalidArgument("kquant_matmul: the layer's bytes lie outside the data");
@@ -210,10 +278,15 @@ ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, 
   const uint8_t* base = data.typed_data() + offset;
   p.nibbles = base;
   p.high = p.nibbles + s.nibbles;
-  p.sc = p.high + s.high;
-  p.m = p.sc + s.sc;
-  p.d = reinterpret_cast<const uint16_t*>(p.m + s.m);
-  p.dmin = reinterpret_cast<const uint16_t*>(p.m + s.m + s.d);
+  if (t.block32) {  // nibbles, high or codes, d, m
+    p.d = reinterpret_cast<const uint16_t*>(p.high + s.high + s.codes);
+    p.m16 = reinterpret_cast<const uint16_t*>(p.high + s.high + s.codes + s.d);
+  } else {  // nibbles, high, sc, m, d, dmin
+    p.sc = p.high + s.high;
+    p.m = p.sc + s.sc;
+    p.d = reinterpret_cast<const uint16_t*>(p.m + s.m);
+    p.dmin = reinterpret_cast<const uint16_t*>(p.m + s.m + s.d);
+  }
   p.y = y->typed_data();
   const int64_t groups = p.k / 32;
   std::vector<int8_t> xq(p.rows * p.k);
@@ -231,12 +304,15 @@ ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, 
   const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
   workers.ParallelFor(num_chunks, [&](int64_t c) {
     for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
-      if (bits == 4) {
-        Block<4>(p, b);
-      } else if (bits == 5) {
-        Block<5>(p, b);
-      } else {
-        Block<6>(p, b);
+      switch (type) {
+        case 0: Block<0>(p, b); break;
+        case 1: Block<1>(p, b); break;
+        case 2: Block<2>(p, b); break;
+        case 3: Block<3>(p, b); break;
+        case 4: Block<4>(p, b); break;
+        case 5: Block<5>(p, b); break;
+        case 6: Block<6>(p, b); break;
+        default: Block<7>(p, b); break;
       }
     }
   });

@@ -1,6 +1,7 @@
-"""GGUF K-quants kept as stored (`jaxinfer.kquant`): the layout dequantizes bitwise like
-`gguf.quants.dequantize`, and the native kernel (`kernels_cpu/kquant_matmul.cc`) equals a float64
-NumPy product of those weights with the kernel's int8 activations."""
+"""GGUF blocks kept as stored in byte stacks (`jaxinfer.kquant`: K-quants and the blocks of 32):
+the layout dequantizes bitwise like `gguf.quants.dequantize`, and the native kernel
+(`kernels_cpu/kquant_matmul.cc`) equals a float64 NumPy product of those weights with the kernel's
+int8 activations."""
 
 import os
 
@@ -15,8 +16,8 @@ from jaxinfer import kquant, ops, quant
 from kernels_cpu import native
 from tests.test_native_cpu import quantized_activations
 
-KINDS = ("Q4_K", "Q5_K", "Q6_K")
-BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+KINDS = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+BLOCK_BYTES = kquant.BLOCK_BYTES
 QWEN = os.path.expanduser("~/.cache/jaxinfer/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 
 needs_kernel = pytest.mark.skipif(native.turned_off() is not None or not native.has_group_path(),
@@ -24,14 +25,20 @@ needs_kernel = pytest.mark.skipif(native.turned_off() is not None or not native.
 
 
 def random_blocks(rng, kind, rows, k):
-    """A K-quant matrix [rows, k] as the file stores it: random bytes, with d (and dmin) set to
-    float16 values of a real model's range (random bytes would make them inf or NaN)."""
-    raw = rng.integers(0, 256, (rows, k // 256, BLOCK_BYTES[kind]), dtype=np.uint8)
-    factors = rng.uniform(1e-4, 2e-3, (rows, k // 256, 2)).astype(np.float16).view(np.uint8)
+    """A matrix [rows, k] of this type as the file stores it: random bytes, with d (and dmin, or the
+    blocks of 32's m) set to float16 values of a real model's range (random bytes would make them
+    inf or NaN)."""
+    block = kquant.TYPES[kind].block
+    raw = rng.integers(0, 256, (rows, k // block, BLOCK_BYTES[kind]), dtype=np.uint8)
+    factors = rng.uniform(1e-4, 2e-3, (rows, k // block, 2)).astype(np.float16)
+    factors[..., 1] *= -1 if block == 32 else 1  # a min below zero, as a block's minimum usually is
+    factors = factors.view(np.uint8)
     if kind == "Q6_K":
         raw[..., 208:210] = factors[..., :2]
-    else:
+    elif kind in ("Q4_K", "Q5_K", "Q4_1", "Q5_1"):
         raw[..., 0:4] = factors
+    else:
+        raw[..., 0:2] = factors[..., :2]
     return raw.reshape(rows, -1)
 
 
@@ -56,18 +63,28 @@ def test_dequantize_equals_gguf_bitwise(kind, k, n):
     np.testing.assert_array_equal(got.view(np.uint32), gguf_weight(raw, kind).view(np.uint32))
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_rows_in_the_files_bytes_dequantize_like_gguf_bitwise(kind):
+    """An embedding kept as stored: rows gathered from the file's bytes, then dequantized."""
+    raw = random_blocks(np.random.default_rng(7), kind, 40, 256)
+    ids = np.array([3, 0, 39, 3])
+    got = np.asarray(jax.jit(kquant.dequantize_rows, static_argnums=1)(jnp.asarray(raw)[ids], kind))
+    np.testing.assert_array_equal(got.view(np.uint32), gguf_weight(raw, kind).T[ids].view(np.uint32))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_layout_bytes_are_the_files_but_for_q4_k_and_q5_k_scales(kind):
-    """Bits a weight in memory: the file's, plus Q4_K/Q5_K's 6-bit scales and mins kept as bytes."""
+    """Bits a weight in memory: the file's (Q5_0 5.5, Q8_0 8.5, ...), plus Q4_K/Q5_K's 6-bit scales
+    and mins kept as bytes."""
     k, n = 4864, 896
     bits = kquant.TYPES[kind].layer_bytes(k, n) * 8 / (k * n)
-    file_bits = BLOCK_BYTES[kind] * 8 / 256
-    assert bits == file_bits + (0.125 if kind != "Q6_K" else 0)
+    file_bits = BLOCK_BYTES[kind] * 8 / kquant.TYPES[kind].block
+    assert bits == file_bits + (0.125 if kind in ("Q4_K", "Q5_K") else 0)
 
 
 def test_stack_of_mixed_types_dequantizes_each_layer_by_its_own_type():
     rng = np.random.default_rng(1)
-    kinds = ["Q4_K", "Q6_K", "Q5_K", "Q6_K"]
+    kinds = ["Q4_K", "Q6_K", "Q5_0", "Q5_K", "Q8_0", "Q4_1", "Q5_1", "Q4_0", "Q6_K"]
     raws = [random_blocks(rng, kind, 64, 512) for kind in kinds]
     w = stack(raws, kinds)
     run = jax.jit(kquant.dequantize)  # the layer traced, as under lax.scan
@@ -77,12 +94,14 @@ def test_stack_of_mixed_types_dequantizes_each_layer_by_its_own_type():
 
 def test_xla_reference_matmul_equals_a_float64_product():
     rng = np.random.default_rng(2)
-    raws = [random_blocks(rng, "Q4_K", 128, 512), random_blocks(rng, "Q6_K", 128, 512)]
-    w = stack(raws, ["Q4_K", "Q6_K"])
+    kinds = ["Q4_K", "Q6_K", "Q5_0"]
+    raws = [random_blocks(rng, kind, 128, 512) for kind in kinds]
+    w = stack(raws, kinds)
     x = jnp.asarray(rng.standard_normal((5, 512)), jnp.float32)
-    got = np.asarray(jax.jit(kquant.matmul_reference)(x, w, 1))
-    want = np.asarray(x, np.float64) @ gguf_weight(raws[1], "Q6_K").astype(np.float64)
-    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    for layer in (1, 2):
+        got = np.asarray(jax.jit(kquant.matmul_reference)(x, w, layer))
+        want = np.asarray(x, np.float64) @ gguf_weight(raws[layer], kinds[layer]).astype(np.float64)
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
 
 def check_kernel(got, x, weight):
@@ -99,10 +118,14 @@ def check_kernel(got, x, weight):
 kernel = jax.jit(native.kquant_matmul, static_argnames="n")
 
 
+# K 288: blocks of 32 only (Qwen2.5-0.5B's 896 is not a multiple of 256 either)
+SHAPES = [(kind, k, n) for kind in KINDS for k, n in [(768, 192), (512, 80), (288, 48)]
+          if k % kquant.TYPES[kind].block == 0]
+
+
 @needs_kernel
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, k, n", SHAPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 17])
-@pytest.mark.parametrize("k, n", [(768, 192), (512, 80)])
 def test_kernel_matches_reference(kind, m, k, n):
     rng = np.random.default_rng(m * 100 + n + len(kind))
     raw = random_blocks(rng, kind, n, k)
@@ -120,7 +143,7 @@ def test_a_mixed_stack_runs_each_layer_by_its_own_type_under_scan(backend):
     if backend == "xla" and (native.turned_off() is not None or not native.has_group_path()):
         pytest.skip("no native grouped integer path in this build")
     rng = np.random.default_rng(3)
-    kinds = ["Q6_K", "Q4_K", "Q4_K", "Q5_K", "Q6_K"]
+    kinds = ["Q6_K", "Q5_0", "Q8_0", "Q4_K", "Q5_0", "Q5_K", "Q5_1", "Q6_K"]
     raws = [random_blocks(rng, kind, 128, 512) for kind in kinds]
     w = stack(raws, kinds)
     x = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
@@ -163,13 +186,56 @@ def qwen():
     return GGUFCheckpoint(QWEN)
 
 
-def test_native_keeps_k_quant_projections_only_where_their_kernel_runs(qwen):
+def test_native_keeps_k_quant_and_q5_0_projections_only_where_their_kernel_runs(qwen):
     from jaxinfer.models.llama import projection_formats
 
     kept = projection_formats(qwen.config, qwen, "native", kquants=True)
     assert kept["down_proj"][0].kind == "kquant" and kept["down_proj"][1]
-    assert kept["q_proj"][0].kind == "int8"  # Q5_0: not a K-quant, requantized as before
+    assert kept["q_proj"][0] == quant.WeightFormat("kquant", layer_types=("Q5_0",) * 24)
+    assert set(kept["v_proj"][0].layer_types) == {"Q5_0", "Q8_0"}  # mixed across layers: one stack
     assert projection_formats(qwen.config, qwen, "native")["down_proj"] == (quant.weight_format("int8"), False)
+    assert projection_formats(qwen.config, qwen, "native")["q_proj"] == (quant.weight_format("int8"), False)
+
+
+def test_real_q5_0_embedding_kept_as_stored(qwen):
+    """Qwen2.5-Coder-0.5B's token embedding (Q5_0, not tied to its Q8_0 head): its rows, read from
+    the file's bytes, equal gguf's dequantization."""
+    from jaxinfer.models.llama import _stored_embed_type
+
+    assert _stored_embed_type(qwen.config, qwen) == "Q5_0"
+    raw = qwen.raw_rows("model.embed_tokens.weight")
+    ids = np.array([0, 151643, 785, 12])
+    got = np.asarray(kquant.dequantize_rows(jnp.asarray(raw[ids]), "Q5_0"))
+    np.testing.assert_array_equal(got, gguf_weight(raw[ids], "Q5_0").T)
+
+
+class StubCheckpoint:
+    """Every layer's projections of the types given, by layer."""
+
+    def __init__(self, types):
+        self.types = types
+
+    def tensor_type(self, name):
+        return self.types[int(name.split(".")[2])]
+
+    def kquant_tensor(self, name):
+        raise NotImplementedError
+
+
+def test_a_stack_of_one_block_type_of_32_stays_with_group_matmul_unless_mixed():
+    """SmolLM2's Q8_0 (or a Q4_0 file) keeps its path and numbers; a mix of those types, or Q5_0
+    anywhere, goes to the byte stack."""
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.models.llama import kquant_formats
+
+    config = ModelConfig(architecture="llama", vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    for uniform in ("Q8_0", "Q4_0", "Q4_1"):
+        assert kquant_formats(config, StubCheckpoint([uniform, uniform])) == {}
+    mixed = kquant_formats(config, StubCheckpoint(["Q8_0", "Q4_0"]))
+    assert mixed["q_proj"].layer_types == ("Q8_0", "Q4_0")
+    assert kquant_formats(config, StubCheckpoint(["Q5_0", "Q5_0"]))["down_proj"].layer_types == ("Q5_0", "Q5_0")
 
 
 def test_real_q4_k_m_down_proj_kept_as_stored(qwen):
@@ -194,6 +260,29 @@ def test_real_q4_k_m_down_proj_kept_as_stored(qwen):
         np.testing.assert_array_equal(np.asarray(jax.jit(kquant.dequantize)(w, i)), weight, err_msg=kinds[i])
         if native.turned_off() is None and native.has_group_path():
             check_kernel(np.asarray(kernel(x, w.data, w.index, i, n=n)), x, weight)
+
+
+def test_real_v_proj_mixing_q5_0_and_q8_0_kept_as_stored(qwen):
+    """Qwen2.5-Coder-0.5B "Q4_K_M": attn_v is Q5_0 in some layers, Q8_0 in others (K = 896 is not a
+    multiple of 256). All 24 layers in one stack dequantize bitwise like gguf; the kernel runs a
+    layer of each type."""
+    from jaxinfer.models.llama import kquant_formats
+
+    fmt = kquant_formats(qwen.config, qwen)["v_proj"]
+    names = [f"model.layers.{i}.self_attn.v_proj.weight" for i in range(qwen.config.num_layers)]
+    data, index = kquant.stack_layers([(kind, kquant.pack_layer(qwen.kquant_tensor(name), kind))
+                                       for name, kind in zip(names, fmt.layer_types)])
+    k, n = qwen.config.hidden_size, qwen.config.num_kv_heads * qwen.config.head_dim
+    assert len(data) == kquant.stack_bytes(fmt.layer_types, k, n)
+    w = kquant.KQuantWeight(jnp.asarray(data), jnp.asarray(index), k, n, fmt.layer_types)
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((2, k)), jnp.float32)
+    run = jax.jit(kquant.dequantize)
+    for layer, name in enumerate(names):
+        t = qwen.tensors[qwen.gguf_name(name)]
+        want = gguf_weight(np.asarray(t.data).reshape(n, -1), t.tensor_type.name)
+        np.testing.assert_array_equal(np.asarray(run(w, layer)), want, err_msg=f"layer {layer}")
+        if layer in (fmt.layer_types.index("Q5_0"), fmt.layer_types.index("Q8_0")) and native.has_group_path():
+            check_kernel(np.asarray(kernel(x, w.data, w.index, layer, n=n)), x, want)
 
 
 @pytest.mark.skipif("avx512f" not in open("/proc/cpuinfo").read(), reason="the main run already is the AVX2 build")

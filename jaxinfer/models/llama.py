@@ -137,9 +137,10 @@ class Llama(nnx.Module):
     LAYER = DecoderLayer  # built once, every parameter stacked on a leading [num_layers] axis
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto", formats=None,
-                 quant_backend="auto", head_format: WeightFormat | None = None):
+                 quant_backend="auto", head_format: WeightFormat | None = None, embed_type: str | None = None):
         c = config
         self.config = config
+        self.embed_type = embed_type  # a block type of 32: the embedding's rows as the file stores them
         self.attention_backend = attention_backend
         self.layers = self.LAYER(config, dtype=dtype, stack=(c.num_layers,), formats=formats,
                                  quant_backend=quant_backend)
@@ -153,9 +154,14 @@ class Llama(nnx.Module):
             # embedding reads its rows from it (a row's scale is the entry's scale): no full-precision copy.
             self.lm_head = Linear(c.hidden_size, c.vocab_size, dtype=dtype, fmt=head_format, backend=quant_backend)
             self.embed = nnx.Param(jnp.zeros((c.vocab_size, c.hidden_size), dtype)) if not c.tie_word_embeddings else None
+        if embed_type is not None:  # only untied: [vocab, hidden / 32 * block bytes] uint8
+            row_bytes = c.hidden_size // kquant.BLOCK * kquant.BLOCK_BYTES[embed_type]
+            self.embed = nnx.Param(jnp.zeros((c.vocab_size, row_bytes), jnp.uint8))
 
     def embed_tokens(self, token_ids):
         """[T] int32 -> [T, hidden]."""
+        if self.embed_type is not None:
+            return kquant.dequantize_rows(self.embed[...][token_ids], self.embed_type).astype(self.norm[...].dtype)
         if self.embed is not None:
             return self.embed[...][token_ids]
         w = self.lm_head.quantized_weight()  # int8 [hidden, vocab] (or a CPU layout), per entry or per 32 rows
@@ -242,9 +248,10 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     """projection -> (its format, whether the checkpoint holds it in that format already).
 
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
-    Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` its Q4_K/Q5_K/Q6_K too, float tensors in full
-    precision, other types requantized to int8), or a format of
-    `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group satisfy without requantization.
+    Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` also its Q4_K/Q5_K/Q6_K, Q5_0/Q5_1 and
+    projections mixing types (`kquant_formats`), float tensors in full precision, other types
+    requantized to int8), or a format of `quant.QUANTIZATIONS`, which GGUF blocks of the same kind
+    and group satisfy without requantization.
     """
     if quantization == "none":
         return {}
@@ -253,7 +260,7 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     formats = {}
     kept = kquant_formats(config, checkpoint) if quantization == "native" and kquants else {}
     if kept:
-        logger.info("K-quants kept as stored (native kernel): %s", "; ".join(
+        logger.info("GGUF blocks kept as stored (native byte-stack kernel): %s", "; ".join(
             f"{proj} " + ", ".join(f"{t} x{fmt.layer_types.count(t)}" for t in sorted(set(fmt.layer_types)))
             for proj, fmt in kept.items()))
     for proj in PROJECTIONS:
@@ -281,7 +288,9 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
 
 
 def kquant_formats(config: ModelConfig, checkpoint) -> dict[str, WeightFormat]:
-    """The projections whose every layer is a K-quant (of any mix of types), as "kquant" formats."""
+    """The projections kept as the file stores them in a byte stack (`jaxinfer.kquant`), as "kquant"
+    formats: those whose layers are all of its types and hold a K-quant, a Q5_0/Q5_1, or a mix of
+    types. A stack of one of Q8_0/Q4_0/Q4_1 throughout stays with `group_matmul` (`native_format`)."""
     if not hasattr(checkpoint, "kquant_tensor"):
         return {}
     c = config
@@ -293,7 +302,8 @@ def kquant_formats(config: ModelConfig, checkpoint) -> dict[str, WeightFormat]:
     for proj in PROJECTIONS:
         template = _LAYER_TENSORS[(proj, "w")][0]
         types = tuple(checkpoint.tensor_type(template.format(layer)) for layer in range(c.num_layers))
-        if all(t in kquant.TYPES for t in types) and kquant.fits(*shapes[proj]):
+        group_matmul_runs = len(set(types)) == 1 and types[0] in ("Q8_0", "Q4_0", "Q4_1")
+        if all(t in kquant.TYPES for t in types) and not group_matmul_runs and kquant.fits(*shapes[proj], types):
             formats[proj] = WeightFormat("kquant", layer_types=types)
     return formats
 
@@ -320,7 +330,8 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     there (orbax) and read back by later loads of the same file in the same formats.
     `lm_head_quantization` "int8" quantizes the LM head per vocabulary entry, "native" keeps a GGUF's
     Q8_0 head as stored (a tied embedding then reads its rows from it); "none" keeps it in `dtype`.
-    `kquants`: "native" keeps the file's K-quant projections as stored (where their kernel runs).
+    `kquants`: "native" keeps the file's K-quant, Q5_0/Q5_1 and mixed-type projections as stored
+    (where their kernel runs: `kquant_formats`).
     """
     formats = projection_formats(config, checkpoint, quantization, group_size, kquants)
     if lm_head_quantization not in ("none", "int8", "native"):
@@ -328,9 +339,11 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     head_format = quant.weight_format("int8") if lm_head_quantization == "int8" else None
     if lm_head_quantization == "native":
         head_format = _native_head_format(config, checkpoint)
+    embed_type = _stored_embed_type(config, checkpoint) if quantization == "native" and kquants else None
     model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, attention_backend=attention_backend,
                                              formats={p: f for p, (f, _) in formats.items()},
-                                             quant_backend=quant_backend, head_format=head_format))
+                                             quant_backend=quant_backend, head_format=head_format,
+                                             embed_type=embed_type))
     graphdef, state = nnx.split(model)
     shapes = nnx.to_pure_dict(state)
     cache = None
@@ -340,12 +353,14 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
                                                          else []) for p, (f, native) in sorted(formats.items())}}
         if head_format is not None:
             key_fields["lm_head"] = head_format.name
+        if embed_type is not None:
+            key_fields["embed"] = [embed_type, kquant.LAYOUT_VERSION]
         cache = WeightCache(cache_dir, checkpoint.path, **key_fields)
         params = cache.load(shapes)
         if params is not None:
             nnx.replace_by_pure_dict(state, params)
             return nnx.merge(graphdef, state)
-    params = _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format)
+    params = _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format, embed_type)
     if cache is not None:
         cache.save(params)
     nnx.replace_by_pure_dict(state, params)
@@ -353,21 +368,35 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
 
 
 def _native_head_format(config: ModelConfig, checkpoint) -> WeightFormat:
-    """The LM head as stored: Q8_0 blocks, or (a head not tied to the embedding) a K-quant."""
+    """The LM head as stored: Q8_0 blocks, or (a head not tied to the embedding) a byte-stack type."""
     name = head_tensor_name(config)
     head_format = getattr(checkpoint, "native_format", lambda name: None)(name)
     if head_format is not None and head_format.kind == "int8":
         return head_format
     stored = checkpoint.tensor_type(name) if hasattr(checkpoint, "tensor_type") else None
-    if stored in kquant.TYPES and not config.tie_word_embeddings and kquant.fits(config.hidden_size, config.vocab_size):
+    if (stored in kquant.TYPES and not config.tie_word_embeddings
+            and kquant.fits(config.hidden_size, config.vocab_size, (stored,))):
         return WeightFormat("kquant", layer_types=(stored,))
     raise ValueError("lm_head_quantization='native' needs a checkpoint whose LM head is stored as Q8_0, or as a "
                      "K-quant and not tied to the embedding")
 
 
-def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format=None) -> dict:
+def _stored_embed_type(config: ModelConfig, checkpoint) -> str | None:
+    """The embedding's type where it is kept as the file stores it: a block type of 32 (Qwen2.5-0.5B's
+    Q5_0), not tied to the LM head (which reads it by columns). Else None: dequantized to `dtype`."""
+    name = "model.embed_tokens.weight"
+    stored = checkpoint.tensor_type(name) if hasattr(checkpoint, "raw_rows") else None
+    if config.tie_word_embeddings or stored not in kquant.TYPES or kquant.TYPES[stored].block != kquant.BLOCK:
+        return None
+    return stored if config.hidden_size % kquant.BLOCK == 0 else None
+
+
+def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format=None,
+                 embed_type=None) -> dict:
     params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
-    if head_format is None or not config.tie_word_embeddings:
+    if embed_type is not None:
+        params["embed"] = jnp.asarray(checkpoint.raw_rows("model.embed_tokens.weight"))
+    elif head_format is None or not config.tie_word_embeddings:
         params["embed"] = jnp.asarray(checkpoint.tensor("model.embed_tokens.weight"), dtype)
     if head_format is not None and head_format.kind == "kquant":  # the file's own super-blocks
         params["lm_head"] = _read_quantized(checkpoint, head_tensor_name(config), 1, head_format, True, None)

@@ -134,6 +134,12 @@ class GGUFCheckpoint:
                     parts = {k: _unpermute_rope_rows(v, num_heads) for k, v in parts.items()}
         return parts
 
+    def raw_rows(self, hf_name: str) -> np.ndarray:
+        """A matrix's bytes as stored, [rows, bytes a row] uint8 (rows: output channels or vocabulary
+        entries); not un-permuted (for the embedding, which is not)."""
+        t = self.tensors[self.gguf_name(hf_name)]
+        return np.asarray(t.data).reshape(int(t.shape[-1]), -1)
+
     def _read(self, gguf_name: str) -> np.ndarray:
         t = self.tensors[gguf_name]
         # GGUF lists dims innermost first; the dequantized array comes out in row-major (HF) order.
