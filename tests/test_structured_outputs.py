@@ -199,16 +199,22 @@ def test_a_preempted_sequence_keeps_its_grammar_state(llm):
     assert final.outputs[0].text == expected
 
 
-def test_strict_compile_engine_serves_a_constrained_request_without_compiling(llm):
+def test_strict_compile_engine_serves_constrained_and_unconstrained_in_one_batch_without_compiling(llm):
+    """The bitmask is an input of every step program (all ones on an unconstrained row), so a batch
+    mixing both rows runs the warmed-up programs: the unconstrained text is its solo greedy text."""
     runner = llm.engine.runner
     config = runner.config
+    plain = SamplingParams(temperature=0, max_tokens=16)
+    solo = llm.generate([PROMPT], plain, use_tqdm=False)[0].outputs[0].text
     runner.config = config.replace(strict_compile=True)  # raises on any program built after warm-up
     try:
         before = runner.num_compilations
-        params = SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(
+        constrained = SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(
             choice=["alpha", "beta"]))
-        out = llm.generate(["Pick one:", "Pick another:"], params, use_tqdm=False)
-        assert {o.outputs[0].text for o in out} <= {"alpha", "beta"}
+        outs = llm.generate(["Pick one:", PROMPT, "Pick another:"], [constrained, plain, constrained],
+                            use_tqdm=False)
+        assert {outs[0].outputs[0].text, outs[2].outputs[0].text} <= {"alpha", "beta"}
+        assert outs[1].outputs[0].text == solo
         assert runner.num_compilations == before
     finally:
         runner.config = config
