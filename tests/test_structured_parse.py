@@ -5,9 +5,10 @@ every one of 20 draws at temperature 1.0 comes back as a parsed object that pyda
 JSON closed before max_tokens. Regex and choice constraints hold on every one of 20 draws too. The
 references: pydantic's own validation, `re.fullmatch`, the list of choices.
 
-The tiny SmolLM2 at temperature 1.0 writes whatever the grammar allows, so strings carry maxLength
-(pydantic's max_length) as a user bounding a small model's output would; see the arrays' schema for
-what an unbounded list does."""
+The tiny SmolLM2 at temperature 1.0 writes whatever the grammar allows: an unbounded string or
+integer can run to max_tokens (a `length` finish, which `parse` raises on), so strings carry
+maxLength and integers maximum (pydantic's max_length, le) as a user bounding a small model would.
+An unbounded list of bounded items closes (Basket.labels)."""
 
 import re
 from concurrent.futures import ThreadPoolExecutor
