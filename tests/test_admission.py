@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from fake_engine import FakeEngine
-from helpers import NAME, idle, live_server
+from helpers import NAME, idle, live_server, wait_until
 
 from jaxinfer import SamplingParams
 from jaxinfer.admission import PRIOR_TOKENS_PER_S, PRIOR_WEIGHT_S, WINDOW_S, PrefillRate, retry_after
@@ -166,11 +166,14 @@ def test_the_loop_measures_the_prefill_rate_only_while_tokens_are_queued():
 
     try:
         asyncio.run(generate(20))
+        # The loop publishes its stats after handing out a step's output: wait for the last step's.
+        assert wait_until(lambda: engine.stats.num_requests == 0)
         measured = engine.stats.prefill_tokens_per_s
         assert PRIOR_TOKENS_PER_S < measured <= 500
         assert fake.num_steps == 20 and fake.queued_tokens == 1000 - 10 * 20
         fake.queued_tokens = 0  # nothing queued: decode-only steps say nothing about prefill
         asyncio.run(generate(20))
+        assert wait_until(lambda: engine.stats.num_requests == 0)
         assert engine.stats.prefill_tokens_per_s == measured
     finally:
         engine.shutdown(timeout=1)
