@@ -1,5 +1,5 @@
-"""The OpenAI protocol: request bodies checked and turned into SamplingParams, responses and
-streaming chunks built in OpenAI's shapes, errors as OpenAI's `{"error": {...}}`.
+"""The OpenAI protocol: request bodies checked and turned into SamplingParams, errors as OpenAI's
+`{"error": {...}}` (responses and streaming chunks: jaxinfer/api/responses.py).
 
 Requests are plain JSON dicts checked field by field: a wrong type or value is an `APIError` (400)
 that names the field in `param`. Fields that OpenAI or vLLM define and we do not implement are
@@ -456,74 +456,3 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
         field = message.removeprefix("SamplingParams.").split(" ", 1)[0]
         param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(field, field)
         raise APIError(400, f"'{param}' " + message.split(" ", 1)[1], param=param) from None
-
-
-# -- responses ----------------------------------------------------------------------------------
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion_logprobs(entries, token_text, text_offset: int = 0) -> dict:
-    """The legacy completions shape: parallel lists over tokens."""
-    tokens, offsets = [], []
-    for entry in entries:
-        tokens.append(token_text(entry.token_id))
-        offsets.append(text_offset)
-        text_offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
-
-
-def chat_logprobs(entries, token_text) -> dict:
-    def item(token_id, logprob):
-        text = token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries]}
-
-
-def completion_response(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage_}
-
-
-def completion_choice(index: int, text: str, finish_reason, logprobs=None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def chat_response(request_id: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage_}
-
-
-def chat_choice(index: int, text: str, finish_reason, logprobs=None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
-
-
-def completion_chunk(request_id: str, created: int, model: str, choices: list[dict], usage_=None) -> dict:
-    chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
-
-
-def chat_chunk(request_id: str, created: int, model: str, choices: list[dict], usage_=None) -> dict:
-    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": choices}
-    if usage_ is not None:
-        chunk["usage"] = usage_
-    return chunk
-
-
-def chat_chunk_choice(index: int, delta: dict, finish_reason=None, logprobs=None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def model_card(name: str, created: int, max_model_len: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "jaxinfer", "root": name,
-            "max_model_len": max_model_len}
-

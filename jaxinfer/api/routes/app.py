@@ -22,7 +22,8 @@ from starlette.routing import Route
 
 from jaxinfer.api.metrics import ServerMetrics
 from jaxinfer.api.openapi import openapi_document
-from jaxinfer.api.protocol import APIError, error_body, model_card
+from jaxinfer.api.protocol import APIError, error_body
+from jaxinfer.api.responses import model_card
 from jaxinfer.api.routes.completions import create_chat_completion, create_completion
 from jaxinfer.api.routes.frontend import frontend_routes
 from jaxinfer.async_engine import AsyncLLMEngine

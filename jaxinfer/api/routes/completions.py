@@ -16,7 +16,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from jaxinfer.api import protocol
+from jaxinfer.api import protocol, responses
 from jaxinfer.api.protocol import APIError, GenerationRequest
 from jaxinfer.async_engine import EngineDeadError, NotAcceptingError, QueueFullError, RequestStream
 from jaxinfer.structured_outputs import StructuredOutputsError
@@ -118,11 +118,11 @@ class _Reply:
         if entries is None or self.req.params.logprobs is None:
             return None
         if self.chat:
-            return protocol.chat_logprobs(entries, self.token_text)
-        return protocol.completion_logprobs(entries, self.token_text, text_offset)
+            return responses.chat_logprobs(entries, self.token_text)
+        return responses.completion_logprobs(entries, self.token_text, text_offset)
 
     def usage(self, num_generated: int) -> dict:
-        return protocol.usage(sum(len(ids) for ids in self.prompt_ids), num_generated)
+        return responses.usage(sum(len(ids) for ids in self.prompt_ids), num_generated)
 
     async def collect(self, streams) -> list:
         finals = [None] * len(streams)
@@ -135,13 +135,13 @@ class _Reply:
         for p, output in enumerate(finals):
             for c in output.outputs:
                 generated += len(c.token_ids)
-                choice = protocol.chat_choice if self.chat else protocol.completion_choice
+                choice = responses.chat_choice if self.chat else responses.completion_choice
                 choices.append(choice(p * self.n + c.index, c.text, c.finish_reason, self.logprobs(c.logprobs)))
-        build = protocol.chat_response if self.chat else protocol.completion_response
+        build = responses.chat_response if self.chat else responses.completion_response
         return build(self.request_id, self.created, self.server.model_name, choices, self.usage(generated))
 
     def chunk(self, choices, usage=None) -> str:
-        build = protocol.chat_chunk if self.chat else protocol.completion_chunk
+        build = responses.chat_chunk if self.chat else responses.completion_chunk
         payload = build(self.request_id, self.created, self.server.model_name, choices, usage)
         return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -155,7 +155,7 @@ class _Reply:
         text_offset = [0] * num_choices
         try:
             if self.chat:
-                yield self.chunk([protocol.chat_chunk_choice(i, {"role": "assistant", "content": ""})
+                yield self.chunk([responses.chat_chunk_choice(i, {"role": "assistant", "content": ""})
                                   for i in range(num_choices)])
             async for p, output in _merge(streams):
                 choices = []
@@ -172,10 +172,10 @@ class _Reply:
                     if logprobs and not self.chat:
                         text_offset[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                     if self.chat:
-                        choices.append(protocol.chat_chunk_choice(i, {"content": c.delta} if c.delta else {},
+                        choices.append(responses.chat_chunk_choice(i, {"content": c.delta} if c.delta else {},
                                                                   c.finish_reason, logprobs))
                     else:
-                        choices.append(protocol.completion_choice(i, c.delta, c.finish_reason, logprobs))
+                        choices.append(responses.completion_choice(i, c.delta, c.finish_reason, logprobs))
                 if choices:
                     yield self.chunk(choices)
             if self.req.include_usage:
