@@ -7,6 +7,7 @@ import pytest
 from jaxinfer.weights import resolve_model_path
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
+QWEN = "qwen2.5-coder-0.5b-instruct"
 
 
 def pytest_configure(config):
@@ -91,5 +92,27 @@ def served():
     app = create_app(async_engine, served_model_name=NAME)
     with live_server(app) as url:
         yield SimpleNamespace(url=url, app=app, engine=engine, async_engine=async_engine, reference=reference,
+                              client=openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
+    async_engine.shutdown(timeout=1)
+
+
+@pytest.fixture(scope="session")
+def served_qwen():
+    """The server on Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, the default configuration), whose chat
+    template writes Hermes tool calls: the tool-calling tests of every API share it."""
+    from types import SimpleNamespace
+
+    import openai
+    from helpers import live_server
+
+    from jaxinfer import LLMEngine
+    from jaxinfer.api import create_app
+    from jaxinfer.async_engine import AsyncLLMEngine
+
+    engine = LLMEngine(QWEN, max_model_len=2048, max_num_seqs=8, max_num_batched_tokens=512)
+    async_engine = AsyncLLMEngine(engine).start()
+    app = create_app(async_engine, served_model_name="qwen")
+    with live_server(app) as url:
+        yield SimpleNamespace(url=url, app=app, engine=engine, async_engine=async_engine,
                               client=openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0))
     async_engine.shutdown(timeout=1)

@@ -186,10 +186,10 @@ CHAT_REQUIRED = ("messages",)
 # -- field readers ------------------------------------------------------------------------------
 
 def _bad(name: str, expected: str, value) -> APIError:
-    return APIError(400, f"'{name}' must be {expected}, got {_short_repr(value)}", param=name)
+    return APIError(400, f"'{name}' must be {expected}, got {short_repr(value)}", param=name)
 
 
-def _short_repr(value) -> str:
+def short_repr(value) -> str:
     text = repr(value)  # the body nests at most MAX_JSON_DEPTH deep (read_json), so repr() cannot recurse too far
     return text if len(text) <= 100 else text[:100] + "..."
 
@@ -343,7 +343,7 @@ def _messages(messages) -> list[dict]:
             raise _bad(where, "an object with 'role' and 'content'", message)
         role = message.get("role")
         if not (isinstance(role, str) and role in CHAT_ROLES):
-            raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {_short_repr(role)}",
+            raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {short_repr(role)}",
                            param=f"{where}.role")
         if message.get("tool_calls") not in (None, []):
             raise APIError(400, "tool calls are not implemented", param=f"{where}.tool_calls")
@@ -386,7 +386,7 @@ def _structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str
         unknown = sorted(set(value) - set(STRUCTURED_OUTPUTS_FIELDS))
         if unknown:
             raise APIError(400, f"'{name}' supports only {', '.join(STRUCTURED_OUTPUTS_FIELDS)}; got "
-                           f"{_short_repr(unknown)}", param=name)
+                           f"{short_repr(unknown)}", param=name)
         fields = {key: v for key, v in value.items() if v is not None}
     else:
         fields = {_GUIDED[name]: value}
@@ -409,7 +409,7 @@ def _response_format(value) -> dict:
             and isinstance(spec.get("description", ""), str)
             and isinstance(spec.get("strict", False), (bool, type(None)))):
         raise APIError(400, "'response_format.json_schema' must be an object with a 'name' (a string), a 'schema' "
-                       f"(an object) and optionally 'description' and 'strict', got {_short_repr(spec)}", param=name)
+                       f"(an object) and optionally 'description' and 'strict', got {short_repr(spec)}", param=name)
     return {"json": spec["schema"]}
 
 

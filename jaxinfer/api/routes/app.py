@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from jaxinfer.api.assistant import OutputFormat
 from jaxinfer.api.metrics import ServerMetrics
 from jaxinfer.api.openapi import openapi_document
 from jaxinfer.api.protocol import APIError, error_body
@@ -51,6 +52,7 @@ class ServerState:
     max_body_bytes: int
     created: int  # unix time the model was loaded, for /v1/models
     openapi: dict  # /openapi.json
+    output_format: OutputFormat  # what the model's answers hold beyond text (tool calls, reasoning)
 
     @property
     def tokenizer(self):
@@ -167,7 +169,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, 
         APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.server = ServerState(engine, name, engine.engine.config.max_model_len, metrics, api_key,
                                    max_body_bytes, int(time.time()),
-                                   openapi_document(routes, api_key=api_key is not None))
+                                   openapi_document(routes, api_key=api_key is not None),
+                                   OutputFormat.from_tokenizer(engine.engine.tokenizer))
     return app
 
 

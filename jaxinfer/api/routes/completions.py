@@ -11,17 +11,15 @@ import json
 import time
 import uuid
 
-import anyio
 import jinja2
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from jaxinfer.api import protocol, responses
 from jaxinfer.api.protocol import APIError, GenerationRequest
-from jaxinfer.async_engine import EngineDeadError, NotAcceptingError, QueueFullError, RequestStream
-from jaxinfer.structured_outputs import StructuredOutputsError
-
-RETRY_AFTER_S = 1
+from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, merge, submit,
+                                            unless_disconnected)
+from jaxinfer.async_engine import EngineDeadError
 
 
 async def create_completion(request: Request) -> Response:
@@ -65,14 +63,15 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
                            f"({req.params.max_tokens}) exceeds max_model_len ({max_len})",
                            param=req.max_tokens_param)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    streams = await _submit(server.engine, req, prompt_ids, request_id)
+    streams = await submit(server.engine, req.params, prompt_ids, request_id, cache_salt=req.cache_salt,
+                           constraint_param=req.structured_outputs_param)
     reply = _Reply(server, req, request_id, prompt_ids, chat)
-    abort_unfinished = functools.partial(_abort_unfinished, streams, server.engine.abort)
+    abort_unfinished = functools.partial(abort_unfinished, streams, server.engine.abort)
     if req.stream:
-        return _EventStreamResponse(reply.events(streams), abort_unfinished, media_type="text/event-stream",
+        return EventStreamResponse(reply.events(streams), abort_unfinished, media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache"})
     try:
-        finals = await _unless_disconnected(request, reply.collect(streams))
+        finals = await unless_disconnected(request, reply.collect(streams))
     except EngineDeadError as e:
         raise APIError(503, str(e), code="engine_dead") from None
     finally:
@@ -80,27 +79,6 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
     if finals is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     return JSONResponse(reply.response(finals))
-
-
-async def _submit(engine, req: GenerationRequest, prompt_ids, request_id: str) -> list[RequestStream]:
-    streams = []
-    try:
-        for i, ids in enumerate(prompt_ids):
-            streams.append(await engine.add_request(ids, req.params, f"{request_id}-{i}", cache_salt=req.cache_salt))
-    except BaseException as e:
-        for stream in streams:
-            engine.abort(stream.request_id)
-        if isinstance(e, StructuredOutputsError):
-            raise APIError(400, str(e), param=req.structured_outputs_param) from None
-        if isinstance(e, ValueError):
-            raise APIError(400, str(e), param="prompt") from None
-        if isinstance(e, (QueueFullError, NotAcceptingError)):
-            raise APIError(503, f"the server is busy: {e}", code="overloaded",
-                           headers={"Retry-After": str(getattr(e, "retry_after_s", RETRY_AFTER_S))}) from None
-        if isinstance(e, EngineDeadError):
-            raise APIError(503, str(e), code="engine_dead") from None
-        raise
-    return streams
 
 
 class _Reply:
@@ -126,7 +104,7 @@ class _Reply:
 
     async def collect(self, streams) -> list:
         finals = [None] * len(streams)
-        async for p, output in _merge(streams):
+        async for p, output in merge(streams):
             finals[p] = output
         return finals
 
@@ -157,7 +135,7 @@ class _Reply:
             if self.chat:
                 yield self.chunk([responses.chat_chunk_choice(i, {"role": "assistant", "content": ""})
                                   for i in range(num_choices)])
-            async for p, output in _merge(streams):
+            async for p, output in merge(streams):
                 choices = []
                 for c in output.outputs:
                     i = p * self.n + c.index
@@ -185,87 +163,3 @@ class _Reply:
         yield "data: [DONE]\n\n"
 
 
-async def _merge(streams: list[RequestStream]):
-    """(index of the stream, output) from all streams as they come."""
-    if len(streams) == 1:
-        async for output in streams[0]:
-            yield 0, output
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(p, stream):
-        try:
-            async for output in stream:
-                queue.put_nowait((p, output))
-            queue.put_nowait((p, None))
-        except Exception as e:
-            queue.put_nowait((p, e))
-
-    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            p, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield p, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def _abort_unfinished(streams: list[RequestStream], abort) -> None:
-    for stream in streams:
-        if not stream.finished:
-            abort(stream.request_id)
-
-
-async def _unless_disconnected(request: Request, work):
-    """The result of `work`, or None if the client disconnects first (then `work` is cancelled)."""
-    work = asyncio.ensure_future(work)
-
-    async def disconnected():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watch = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-            try:
-                await work
-            except asyncio.CancelledError:
-                pass
-    return work.result() if not work.cancelled() else None
-
-
-class _EventStreamResponse(StreamingResponse):
-    """A StreamingResponse that stops as soon as the client disconnects, whatever ASGI version the
-    server speaks, then closes its generator and aborts the engine requests it has not finished."""
-
-    def __init__(self, content, abort_unfinished, **kwargs):
-        super().__init__(content, **kwargs)
-        self.abort_unfinished = abort_unfinished
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tasks:
-                async def stream():
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away while we were sending
-                        pass
-                    tasks.cancel_scope.cancel()
-
-                tasks.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tasks.cancel_scope.cancel()
-        finally:
-            await self.body_iterator.aclose()
-            self.abort_unfinished()
