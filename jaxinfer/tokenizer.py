@@ -38,6 +38,7 @@ class Tokenizer:
 
         arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path, reader)
         backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+        backend = _restore_control_tokens(backend, tokenizer_dict)
         _add_special_tokens_as_the_file_says(backend, tokenizer_config)
         # A Gemma chat turn ends with <end_of_turn>, which the GGUF's single EOS id does not name (HF's
         # generation_config lists both, llama.cpp treats both as end of generation).
@@ -90,6 +91,36 @@ class Tokenizer:
         # The template writes the special tokens itself (BOS included where the model wants one).
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
                            add_special_tokens=False)
+
+
+def _restore_control_tokens(backend: BackendTokenizer, tokenizer_dict: dict) -> BackendTokenizer:
+    """The byte-level vocabulary's control tokens spelled outside the byte alphabet, like DeepSeek's
+    `<｜begin▁of▁sentence｜>`, made special tokens at their own ids.
+
+    transformers' converter re-spells such a token in bytes and skips it as a llama.cpp mislabel, so a
+    chat template's `<｜begin▁of▁sentence｜>` was cut into pieces. llama.cpp matches it whole, as the
+    model's own tokenizer does: the vocabulary entry gets its real spelling back and becomes special.
+    """
+    if tokenizer_dict.get("tokenizer_type") != "gpt2" or not tokenizer_dict.get("token_type"):
+        return backend
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = set(bytes_to_unicode().values())
+    missing = [(i, token) for i, (token, kind) in enumerate(zip(tokenizer_dict["tokens"], tokenizer_dict["token_type"]))
+               if kind == 3 and not set(token) <= alphabet and backend.token_to_id(token) is None]
+    if not missing:
+        return backend
+    spelling = bytes_to_unicode()
+    config = json.loads(backend.to_str())
+    vocab = config["model"]["vocab"]
+    for i, token in missing:
+        respelled = "".join(spelling[b] for b in token.encode())
+        if vocab.get(respelled) == i:
+            del vocab[respelled]
+            vocab[token] = i
+            config["added_tokens"].append({"id": i, "content": token, "single_word": False, "lstrip": False,
+                                           "rstrip": False, "normalized": False, "special": True})
+    return BackendTokenizer.from_str(json.dumps(config))
 
 
 def _add_special_tokens_as_the_file_says(backend: BackendTokenizer, config: dict) -> None:

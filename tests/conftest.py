@@ -97,6 +97,12 @@ def served():
 
 
 @pytest.fixture(scope="session")
+def qwen_hf_tokenizer(hf_reference):
+    """transformers' tokenizer of the Qwen2.5-Coder-0.5B GGUF (in the reference process)."""
+    return hf_reference.load_tokenizer_gguf(resolve_model_path(QWEN))
+
+
+@pytest.fixture(scope="session")
 def served_qwen():
     """The server on Qwen2.5-Coder-0.5B-Instruct (Q4_K_M, the default configuration), whose chat
     template writes Hermes tool calls: the tool-calling tests of every API share it."""

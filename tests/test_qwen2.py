@@ -47,11 +47,6 @@ def qwen_path():
 
 
 @pytest.fixture(scope="module")
-def qwen_hf_tokenizer(hf_reference, qwen_path):
-    return hf_reference.load_tokenizer_gguf(qwen_path)
-
-
-@pytest.fixture(scope="module")
 def qwen_hf(hf_reference, qwen_path):
     return hf_reference.load_gguf(qwen_path)
 

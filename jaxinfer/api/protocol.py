@@ -14,37 +14,17 @@ import math
 import operator
 from dataclasses import dataclass
 
+from jaxinfer.api import tool_calls as tool_calls_
+from jaxinfer.api.errors import ERROR_TYPES, APIError, error_body, short_repr  # noqa: F401 (re-exported)
 from jaxinfer.sampling import (MAX_LOGPROBS, MAX_STOP, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, SamplingParams,
                                StructuredOutputsParams)
 
 MAX_N = 16  # choices per request
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # The engine keeps seeds (seed + i for choice i) and top_k in int32 arrays.
 SEED_RANGE = 2**31 - MAX_N  # seeds are reduced into [0, SEED_RANGE)
 MAX_TOP_K = 2**30  # larger is the same as no limit: top_k is clamped to it
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
-               503: "server_error"}
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def body(self) -> dict:
-        return error_body(self.status, self.message, self.param, self.code)
-
-
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-
 
 # -- the fields of each request -----------------------------------------------------------------
 # Each request's fields as JSON Schema (OpenAPI 3.1), published by /openapi.json (api/openapi.py) and
@@ -158,14 +138,37 @@ _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
 _CONTENT = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}],
             "description": "Text, or text parts (joined by newlines)."}
-_TOOL_CALLS = nullable(_not_implemented([], "tool calls"))
+_TOOL_CALLS = {"type": "array", "description": "The calls this assistant message made (arguments: JSON text).",
+               "items": {"type": "object", "required": ["function"], "properties": {
+                   "id": {"type": "string"}, "type": {"const": "function"},
+                   "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+                       "name": {"type": "string"}, "arguments": {"type": "string"}}}}}}
 _MESSAGE = {"anyOf": [  # content may be null (or absent) only in an assistant message
     {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"enum": [r for r in CHAT_ROLES if r != "assistant"], "description": "developer is read as system."},
-        "content": _CONTENT, "tool_calls": _TOOL_CALLS}},
+        "role": {"enum": ["system", "developer", "user"], "description": "developer is read as system."},
+        "content": _CONTENT}},
     {"type": "object", "required": ["role"], "properties": {
-        "role": {"const": "assistant"}, "content": nullable(_CONTENT), "tool_calls": _TOOL_CALLS}},
+        "role": {"const": "assistant"}, "content": nullable(_CONTENT), "tool_calls": nullable(_TOOL_CALLS)}},
+    {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"const": "tool"}, "content": _CONTENT, "tool_call_id": {"type": "string"}}},
 ]}
+_FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}, "description": {"type": "string"},
+    "parameters": {"type": "object", "description": "A JSON schema; the arguments follow it when a call is "
+                                                    "required (tool_choice required or a named function)."},
+    "strict": nullable({"type": "boolean", "description": "Accepted; see parameters."})}}
+_TOOLS = {"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"}, "function": _FUNCTION}},
+    "description": "Functions the model may call, rendered by the model's chat template; only models whose "
+                   "template writes Hermes <tool_call>s (Qwen2.5) take them."}
+_TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]},
+                          {"type": "object", "required": ["type", "function"], "properties": {
+                              "type": {"const": "function"},
+                              "function": {"type": "object", "required": ["name"],
+                                           "properties": {"name": {"type": "string"}}}}}],
+                "description": "auto (the default with tools): the model decides; required: one or more calls; "
+                               "a named function: exactly that call; none: tools are not rendered. required and "
+                               "a named function are enforced by a grammar: the arguments follow the schema."}
 
 CHAT_FIELDS = {
     "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
@@ -175,9 +178,10 @@ CHAT_FIELDS = {
     "logprobs": _boolean("The chosen tokens' logprobs.", default=False),
     "top_logprobs": _integer("With logprobs: this many most likely alternatives per token.",
                              minimum=0, maximum=MAX_LOGPROBS),
-    "tools": _not_implemented([], "tool calling"),
-    "functions": _not_implemented([], "function calling"),
-    "tool_choice": _not_implemented("none", "tool calling"),
+    "tools": _TOOLS,
+    "tool_choice": _TOOL_CHOICE,
+    "parallel_tool_calls": _boolean("With tool_choice required: false allows one call only.", default=True),
+    "functions": _not_implemented([], "the deprecated functions (use tools)"),
     **COMMON_FIELDS,
 }
 CHAT_REQUIRED = ("messages",)
@@ -187,11 +191,6 @@ CHAT_REQUIRED = ("messages",)
 
 def _bad(name: str, expected: str, value) -> APIError:
     return APIError(400, f"'{name}' must be {expected}, got {short_repr(value)}", param=name)
-
-
-def short_repr(value) -> str:
-    text = repr(value)  # the body nests at most MAX_JSON_DEPTH deep (read_json), so repr() cannot recurse too far
-    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def _is_int(x) -> bool:
@@ -262,6 +261,7 @@ class GenerationRequest:
     messages: list[dict] | None = None  # chat: checked messages, content as text
     cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cache pages
     structured_outputs_param: str | None = None  # the field that gave params.structured_outputs
+    tools: tool_calls_.ToolRequest | None = None  # chat: the tools and tool choice
 
 
 def parse_completion_request(body: dict) -> GenerationRequest:
@@ -284,6 +284,9 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     fields = CHAT_FIELDS
     _refuse_not_implemented(body, fields)
     messages = _messages(body.get("messages"))
+    tools = tool_calls_.check_tools(body["tools"]) if body.get("tools") is not None else []
+    tool_request = tool_calls_.check_tool_choice(body.get("tool_choice"), tools)
+    tool_request.parallel = _read(body, fields, "parallel_tool_calls", True)
     top_logprobs = _read(body, fields, "top_logprobs")
     logprobs = _read(body, fields, "logprobs", False)
     if top_logprobs is not None and not logprobs:
@@ -296,7 +299,7 @@ def parse_chat_request(body: dict) -> GenerationRequest:
                               logprobs_param="top_logprobs", structured_outputs=constraint)
     return GenerationRequest(_read(body, fields, "model"), params, *_stream(body, fields), max_param,
                              messages=messages, cache_salt=_read(body, fields, "cache_salt"),
-                             structured_outputs_param=constraint_param)
+                             structured_outputs_param=constraint_param, tools=tool_request)
 
 
 def _stream(body: dict, fields: dict) -> tuple[bool, bool]:
@@ -345,8 +348,7 @@ def _messages(messages) -> list[dict]:
         if not (isinstance(role, str) and role in CHAT_ROLES):
             raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {short_repr(role)}",
                            param=f"{where}.role")
-        if message.get("tool_calls") not in (None, []):
-            raise APIError(400, "tool calls are not implemented", param=f"{where}.tool_calls")
+        tool_calls = message.get("tool_calls") if role == "assistant" else None
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
@@ -359,6 +361,13 @@ def _messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise _bad(f"{where}.content", "a string or a list of text parts", content)
         checked.append({"role": "system" if role == "developer" else role, "content": content})
+        if tool_calls:
+            checked[-1]["tool_calls"] = tool_calls_.template_message_tool_calls(tool_calls, f"{where}.tool_calls")
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise _bad(f"{where}.tool_call_id", "a string", call_id)
+            checked[-1]["tool_call_id"] = call_id
     return checked
 
 

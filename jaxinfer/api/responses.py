@@ -41,9 +41,30 @@ def chat_response(request_id: str, created: int, model: str, choices: list[dict]
             "choices": choices, "usage": usage_}
 
 
-def chat_choice(index: int, text: str, finish_reason, logprobs=None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+def chat_choice(index: int, message: dict, finish_reason, logprobs=None) -> dict:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def assistant_message(content: str | None, reasoning: str | None = None, tool_calls: list[dict] | None = None,
+                      thinks: bool = False) -> dict:
+    """An answer: `reasoning_content` (vLLM's) from a model that thinks, `tool_calls` when it made some."""
+    message = {"role": "assistant", "content": content}
+    if thinks:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def assistant_delta(content: str = "", reasoning: str = "", tool_calls: list[dict] | None = None) -> dict:
+    delta = {}
+    if reasoning:
+        delta["reasoning_content"] = reasoning
+    if content:
+        delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
+    return delta
 
 
 def completion_chunk(request_id: str, created: int, model: str, choices: list[dict], usage_=None) -> dict:

@@ -15,7 +15,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from jaxinfer.api.protocol import APIError, short_repr
+from jaxinfer.api.errors import APIError, short_repr
 from jaxinfer.sampling import StructuredOutputsParams
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
@@ -69,6 +69,7 @@ class ToolRequest:
     tools: list[dict] = field(default_factory=list)
     mode: str = "none"
     function: str | None = None
+    parallel: bool = True  # with mode "required" and no function: more than one call allowed
 
     @property
     def parses_calls(self) -> bool:
@@ -195,7 +196,7 @@ def constraint(request: ToolRequest, tokenizer) -> StructuredOutputsParams | Non
     schema = {**schema, "x-guidance": _JSON_STYLE, **({"$defs": defs} if defs else {})}
     call = f'{_lark_literal(tokenizer, TOOL_CALL_START)} "\\n" %json {json.dumps(schema)} "\\n" ' \
            f'{_lark_literal(tokenizer, TOOL_CALL_END)}'
-    repeat = "" if request.function else ' ("\\n" call)*'
+    repeat = ' ("\\n" call)*' if request.parallel and not request.function else ""
     return StructuredOutputsParams(grammar=f"start: call{repeat}\ncall: {call}\n")
 
 

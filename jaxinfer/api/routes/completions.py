@@ -6,6 +6,7 @@ its engine requests, which frees their KV pages.
 """
 
 import asyncio
+import dataclasses
 import functools
 import json
 import time
@@ -15,7 +16,8 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jaxinfer.api import protocol, responses
+from jaxinfer.api import protocol, responses, tool_calls
+from jaxinfer.api.assistant import AssistantParser
 from jaxinfer.api.protocol import APIError, GenerationRequest
 from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, merge, submit,
                                             unless_disconnected)
@@ -42,11 +44,30 @@ async def create_chat_completion(request: Request) -> Response:
     server.authorize(request)
     req = protocol.parse_chat_request(await server.read_json(request))
     server.check_model(req.model)
+    template_kwargs = tool_template_kwargs(server, req.tools)
+    constraint = tool_calls.constraint(req.tools, server.tokenizer)
+    if constraint is not None:
+        if req.params.structured_outputs is not None:
+            raise APIError(400, f"'{req.structured_outputs_param}' and a required tool call (tool_choice) cannot "
+                           "both constrain the answer", param="tool_choice")
+        req.params = dataclasses.replace(req.params, structured_outputs=constraint)
+        req.structured_outputs_param = "tools"
     try:
-        prompt_ids = await asyncio.to_thread(server.tokenizer.encode_chat, req.messages)
+        prompt_ids = await asyncio.to_thread(server.tokenizer.encode_chat, req.messages, **template_kwargs)
     except (jinja2.TemplateError, ValueError) as e:
         raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
     return await _generate(request, server, req, [prompt_ids], "messages", chat=True)
+
+
+def tool_template_kwargs(server, tools: tool_calls.ToolRequest, param: str = "tools") -> dict:
+    """What the chat template gets for `tools`; a 400 if the model's template writes no tool calls."""
+    if not tools.tools:
+        return {}
+    if not server.output_format.tool_calls:
+        raise APIError(400, "this model's chat template does not support tool calls (jaxinfer parses the Hermes "
+                       "<tool_call> format, which Qwen2.5's template writes)", param=param)
+    rendered = tools.template_tools()
+    return {"tools": rendered} if rendered else {}
 
 
 async def _generate(request, server, req: GenerationRequest, prompt_ids: list[list[int]], prompt_param: str,
@@ -66,16 +87,16 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
     streams = await submit(server.engine, req.params, prompt_ids, request_id, cache_salt=req.cache_salt,
                            constraint_param=req.structured_outputs_param)
     reply = _Reply(server, req, request_id, prompt_ids, chat)
-    abort_unfinished = functools.partial(abort_unfinished, streams, server.engine.abort)
+    abort = functools.partial(abort_unfinished, streams, server.engine.abort)
     if req.stream:
-        return EventStreamResponse(reply.events(streams), abort_unfinished, media_type="text/event-stream",
+        return EventStreamResponse(reply.events(streams), abort, media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache"})
     try:
         finals = await unless_disconnected(request, reply.collect(streams))
     except EngineDeadError as e:
         raise APIError(503, str(e), code="engine_dead") from None
     finally:
-        abort_unfinished()
+        abort()
     if finals is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
     return JSONResponse(reply.response(finals))
@@ -88,6 +109,13 @@ class _Reply:
         self.server, self.req, self.request_id, self.prompt_ids, self.chat = server, req, request_id, prompt_ids, chat
         self.created = int(time.time())
         self.n = req.params.n
+        tools = req.tools
+        self.output_format = server.output_format
+        # Chat answers go through the assistant parser when there is something to parse out of them.
+        self.parses = chat and (self.output_format.think is not None or (tools is not None and tools.parses_calls))
+
+    def parser(self) -> AssistantParser:
+        return AssistantParser(self.output_format, parse_tool_calls=self.req.tools.parses_calls)
 
     def token_text(self, token_id: int) -> str:
         return self.server.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -113,8 +141,22 @@ class _Reply:
         for p, output in enumerate(finals):
             for c in output.outputs:
                 generated += len(c.token_ids)
-                choice = responses.chat_choice if self.chat else responses.completion_choice
-                choices.append(choice(p * self.n + c.index, c.text, c.finish_reason, self.logprobs(c.logprobs)))
+                index, logprobs = p * self.n + c.index, self.logprobs(c.logprobs)
+                if not self.chat:
+                    choices.append(responses.completion_choice(index, c.text, c.finish_reason, logprobs))
+                    continue
+                if not self.parses:
+                    choices.append(responses.chat_choice(index, responses.assistant_message(c.text), c.finish_reason,
+                                                         logprobs))
+                    continue
+                parser = self.parser()
+                parser.feed(c.text)
+                parser.finish()
+                calls = [call.openai() for call in parser.tool_calls]
+                message = responses.assistant_message(parser.content or (None if calls else ""),
+                                                      parser.reasoning or None, calls,
+                                                      thinks=self.output_format.think is not None)
+                choices.append(responses.chat_choice(index, message, parser.finish_reason(c.finish_reason), logprobs))
         build = responses.chat_response if self.chat else responses.completion_response
         return build(self.request_id, self.created, self.server.model_name, choices, self.usage(generated))
 
@@ -131,6 +173,7 @@ class _Reply:
         # Completions text_offset: where the next token's text starts in the concatenated token texts
         # (as in a whole response). Not the text sent so far: that lags while a stop string is held back.
         text_offset = [0] * num_choices
+        parsers = [self.parser() for _ in range(num_choices)] if self.parses else None
         try:
             if self.chat:
                 yield self.chunk([responses.chat_chunk_choice(i, {"role": "assistant", "content": ""})
@@ -149,7 +192,20 @@ class _Reply:
                     logprobs = self.logprobs(c.delta_logprobs, text_offset[i]) if c.delta_logprobs else None
                     if logprobs and not self.chat:
                         text_offset[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-                    if self.chat:
+                    if parsers:
+                        parser = parsers[i]
+                        parsed = parser.feed(c.delta)
+                        if c.finish_reason:
+                            rest = parser.finish()
+                            parsed.content += rest.content
+                            parsed.reasoning += rest.reasoning
+                            parsed.tool_calls += rest.tool_calls
+                        delta = responses.assistant_delta(parsed.content, parsed.reasoning,
+                                                          [d.openai() for d in parsed.tool_calls])
+                        if delta or c.finish_reason or logprobs:
+                            choices.append(responses.chat_chunk_choice(i, delta, parser.finish_reason(c.finish_reason),
+                                                                      logprobs))
+                    elif self.chat:
                         choices.append(responses.chat_chunk_choice(i, {"content": c.delta} if c.delta else {},
                                                                   c.finish_reason, logprobs))
                     else:
