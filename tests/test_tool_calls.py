@@ -95,8 +95,9 @@ def test_sampled_required_calls_are_always_valid(served_qwen):
             jsonschema.validate(json.loads(call.function.arguments), schema_of(call.function.name))
 
 
-def test_streamed_tool_calls_equal_the_whole_answer(served_qwen):
-    request = dict(model="qwen", messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0,
+@pytest.mark.parametrize("tool_choice", ["required", "auto"])
+def test_streamed_tool_calls_equal_the_whole_answer(served_qwen, tool_choice):
+    request = dict(model="qwen", messages=ASK, tools=[WEATHER, TIME], tool_choice=tool_choice, temperature=0,
                    max_tokens=120)
     whole = served_qwen.client.chat.completions.create(**request).choices[0]
     content, calls, finish = streamed(served_qwen.client, **request)
@@ -124,10 +125,14 @@ def test_auto_parses_what_the_model_wrote(served_qwen, qwen_hf_tokenizer):
                                                 extra_body={"skip_special_tokens": False}).choices[0].text
     raw = raw.removesuffix("<|im_end|>")
     blocks = [json.loads(b.split("</tool_call>")[0]) for b in raw.split("<tool_call>")[1:]]
+    content = raw.split("<tool_call>")[0].strip()
+    if not blocks and content.startswith("{"):  # this model writes its one call as bare JSON
+        blocks, content = [json.loads(content)], ""
+    assert blocks, "the model calls the tool for this prompt"
     message = answer.choices[0].message
     assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []] == \
         [(b["name"], b["arguments"]) for b in blocks]
-    assert (message.content or "") == raw.split("<tool_call>")[0].strip()
+    assert (message.content or "") == content
     assert answer.choices[0].finish_reason == ("tool_calls" if blocks else "stop")
 
 
@@ -199,6 +204,7 @@ TEXTS = [
     ("", [("get_weather", {"city": "Pa\"ris}", "unit": "celsius"})]),
     ("Let me look.", [("get_weather", {"city": "Oslo", "unit": "celsius"}), ("get_time", {"timezone": "<tool_call>"})]),
     ("no call here, just a < sign and </tool_call", []),
+    ('{"name" is how JSON names a key', []),
 ]
 
 
@@ -223,6 +229,15 @@ def test_the_parser_finds_the_calls_whole_and_in_any_pieces(prefix, calls):
                     names[d.index] = d.name
         assert content == prefix
         assert [(names[i], json.loads(arguments[i])) for i in sorted(names)] == calls
+
+
+@pytest.mark.parametrize("pieces", [['{"name": "get_weather", "arguments": {"city": "Rome"}}'],
+                                    [' \n{"na', 'me"  :', ' "get_weather", "arguments": {"city": "Rome"}}', '\n']])
+def test_an_answer_that_is_one_bare_json_call_is_a_call(pieces):
+    parser = HermesParser()
+    handed_out = "".join(parser.feed(p)[0] for p in pieces)
+    assert handed_out == "" and parser.finish()[0] == ""
+    assert [(c.name, json.loads(c.arguments)) for c in parser.calls] == [("get_weather", {"city": "Rome"})]
 
 
 def test_a_call_the_model_did_not_close_is_a_call_if_its_json_is_whole():

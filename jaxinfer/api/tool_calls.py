@@ -197,7 +197,8 @@ def constraint(request: ToolRequest, tokenizer) -> StructuredOutputsParams | Non
     call = f'{_lark_literal(tokenizer, TOOL_CALL_START)} "\\n" %json {json.dumps(schema)} "\\n" ' \
            f'{_lark_literal(tokenizer, TOOL_CALL_END)}'
     repeat = ' ("\\n" call)*' if request.parallel and not request.function else ""
-    return StructuredOutputsParams(grammar=f"start: call{repeat}\ncall: {call}\n")
+    # The model may end its line before it ends its turn (Qwen2.5 does): a closing newline is allowed.
+    return StructuredOutputsParams(grammar=f'start: call{repeat} "\\n"?\ncall: {call}\n')
 
 
 def _lark_literal(tokenizer, text: str) -> str:
@@ -246,7 +247,8 @@ class HermesParser:
     Inside a call the name is handed out once `{"name": "...", "arguments": ` has arrived, then the
     arguments' JSON text as it comes, as the model writes it, up to its closing brace. A call written
     another way is handed out whole at `</tool_call>`; one that is not a JSON call at all is content.
-    Whitespace is held back until more content follows it: around calls it is dropped.
+    Whitespace is held back until more content follows it: around calls it is dropped. An answer
+    that is one bare JSON call (no tags) is a call too.
     """
 
     def __init__(self):
@@ -256,18 +258,24 @@ class HermesParser:
         self._arguments_at = None  # streaming a call's arguments: where the scan stands in the buffer
         self._depth, self._in_string, self._escaped = 0, False, False
         self._call_done = False  # the arguments closed: waiting for </tool_call>
+        self._handed_out = False  # some content was handed out
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         self._buffer += text
         content, deltas = [], []
         while self._step(content, deltas):
             pass
-        return "".join(content), deltas
+        content = "".join(content)
+        self._handed_out = self._handed_out or bool(content)
+        return content, deltas
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         """The end of the text: a call left open is a call if its JSON is whole, else its text is content."""
         content, deltas = [], []
-        if not self._in_call:
+        bare = _whole_call(self._buffer) if not self._in_call and self._may_be_bare_call(self._buffer) else None
+        if bare is not None:
+            deltas += self._add_call(*bare)
+        elif not self._in_call:
             if self._buffer.strip() or not self.calls:
                 content.append(self._buffer)
         elif self._arguments_at is None and not self._call_done:
@@ -284,6 +292,8 @@ class HermesParser:
         buffer = self._buffer
         if not self._in_call:
             start = buffer.find(TOOL_CALL_START)
+            if start < 0 and self._may_be_bare_call(buffer):
+                return False  # held: the whole answer may be one call written without the tags
             if start >= 0:
                 content.append(buffer[:start].rstrip())  # whitespace before a call is dropped
                 self._buffer, self._in_call = buffer[start + len(TOOL_CALL_START):], True
@@ -330,6 +340,15 @@ class HermesParser:
             return True
         return False
 
+    def _may_be_bare_call(self, buffer: str) -> bool:
+        """Whether the answer so far may be one call written as bare JSON, `{"name": ...}` without the
+        tags (small models, Qwen2.5-Coder-0.5B among them, do that): nothing handed out yet and the
+        text starts like one. It is then held back to the end and parsed whole."""
+        if self._handed_out or self.calls:
+            return False
+        compact = re.sub(r"\s+", "", buffer[:64])
+        return compact.startswith('{"name":') or '{"name":'.startswith(compact)
+
     def _scan(self) -> int | None:
         """Walks the arguments' JSON from `_arguments_at`: the end of the object if it closed (then the
         scan stops there), else None with `_arguments_at` at the end of the buffer."""
@@ -371,6 +390,8 @@ def _whole_call(text: str) -> tuple[str, str] | None:
     if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
         return None
     arguments = call.get("arguments", call.get("parameters", {}))
+    if set(call) - {"name", "arguments", "parameters"} or not isinstance(arguments, dict):
+        return None
     return call["name"], json.dumps(arguments, ensure_ascii=False)
 
 
