@@ -18,6 +18,9 @@ class OutputFormat:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "OutputFormat":
+        """None (an engine without a tokenizer, as in tests): plain text."""
+        if tokenizer is None:
+            return cls(False, None)
         return cls(supports_tools(tokenizer.chat_template), ThinkFormat.from_tokenizer(tokenizer))
 
 
