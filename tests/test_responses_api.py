@@ -226,3 +226,60 @@ def test_a_follow_up_with_the_call_and_its_output_is_answered_in_text(served_qwe
     assert [item.type for item in response.output] == ["message"]
     assert "21" in response.output_text
     assert idle(served_qwen)
+
+
+# -- the output items, offline: a thinking model's answer with a call ----------------------------
+
+def output_items(pieces: list[str]):
+    """The items and event types of an answer fed in `pieces` to the assistant parser of a model that
+    thinks and writes Hermes calls."""
+    from jaxinfer.api.assistant import AssistantParser, OutputFormat
+    from jaxinfer.api.reasoning import ThinkFormat
+    from jaxinfer.api.routes.openai_responses import OutputItems
+
+    parser, items = AssistantParser(OutputFormat(tool_calls=True, think=ThinkFormat(False)), True), OutputItems()
+    events = [e for piece in pieces for e in items.feed(parser.feed(piece))]
+    events += items.feed(parser.finish()) + items.close("completed")
+    without_ids = [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in items.output]
+    return without_ids, [kind for kind, _ in events]
+
+
+ANSWER = '<think>Paris, surely.</think>Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' \
+         '{"city": "Paris"}}\n</tool_call>'
+
+
+def test_reasoning_then_message_then_call_streamed_char_by_char_are_the_whole_answers_items():
+    whole, whole_events = output_items([ANSWER])
+    streamed, events = output_items(list(ANSWER))
+    assert streamed == whole == [
+        {"type": "reasoning", "summary": [], "status": "completed",
+         "content": [{"type": "reasoning_text", "text": "Paris, surely."}]},
+        {"type": "message", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": "Let me check.", "annotations": [], "logprobs": []}]},
+        {"type": "function_call", "name": "get_weather", "arguments": '{"city": "Paris"}', "status": "completed"}]
+    assert collapse(events) == collapse(whole_events) == [
+        "response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.done", "response.output_item.done"]
+
+
+def test_an_empty_answer_is_one_empty_message():
+    items, _ = output_items([])
+    assert [(i["type"], i["content"][0]["text"]) for i in items] == [("message", "")]
+
+
+def test_raw_stream_names_each_event_in_an_event_line(served):
+    import httpx
+
+    body = {"model": NAME, "input": QUESTION, "max_output_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/responses", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        blocks = response.read().decode().strip().split("\n\n")
+    for block in blocks:
+        event, data = block.split("\n")
+        assert event.startswith("event: ") and data.startswith("data: ")
+        assert json.loads(data.removeprefix("data: "))["type"] == event.removeprefix("event: ")
+    assert blocks[-1].startswith("event: response.incomplete")

@@ -2,7 +2,7 @@
 
 The model's text goes through the one assistant parser (api/assistant.py) into output items:
 reasoning, then a message, then function calls, in the order they appear. A whole response and a
-stream are built by the same `_OutputItems`: the stream sends its events as the text arrives, a whole
+stream are built by the same `OutputItems`: the stream sends its events as the text arrives, a whole
 response takes its items at the end. Each item is closed (`response.output_item.done`) when the next
 begins; text that arrives after a function call opens a new message item.
 """
@@ -61,7 +61,7 @@ class _Reply:
         self.num_prompt_tokens = num_prompt_tokens
         self.created_at = int(time.time())
         self.parser = AssistantParser(server.output_format, parse_tool_calls=req.tool_request.parses_calls)
-        self.items = _OutputItems()
+        self.items = OutputItems()
 
     def response(self, status: str, output=None) -> dict:
         usage = None
@@ -112,7 +112,7 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-class _OutputItems:
+class OutputItems:
     """The response's output items, built from the parser's deltas; each change as the Responses
     stream's events ((type, payload) pairs, without sequence numbers)."""
 
