@@ -242,7 +242,8 @@ def _text_format(text) -> tuple[dict, StructuredOutputsParams | None]:
         raise APIError(400, "'text.format' must be an object with type text, json_object or json_schema, got "
                        f"{short_repr(fmt if isinstance(text, dict) else text)}", param="text.format")
     if not (isinstance(fmt.get("name"), str) and isinstance(fmt.get("schema"), dict)
-            and isinstance(fmt.get("description", ""), str) and isinstance(fmt.get("strict", False), (bool, type(None)))):
+            and isinstance(fmt.get("description", ""), str)
+            and isinstance(fmt.get("strict", False), (bool, type(None)))):
         raise APIError(400, "'text.format' of type json_schema needs a 'name' (a string) and a 'schema' (an object), "
                        f"and optionally 'description' and 'strict', got {short_repr(fmt)}", param="text.format")
     try:

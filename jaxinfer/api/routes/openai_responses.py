@@ -20,8 +20,8 @@ from jaxinfer.api import openai_responses as shapes
 from jaxinfer.api.assistant import AssistantDelta, AssistantParser
 from jaxinfer.api.openai_responses import ResponsesRequest, parse_responses_request
 from jaxinfer.api.errors import APIError
-from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, check_prompt_length, merge,
-                                            submit, unless_disconnected)
+from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, check_prompt_length, submit,
+                                            unless_disconnected)
 from jaxinfer.async_engine import EngineDeadError
 
 
@@ -82,7 +82,7 @@ class _Reply:
 
     async def whole(self, stream) -> dict:
         output = None
-        async for _, output in merge([stream]):
+        async for output in stream:
             self.feed(output)
         return self.response(_status(output.outputs[0].finish_reason), output)
 
@@ -98,7 +98,7 @@ class _Reply:
         yield event("response.created", {"response": self.response("in_progress")})
         yield event("response.in_progress", {"response": self.response("in_progress")})
         try:
-            async for _, output in merge([stream]):
+            async for output in stream:
                 for kind, payload in self.feed(output):
                     yield event(kind, payload)
                 if output.finished:
