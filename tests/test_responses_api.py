@@ -283,3 +283,11 @@ def test_raw_stream_names_each_event_in_an_event_line(served):
         assert event.startswith("event: ") and data.startswith("data: ")
         assert json.loads(data.removeprefix("data: "))["type"] == event.removeprefix("event: ")
     assert blocks[-1].startswith("event: response.incomplete")
+
+
+def test_auto_tool_choice_parses_the_call_the_model_writes(served_qwen):
+    response = ask_weather(served_qwen.client)  # tool_choice auto: the default with tools
+    assert response.tool_choice == "auto"
+    [call] = response.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
