@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from starlette.routing import Route
 
+from jaxinfer.api.openai_responses import RESPONSES_FIELDS, RESPONSES_REQUIRED
 from jaxinfer.api.protocol import (CHAT_FIELDS, CHAT_REQUIRED, COMPLETION_FIELDS, COMPLETION_REQUIRED, ERROR_TYPES,
                                    nullable)
 
@@ -38,6 +39,9 @@ _FINISH_REASON = {"enum": ["stop", "length", "abort", None], "description": "nul
 SCHEMAS = {
     "CompletionRequest": request_schema(COMPLETION_FIELDS, COMPLETION_REQUIRED, "POST /v1/completions"),
     "ChatCompletionRequest": request_schema(CHAT_FIELDS, CHAT_REQUIRED, "POST /v1/chat/completions"),
+    "ResponseRequest": request_schema(RESPONSES_FIELDS, RESPONSES_REQUIRED, "POST /v1/responses"),
+    "Response": {"type": "object", "description": "OpenAI's Response object (status, output items, usage); "
+                                                  "the stream's events: OpenAI's Responses streaming events."},
     "Usage": _object(["prompt_tokens", "completion_tokens", "total_tokens"],
                      {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT}),
     "CompletionLogprobs": _object(
@@ -102,6 +106,8 @@ OPERATIONS = {
     "/v1/completions": {"post": _generate("OpenAI's completions", "CompletionRequest", "Completion")},
     "/v1/chat/completions": {"post": _generate("OpenAI's chat completions (the model's chat template)",
                                                "ChatCompletionRequest", "ChatCompletion")},
+    "/v1/responses": {"post": _generate("OpenAI's Responses API, stateless (the model's chat template)",
+                                        "ResponseRequest", "Response")},
     "/v1/models": {"get": {"summary": "The served model", "responses": {
         "200": _json(_ref("ModelList"), "The one model this server serves."), **_errors(401)}}},
     "/health": {"get": {"summary": "Whether the engine runs and admits requests", "responses": {

@@ -40,6 +40,19 @@ async def submit(engine, params: SamplingParams, prompt_ids: list[list[int]], re
     return streams
 
 
+def check_prompt_length(prompt_ids: list[int], max_tokens: int | None, max_model_len: int, prompt_param: str,
+                        max_tokens_param: str) -> None:
+    """A prompt that is not empty and leaves room in max_model_len for max_tokens (if given)."""
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty", param=prompt_param)
+    if len(prompt_ids) >= max_model_len:
+        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length "
+                       f"(max_model_len) is {max_model_len}", param=prompt_param)
+    if max_tokens is not None and len(prompt_ids) + max_tokens > max_model_len:
+        raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus {max_tokens_param} ({max_tokens}) "
+                       f"exceeds max_model_len ({max_model_len})", param=max_tokens_param)
+
+
 async def merge(streams: list[RequestStream]):
     """(index of the stream, output) from all streams as they come."""
     if len(streams) == 1:
