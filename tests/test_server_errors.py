@@ -64,7 +64,8 @@ C, CHAT_PATH = "/v1/completions", "/v1/chat/completions"
     (CHAT_PATH, {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
     (CHAT_PATH, {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CHAT_PATH, {"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
-    (CHAT_PATH, {"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    (CHAT_PATH, {"messages": CHAT, "tools": [{"type": "function"}]}, "tools[0]"),
+    (CHAT_PATH, {"messages": CHAT, "functions": [{"name": "f"}]}, "functions"),
 ])
 def test_bad_requests_get_400_naming_the_field(served, path, body, param):
     assert_openai_error(httpx.post(served.url + path, json={"model": NAME, **body}), 400, param)

@@ -18,8 +18,8 @@ class OutputFormat:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "OutputFormat":
-        """None (an engine without a tokenizer, as in tests): plain text."""
-        if tokenizer is None:
+        """A tokenizer without a chat template (or none at all, as test stand-ins have): plain text."""
+        if getattr(tokenizer, "chat_template", None) is None:
             return cls(False, None)
         return cls(supports_tools(tokenizer.chat_template), ThinkFormat.from_tokenizer(tokenizer))
 
