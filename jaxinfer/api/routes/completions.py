@@ -19,8 +19,8 @@ from starlette.responses import JSONResponse, Response
 from jaxinfer.api import protocol, responses, tool_calls
 from jaxinfer.api.assistant import AssistantParser
 from jaxinfer.api.protocol import APIError, GenerationRequest
-from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, merge, submit,
-                                            unless_disconnected)
+from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, check_prompt_length, merge,
+                                            submit, unless_disconnected)
 from jaxinfer.async_engine import EngineDeadError
 
 
@@ -72,17 +72,8 @@ def tool_template_kwargs(server, tools: tool_calls.ToolRequest, param: str = "to
 
 async def _generate(request, server, req: GenerationRequest, prompt_ids: list[list[int]], prompt_param: str,
                     chat: bool) -> Response:
-    max_len = server.max_model_len
     for ids in prompt_ids:
-        if not ids:
-            raise APIError(400, "the prompt is empty", param=prompt_param)
-        if len(ids) >= max_len:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's maximum context length "
-                           f"(max_model_len) is {max_len}", param=prompt_param)
-        if req.params.max_tokens is not None and len(ids) + req.params.max_tokens > max_len:
-            raise APIError(400, f"the prompt ({len(ids)} tokens) plus {req.max_tokens_param} "
-                           f"({req.params.max_tokens}) exceeds max_model_len ({max_len})",
-                           param=req.max_tokens_param)
+        check_prompt_length(ids, req.params.max_tokens, server.max_model_len, prompt_param, req.max_tokens_param)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     streams = await submit(server.engine, req.params, prompt_ids, request_id, cache_salt=req.cache_salt,
                            constraint_param=req.structured_outputs_param)
