@@ -102,6 +102,15 @@ OPERATIONS = {
     "/v1/completions": {"post": _generate("OpenAI's completions", "CompletionRequest", "Completion")},
     "/v1/chat/completions": {"post": _generate("OpenAI's chat completions (the model's chat template)",
                                                "ChatCompletionRequest", "ChatCompletion")},
+    "/tokenize": {"post": {"summary": "vLLM's: a prompt or messages as token ids", "requestBody": {
+        "required": True, "content": {"application/json": {"schema": {"type": "object"}}}}, "responses": {
+        "200": _json(_object(["count", "max_model_len", "tokens"], {
+            "count": _INT, "max_model_len": _INT, "tokens": _list_of(_INT), "token_strs": _list_of(_STR)}),
+            "The token ids."), **_errors(400, 404, 413)}}},
+    "/detokenize": {"post": {"summary": "vLLM's: token ids as text", "requestBody": {
+        "required": True, "content": {"application/json": {"schema": _object(["tokens"], {
+            "model": _STR, "tokens": _list_of(_INT)})}}}, "responses": {
+        "200": _json(_object(["prompt"], {"prompt": _STR}), "The text."), **_errors(400, 404, 413)}}},
     "/v1/models": {"get": {"summary": "The served model", "responses": {
         "200": _json(_ref("ModelList"), "The one model this server serves."), **_errors(401)}}},
     "/health": {"get": {"summary": "Whether the engine runs and admits requests", "responses": {
