@@ -102,6 +102,15 @@ OPERATIONS = {
     "/v1/completions": {"post": _generate("OpenAI's completions", "CompletionRequest", "Completion")},
     "/v1/chat/completions": {"post": _generate("OpenAI's chat completions (the model's chat template)",
                                                "ChatCompletionRequest", "ChatCompletion")},
+    "/v1/messages": {"post": {
+        "summary": "Anthropic's Messages API (text, tool_use and tool_result blocks; the model's chat template)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _object(
+            ["max_tokens", "messages"], {"model": _STR, "max_tokens": {"type": "integer", "minimum": 1},
+                                          "messages": {"type": "array"}})}}},
+        "responses": {"200": {"description": "The message, or Anthropic's server-sent events.", "content": {
+            "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": _STR}}},
+            "4XX": _json({"type": "object"}, "Anthropic's error: {type: error, error: {type, message}}."),
+            "5XX": _json({"type": "object"}, "Anthropic's error (529: overloaded).")}}},
     "/tokenize": {"post": {"summary": "vLLM's: a prompt or messages as token ids", "requestBody": {
         "required": True, "content": {"application/json": {"schema": {"type": "object"}}}}, "responses": {
         "200": _json(_object(["count", "max_model_len", "tokens"], {
