@@ -33,6 +33,37 @@ NOT_IMPLEMENTED = {"mcp_servers": "MCP servers", "container": "code-execution co
                    "context_management": "context management"}
 
 
+# The request as JSON Schema, published at /openapi.json (api/openapi.py); parse_messages_request
+# checks every constraint stated here (and more: roles' blocks, tool names, ...).
+_STRING = {"type": "string"}
+_TEXT_BLOCK = {"type": "object", "required": ["type", "text"],
+               "properties": {"type": {"const": "text"}, "text": _STRING}}
+_BLOCK = {"anyOf": [
+    _TEXT_BLOCK,
+    {"type": "object", "required": ["type", "id", "name", "input"], "description": "assistant messages only",
+     "properties": {"type": {"const": "tool_use"}, "id": _STRING, "name": _STRING, "input": {"type": "object"}}},
+    {"type": "object", "required": ["type", "tool_use_id"], "description": "user messages only",
+     "properties": {"type": {"const": "tool_result"}, "tool_use_id": _STRING,
+                    "content": {"anyOf": [_STRING, {"type": "array", "items": _TEXT_BLOCK}]},
+                    "is_error": {"type": "boolean"}}},
+]}
+_UNIT = {"type": "number", "minimum": 0, "maximum": 1}
+MESSAGES_REQUEST = {"type": "object", "description": "POST /v1/messages", "required": ["max_tokens", "messages"],
+                    "properties": {
+    "model": {"anyOf": [_STRING, {"type": "null"}]},
+    "max_tokens": {"type": "integer", "minimum": 1, "description": "Bounded by the context left."},
+    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"],
+        "properties": {"role": {"enum": list(ROLES)},
+                       "content": {"anyOf": [_STRING, {"type": "array", "items": _BLOCK}]}}}},
+    "system": {"anyOf": [_STRING, {"type": "array", "items": _TEXT_BLOCK}, {"type": "null"}]},
+    "stop_sequences": {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}}, {"type": "null"}]},
+    "temperature": {"anyOf": [_UNIT, {"type": "null"}]},
+    "top_p": {"anyOf": [_UNIT, {"type": "null"}]},
+    "top_k": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]},
+    "stream": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+}}
+
+
 def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
@@ -128,8 +159,11 @@ def _number(body: dict, name: str, *, integer: bool = False, minimum=None, maxim
     value = body.get(name)
     if value is None:
         return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (not integer or float(value).is_integer())
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        ok = ok and math.isfinite(value) and (not integer or float(value).is_integer())
+    except OverflowError:  # an integer past float's range
+        ok = False
     ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
     if not ok:
         bounds = " and ".join(f"{word} {limit}" for word, limit in ((">=", minimum), ("<=", maximum))

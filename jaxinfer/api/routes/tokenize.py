@@ -20,6 +20,7 @@ async def tokenize(request: Request) -> Response:
     body = await server.read_json(request)
     server.check_model(_optional(body, "model", str))
     return_token_strs = _optional(body, "return_token_strs", bool, False)
+    add_generation_prompt = _optional(body, "add_generation_prompt", bool, True)  # checked even with a prompt
     if ("prompt" in body) == ("messages" in body):
         raise APIError(400, "give either 'prompt' or 'messages'")
     tokenizer = server.tokenizer
@@ -33,7 +34,6 @@ async def tokenize(request: Request) -> Response:
         # The chat route's own checks of messages and tools.
         messages = protocol.parse_chat_request({"messages": body["messages"]}).messages
         tools = tool_calls.check_tools(body["tools"]) if body.get("tools") is not None else None
-        add_generation_prompt = _optional(body, "add_generation_prompt", bool, True)
         add_special_tokens = _optional(body, "add_special_tokens", bool, False)
         try:
             text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt,
