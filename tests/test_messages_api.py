@@ -308,3 +308,27 @@ def test_a_tool_result_round_trip_is_rendered_and_answered(served_qwen, qwen):
     tokenizer = served_qwen.engine.tokenizer
     assert message.usage.input_tokens == len(tokenizer.encode_chat(rendered, tools=tools))
     assert "22 C, sunny" in tokenizer.apply_chat_template(rendered, tools=tools)
+
+
+def test_stream_blocks_follow_the_answers_parts_in_order():
+    # Anthropic's streaming order: a block per kind of text (thinking, text) and per tool call, each
+    # opened, given its deltas and closed before the next opens; indexes count up from 0.
+    from jaxinfer.api.assistant import AssistantDelta
+    from jaxinfer.api.routes.messages import _Blocks
+    from jaxinfer.api.tool_calls import ToolCallDelta
+
+    blocks = _Blocks()
+    deltas = [AssistantDelta(reasoning="hm"), AssistantDelta(reasoning=" ok", content="Hi"),
+              AssistantDelta(tool_calls=[ToolCallDelta(0, "call_1", "f", "")]),
+              AssistantDelta(tool_calls=[ToolCallDelta(0, arguments='{"a": 1}')])]
+    events = [e for delta in deltas for e in blocks.add(delta)] + list(blocks.close())
+    parsed = [json.loads(e.split("\n")[1].removeprefix("data: ")) for e in events]
+    assert [(p["type"], p.get("index")) for p in parsed] == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0),
+        ("content_block_stop", 0), ("content_block_start", 1), ("content_block_delta", 1),
+        ("content_block_stop", 1), ("content_block_start", 2), ("content_block_delta", 2), ("content_block_stop", 2)]
+    assert parsed[0]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
+    assert [parsed[i]["delta"] for i in (1, 2, 5, 8)] == [
+        {"type": "thinking_delta", "thinking": "hm"}, {"type": "thinking_delta", "thinking": " ok"},
+        {"type": "text_delta", "text": "Hi"}, {"type": "input_json_delta", "partial_json": '{"a": 1}'}]
+    assert parsed[7]["content_block"] == {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}

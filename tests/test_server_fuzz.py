@@ -2,8 +2,8 @@
 ones the schema refuses, and sends them to the server on the bundled model (conftest.py's `served`).
 
 Every response must be something other than a 5xx, within a per-request timeout (no hang); every
-4xx must be OpenAI's error shape (Anthropic's for /v1/messages); a request the schema refuses must be refused (the readers are as
-strict as the schema says); and afterwards no request is left in the engine and every KV page is
+4xx must be OpenAI's error shape (Anthropic's for /v1/messages); a request the schema refuses must
+be refused (the readers are as strict as the schema says); and afterwards no request is left in the engine and every KV page is
 free. Generation is kept short (max_tokens <= 4, n <= 2) and each operation's run is bounded in
 examples and in time (SECONDS_PER_RUN), so the whole takes 20-60 s on two cores. Examples are
 derandomized, the same every run; JAXINFER_FUZZ_EXAMPLES=<n> and JAXINFER_FUZZ_SECONDS=<s> run more.
