@@ -106,5 +106,8 @@ class HFTokenizer:
     def apply_chat_template(self, conversation, **kwargs):
         return self._call("apply_chat_template", conversation, **kwargs)
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return self._call("convert_ids_to_tokens", ids)
+
     def save_pretrained(self, path: str) -> None:
         self._call("save_pretrained", str(path))

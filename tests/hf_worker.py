@@ -106,10 +106,12 @@ def load_tokenizer_gguf(path):
 
 def tokenizer_call(handle, method, args, kwargs):
     """A method of a transformers tokenizer: encode and apply_chat_template give text or token ids;
-    save_pretrained writes files and gives nothing back."""
+    save_pretrained writes files and gives nothing back; convert_ids_to_tokens gives strings."""
     result = getattr(_tokenizers[handle], method)(*args, **kwargs)
     if method == "save_pretrained" or isinstance(result, str):
         return None if method == "save_pretrained" else result
+    if method == "convert_ids_to_tokens":
+        return [str(t) for t in result]
     return [int(t) for t in result]
 
 

@@ -2,8 +2,8 @@
 ones the schema refuses, and sends them to the server on the bundled model (conftest.py's `served`).
 
 Every response must be something other than a 5xx, within a per-request timeout (no hang); every
-4xx must be OpenAI's error shape; a request the schema refuses must be refused (the readers are as
-strict as the schema says); and afterwards no request is left in the engine and every KV page is
+4xx must be OpenAI's error shape (Anthropic's for /v1/messages); a request the schema refuses must
+be refused (the readers are as strict as the schema says); and afterwards no request is left in the engine and every KV page is
 free. Generation is kept short (max_tokens <= 4, n <= 2) and each operation's run is bounded in
 examples and in time (SECONDS_PER_RUN), so the whole takes 20-60 s on two cores. Examples are
 derandomized, the same every run; JAXINFER_FUZZ_EXAMPLES=<n> and JAXINFER_FUZZ_SECONDS=<s> run more.
@@ -26,20 +26,26 @@ REQUEST_TIMEOUT_S = 30  # a request still unanswered then is a hang
 MAX_GENERATED = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2}
 
 
-def bound_generation(body) -> None:
+def bound_generation(body, label: str) -> None:
     """Caps the integers that set how much a valid request generates; a missing max_tokens (chat's
-    default is the whole context) becomes the cap. Values of other types are left to be refused."""
+    default is the whole context) becomes the cap, but where it is required (Anthropic's messages:
+    its absence is to be refused). Values of other types are left to be refused."""
     if not isinstance(body, dict):
         return
     for name, cap in MAX_GENERATED.items():
         if type(body.get(name)) is int and body[name] > cap:
             body[name] = cap
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None and label != "POST /v1/messages":
         body["max_tokens"] = MAX_GENERATED["max_tokens"]
 
 
-def assert_openai_error_shape(response: requests.Response) -> None:
-    error = response.json()["error"]
+def assert_error_shape(label: str, response: requests.Response) -> None:
+    body = response.json()
+    if label == "POST /v1/messages":  # Anthropic's shape
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, response.text
+        assert body["error"]["message"], response.text
+        return
+    error = body["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"], response.text
 
 
@@ -72,13 +78,13 @@ def fuzz(served):
             def send(case):
                 if time.monotonic() > deadline:
                     return
-                bound_generation(case.body)
+                bound_generation(case.body, operation.label)
                 response = case.call(base_url=served.url, session=session, timeout=REQUEST_TIMEOUT_S)
                 key = (operation.label, mode.value, response.status_code)
                 statuses[key] = statuses.get(key, 0) + 1
                 case.validate_response(response, checks=[not_a_server_error, negative_data_rejection])
                 if 400 <= response.status_code < 500:
-                    assert_openai_error_shape(response)
+                    assert_error_shape(operation.label, response)
 
             deadline = time.monotonic() + SECONDS_PER_RUN
             send()

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from starlette.routing import Route
 
 from jaxinfer.api.openai_responses import RESPONSES_FIELDS, RESPONSES_REQUIRED
+from jaxinfer.api.anthropic import MESSAGES_REQUEST
 from jaxinfer.api.protocol import (CHAT_FIELDS, CHAT_REQUIRED, COMPLETION_FIELDS, COMPLETION_REQUIRED, ERROR_TYPES,
                                    nullable)
 
@@ -102,12 +103,33 @@ def _generate(summary: str, request: str, response: str) -> dict:
                           **_errors(400, 401, 404, 413, 503)}}
 
 
+_BOOLEAN = nullable({"type": "boolean"})
+_TOKENIZE = {"type": "object", "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}], "properties": {
+    "model": nullable(_STR), "prompt": _STR, "messages": CHAT_FIELDS["messages"], "add_special_tokens": _BOOLEAN,
+    "add_generation_prompt": _BOOLEAN, "return_token_strs": _BOOLEAN}}
+
 OPERATIONS = {
     "/v1/completions": {"post": _generate("OpenAI's completions", "CompletionRequest", "Completion")},
     "/v1/chat/completions": {"post": _generate("OpenAI's chat completions (the model's chat template)",
                                                "ChatCompletionRequest", "ChatCompletion")},
     "/v1/responses": {"post": _generate("OpenAI's Responses API, stateless (the model's chat template)",
                                         "ResponseRequest", "Response")},
+    "/v1/messages": {"post": {
+        "summary": "Anthropic's Messages API (text, tool_use and tool_result blocks; the model's chat template)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": MESSAGES_REQUEST}}},
+        "responses": {"200": {"description": "The message, or Anthropic's server-sent events.", "content": {
+            "application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": _STR}}},
+            "4XX": _json({"type": "object"}, "Anthropic's error: {type: error, error: {type, message}}."),
+            "5XX": _json({"type": "object"}, "Anthropic's error (529: overloaded).")}}},
+    "/tokenize": {"post": {"summary": "vLLM's: a prompt or messages as token ids", "requestBody": {
+        "required": True, "content": {"application/json": {"schema": _TOKENIZE}}}, "responses": {
+        "200": _json(_object(["count", "max_model_len", "tokens"], {
+            "count": _INT, "max_model_len": _INT, "tokens": _list_of(_INT), "token_strs": _list_of(_STR)}),
+            "The token ids."), **_errors(400, 404, 413)}}},
+    "/detokenize": {"post": {"summary": "vLLM's: token ids as text", "requestBody": {
+        "required": True, "content": {"application/json": {"schema": _object(["tokens"], {
+            "model": nullable(_STR), "tokens": _list_of(_INT)})}}}, "responses": {
+        "200": _json(_object(["prompt"], {"prompt": _STR}), "The text."), **_errors(400, 404, 413)}}},
     "/v1/models": {"get": {"summary": "The served model", "responses": {
         "200": _json(_ref("ModelList"), "The one model this server serves."), **_errors(401)}}},
     "/health": {"get": {"summary": "Whether the engine runs and admits requests", "responses": {

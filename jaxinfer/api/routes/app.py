@@ -28,6 +28,8 @@ from jaxinfer.api.responses import model_card
 from jaxinfer.api.routes.completions import create_chat_completion, create_completion
 from jaxinfer.api.routes.frontend import frontend_routes
 from jaxinfer.api.routes.openai_responses import create_response
+from jaxinfer.api.routes.messages import create_message
+from jaxinfer.api.routes.tokenize import detokenize, tokenize
 from jaxinfer.async_engine import AsyncLLMEngine
 
 logger = logging.getLogger("jaxinfer")
@@ -160,6 +162,8 @@ def create_app(engine: AsyncLLMEngine, *, served_model_name: str | None = None, 
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
         Route("/v1/responses", create_response, methods=["POST"]),
+        Route("/v1/messages", create_message, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),
