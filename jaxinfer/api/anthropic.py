@@ -293,7 +293,10 @@ def _tool_choice(choice, tools: list[dict]) -> ToolRequest:
     if kind == "tool":
         return tool_calls.named_choice(choice.get("name"), tools, param)
     mode = {"auto": "auto" if tools else "none", "any": "required", "none": "none"}[kind]
-    return ToolRequest(tools, mode)
+    disable_parallel = choice.get("disable_parallel_tool_use") if isinstance(choice, dict) else None
+    if disable_parallel is not None and not isinstance(disable_parallel, bool):
+        raise _bad(f"{param}.disable_parallel_tool_use", "a boolean", disable_parallel)
+    return ToolRequest(tools, mode, parallel=not disable_parallel)
 
 
 # -- the response -------------------------------------------------------------------------------
