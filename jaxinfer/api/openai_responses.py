@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from jaxinfer.api import tool_calls
 from jaxinfer.api.assistant import OutputFormat
 from jaxinfer.api.errors import APIError, short_repr
-from jaxinfer.api.protocol import _boolean, _integer, _not_implemented, _number, _read, _refuse_not_implemented
+from jaxinfer.api.protocol import (boolean_field, integer_field, not_implemented, number_field, read_field,
+                                   refuse_not_implemented)
 from jaxinfer.api.tool_calls import ToolRequest
 from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 
@@ -32,33 +33,33 @@ RESPONSES_FIELDS = {
               "description": "A user message's text, or a list of items: messages (roles user, system, "
                              "developer, assistant; text parts), function_call and function_call_output."},
     "instructions": {"type": "string", "description": "A system message put before the input."},
-    "max_output_tokens": _integer("Tokens generated at most (default: up to max_model_len); reaching it "
+    "max_output_tokens": integer_field("Tokens generated at most (default: up to max_model_len); reaching it "
                                   "makes the response incomplete.", minimum=1),
-    "temperature": _number("0 is greedy.", minimum=0, maximum=2, default=1.0),
-    "top_p": _number("Sample from the most likely tokens whose probabilities add up to top_p.",
+    "temperature": number_field("0 is greedy.", minimum=0, maximum=2, default=1.0),
+    "top_p": number_field("Sample from the most likely tokens whose probabilities add up to top_p.",
                      exclusiveMinimum=0, maximum=1, default=1.0),
-    "stream": _boolean("Answer as server-sent events (response.created ... response.completed).", default=False),
+    "stream": boolean_field("Answer as server-sent events (response.created ... response.completed).", default=False),
     "tools": {"type": "array", "items": {"type": "object"},
               "description": "Function tools: {type: function, name, description, parameters, strict}."},
     "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]},
                               {"type": "object", "required": ["type", "name"]}],
                     "description": "none, auto (the default with tools), required, or {type: function, name}."},
-    "parallel_tool_calls": _boolean("With tool_choice required: false allows one call only.", default=True),
+    "parallel_tool_calls": boolean_field("With tool_choice required: false allows one call only.", default=True),
     "text": {"type": "object", "description": "{format: {type: text | json_object | json_schema, name, schema, "
                                               "strict}}: the text is forced to follow the format."},
     "reasoning": {"type": "object", "description": "Accepted on a model that thinks (its effort is not "
                                                    "applied); refused on one that does not."},
-    "store": _boolean("Accepted; nothing is stored (the response says store: false).", default=False),
+    "store": boolean_field("Accepted; nothing is stored (the response says store: false).", default=False),
     "metadata": {"type": "object", "description": "Echoed back."},
     "user": {"type": "string", "description": "Ignored."},
-    "previous_response_id": _not_implemented(None, "stored responses (" + _NO_STATE + ")"),
-    "conversation": _not_implemented(None, "conversations (" + _NO_STATE + ")"),
-    "background": _not_implemented(False, "background responses"),
-    "prompt": _not_implemented(None, "stored prompt templates"),
-    "include": _not_implemented([], "include"),
-    "top_logprobs": _not_implemented(0, "logprobs"),
-    "max_tool_calls": _not_implemented(None, "max_tool_calls"),
-    "truncation": _not_implemented("disabled", "truncation"),
+    "previous_response_id": not_implemented(None, "stored responses (" + _NO_STATE + ")"),
+    "conversation": not_implemented(None, "conversations (" + _NO_STATE + ")"),
+    "background": not_implemented(False, "background responses"),
+    "prompt": not_implemented(None, "stored prompt templates"),
+    "include": not_implemented([], "include"),
+    "top_logprobs": not_implemented(0, "logprobs"),
+    "max_tool_calls": not_implemented(None, "max_tool_calls"),
+    "truncation": not_implemented("disabled", "truncation"),
 }
 RESPONSES_REQUIRED = ("input",)
 
@@ -82,8 +83,8 @@ def parse_responses_request(body: dict, output_format: OutputFormat, tokenizer) 
     if body.get("previous_response_id") is not None or body.get("conversation") is not None:
         name = "previous_response_id" if body.get("previous_response_id") is not None else "conversation"
         raise APIError(400, f"'{name}' is not supported: {_NO_STATE}", param=name)
-    _refuse_not_implemented(body, fields)
-    instructions = _read(body, fields, "instructions")
+    refuse_not_implemented(body, fields)
+    instructions = read_field(body, fields, "instructions")
     messages = ([{"role": "system", "content": instructions}] if instructions is not None else []) \
         + input_messages(body.get("input"))
     tools = _tools(body.get("tools"))
@@ -91,7 +92,7 @@ def parse_responses_request(body: dict, output_format: OutputFormat, tokenizer) 
         raise APIError(400, "this model's chat template does not support tool calls (jaxinfer parses the Hermes "
                        "<tool_call> format, which Qwen2.5's template writes)", param="tools")
     tool_request = _tool_choice(body.get("tool_choice"), tools)
-    tool_request.parallel = _read(body, fields, "parallel_tool_calls", True)
+    tool_request.parallel = read_field(body, fields, "parallel_tool_calls", True)
     text_format, constraint = _text_format(body.get("text"))
     if constraint is not None and tool_request.mode == "required":
         raise APIError(400, "'text.format' constrains the text, which a required tool call constrains already: "
@@ -110,9 +111,9 @@ def parse_responses_request(body: dict, output_format: OutputFormat, tokenizer) 
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise APIError(400, f"'metadata' must be an object of strings, got {short_repr(metadata)}", param="metadata")
     for name in ("store", "user"):
-        _read(body, fields, name)
-    max_output_tokens = _read(body, fields, "max_output_tokens")
-    temperature, top_p = _read(body, fields, "temperature", 1.0), _read(body, fields, "top_p", 1.0)
+        read_field(body, fields, name)
+    max_output_tokens = read_field(body, fields, "max_output_tokens")
+    temperature, top_p = read_field(body, fields, "temperature", 1.0), read_field(body, fields, "top_p", 1.0)
     try:
         params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_output_tokens,
                                 structured_outputs=constraint)
@@ -122,8 +123,8 @@ def parse_responses_request(body: dict, output_format: OutputFormat, tokenizer) 
             "parallel_tool_calls": tool_request.parallel, "reasoning": reasoning, "temperature": temperature,
             "top_p": top_p, "text": {"format": text_format}, "tools": _echo_tools(body.get("tools") or []),
             "tool_choice": _echo_tool_choice(tool_request)}
-    return ResponsesRequest(_read(body, fields, "model"), messages, tool_request, params,
-                            _read(body, fields, "stream", False), constraint_param, echo)
+    return ResponsesRequest(read_field(body, fields, "model"), messages, tool_request, params,
+                            read_field(body, fields, "stream", False), constraint_param, echo)
 
 
 # -- the input ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The OpenAI protocol: request bodies checked and turned into SamplingParams, errors as OpenAI's
-`{"error": {...}}` (responses and streaming chunks: jaxinfer/api/responses.py).
+`{"error": {...}}` (jaxinfer/api/errors.py; responses and streaming chunks: jaxinfer/api/completion_shapes.py).
 
 Requests are plain JSON dicts checked field by field: a wrong type or value is an `APIError` (400)
 that names the field in `param`. Fields that OpenAI or vLLM define and we do not implement are
@@ -32,19 +32,19 @@ MAX_TOP_K = 2**30  # larger is the same as no limit: top_k is clamped to it
 # field marked "x-not-implemented" refused unless it holds the one value that asks for nothing. So
 # the schema says what is checked. Every field but `prompt`/`messages` is optional; null is "not given".
 
-def _integer(description: str, **bounds) -> dict:
+def integer_field(description: str, **bounds) -> dict:
     return {"type": "integer", "description": description, **bounds}
 
 
-def _number(description: str, **bounds) -> dict:
+def number_field(description: str, **bounds) -> dict:
     return {"type": "number", "description": description, **bounds}
 
 
-def _boolean(description: str, **default) -> dict:
+def boolean_field(description: str, **default) -> dict:
     return {"type": "boolean", "description": description, **default}
 
 
-def _not_implemented(unused, what: str) -> dict:
+def not_implemented(unused, what: str) -> dict:
     """A field refused unless it holds `unused`, the value that asks for nothing."""
     return {"const": unused, "x-not-implemented": what,
             "description": f"Not implemented ({what}): only {json.dumps(unused)} or null is accepted."}
@@ -75,32 +75,32 @@ _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minI
 _STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_LENGTH}
 
 STREAM_OPTIONS_FIELDS = {
-    "include_usage": _boolean("A last chunk with the request's usage and no choices.", default=False),
+    "include_usage": boolean_field("A last chunk with the request's usage and no choices.", default=False),
 }
 
 COMMON_FIELDS = {
     "model": {"type": "string", "description": "The served model's name (GET /v1/models); another is a 404."},
-    "n": _integer("Choices generated for each prompt.", minimum=1, maximum=MAX_N, default=1),
-    "temperature": _number("0 is greedy.", minimum=0, default=1.0),
-    "top_p": _number("Sample from the most likely tokens whose probabilities add up to top_p.",
+    "n": integer_field("Choices generated for each prompt.", minimum=1, maximum=MAX_N, default=1),
+    "temperature": number_field("0 is greedy.", minimum=0, default=1.0),
+    "top_p": number_field("Sample from the most likely tokens whose probabilities add up to top_p.",
                      exclusiveMinimum=0, maximum=1, default=1.0),
-    "top_k": _integer("vLLM's: sample from the k most likely tokens; -1 or 0 is off.", minimum=-1, default=-1),
-    "min_p": _number("vLLM's: drop tokens less likely than min_p times the most likely one.",
+    "top_k": integer_field("vLLM's: sample from the k most likely tokens; -1 or 0 is off.", minimum=-1, default=-1),
+    "min_p": number_field("vLLM's: drop tokens less likely than min_p times the most likely one.",
                      minimum=0, maximum=1, default=0.0),
-    "presence_penalty": _number("Subtracted from the logit of every token already generated.",
+    "presence_penalty": number_field("Subtracted from the logit of every token already generated.",
                                 minimum=-2, maximum=2, default=0.0),
-    "frequency_penalty": _number("Subtracted from a token's logit once per time it was generated.",
+    "frequency_penalty": number_field("Subtracted from a token's logit once per time it was generated.",
                                  minimum=-2, maximum=2, default=0.0),
-    "repetition_penalty": _number("vLLM's (HF/CTRL style, over prompt and output): > 1 discourages repeats.",
+    "repetition_penalty": number_field("vLLM's (HF/CTRL style, over prompt and output): > 1 discourages repeats.",
                                   exclusiveMinimum=0, default=1.0),
     "stop": {"anyOf": [_STOP, {"type": "array", "items": _STOP, "maxItems": MAX_STOP}],
              "description": "Generation ends before the first of these strings; it is not returned."},
     "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": MAX_STOP_TOKEN_IDS,
                        "description": "vLLM's: generation ends after any of these tokens."},
-    "seed": _integer("Reproducible sampling: choice i draws with seed + i."),
-    "ignore_eos": _boolean("vLLM's: go on past the end-of-sequence token.", default=False),
-    "skip_special_tokens": _boolean("vLLM's: leave special tokens out of the text.", default=True),
-    "stream": _boolean("Answer as server-sent events, one chunk per new text, then `data: [DONE]`.",
+    "seed": integer_field("Reproducible sampling: choice i draws with seed + i."),
+    "ignore_eos": boolean_field("vLLM's: go on past the end-of-sequence token.", default=False),
+    "skip_special_tokens": boolean_field("vLLM's: leave special tokens out of the text.", default=True),
+    "stream": boolean_field("Answer as server-sent events, one chunk per new text, then `data: [DONE]`.",
                        default=False),
     "stream_options": {"type": "object", "description": "Only with stream: true.",
                        "properties": {k: nullable(v) for k, v in STREAM_OPTIONS_FIELDS.items()}},
@@ -114,8 +114,8 @@ COMMON_FIELDS = {
     "guided_regex": {**_REGEX, "description": "vLLM's older name of structured_outputs.regex."},
     "guided_choice": {**_CHOICE, "description": "vLLM's older name of structured_outputs.choice."},
     "guided_grammar": {**_GRAMMAR, "description": "vLLM's older name of structured_outputs.grammar."},
-    "logit_bias": _not_implemented({}, "logit_bias"),
-    "min_tokens": _not_implemented(0, "min_tokens"),
+    "logit_bias": not_implemented({}, "logit_bias"),
+    "min_tokens": not_implemented(0, "min_tokens"),
 }
 
 COMPLETION_FIELDS = {
@@ -123,13 +123,13 @@ COMPLETION_FIELDS = {
                          _TOKEN_IDS, {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS}],
                "description": "A string, a list of strings, a list of token ids or a list of token-id lists; "
                               "each prompt gets n choices (index = prompt * n + i)."},
-    "max_tokens": _integer("Tokens generated at most per choice; the prompt plus max_tokens must fit in "
+    "max_tokens": integer_field("Tokens generated at most per choice; the prompt plus max_tokens must fit in "
                            "max_model_len.", minimum=1, default=16),
-    "logprobs": _integer("The chosen token's logprob and this many most likely alternatives.",
+    "logprobs": integer_field("The chosen token's logprob and this many most likely alternatives.",
                          minimum=0, maximum=MAX_LOGPROBS),
-    "best_of": _integer("Only best_of = n is supported.", minimum=1),
-    "echo": _not_implemented(False, "echo"),
-    "suffix": _not_implemented("", "suffix (insertion)"),
+    "best_of": integer_field("Only best_of = n is supported.", minimum=1),
+    "echo": not_implemented(False, "echo"),
+    "suffix": not_implemented("", "suffix (insertion)"),
     **COMMON_FIELDS,
 }
 COMPLETION_REQUIRED = ("prompt",)
@@ -172,16 +172,16 @@ _TOOL_CHOICE = {"anyOf": [{"enum": ["none", "auto", "required"]},
 
 CHAT_FIELDS = {
     "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
-    "max_completion_tokens": _integer("Tokens generated at most per choice (default: up to max_model_len).",
+    "max_completion_tokens": integer_field("Tokens generated at most per choice (default: up to max_model_len).",
                                       minimum=1),
-    "max_tokens": _integer("The older name of max_completion_tokens, which wins when both are given.", minimum=1),
-    "logprobs": _boolean("The chosen tokens' logprobs.", default=False),
-    "top_logprobs": _integer("With logprobs: this many most likely alternatives per token.",
+    "max_tokens": integer_field("The older name of max_completion_tokens, which wins when both are given.", minimum=1),
+    "logprobs": boolean_field("The chosen tokens' logprobs.", default=False),
+    "top_logprobs": integer_field("With logprobs: this many most likely alternatives per token.",
                              minimum=0, maximum=MAX_LOGPROBS),
     "tools": _TOOLS,
     "tool_choice": _TOOL_CHOICE,
-    "parallel_tool_calls": _boolean("With tool_choice required: false allows one call only.", default=True),
-    "functions": _not_implemented([], "the deprecated functions (use tools)"),
+    "parallel_tool_calls": boolean_field("With tool_choice required: false allows one call only.", default=True),
+    "functions": not_implemented([], "the deprecated functions (use tools)"),
     **COMMON_FIELDS,
 }
 CHAT_REQUIRED = ("messages",)
@@ -215,7 +215,7 @@ _BOUNDS = (("minimum", ">=", operator.ge), ("exclusiveMinimum", ">", operator.gt
            ("maximum", "<=", operator.le), ("exclusiveMaximum", "<", operator.lt))
 
 
-def _read(body: dict, fields: dict, name: str, default=None):
+def read_field(body: dict, fields: dict, name: str, default=None):
     """`body[name]`, checked against the scalar schema `fields[name]`; `default` if absent or null."""
     value = body.get(name)
     if value is None:
@@ -238,7 +238,7 @@ def _same_json(value, expected) -> bool:
     return type(value) is type(expected) and value == expected
 
 
-def _refuse_not_implemented(body: dict, fields: dict) -> None:
+def refuse_not_implemented(body: dict, fields: dict) -> None:
     for name, schema in fields.items():
         value = body.get(name)
         if "x-not-implemented" in schema and value is not None and not _same_json(value, schema["const"]):
@@ -266,44 +266,44 @@ class GenerationRequest:
 
 def parse_completion_request(body: dict) -> GenerationRequest:
     fields = COMPLETION_FIELDS
-    _refuse_not_implemented(body, fields)
+    refuse_not_implemented(body, fields)
     prompts = _prompts(body.get("prompt"))
     constraint, constraint_param = _structured_outputs(body)
-    params = _sampling_params(body, fields, max_tokens=_read(body, fields, "max_tokens", 16),
-                              max_tokens_param="max_tokens", logprobs=_read(body, fields, "logprobs"),
+    params = _sampling_params(body, fields, max_tokens=read_field(body, fields, "max_tokens", 16),
+                              max_tokens_param="max_tokens", logprobs=read_field(body, fields, "logprobs"),
                               logprobs_param="logprobs", structured_outputs=constraint)
-    best_of = _read(body, fields, "best_of")
+    best_of = read_field(body, fields, "best_of")
     if best_of is not None and best_of != params.n:
         raise APIError(400, f"'best_of' ({best_of}) other than n ({params.n}) is not supported", param="best_of")
-    return GenerationRequest(_read(body, fields, "model"), params, *_stream(body, fields), "max_tokens",
-                             prompts=prompts, cache_salt=_read(body, fields, "cache_salt"),
+    return GenerationRequest(read_field(body, fields, "model"), params, *_stream(body, fields), "max_tokens",
+                             prompts=prompts, cache_salt=read_field(body, fields, "cache_salt"),
                              structured_outputs_param=constraint_param)
 
 
 def parse_chat_request(body: dict) -> GenerationRequest:
     fields = CHAT_FIELDS
-    _refuse_not_implemented(body, fields)
+    refuse_not_implemented(body, fields)
     messages = _messages(body.get("messages"))
     tools = tool_calls_.check_tools(body["tools"]) if body.get("tools") is not None else []
     tool_request = tool_calls_.check_tool_choice(body.get("tool_choice"), tools)
-    tool_request.parallel = _read(body, fields, "parallel_tool_calls", True)
-    top_logprobs = _read(body, fields, "top_logprobs")
-    logprobs = _read(body, fields, "logprobs", False)
+    tool_request.parallel = read_field(body, fields, "parallel_tool_calls", True)
+    top_logprobs = read_field(body, fields, "top_logprobs")
+    logprobs = read_field(body, fields, "logprobs", False)
     if top_logprobs is not None and not logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    _read(body, fields, "max_tokens")  # checked even when max_completion_tokens, OpenAI's newer name, wins
+    read_field(body, fields, "max_tokens")  # checked even when max_completion_tokens, OpenAI's newer name, wins
     max_param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     constraint, constraint_param = _structured_outputs(body)
-    params = _sampling_params(body, fields, max_tokens=_read(body, fields, max_param), max_tokens_param=max_param,
+    params = _sampling_params(body, fields, max_tokens=read_field(body, fields, max_param), max_tokens_param=max_param,
                               logprobs=(top_logprobs or 0) if logprobs else None,
                               logprobs_param="top_logprobs", structured_outputs=constraint)
-    return GenerationRequest(_read(body, fields, "model"), params, *_stream(body, fields), max_param,
-                             messages=messages, cache_salt=_read(body, fields, "cache_salt"),
+    return GenerationRequest(read_field(body, fields, "model"), params, *_stream(body, fields), max_param,
+                             messages=messages, cache_salt=read_field(body, fields, "cache_salt"),
                              structured_outputs_param=constraint_param, tools=tool_request)
 
 
 def _stream(body: dict, fields: dict) -> tuple[bool, bool]:
-    stream = _read(body, fields, "stream", False)
+    stream = read_field(body, fields, "stream", False)
     options = body.get("stream_options")
     if options is None:
         return stream, False
@@ -311,7 +311,7 @@ def _stream(body: dict, fields: dict) -> tuple[bool, bool]:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
     if not isinstance(options, dict):
         raise _bad("stream_options", "an object", options)
-    return stream, _read(options, STREAM_OPTIONS_FIELDS, "include_usage", False)
+    return stream, read_field(options, STREAM_OPTIONS_FIELDS, "include_usage", False)
 
 
 def _prompts(prompt) -> list:
@@ -424,7 +424,7 @@ def _response_format(value) -> dict:
 
 def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: str, logprobs,
                      logprobs_param: str, structured_outputs: StructuredOutputsParams | None) -> SamplingParams:
-    read = functools.partial(_read, body, fields)
+    read = functools.partial(read_field, body, fields)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]

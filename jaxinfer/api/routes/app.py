@@ -24,7 +24,7 @@ from jaxinfer.api.assistant import OutputFormat
 from jaxinfer.api.metrics import ServerMetrics
 from jaxinfer.api.openapi import openapi_document
 from jaxinfer.api.protocol import APIError, error_body
-from jaxinfer.api.responses import model_card
+from jaxinfer.api.completion_shapes import model_card
 from jaxinfer.api.routes.completions import create_chat_completion, create_completion
 from jaxinfer.api.routes.frontend import frontend_routes
 from jaxinfer.api.routes.openai_responses import create_response

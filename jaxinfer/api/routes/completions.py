@@ -16,7 +16,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jaxinfer.api import protocol, responses, tool_calls
+from jaxinfer.api import completion_shapes as responses, protocol, tool_calls
 from jaxinfer.api.assistant import AssistantParser
 from jaxinfer.api.protocol import APIError, GenerationRequest
 from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, check_prompt_length, merge,
