@@ -258,13 +258,8 @@ def _tools(tools) -> list[dict]:
     """Anthropic's client tools ({name, description?, input_schema}) in OpenAI's chat shape."""
     if tools is None:
         return []
-    if not isinstance(tools, list):
-        raise _bad("tools", "a list of tools", tools)
-    if len(tools) > tool_calls.MAX_TOOLS:
-        raise APIError(400, f"at most {tool_calls.MAX_TOOLS} tools per request, got {len(tools)}", param="tools")
-    checked, names = [], set()
-    for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
+
+    def client_tool(tool, where: str) -> dict:
         if not isinstance(tool, dict):
             raise _bad(where, "an object with a 'name' and an 'input_schema'", tool)
         if tool.get("type") not in (None, "custom"):
@@ -272,12 +267,9 @@ def _tools(tools) -> list[dict]:
                            "only client tools (name, description, input_schema)", param=f"{where}.type")
         if not isinstance(tool.get("input_schema"), dict):
             raise _bad(f"{where}.input_schema", "a JSON schema (an object)", tool.get("input_schema"))
-        checked.append(tool_calls.check_function(tool, where, parameters_key="input_schema"))
-        name = checked[-1]["function"]["name"]
-        if name in names:
-            raise APIError(400, f"{where}: two tools are named {name!r}", param=where)
-        names.add(name)
-    return checked
+        return tool_calls.check_function(tool, where, parameters_key="input_schema")
+
+    return tool_calls.check_tool_list(tools, client_tool)
 
 
 def _tool_choice(choice, tools: list[dict]) -> ToolRequest:

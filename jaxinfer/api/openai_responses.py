@@ -199,25 +199,17 @@ def _tools(tools) -> list[dict]:
     """Responses function tools ({type: function, name, ...}) in the chat shape the template takes."""
     if tools is None:
         return []
-    if not isinstance(tools, list):
-        raise APIError(400, f"'tools' must be a list of tools, got {short_repr(tools)}", param="tools")
-    if len(tools) > tool_calls.MAX_TOOLS:
-        raise APIError(400, f"at most {tool_calls.MAX_TOOLS} tools per request, got {len(tools)}", param="tools")
-    checked, names = [], set()
-    for i, tool in enumerate(tools):
-        where = f"tools[{i}]"
+
+    def function_tool(tool, where: str) -> dict:
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != "function":
             raise APIError(400, f"{where}: only function tools are supported (no built-in tools), got type "
                            f"{short_repr(kind)}", param=where)
         if not isinstance(tool.get("strict", True), (bool, type(None))):
             raise APIError(400, f"{where}.strict must be a boolean", param=f"{where}.strict")
-        checked.append(tool_calls.check_function(tool, where))
-        name = checked[-1]["function"]["name"]
-        if name in names:
-            raise APIError(400, f"{where}: two tools are named {name!r}", param=where)
-        names.add(name)
-    return checked
+        return tool_calls.check_function(tool, where)
+
+    return tool_calls.check_tool_list(tools, function_tool)
 
 
 def _tool_choice(choice, tools: list[dict]) -> ToolRequest:

@@ -82,6 +82,20 @@ class ToolRequest:
 
 def check_tools(tools, param: str = "tools") -> list[dict]:
     """OpenAI's chat `tools`: [{"type": "function", "function": {"name", "description"?, "parameters"?}}]."""
+
+    def chat_tool(tool, where: str) -> dict:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(function, dict)):
+            raise APIError(400, f"{where} must be {{'type': 'function', 'function': {{...}}}}, got "
+                           f"{short_repr(tool)}", param=where)
+        return check_function(function, f"{where}.function")
+
+    return check_tool_list(tools, chat_tool, param)
+
+
+def check_tool_list(tools, check_tool, param: str = "tools") -> list[dict]:
+    """A request's tools, each made an OpenAI chat tool by `check_tool(tool, where)` (each API has its
+    own shape of a tool): a list of at most MAX_TOOLS, their names unique."""
     if not isinstance(tools, list):
         raise APIError(400, f"'{param}' must be a list of tools, got {short_repr(tools)}", param=param)
     if len(tools) > MAX_TOOLS:
@@ -89,11 +103,7 @@ def check_tools(tools, param: str = "tools") -> list[dict]:
     checked, names = [], set()
     for i, tool in enumerate(tools):
         where = f"{param}[{i}]"
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(function, dict)):
-            raise APIError(400, f"{where} must be {{'type': 'function', 'function': {{...}}}}, got "
-                           f"{short_repr(tool)}", param=where)
-        checked.append(check_function(function, f"{where}.function"))
+        checked.append(check_tool(tool, where))
         name = checked[-1]["function"]["name"]
         if name in names:
             raise APIError(400, f"{where}: two tools are named {name!r}", param=where)
@@ -124,7 +134,6 @@ def check_function(function: dict, where: str, parameters_key: str = "parameters
 def check_tool_choice(choice, tools: list[dict], param: str = "tool_choice") -> ToolRequest:
     """OpenAI's chat `tool_choice`: "none", "auto", "required" or {"type": "function", "function": {"name"}}.
     Without it: "auto" when there are tools, else "none"."""
-    names = [t["function"]["name"] for t in tools]
     if choice is None:
         return ToolRequest(tools, "auto" if tools else "none")
     if isinstance(choice, str) and choice in ("none", "auto", "required"):

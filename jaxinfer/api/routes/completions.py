@@ -7,20 +7,18 @@ its engine requests, which frees their KV pages.
 
 import asyncio
 import dataclasses
-import functools
 import json
 import time
 import uuid
 
 import jinja2
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from jaxinfer.api import completion_shapes as responses, protocol, tool_calls
 from jaxinfer.api.assistant import AssistantParser
 from jaxinfer.api.protocol import APIError, GenerationRequest
-from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, check_prompt_length, merge,
-                                            submit, unless_disconnected)
+from jaxinfer.api.routes.generation import check_prompt_length, merge, respond, submit
 from jaxinfer.async_engine import EngineDeadError
 
 
@@ -78,19 +76,8 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
     streams = await submit(server.engine, req.params, prompt_ids, request_id, cache_salt=req.cache_salt,
                            constraint_param=req.structured_outputs_param)
     reply = _Reply(server, req, request_id, prompt_ids, chat)
-    abort = functools.partial(abort_unfinished, streams, server.engine.abort)
-    if req.stream:
-        return EventStreamResponse(reply.events(streams), abort, media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache"})
-    try:
-        finals = await unless_disconnected(request, reply.collect(streams))
-    except EngineDeadError as e:
-        raise APIError(503, str(e), code="engine_dead") from None
-    finally:
-        abort()
-    if finals is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
-    return JSONResponse(reply.response(finals))
+    return await respond(request, server.engine, streams, stream=req.stream, events=lambda: reply.events(streams),
+                         whole=lambda: reply.collect(streams), build=reply.response)
 
 
 class _Reply:

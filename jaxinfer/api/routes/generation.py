@@ -3,10 +3,11 @@ API errors), merging their output streams, aborting what a gone client left unfi
 event-stream response that notices the client going away."""
 
 import asyncio
+import functools
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jaxinfer.api.protocol import APIError
 from jaxinfer.async_engine import EngineDeadError, NotAcceptingError, QueueFullError, RequestStream
@@ -38,6 +39,25 @@ async def submit(engine, params: SamplingParams, prompt_ids: list[list[int]], re
             raise APIError(503, str(e), code="engine_dead") from None
         raise
     return streams
+
+
+async def respond(request: Request, engine, streams: list[RequestStream], *, stream: bool, events, whole,
+                  build) -> Response:
+    """The answer to a generating request: `events()` (an async generator of server-sent events) as
+    an event stream, or `build(await whole())` as JSON. Whatever the client leaves unfinished, by going
+    away or by an error, is aborted (its KV pages freed)."""
+    abort = functools.partial(abort_unfinished, streams, engine.abort)
+    if stream:
+        return EventStreamResponse(events(), abort, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        final = await unless_disconnected(request, whole())
+    except EngineDeadError as e:
+        raise APIError(503, str(e), code="engine_dead") from None
+    finally:
+        abort()
+    if final is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    return JSONResponse(build(final))
 
 
 def check_prompt_length(prompt_ids: list[int], max_tokens: int | None, max_model_len: int, prompt_param: str,

@@ -9,7 +9,6 @@ header. A client that goes away aborts its engine request, which frees its KV pa
 
 import asyncio
 import dataclasses
-import functools
 import hmac
 
 import jinja2
@@ -20,8 +19,7 @@ from jaxinfer.api import anthropic, tool_calls
 from jaxinfer.api.anthropic import MessagesRequest, event
 from jaxinfer.api.assistant import AssistantDelta, AssistantParser
 from jaxinfer.api.errors import APIError
-from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, merge, submit,
-                                            unless_disconnected)
+from jaxinfer.api.routes.generation import merge, respond, submit
 from jaxinfer.async_engine import EngineDeadError
 
 
@@ -68,19 +66,8 @@ async def _create_message(request: Request) -> Response:
     streams = await submit(server.engine, params, [prompt_ids], message_id, constraint_param=constraint_param,
                            prompt_param="messages")
     reply = _Reply(server, req, message_id, len(prompt_ids))
-    abort = functools.partial(abort_unfinished, streams, server.engine.abort)
-    if req.stream:
-        return EventStreamResponse(reply.events(streams), abort, media_type="text/event-stream",
-                                   headers={"Cache-Control": "no-cache"})
-    try:
-        final = await unless_disconnected(request, reply.collect(streams))
-    except EngineDeadError as e:
-        raise APIError(503, str(e), code="engine_dead") from None
-    finally:
-        abort()
-    if final is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
-    return JSONResponse(reply.message(final))
+    return await respond(request, server.engine, streams, stream=req.stream, events=lambda: reply.events(streams),
+                         whole=lambda: reply.collect(streams), build=reply.message)
 
 
 def _render(tokenizer, req: MessagesRequest) -> list[int]:

@@ -8,20 +8,18 @@ begins; text that arrives after a function call opens a new message item.
 """
 
 import asyncio
-import functools
 import json
 import time
 
 import jinja2
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from jaxinfer.api import openai_responses as shapes
 from jaxinfer.api.assistant import AssistantDelta, AssistantParser
 from jaxinfer.api.openai_responses import ResponsesRequest, parse_responses_request
 from jaxinfer.api.errors import APIError
-from jaxinfer.api.routes.generation import (EventStreamResponse, abort_unfinished, check_prompt_length, submit,
-                                            unless_disconnected)
+from jaxinfer.api.routes.generation import check_prompt_length, respond, submit
 from jaxinfer.async_engine import EngineDeadError
 
 
@@ -40,19 +38,8 @@ async def create_response(request: Request) -> Response:
     streams = await submit(server.engine, req.params, [prompt_ids], response_id,
                            constraint_param=req.structured_outputs_param, prompt_param="input")
     reply = _Reply(server, req, response_id, len(prompt_ids))
-    abort = functools.partial(abort_unfinished, streams, server.engine.abort)
-    if req.stream:
-        return EventStreamResponse(reply.events(streams[0]), abort, media_type="text/event-stream",
-                                   headers={"Cache-Control": "no-cache"})
-    try:
-        response = await unless_disconnected(request, reply.whole(streams[0]))
-    except EngineDeadError as e:
-        raise APIError(503, str(e), code="engine_dead") from None
-    finally:
-        abort()
-    if response is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
-    return JSONResponse(response)
+    return await respond(request, server.engine, streams, stream=req.stream, events=lambda: reply.events(streams[0]),
+                         whole=lambda: reply.whole(streams[0]), build=lambda response: response)
 
 
 class _Reply:
