@@ -315,7 +315,7 @@ def test_stream_blocks_follow_the_answers_parts_in_order():
     # opened, given its deltas and closed before the next opens; indexes count up from 0.
     from jaxinfer.api.assistant import AssistantDelta
     from jaxinfer.api.routes.messages import _Blocks
-    from jaxinfer.api.tool_calls import ToolCallDelta
+    from jaxinfer.api.hermes import ToolCallDelta
 
     blocks = _Blocks()
     deltas = [AssistantDelta(reasoning="hm"), AssistantDelta(reasoning=" ok", content="Hi"),

@@ -16,7 +16,7 @@ import pytest
 from helpers import idle
 
 from jaxinfer.api.assistant import AssistantParser, OutputFormat
-from jaxinfer.api.tool_calls import HermesParser
+from jaxinfer.api.hermes import HermesParser
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city.",

@@ -69,7 +69,7 @@ def new_message_id() -> str:
 
 
 def tool_use_id(call_id: str) -> str:
-    """Anthropic's id for a tool call (tool_calls.new_call_id's `call_...`)."""
+    """Anthropic's id for a tool call (hermes.new_call_id's `call_...`)."""
     return "toolu_" + call_id.removeprefix("call_")
 
 

@@ -6,7 +6,8 @@ completions, Responses, Anthropic Messages) reads a model's answer through this 
 from dataclasses import dataclass, field
 
 from jaxinfer.api.reasoning import ReasoningParser, ThinkFormat
-from jaxinfer.api.tool_calls import HermesParser, ToolCall, ToolCallDelta, supports_tools
+from jaxinfer.api.hermes import HermesParser, ToolCall, ToolCallDelta
+from jaxinfer.api.tool_calls import supports_tools
 
 
 @dataclass(frozen=True, slots=True)

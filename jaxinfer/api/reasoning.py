@@ -9,7 +9,7 @@ rendering a generation prompt; an answer that opens with `<think>` enters the re
 
 from dataclasses import dataclass
 
-from jaxinfer.api.tool_calls import partial_suffix
+from jaxinfer.api.hermes import partial_suffix
 
 THINK_START, THINK_END = "<think>", "</think>"
 
