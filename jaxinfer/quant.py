@@ -142,7 +142,11 @@ def quant_matmul_reference(x, w: QuantizedWeight):
 # GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (and, where the native CPU kernel runs them, its
 # K-quants, Q5_0/Q5_1 and projections mixing types: `jaxinfer.kquant`); "int4" has a min per group
 # (GGUF Q4_1's rule), "int4_sym" none (Q4_0's); "auto" is `resolve_quantization`'s choice.
-QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8")
+# "compressed-tensors", "gptq", "awq" (and "fp8" for an FP8 checkpoint) name a checkpoint quantized by
+# its producer: it is served in its own format (`jaxinfer.weights.quantized`), and they are an error
+# for any other checkpoint; vLLM's `--quantization` names.
+CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "gptq", "awq")
+QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8") + CHECKPOINT_QUANTIZATIONS
 INT4_GROUP_SIZES = (32, 64, 128)
 # Scales and mins in float16 (as GGUF stores them): int4 g32 with a min costs 20 bytes per 32 weights.
 SCALE_DTYPE = jnp.float16
@@ -165,8 +169,11 @@ class WeightFormat:
 
 def weight_format(quantization: str, group_size: int | None = None) -> WeightFormat | None:
     """The format a load-time quantizer writes for `quantization` (None: full precision)."""
+    if quantization in CHECKPOINT_QUANTIZATIONS:
+        raise ValueError(f"--quantization {quantization} names a {quantization} checkpoint, and this one has no "
+                         "quantization_config: it is full precision (round-to-nearest: int8, int4, int4_sym, fp8)")
     if quantization not in QUANTIZATIONS or quantization in ("auto", "native"):
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS[3:]} or none, got {quantization!r}")
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS[3:7]} or none, got {quantization!r}")
     if quantization == "none":
         return None
     if quantization.startswith("int4"):
@@ -313,7 +320,10 @@ def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int
         k, n = QuantizedWeight(node.w[...], node.scales[...], format=node.fmt.kind,
                                group_size=node.fmt.group_size).shape
         if node.fmt.kind == "int8" and not node.fmt.group_size:
-            node.layout = "vnni" if integer and native.has_integer_path() and k % 32 == 0 else "blocked"
+            # A -128 (a checkpoint's int8 in the full [-128, 127] range: compressed-tensors W8A16) has no
+            # negation on the AVX2 integer path (`native.to_vnni`): such a weight takes the float path.
+            node.layout = ("vnni" if integer and native.has_integer_path() and k % 32 == 0
+                           and not bool(jnp.any(node.w[...] == -128)) else "blocked")
             node.w = nnx.Param((native.to_vnni if node.layout == "vnni" else native.to_blocked)(node.w[...]))
         elif (node.fmt.kind in ("int8", "int4") and node.fmt.group_size == native.GROUP and integer
               and native.has_group_path() and n % 16 == 0):

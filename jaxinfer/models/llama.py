@@ -353,6 +353,8 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
                                                          else []) for p, (f, native) in sorted(formats.items())}}
         if head_format is not None:
             key_fields["lm_head"] = head_format.name
+        if getattr(checkpoint, "quantization", None) is not None:  # the reader of the producer's format
+            key_fields["checkpoint_quantization"] = checkpoint.quantization.description
         if embed_type is not None:
             key_fields["embed"] = [embed_type, kquant.LAYOUT_VERSION]
         cache = WeightCache(cache_dir, checkpoint.path, **key_fields)

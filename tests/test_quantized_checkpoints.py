@@ -1,0 +1,189 @@
+"""Checkpoints quantized by the libraries that define the formats (tests/data/quantized/, written by
+scripts/make_quantized_fixtures.py with compressed-tensors and gptqmodel; VERSIONS.txt there):
+a tiny random Llama (hidden 128, 2 layers) as compressed-tensors W4A16 (symmetric and asymmetric,
+group 32), W8A16 per channel, FP8 per channel / per tensor / 128x128 blocks, HF "fp8" blocks
+(`weight_scale_inv`), GPTQ and AWQ GEMM.
+
+The reference for the weights is each library's own dequantization, saved beside the checkpoint
+(`reference/dequantized.safetensors`, in the dtype the library computes in). The reference for the
+model is HF transformers on those dequantized weights (float32).
+
+Tolerances. Where the engine's format holds the checkpoint's values as they are (symmetric int4,
+int8, fp8 with per-channel or per-tensor scales), our dequantization rounded to the library's dtype
+is the library's, bit for bit. Elsewhere the difference is one rounding: a zero point folded into
+a float16 min (-scale * zero) and the library's product rounded to bf16/fp16, or (FP8 blocks) the
+float32 block scale stored as float16; so |ours - library| <= 2^-8 (|w| + |min|), two bf16 ulps.
+Greedy tokens: the reference runs the library's rounded weights, we run ours, so at a near tie
+they may part; the rule is the issue's: at the first divergence our token is in HF's top 5.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import jax.numpy as jnp
+
+from jaxinfer import LLM, SamplingParams, quant
+from jaxinfer.weights.hf import HFCheckpoint
+from jaxinfer.weights.quantized import UnsupportedQuantization
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "quantized")
+# name: (its engine format, bit-exact after rounding to the library's dtype)
+FIXTURES = {
+    "ct-w4a16-g32-sym": ("int4-g32-sym", True),
+    "ct-w4a16-g32-asym": ("int4-g32", False),
+    "ct-w8a16-channel": ("int8", True),
+    "ct-fp8-channel": ("fp8", True),
+    "ct-fp8-tensor": ("fp8", True),
+    "ct-fp8-block": ("fp8-g128", True),
+    "fp8-block": ("fp8-g128", False),
+    "gptq-g32-sym": ("int4-g32-sym", True),
+    "awq-gemm-g32": ("int4-g32", False),
+}
+ENGINE = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, page_size=16, warmup=False,
+              weight_cache_dir=None)
+NEW_TOKENS = 8
+PROMPT_LENGTHS = (40, 23)
+
+
+def fixture_path(name):
+    return os.path.join(DATA, name)
+
+
+def reference_weights(name) -> dict[str, np.ndarray]:
+    with safe_open(os.path.join(fixture_path(name), "reference", "dequantized.safetensors"), "numpy") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def our_dequantized(checkpoint: HFCheckpoint, hf_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(W [out, in] float32 by the format's reference `quant.dequantize`, its mins or zeros)."""
+    fmt = checkpoint.native_format(hf_name)
+    arrays = checkpoint.quantized_tensor(hf_name)
+    mins = arrays.get("mins")
+    w = quant.QuantizedWeight(jnp.asarray(arrays["data"]), jnp.asarray(arrays["scales"]),
+                              None if mins is None else jnp.asarray(mins), fmt.kind, fmt.group_size)
+    dense = np.asarray(quant.dequantize(w)).T
+    if mins is None:
+        return dense, np.zeros_like(dense)
+    k = dense.shape[1]
+    return dense, np.repeat(np.abs(mins.astype(np.float32)), k // mins.shape[0], axis=0).T
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_projections_load_in_the_expected_format(name):
+    checkpoint = HFCheckpoint(fixture_path(name))
+    for hf_name in reference_weights(name):
+        assert checkpoint.native_format(hf_name).name == FIXTURES[name][0]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_dequantized_weights_equal_the_librarys(name):
+    checkpoint = HFCheckpoint(fixture_path(name))
+    exact = FIXTURES[name][1]
+    for hf_name, ref in reference_weights(name).items():
+        ours, mins = our_dequantized(checkpoint, hf_name)
+        if exact:
+            np.testing.assert_array_equal(ours.astype(ref.dtype), ref, err_msg=hf_name)
+        else:
+            ref32 = ref.astype(np.float32)
+            bound = 2.0 ** -8 * (np.abs(ref32) + mins) + 1e-12
+            assert np.all(np.abs(ours - ref32) <= bound), f"{hf_name}: {np.max(np.abs(ours - ref32) / bound)}"
+
+
+# --- the model: greedy tokens against HF on the library's dequantized weights ------------------------
+
+def plain_checkpoint(name, path) -> str:
+    """An HF directory of the fixture's model in float32 with the library's dequantized projections
+    and no quantization_config: what transformers runs as the reference."""
+    with open(os.path.join(fixture_path(name), "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    config["torch_dtype"] = config["dtype"] = "float32"
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    tensors = {key: value.astype(np.float32) for key, value in reference_weights(name).items()}
+    checkpoint = HFCheckpoint(fixture_path(name))
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        tensors[key] = checkpoint.tensor(key).astype(np.float32)
+    for layer in range(config["num_hidden_layers"]):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            key = f"model.layers.{layer}.{norm}.weight"
+            tensors[key] = checkpoint.tensor(key).astype(np.float32)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(fixture_path(name), "tokenizer.json"), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 320, n).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w8a16-channel", "ct-fp8-block", "fp8-block",
+                                  "gptq-g32-sym", "awq-gemm-g32"])
+def test_greedy_tokens_follow_hf_on_the_librarys_weights(name, prompts, hf_reference, tmp_path):
+    hf_model = hf_reference.load_dir(plain_checkpoint(name, tmp_path / name))
+    llm = LLM(fixture_path(name), **ENGINE)
+    assert llm.engine.quantization == "native"
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
+    for prompt, out, ref in zip(prompts, outs, hf_model.greedy(prompts, NEW_TOKENS)):
+        ours = out.outputs[0].token_ids
+        if ours != ref:
+            i = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+            logits = hf_model.last_logits([prompt + ref[:i]])[0]
+            assert ours[i] in np.argsort(logits)[-5:], f"prompt of {len(prompt)}: token {i} {ours[i]} not in HF's top 5"
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+def copy_with_config(name, tmp_path, change) -> str:
+    path = tmp_path / name
+    shutil.copytree(fixture_path(name), path)
+    with open(path / "config.json") as f:
+        config = json.load(f)
+    change(config["quantization_config"])
+    with open(path / "config.json", "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+def test_an_unknown_quant_method_is_an_error_naming_it(tmp_path):
+    path = copy_with_config("ct-w4a16-g32-sym", tmp_path, lambda q: q.update(quant_method="bitsandbytes"))
+    with pytest.raises(UnsupportedQuantization, match="'bitsandbytes' is not supported"):
+        LLM(path, **ENGINE)
+
+
+def test_an_unsupported_compressed_tensors_scheme_is_an_error_naming_it(tmp_path):
+    def two_bits(q):
+        q["config_groups"]["group_0"]["weights"]["num_bits"] = 2
+    path = copy_with_config("ct-w4a16-g32-sym", tmp_path, two_bits)
+    with pytest.raises(UnsupportedQuantization, match="compressed-tensors checkpoint: .*int2 .* not supported"):
+        HFCheckpoint(path)
+
+
+def test_gptq_act_order_is_refused_with_the_reason():
+    with pytest.raises(UnsupportedQuantization, match="act-order"):
+        HFCheckpoint(fixture_path("gptq-g32-actorder"))
+
+
+def test_a_contradicting_quantization_is_an_error_naming_both():
+    with pytest.raises(UnsupportedQuantization, match="--quantization int8 contradicts .*compressed-tensors "
+                                                      "pack-quantized int4 group 32"):
+        LLM(fixture_path("ct-w4a16-g32-sym"), quantization="int8", **ENGINE)
+    with pytest.raises(UnsupportedQuantization, match="--quantization gptq contradicts .*AWQ"):
+        LLM(fixture_path("awq-gemm-g32"), quantization="gptq", **ENGINE)
+
+
+def test_a_checkpoint_method_on_a_full_precision_checkpoint_is_an_error(tmp_path):
+    path = plain_checkpoint("ct-w4a16-g32-sym", tmp_path / "plain")
+    with pytest.raises(ValueError, match="--quantization awq names a awq checkpoint, and this one has no "
+                                         "quantization_config"):
+        LLM(path, quantization="awq", **ENGINE)
