@@ -158,13 +158,17 @@ class WeightFormat:
     group_size: int = 0  # rows per scale; 0: one scale per output channel
     symmetric: bool = True  # int4 only: False adds a min per group
     layer_types: tuple[str, ...] = ()  # kquant only: each layer's GGUF type (`jaxinfer.kquant`)
+    # GPTQ act-order: W's rows are stored sorted by group, and the layer gathers x's columns into that
+    # order (`input_perm` [*stack, in]) before the matmul: y = x[..., perm] @ W_sorted.
+    act_order: bool = False
 
     @property
     def name(self) -> str:
         if self.kind == "kquant":
             return "+".join(sorted(set(self.layer_types)))
         group = f"-g{self.group_size}" if self.group_size else ""
-        return f"{self.kind}{group}{'-sym' if self.kind == 'int4' and self.symmetric else ''}"
+        return (f"{self.kind}{group}{'-sym' if self.kind == 'int4' and self.symmetric else ''}"
+                f"{'-actorder' if self.act_order else ''}")
 
 
 def weight_format(quantization: str, group_size: int | None = None) -> WeightFormat | None:
@@ -239,6 +243,8 @@ def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, sta
     shapes = {"data": data, "scales": (scales, SCALE_DTYPE)}
     if fmt.kind == "int4" and not fmt.symmetric:
         shapes["mins"] = (scales, SCALE_DTYPE)
+    if fmt.act_order:
+        shapes["input_perm"] = ((*stack, k), jnp.int32)
     return shapes
 
 
@@ -272,6 +278,7 @@ class Linear(nnx.Module):
             self.w = nnx.Param(jnp.zeros(*shapes["data"]))
             self.scales = nnx.Param(jnp.zeros(*shapes["scales"]))
             self.mins = nnx.Param(jnp.zeros(*shapes["mins"])) if "mins" in shapes else None
+            self.input_perm = nnx.Param(jnp.zeros(*shapes["input_perm"])) if "input_perm" in shapes else None
         self.b = nnx.Param(jnp.zeros((*stack, out_features), dtype)) if bias else None
 
     def quantized_weight(self) -> "QuantizedWeight | kquant.KQuantWeight":
@@ -287,7 +294,8 @@ class Linear(nnx.Module):
             return [self.w]
         if self.layout == "kquant":
             return [self.w, self.kquant_index]
-        return [self.w, self.scales] + ([] if self.mins is None else [self.mins])
+        return ([self.w, self.scales] + ([] if self.mins is None else [self.mins])
+                + ([] if getattr(self, "input_perm", None) is None else [self.input_perm]))
 
     def __call__(self, x, layer=None):
         """x[..., in] -> [..., out]. A quantized weight may be the whole layer stack
@@ -300,6 +308,9 @@ class Linear(nnx.Module):
             stacked = w.stacked
             if stacked and layer is None:
                 raise ValueError("a stacked quantized weight needs the layer index")
+            if getattr(self, "input_perm", None) is not None:  # act-order: x's columns in W's row order
+                perm = self.input_perm[...]
+                x = jnp.take(x, perm[layer] if stacked else perm, axis=-1)
             y = ops.quant_matmul(x, w, backend=self.backend, layer=layer if stacked else None)
         return y if self.b is None else y + self.b[...]
 

@@ -43,6 +43,7 @@ FIXTURES = {
     "ct-fp8-block": ("fp8-g128", True),
     "fp8-block": ("fp8-g128", False),
     "gptq-g32-sym": ("int4-g32-sym", True),
+    "gptq-g32-actorder": ("int4-g32-actorder", False),
     "awq-gemm-g32": ("int4-g32", False),
 }
 ENGINE = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, page_size=16, warmup=False,
@@ -61,17 +62,22 @@ def reference_weights(name) -> dict[str, np.ndarray]:
 
 
 def our_dequantized(checkpoint: HFCheckpoint, hf_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(W [out, in] float32 by the format's reference `quant.dequantize`, its mins or zeros)."""
+    """(W [out, in] float32 by the format's reference `quant.dequantize`, |min| of each element's group
+    (zeros without mins)). Act-order: the rows, stored sorted by group, put back (row perm[i] of W is
+    row i of the stored weight, which the layer meets with x[..., perm])."""
     fmt = checkpoint.native_format(hf_name)
     arrays = checkpoint.quantized_tensor(hf_name)
     mins = arrays.get("mins")
     w = quant.QuantizedWeight(jnp.asarray(arrays["data"]), jnp.asarray(arrays["scales"]),
                               None if mins is None else jnp.asarray(mins), fmt.kind, fmt.group_size)
-    dense = np.asarray(quant.dequantize(w)).T
-    if mins is None:
-        return dense, np.zeros_like(dense)
-    k = dense.shape[1]
-    return dense, np.repeat(np.abs(mins.astype(np.float32)), k // mins.shape[0], axis=0).T
+    dense = np.asarray(quant.dequantize(w))  # [K, N]
+    k = dense.shape[0]
+    mins = np.zeros_like(dense) if mins is None else np.repeat(np.abs(mins.astype(np.float32)), k // mins.shape[0], 0)
+    if "input_perm" in arrays:
+        unsorted, unsorted_mins = np.empty_like(dense), np.empty_like(mins)
+        unsorted[arrays["input_perm"]], unsorted_mins[arrays["input_perm"]] = dense, mins
+        dense, mins = unsorted, unsorted_mins
+    return dense.T, mins.T
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -127,7 +133,7 @@ def prompts():
 
 
 @pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w8a16-channel", "ct-fp8-block", "fp8-block",
-                                  "gptq-g32-sym", "awq-gemm-g32"])
+                                  "gptq-g32-sym", "gptq-g32-actorder", "awq-gemm-g32"])
 def test_greedy_tokens_follow_hf_on_the_librarys_weights(name, prompts, hf_reference, tmp_path):
     hf_model = hf_reference.load_dir(plain_checkpoint(name, tmp_path / name))
     llm = LLM(fixture_path(name), **ENGINE)
@@ -169,9 +175,31 @@ def test_an_unsupported_compressed_tensors_scheme_is_an_error_naming_it(tmp_path
         HFCheckpoint(path)
 
 
-def test_gptq_act_order_is_refused_with_the_reason():
-    with pytest.raises(UnsupportedQuantization, match="act-order"):
-        HFCheckpoint(fixture_path("gptq-g32-actorder"))
+def test_compressed_tensors_act_order_groups_are_refused_with_the_reason(tmp_path):
+    def act_order(q):
+        q["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    path = copy_with_config("ct-w4a16-g32-sym", tmp_path, act_order)
+    with pytest.raises(UnsupportedQuantization, match="act-order groups"):
+        HFCheckpoint(path)
+
+
+def test_a_gptq_packing_other_than_v1_and_v2_is_refused_naming_it(tmp_path):
+    path = copy_with_config("gptq-g32-sym", tmp_path, lambda q: q.update(checkpoint_format="marlin"))
+    with pytest.raises(UnsupportedQuantization, match="the 'marlin' packing is not supported"):
+        HFCheckpoint(path)
+
+
+def test_the_pallas_kernel_runs_the_fp8_block_format():
+    """fp8 with one scale per 128 rows and column (a 128x128 block's scale repeated over its columns)
+    is the kernel's grouped path: interpreted, it equals the reference."""
+    from kernels_pallas import quant_matmul as qmm
+
+    arrays = HFCheckpoint(fixture_path("ct-fp8-block")).quantized_tensor("model.layers.0.mlp.down_proj.weight")
+    data, scales = jnp.asarray(arrays["data"]), jnp.asarray(arrays["scales"])  # [256, 128], [2, 128]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((7, data.shape[0])), jnp.float32)
+    ours = qmm.quant_matmul(x, data, scales, fmt="fp8", group_size=128, interpret=True)
+    ref = qmm.quant_matmul_reference(x, data, scales, fmt="fp8", group_size=128)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_a_contradicting_quantization_is_an_error_naming_both():

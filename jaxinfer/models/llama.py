@@ -202,7 +202,8 @@ class Llama(nnx.Module):
         # (in place, for the native CPU kernel); everything else is sliced by the scan.
         quantized = {name for name in PROJECTIONS if getattr(self.layers, name).fmt is not None}
         layer_def, whole, layer_state = nnx.split(
-            self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins", "kquant_index"),
+            self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins", "kquant_index",
+                                                                             "input_perm"),
             ...)
 
         def body(carry, xs):
@@ -435,7 +436,7 @@ def _read_quantized(checkpoint, template, num_layers, fmt: WeightFormat, native:
             (kind, kquant.pack_layer(checkpoint.kquant_tensor(template.format(layer)), kind))
             for layer, kind in enumerate(fmt.layer_types)])
         return {"w": jnp.asarray(data), "kquant_index": jnp.asarray(index)}
-    parts = {"w": "data", "scales": "scales", "mins": "mins"}
+    parts = {"w": "data", "scales": "scales", "mins": "mins", "input_perm": "input_perm"}
     host = {key: np.empty(targets[key].shape, targets[key].dtype) for key in parts if key in targets}
     for layer in range(num_layers):
         name = template.format(layer)

@@ -16,7 +16,9 @@ the engine as [in (K), out (N)]:
   scale per group of 128 rows (K) and column, the block's scale repeated over its 128 columns:
   exact, 2 bytes of scale per 128 weights.
 - GPTQ (v1 and v2 packing) and AWQ (GEMM): int4 asymmetric (GPTQ symmetric: int4 "-sym"), GPTQ
-  8-bit symmetric: int8. GPTQ act-order (`desc_act`: `g_idx` not in row order) is refused for now.
+  8-bit symmetric: int8. GPTQ act-order (`desc_act`: `g_idx` puts a group's rows anywhere in K): the
+  rows are stored sorted by group, and the layer gathers the activations' columns into that order
+  at each step (`WeightFormat.act_order`, `input_perm`), as vLLM's GPTQ kernels do with g_idx.
 Scales and mins are kept in float16 (`quant.SCALE_DTYPE`): a checkpoint's bf16 scales convert
 exactly where they are float16 normals, which weight scales are.
 """
@@ -49,12 +51,13 @@ class CheckpointQuantization:
     symmetric: bool = True
     packed: bool = True  # ct-int: "pack-quantized" (int32 words) or "int-quantized" (int8)
     gptq_zero_offset: int = 0  # GPTQ v1 stores zero - 1
+    act_order: bool = False  # GPTQ desc_act: g_idx puts a group's rows anywhere in K
 
     def weight_format(self, in_features: int) -> WeightFormat:
         """The engine's format for a projection with `in_features` rows (K)."""
         if self.bits == 4:
             group = self.group_size if self.strategy == "group" else _largest_group(in_features)
-            return WeightFormat("int4", group, symmetric=self.symmetric)
+            return WeightFormat("int4", group, symmetric=self.symmetric, act_order=self.act_order)
         kind = "int8" if self.kind in ("ct-int", "gptq") else "fp8"
         return WeightFormat(kind, self.group_size if self.strategy in ("group", "block") else 0)
 
@@ -156,14 +159,12 @@ def _gptq(config: dict) -> CheckpointQuantization:
         raise UnsupportedQuantization(f"{description}: only 4-bit, and 8-bit symmetric, GPTQ are supported")
     if bits == 4 and group != -1 and group not in INT4_GROUP_SIZES:
         raise UnsupportedQuantization(f"{description}: group size {group} (jaxinfer's int4: {INT4_GROUP_SIZES})")
-    if config.get("desc_act"):
-        raise UnsupportedQuantization(
-            f"{description}: act-order (desc_act, g_idx out of row order) is not supported yet: the rows of a "
-            "group are scattered over K, which the engine's group layout cannot hold without permuting the "
-            "activations at each step")
+    act_order = bool(config.get("desc_act")) and group != -1  # per channel, g_idx is all one group
+    if act_order and bits != 4:
+        raise UnsupportedQuantization(f"{description}: act-order is supported for 4-bit GPTQ only")
     return CheckpointQuantization("gptq", description, "gptq", bits, "channel" if group == -1 else "group",
                                   0 if group == -1 else group, symmetric=bool(sym),
-                                  gptq_zero_offset=1 if packing == "gptq" else 0)
+                                  gptq_zero_offset=1 if packing == "gptq" else 0, act_order=act_order)
 
 
 def _awq(config: dict) -> CheckpointQuantization:
@@ -183,6 +184,11 @@ def _nibbles(words: np.ndarray) -> np.ndarray:
     """int32 words [..., W] -> uint8 [..., 8 W]: each word's 4-bit fields, lowest first."""
     b = np.ascontiguousarray(words).astype("<i4", copy=False).view(np.uint8)
     return np.stack([b & 0xF, b >> 4], axis=-1).reshape(*words.shape[:-1], -1)
+
+
+def _nibbles_rows(packed: np.ndarray) -> np.ndarray:
+    """int4's [K / 2, N] uint8 -> [K, N] 0..15 (`quant_matmul.unpack_int4`)."""
+    return np.stack([packed & 0xF, packed >> 4], axis=1).reshape(2 * packed.shape[0], packed.shape[1])
 
 
 def _pack_rows(q: np.ndarray) -> np.ndarray:
@@ -256,8 +262,9 @@ def _read_gptq(q, fmt, read, prefix, k, n) -> dict:
     """qweight int32 [K / (32 / bits), N] packed along K; qzeros [groups, N / (32 / bits)] packed
     along N; scales [groups, N]; g_idx [K] (checked to be in row order)."""
     g_idx = read(f"{prefix}.g_idx") if q.strategy == "group" else None
-    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // q.group_size):
-        raise UnsupportedQuantization(f"{prefix}: g_idx is not in row order (act-order); not supported yet")
+    in_order = g_idx is None or np.array_equal(g_idx, np.arange(k) // q.group_size)
+    if not in_order and not q.act_order:
+        raise UnsupportedQuantization(f"{prefix}: g_idx is not in row order, and the config says no act-order")
     scales_stored = np.asarray(read(f"{prefix}.scales"), np.float32)  # [groups, N]
     words = read(f"{prefix}.qweight")
     zwords = read(f"{prefix}.qzeros")
@@ -271,16 +278,23 @@ def _read_gptq(q, fmt, read, prefix, k, n) -> dict:
     # 4-bit: word w, byte b holds rows 8w + 2b (low nibble) and 8w + 2b + 1: int4's row pair 4w + b
     data = np.ascontiguousarray(words.astype("<i4").view(np.uint8).reshape(k // 8, n, 4)
                                 .transpose(0, 2, 1).reshape(k // 2, n))
+    perm = None
+    if q.act_order:  # rows sorted by group (stable), x gathered the same way at each step
+        if np.any(np.bincount(g_idx, minlength=k // q.group_size) != q.group_size):
+            raise UnsupportedQuantization(f"{prefix}: act-order groups of unequal sizes (static_groups?)")
+        perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+        data = _pack_rows(_nibbles_rows(data)[perm])
     zeros = _nibbles(zwords)[:, :n].astype(np.float32) + q.gptq_zero_offset  # [groups, N]
     if q.strategy == "channel":
         scales_stored = np.broadcast_to(scales_stored[:1], (k // fmt.group_size, n))
         zeros = np.broadcast_to(zeros[:1], (k // fmt.group_size, n))
     scales = _f16(scales_stored)
+    out = {"data": data, "scales": scales} if perm is None else {"data": data, "scales": scales, "input_perm": perm}
     if fmt.symmetric:  # w = scale * (q - 8): int4 "-sym"
         if np.any(zeros != 8):
             raise UnsupportedQuantization(f"{prefix}: a symmetric GPTQ checkpoint with zero points other than 8")
-        return {"data": data, "scales": scales}
-    return {"data": data, "scales": scales, "mins": _f16(-scales.astype(np.float32) * zeros)}
+        return out
+    return out | {"mins": _f16(-scales.astype(np.float32) * zeros)}
 
 
 def _read_awq(fmt, read, prefix, k, n) -> dict:
