@@ -48,7 +48,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "data", "quantized")
 DTYPE = torch.bfloat16
-CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+CONFIG = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5,
               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -96,7 +96,7 @@ def projection_names(num_layers):
 
 # --- compressed-tensors --------------------------------------------------------------------------
 
-def compressed_tensors_fixture(path, weights_args, fmt):
+def compressed_tensors_fixture(path, weights_args, fmt, input_args=None):
     """Quantizes the projections' weights (round to nearest, min-max scales) and saves the model
     through compressed-tensors' compressor; the reference is its `decompress_model`."""
     from compressed_tensors.compressors import ModelCompressor
@@ -105,7 +105,7 @@ def compressed_tensors_fixture(path, weights_args, fmt):
     from compressed_tensors.quantization.utils import calculate_qparams
 
     model = base_model()
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights_args)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights_args, input_activations=input_args)
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=fmt,
                                 quantization_status=QuantizationStatus.INITIALIZED)
     apply_quantization_config(model, config)
@@ -228,6 +228,12 @@ def fixtures():
             num_bits=4, type="int", strategy="group", group_size=32, symmetric=False), "pack-quantized"),
         "ct-w8a16-channel": lambda p: compressed_tensors_fixture(p, ct_args(
             num_bits=8, type="int", strategy="channel", symmetric=True), "pack-quantized"),
+        "ct-w4a16-channel-asym": lambda p: compressed_tensors_fixture(p, ct_args(
+            num_bits=4, type="int", strategy="channel", symmetric=False), "pack-quantized"),
+        # INT8_W8A8's scheme (dynamic per-token int8 activations): the weights are what the engine uses
+        "ct-w8a8-int-quantized": lambda p: compressed_tensors_fixture(p, ct_args(
+            num_bits=8, type="int", strategy="channel", symmetric=True), "int-quantized", ct_args(
+            num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True)),
         "ct-fp8-channel": lambda p: compressed_tensors_fixture(p, ct_args(
             num_bits=8, type="float", strategy="channel", symmetric=True), "float-quantized"),
         "ct-fp8-tensor": lambda p: compressed_tensors_fixture(p, ct_args(
@@ -239,6 +245,7 @@ def fixtures():
         "gptq-g32-sym": lambda p: gptqmodel_fixture(p, "gptq", bits=4, group_size=32, sym=True, desc_act=False),
         "gptq-g32-actorder": lambda p: gptqmodel_fixture(p, "gptq", bits=4, group_size=32, sym=False,
                                                          desc_act=True),
+        "gptq-8bit-g32": lambda p: gptqmodel_fixture(p, "gptq", bits=8, group_size=32, sym=True, desc_act=False),
         "awq-gemm-g32": lambda p: gptqmodel_fixture(p, "awq", bits=4, group_size=32, sym=False,
                                                     format="gemm"),
     }

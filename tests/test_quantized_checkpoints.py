@@ -1,8 +1,9 @@
 """Checkpoints quantized by the libraries that define the formats (tests/data/quantized/, written by
 scripts/make_quantized_fixtures.py with compressed-tensors and gptqmodel; VERSIONS.txt there):
 a tiny random Llama (hidden 128, 2 layers) as compressed-tensors W4A16 (symmetric and asymmetric,
-group 32), W8A16 per channel, FP8 per channel / per tensor / 128x128 blocks, HF "fp8" blocks
-(`weight_scale_inv`), GPTQ and AWQ GEMM.
+group 32; asymmetric per channel), W8A16 per channel, W8A8 `int-quantized`, FP8 per channel / per
+tensor / 128x128 blocks, HF "fp8" blocks (`weight_scale_inv`), GPTQ 4-bit (act-order too) and
+8-bit, and AWQ GEMM.
 
 The reference for the weights is each library's own dequantization, saved beside the checkpoint
 (`reference/dequantized.safetensors`, in the dtype the library computes in). The reference for the
@@ -38,12 +39,15 @@ FIXTURES = {
     "ct-w4a16-g32-sym": ("int4-g32-sym", True),
     "ct-w4a16-g32-asym": ("int4-g32", False),
     "ct-w8a16-channel": ("int8", True),
+    "ct-w4a16-channel-asym": ("int4-g128", False),  # one scale per channel, repeated over K's one group
+    "ct-w8a8-int-quantized": ("int8", True),  # int8 activations in the config: the engine keeps float
     "ct-fp8-channel": ("fp8", True),
     "ct-fp8-tensor": ("fp8", True),
     "ct-fp8-block": ("fp8-g128", True),
     "fp8-block": ("fp8-g128", False),
     "gptq-g32-sym": ("int4-g32-sym", True),
     "gptq-g32-actorder": ("int4-g32-actorder", False),
+    "gptq-8bit-g32": ("int8-g32", True),
     "awq-gemm-g32": ("int4-g32", False),
 }
 ENGINE = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, page_size=16, warmup=False,
@@ -132,8 +136,9 @@ def prompts():
     return [rng.integers(0, 320, n).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w8a16-channel", "ct-fp8-block", "fp8-block",
-                                  "gptq-g32-sym", "gptq-g32-actorder", "awq-gemm-g32"])
+@pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w4a16-channel-asym", "ct-w8a16-channel", "ct-fp8-block",
+                                  "fp8-block", "gptq-g32-sym", "gptq-g32-actorder", "gptq-8bit-g32",
+                                  "awq-gemm-g32"])
 def test_greedy_tokens_follow_hf_on_the_librarys_weights(name, prompts, hf_reference, tmp_path):
     hf_model = hf_reference.load_dir(plain_checkpoint(name, tmp_path / name))
     llm = LLM(fixture_path(name), **ENGINE)
@@ -195,7 +200,7 @@ def test_the_pallas_kernel_runs_the_fp8_block_format():
     from kernels_pallas import quant_matmul as qmm
 
     arrays = HFCheckpoint(fixture_path("ct-fp8-block")).quantized_tensor("model.layers.0.mlp.down_proj.weight")
-    data, scales = jnp.asarray(arrays["data"]), jnp.asarray(arrays["scales"])  # [256, 128], [2, 128]
+    data, scales = jnp.asarray(arrays["data"]), jnp.asarray(arrays["scales"])  # [128, 128], [1, 128]
     x = jnp.asarray(np.random.default_rng(0).standard_normal((7, data.shape[0])), jnp.float32)
     ours = qmm.quant_matmul(x, data, scales, fmt="fp8", group_size=128, interpret=True)
     ref = qmm.quant_matmul_reference(x, data, scales, fmt="fp8", group_size=128)
