@@ -246,3 +246,9 @@ def test_loading_an_awq_checkpoint_allocates_no_full_precision_copy():
     finally:
         tracemalloc.stop()
     assert peak < 1.5 * os.path.getsize(os.path.join(fixture_path("awq-gemm-g32"), "model.safetensors"))
+
+
+def test_a_quantized_gptq_lm_head_is_refused(tmp_path):
+    path = copy_with_config("gptq-g32-sym", tmp_path, lambda q: q.update(lm_head=True))
+    with pytest.raises(UnsupportedQuantization, match="a quantized LM head"):
+        HFCheckpoint(path)

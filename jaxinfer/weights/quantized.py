@@ -153,6 +153,8 @@ def _gptq(config: dict) -> CheckpointQuantization:
     description = (f"GPTQ {bits}-bit, {'per channel' if group == -1 else f'group {group}'}, "
                    f"{'symmetric' if sym else 'asymmetric'}{', act-order' if config.get('desc_act') else ''}, "
                    f"{packing} packing")
+    if config.get("lm_head"):
+        raise UnsupportedQuantization(f"{description}: a quantized LM head (lm_head: true) is not supported")
     if packing not in ("gptq", "gptq_v2"):
         raise UnsupportedQuantization(f"{description}: the {packing!r} packing is not supported (gptq, gptq_v2 are)")
     if bits not in (4, 8) or (bits == 8 and not sym):
