@@ -11,6 +11,9 @@ The venv, as made for the committed fixtures (tests/data/quantized/VERSIONS.txt 
     BUILD_CUDA_EXT=0 .venv-quant/bin/pip install gptqmodel --no-deps --no-build-isolation
     .venv-quant/bin/pip install -c <(echo torch==2.13.0+cpu) accelerate datasets defuser device-smi dill \
         logbar pypcre threadpoolctl tokenicer pillow protobuf pyarrow requests torchao
+    # last, for the llmc-* fixture: llmcompressor 0.14.0.1 pins compressed-tensors 0.19.0 and
+    # transformers 5.17.0 (the other fixtures were made before, with 0.20.1 and 5.24.0: VERSIONS.txt)
+    .venv-quant/bin/pip install -c <(echo torch==2.13.0+cpu) llmcompressor
 
 Each fixture directory holds the checkpoint as the library saved it (config.json with its
 `quantization_config`, safetensors) plus tokenizer.json, and `reference/dequantized.safetensors`: every
@@ -27,7 +30,10 @@ Formats, and which code writes them:
 - fp8 (quant_method "fp8", DeepSeek/Qwen FP8): `weight` float8_e4m3fn and `weight_scale_inv`
   per 128x128 block, written here with torch ops the way transformers' FineGrainedFP8 quantizer
   computes them (no library on PyPI writes this format on a CPU).
-- gptq / awq: gptqmodel's GPTQ (act-order included) and AWQ GEMM quantizers on random token data.
+- gptq / awq: gptqmodel's GPTQ (act-order included, 4 and 8 bits) and AWQ GEMM quantizers on random
+  token data.
+- llm-compressor's `oneshot` with its GPTQModifier (W4A16 asymmetric group 32, actorder "weight";
+  "group", which stored weight_g_idx, is gone from compressed-tensors 0.19), saved compressed.
 """
 
 import argparse
@@ -143,6 +149,35 @@ def ct_args(**kwargs):
     return QuantizationArgs(**kwargs)
 
 
+# --- llm-compressor (GPTQ with act-order groups, saved as compressed-tensors) -------------------------
+
+def llmcompressor_fixture(path, weights):
+    """llm-compressor's `oneshot` GPTQ on random calibration tokens, saved compressed (the path the
+    issue's user took); the reference is transformers loading it decompressed (run_compressed=False)."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    base = tempfile.mkdtemp()
+    base_model().save_pretrained(base)  # oneshot reads the config back from the model's directory
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=DTYPE)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, CONFIG["vocab_size"], (16, 64))
+    dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+    recipe = GPTQModifier(ignore=["lm_head"], config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})
+    tokenizer_dir = tempfile.mkdtemp()
+    write_tokenizer(tokenizer_dir)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(tokenizer_dir, "tokenizer.json"),
+                                                     pad_token="!")  # oneshot wants a processor
+    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe, max_seq_length=64,
+            num_calibration_samples=16)
+    model.save_pretrained(path, save_compressed=True)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPE, quantization_config=transformers.CompressedTensorsConfig(run_compressed=False))
+    return {f"{name}.weight": loaded.get_submodule(name).weight.detach().contiguous()
+            for name in projection_names(CONFIG["num_hidden_layers"])}
+
+
 # --- fp8 (DeepSeek / Qwen FP8 block-wise) ----------------------------------------------------------
 
 def fp8_block_fixture(path, block=(128, 128)):
@@ -246,6 +281,8 @@ def fixtures():
         "gptq-g32-actorder": lambda p: gptqmodel_fixture(p, "gptq", bits=4, group_size=32, sym=False,
                                                          desc_act=True),
         "gptq-8bit-g32": lambda p: gptqmodel_fixture(p, "gptq", bits=8, group_size=32, sym=True, desc_act=False),
+        "llmc-gptq-w4a16-g32-asym": lambda p: llmcompressor_fixture(p, dict(
+            num_bits=4, type="int", strategy="group", group_size=32, symmetric=False, actorder="weight")),
         "awq-gemm-g32": lambda p: gptqmodel_fixture(p, "awq", bits=4, group_size=32, sym=False,
                                                     format="gemm"),
     }
@@ -253,7 +290,7 @@ def fixtures():
 
 def versions():
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
-    for package in ("compressed_tensors", "gptqmodel", "safetensors"):
+    for package in ("compressed_tensors", "llmcompressor", "gptqmodel", "safetensors"):
         try:
             out[package] = __import__(package).__version__
         except Exception as e:  # noqa: BLE001

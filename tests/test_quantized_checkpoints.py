@@ -6,7 +6,8 @@ tensor / 128x128 blocks, HF "fp8" blocks (`weight_scale_inv`), GPTQ 4-bit (act-o
 8-bit, and AWQ GEMM.
 
 The reference for the weights is each library's own dequantization, saved beside the checkpoint
-(`reference/dequantized.safetensors`, in the dtype the library computes in). The reference for the
+(`reference/dequantized.safetensors`, in the dtype the library computes in; for llm-compressor's
+checkpoint, transformers loading it with `run_compressed=False`). The reference for the
 model is HF transformers on those dequantized weights (float32).
 
 Tolerances. Where the engine's format holds the checkpoint's values as they are (symmetric int4,
@@ -41,6 +42,7 @@ FIXTURES = {
     "ct-w8a16-channel": ("int8", True),
     "ct-w4a16-channel-asym": ("int4-g128", False),  # one scale per channel, repeated over K's one group
     "ct-w8a8-int-quantized": ("int8", True),  # int8 activations in the config: the engine keeps float
+    "llmc-gptq-w4a16-g32-asym": ("int4-g32", False),  # llm-compressor's oneshot GPTQ (actorder "weight")
     "ct-fp8-channel": ("fp8", True),
     "ct-fp8-tensor": ("fp8", True),
     "ct-fp8-block": ("fp8-g128", True),
@@ -136,7 +138,7 @@ def prompts():
     return [rng.integers(0, 320, n).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w4a16-channel-asym", "ct-w8a16-channel", "ct-fp8-block",
+@pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w4a16-channel-asym", "llmc-gptq-w4a16-g32-asym", "ct-w8a16-channel", "ct-fp8-block",
                                   "fp8-block", "gptq-g32-sym", "gptq-g32-actorder", "gptq-8bit-g32",
                                   "awq-gemm-g32"])
 def test_greedy_tokens_follow_hf_on_the_librarys_weights(name, prompts, hf_reference, tmp_path):
