@@ -254,3 +254,17 @@ def test_a_quantized_gptq_lm_head_is_refused(tmp_path):
     path = copy_with_config("gptq-g32-sym", tmp_path, lambda q: q.update(lm_head=True))
     with pytest.raises(UnsupportedQuantization, match="a quantized LM head"):
         HFCheckpoint(path)
+
+
+def test_the_converted_weight_cache_gives_back_the_same_model(prompts, tmp_path):
+    """An act-order GPTQ checkpoint through the converted-weight cache: the second load reads the
+    cache (input_perm included) and generates the same tokens as the first."""
+    options = ENGINE | dict(weight_cache_dir=str(tmp_path / "cache"))
+    tokens = []
+    for _ in range(2):
+        llm = LLM(fixture_path("gptq-g32-actorder"), **options)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
+        tokens.append([o.outputs[0].token_ids for o in outs])
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    assert tokens[0] == tokens[1]
