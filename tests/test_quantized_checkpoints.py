@@ -268,3 +268,18 @@ def test_the_converted_weight_cache_gives_back_the_same_model(prompts, tmp_path)
         tokens.append([o.outputs[0].token_ids for o in outs])
     assert len(os.listdir(tmp_path / "cache")) == 1
     assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_the_fp8_block_format_lowers_for_cuda(m):
+    """fp8-g128 (FP8 block checkpoints) through the Pallas Triton lowering, as on a GPU."""
+    import jax
+
+    from kernels_pallas import quant_matmul as qmm
+    from tests.helpers import TRITON_CALL, export_for_cuda
+
+    spec = jax.ShapeDtypeStruct
+    exported = export_for_cuda(
+        lambda x, data, scales: qmm.quant_matmul(x, data, scales, fmt="fp8", group_size=128),
+        spec((m, 512), jnp.bfloat16), spec((512, 384), jnp.float8_e4m3fn), spec((4, 384), jnp.float16))
+    assert TRITON_CALL in exported.mlir_module()
