@@ -283,3 +283,24 @@ def test_the_fp8_block_format_lowers_for_cuda(m):
         lambda x, data, scales: qmm.quant_matmul(x, data, scales, fmt="fp8", group_size=128),
         spec((m, 512), jnp.bfloat16), spec((512, 384), jnp.float8_e4m3fn), spec((4, 384), jnp.float16))
     assert TRITON_CALL in exported.mlir_module()
+
+
+def test_unpacked_compressed_tensors_zero_points_read_the_same(tmp_path):
+    """Older compressed-tensors releases stored an asymmetric pack-quantized checkpoint's zero points
+    unpacked (int8 [out, groups]); the same zero points that way give the same weights. (Written here
+    from the fixture's packed ones: value - 8 of each nibble, packed along the output dimension.)"""
+    from safetensors.numpy import load_file
+
+    name = "ct-w4a16-g32-asym"
+    path = tmp_path / name
+    shutil.copytree(fixture_path(name), path)
+    tensors = load_file(str(path / "model.safetensors"))
+    for key in [k for k in tensors if k.endswith("weight_zero_point")]:
+        words = tensors[key]  # int32 [out / 8, groups]
+        nibbles = np.stack([words.view(np.uint8) & 0xF, words.view(np.uint8) >> 4], -1)  # [out / 8, groups * 4, 2]
+        nibbles = nibbles.reshape(words.shape[0], words.shape[1], 8).transpose(0, 2, 1)  # [out / 8, 8, groups]
+        tensors[key] = (nibbles.reshape(-1, words.shape[1]).astype(np.int16) - 8).astype(np.int8)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    packed, unpacked = HFCheckpoint(fixture_path(name)), HFCheckpoint(str(path))
+    for hf_name in reference_weights(name):
+        np.testing.assert_array_equal(our_dequantized(unpacked, hf_name)[0], our_dequantized(packed, hf_name)[0])

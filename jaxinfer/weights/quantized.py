@@ -254,7 +254,10 @@ def _read_compressed(q, fmt, read, prefix, k, n) -> dict:
     out = {"data": data, "scales": scales}
     if not q.symmetric:  # zero points [N, groups] packed along N: [N / 8, groups] words, value + 8
         zp = read(f"{prefix}.weight_zero_point")
-        zero = _nibbles(np.ascontiguousarray(zp.T))[:, :n].astype(np.float32)  # [groups, N], 0..15
+        if zp.shape[0] == n:  # as compressed-tensors stored them before it packed them: int8 [N, groups]
+            zero = zp.T.astype(np.float32) + 8
+        else:
+            zero = _nibbles(np.ascontiguousarray(zp.T))[:, :n].astype(np.float32)  # [groups, N], 0..15
         zero = np.broadcast_to(zero, scales.shape) if zero.shape != scales.shape else zero
         out["mins"] = _f16(-scales.astype(np.float32) * zero)
     return out
