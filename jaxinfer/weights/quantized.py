@@ -104,6 +104,9 @@ def _compressed_tensors(config: dict) -> CheckpointQuantization:
     group = groups[0]
     fmt = group.get("format") or fmt
     w = group.get("weights") or {}
+    if group.get("input_activations"):
+        logger.info("compressed-tensors checkpoint: its activation quantization (%s) is not applied; activations "
+                    "stay in the model dtype (weight-only)", group["input_activations"].get("type"))
     if w.get("dynamic"):
         raise refuse("dynamic weight quantization")
     if w.get("actorder") == "group":
@@ -199,7 +202,13 @@ def _pack_rows(q: np.ndarray) -> np.ndarray:
 
 
 def _f16(x) -> np.ndarray:
-    return np.asarray(x, np.float32).astype(np.float16)
+    """float16, as the engine keeps scales and mins; warns where that loses more than rounding."""
+    x = np.asarray(x, np.float32)
+    tiny = (x != 0) & (np.abs(x) < np.finfo(np.float16).tiny)
+    if tiny.any() or np.any(np.abs(x) > np.finfo(np.float16).max):
+        logger.warning("%d scales or mins are outside float16's normal range: stored with less precision, or "
+                       "infinite", int(tiny.sum() + (np.abs(x) > np.finfo(np.float16).max).sum()))
+    return x.astype(np.float16)
 
 
 def projection_shape(q: CheckpointQuantization, shape, prefix: str) -> tuple[int, int]:
