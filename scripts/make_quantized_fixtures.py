@@ -14,6 +14,10 @@ The venv, as made for the committed fixtures (tests/data/quantized/VERSIONS.txt 
     # last, for the llmc-* fixture: llmcompressor 0.14.0.1 pins compressed-tensors 0.19.0 and
     # transformers 5.17.0 (the other fixtures were made before, with 0.20.1 and 5.24.0: VERSIONS.txt)
     .venv-quant/bin/pip install -c <(echo torch==2.13.0+cpu) llmcompressor
+    # the ct018-* fixture (act-order groups, weight_g_idx, gone from compressed-tensors 0.19): its own venv
+    python3.11 -m venv .venv-ct18
+    .venv-ct18/bin/pip install /opt/wheels/torch-2.13.0+cpu-*.whl compressed-tensors==0.18.0 transformers
+    .venv-ct18/bin/python scripts/make_quantized_fixtures.py --only ct018-w4a16-g32-asym-actorder
 
 Each fixture directory holds the checkpoint as the library saved it (config.json with its
 `quantization_config`, safetensors) plus tokenizer.json, and `reference/dequantized.safetensors`: every
@@ -23,7 +27,8 @@ reference weights.
 
 Formats, and which code writes them:
 - compressed-tensors (`ModelCompressor.compress_model`, the path llm-compressor saves through):
-  pack-quantized W4A16 group 32, symmetric and asymmetric; pack-quantized W8A16 per channel;
+  pack-quantized W4A16 group 32, symmetric and asymmetric (and, with compressed-tensors 0.18, with
+  act-order groups: `weight_g_idx` of a random column order); pack-quantized W8A16 per channel;
   float-quantized FP8 per channel, per tensor, and 128x128 blocks. The scales come from
   compressed-tensors' own `calculate_qparams` on each weight's min/max (what llm-compressor's
   min-max observer computes for weights; no calibration data is needed for round-to-nearest).
@@ -123,6 +128,15 @@ def compressed_tensors_fixture(path, weights_args, fmt, input_args=None):
             n, k = w.shape
             if args.strategy == "channel":
                 lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            elif args.strategy == "group" and args.actorder == "group":
+                # act-order groups (compressed-tensors < 0.19): GPTQ's g_idx of a random column order,
+                # g_idx[order[i]] = i // group_size; each group's range over its own columns
+                order = torch.randperm(k, generator=torch.Generator().manual_seed(len(name)))
+                g_idx = torch.empty(k, dtype=torch.int32)
+                g_idx[order] = torch.arange(k, dtype=torch.int32) // args.group_size
+                module.weight_g_idx.copy_(g_idx)
+                g = w[:, order].reshape(n, k // args.group_size, args.group_size)
+                lo, hi = g.amin(-1), g.amax(-1)
             elif args.strategy == "group":
                 g = w.reshape(n, k // args.group_size, args.group_size)
                 lo, hi = g.amin(-1), g.amax(-1)
@@ -261,6 +275,10 @@ def fixtures():
             num_bits=4, type="int", strategy="group", group_size=32, symmetric=True), "pack-quantized"),
         "ct-w4a16-g32-asym": lambda p: compressed_tensors_fixture(p, ct_args(
             num_bits=4, type="int", strategy="group", group_size=32, symmetric=False), "pack-quantized"),
+        # needs compressed-tensors < 0.19 (.venv-ct18: 0.18.0), which still writes weight_g_idx
+        "ct018-w4a16-g32-asym-actorder": lambda p: compressed_tensors_fixture(p, ct_args(
+            num_bits=4, type="int", strategy="group", group_size=32, symmetric=False, actorder="group"),
+            "pack-quantized"),
         "ct-w8a16-channel": lambda p: compressed_tensors_fixture(p, ct_args(
             num_bits=8, type="int", strategy="channel", symmetric=True), "pack-quantized"),
         "ct-w4a16-channel-asym": lambda p: compressed_tensors_fixture(p, ct_args(

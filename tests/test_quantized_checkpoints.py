@@ -43,6 +43,7 @@ FIXTURES = {
     "ct-w4a16-channel-asym": ("int4-g128", False),  # one scale per channel, repeated over K's one group
     "ct-w8a8-int-quantized": ("int8", True),  # int8 activations in the config: the engine keeps float
     "llmc-gptq-w4a16-g32-asym": ("int4-g32", False),  # llm-compressor's oneshot GPTQ (actorder "weight")
+    "ct018-w4a16-g32-asym-actorder": ("int4-g32-actorder", False),  # compressed-tensors 0.18's weight_g_idx
     "ct-fp8-channel": ("fp8", True),
     "ct-fp8-tensor": ("fp8", True),
     "ct-fp8-block": ("fp8-g128", True),
@@ -138,7 +139,8 @@ def prompts():
     return [rng.integers(0, 320, n).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w4a16-channel-asym", "llmc-gptq-w4a16-g32-asym", "ct-w8a16-channel", "ct-fp8-block",
+@pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w4a16-channel-asym", "llmc-gptq-w4a16-g32-asym",
+                                  "ct018-w4a16-g32-asym-actorder", "ct-w8a16-channel", "ct-fp8-block",
                                   "fp8-block", "gptq-g32-sym", "gptq-g32-actorder", "gptq-8bit-g32",
                                   "awq-gemm-g32"])
 def test_greedy_tokens_follow_hf_on_the_librarys_weights(name, prompts, hf_reference, tmp_path):
@@ -182,11 +184,11 @@ def test_an_unsupported_compressed_tensors_scheme_is_an_error_naming_it(tmp_path
         HFCheckpoint(path)
 
 
-def test_compressed_tensors_act_order_groups_are_refused_with_the_reason(tmp_path):
+def test_compressed_tensors_int8_act_order_groups_are_refused_with_the_reason(tmp_path):
     def act_order(q):
-        q["config_groups"]["group_0"]["weights"]["actorder"] = "group"
-    path = copy_with_config("ct-w4a16-g32-sym", tmp_path, act_order)
-    with pytest.raises(UnsupportedQuantization, match="act-order groups"):
+        q["config_groups"]["group_0"]["weights"].update(actorder="group", strategy="group", group_size=32)
+    path = copy_with_config("ct-w8a16-channel", tmp_path, act_order)
+    with pytest.raises(UnsupportedQuantization, match="act-order groups .* with int8"):
         HFCheckpoint(path)
 
 

@@ -18,7 +18,8 @@ the engine as [in (K), out (N)]:
 - GPTQ (v1 and v2 packing) and AWQ (GEMM): int4 asymmetric (GPTQ symmetric: int4 "-sym"), GPTQ
   8-bit symmetric: int8. GPTQ act-order (`desc_act`: `g_idx` puts a group's rows anywhere in K): the
   rows are stored sorted by group, and the layer gathers the activations' columns into that order
-  at each step (`WeightFormat.act_order`, `input_perm`), as vLLM's GPTQ kernels do with g_idx.
+  at each step (`WeightFormat.act_order`, `input_perm`), as vLLM's GPTQ kernels do with g_idx;
+  compressed-tensors' act-order groups (`weight_g_idx`, releases before 0.19) the same way.
 Scales and mins are kept in float16 (`quant.SCALE_DTYPE`): a checkpoint's bf16 scales convert
 exactly where they are float16 normals, which weight scales are.
 """
@@ -51,7 +52,7 @@ class CheckpointQuantization:
     symmetric: bool = True
     packed: bool = True  # ct-int: "pack-quantized" (int32 words) or "int-quantized" (int8)
     gptq_zero_offset: int = 0  # GPTQ v1 stores zero - 1
-    act_order: bool = False  # GPTQ desc_act: g_idx puts a group's rows anywhere in K
+    act_order: bool = False  # GPTQ desc_act, compressed-tensors actorder "group": a group's rows anywhere in K
 
     def weight_format(self, in_features: int) -> WeightFormat:
         """The engine's format for a projection with `in_features` rows (K)."""
@@ -109,8 +110,6 @@ def _compressed_tensors(config: dict) -> CheckpointQuantization:
                     "stay in the model dtype (weight-only)", group["input_activations"].get("type"))
     if w.get("dynamic"):
         raise refuse("dynamic weight quantization")
-    if w.get("actorder") == "group":
-        raise refuse("act-order groups (actorder 'group', weight_g_idx)")
     strategy, bits, kind = w.get("strategy"), w.get("num_bits"), w.get("type")
     symmetric = w.get("symmetric", True)
     description = (f"compressed-tensors {fmt} {kind}{bits} {strategy}"
@@ -127,8 +126,13 @@ def _compressed_tensors(config: dict) -> CheckpointQuantization:
         group_size = w.get("group_size") if strategy == "group" else 0
         if bits == 4 and strategy == "group" and group_size not in INT4_GROUP_SIZES:
             raise refuse(f"{description}: int4 group size {group_size} (jaxinfer's: {INT4_GROUP_SIZES})")
-        return CheckpointQuantization("compressed-tensors", description, "ct-int", bits, strategy, group_size or 0,
-                                      symmetric, packed=fmt == "pack-quantized")
+        # actorder "group" (compressed-tensors < 0.19): weight_g_idx as GPTQ's g_idx; "weight": groups in order
+        act_order = w.get("actorder") in ("group", "dynamic") and strategy == "group"
+        if act_order and bits != 4:
+            raise refuse(f"{description}: act-order groups (weight_g_idx) with int8")
+        return CheckpointQuantization("compressed-tensors", description + (", act-order groups" if act_order else ""),
+                                      "ct-int", bits, strategy, group_size or 0, symmetric,
+                                      packed=fmt == "pack-quantized", act_order=act_order)
     if fmt in ("float-quantized", "naive-quantized") and kind == "float" and bits == 8:
         if strategy not in ("channel", "tensor", "block", "group"):
             raise refuse(f"{description}: fp8 weights by {strategy}")
@@ -261,6 +265,8 @@ def _read_compressed(q, fmt, read, prefix, k, n) -> dict:
     data = np.ascontiguousarray(np.ascontiguousarray(read(f"{prefix}.weight_packed")).astype("<i4", copy=False)
                                 .view(np.uint8).reshape(n, k // 2).T)
     out = {"data": data, "scales": scales}
+    if q.act_order:
+        out["data"], out["input_perm"] = _sort_rows_by_group(data, read(f"{prefix}.weight_g_idx"), q.group_size, prefix)
     if not q.symmetric:  # zero points [N, groups] packed along N: [N / 8, groups] words, value + 8
         zp = read(f"{prefix}.weight_zero_point")
         if zp.shape[0] == n:  # as compressed-tensors stored them before it packed them: int8 [N, groups]
@@ -270,6 +276,17 @@ def _read_compressed(q, fmt, read, prefix, k, n) -> dict:
         zero = np.broadcast_to(zero, scales.shape) if zero.shape != scales.shape else zero
         out["mins"] = _f16(-scales.astype(np.float32) * zero)
     return out
+
+
+def _sort_rows_by_group(data: np.ndarray, g_idx: np.ndarray, group_size: int, prefix: str):
+    """Act-order: int4 [K / 2, N] with row k in group g_idx[k] -> (the rows sorted by group, stable,
+    so that group j is rows j * group_size ...; perm [K] int32: the layer computes x[..., perm] @ W)."""
+    g_idx = np.asarray(g_idx).astype(np.int64)
+    k = 2 * data.shape[0]
+    if g_idx.shape != (k,) or np.any(np.bincount(g_idx, minlength=k // group_size) != group_size):
+        raise UnsupportedQuantization(f"{prefix}: act-order groups of unequal sizes (static groups?)")
+    perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+    return _pack_rows(_nibbles_rows(data)[perm]), perm
 
 
 def _read_gptq(q, fmt, read, prefix, k, n) -> dict:
@@ -293,11 +310,8 @@ def _read_gptq(q, fmt, read, prefix, k, n) -> dict:
     data = np.ascontiguousarray(words.astype("<i4").view(np.uint8).reshape(k // 8, n, 4)
                                 .transpose(0, 2, 1).reshape(k // 2, n))
     perm = None
-    if q.act_order:  # rows sorted by group (stable), x gathered the same way at each step
-        if np.any(np.bincount(g_idx, minlength=k // q.group_size) != q.group_size):
-            raise UnsupportedQuantization(f"{prefix}: act-order groups of unequal sizes (static_groups?)")
-        perm = np.argsort(g_idx, kind="stable").astype(np.int32)
-        data = _pack_rows(_nibbles_rows(data)[perm])
+    if q.act_order:
+        data, perm = _sort_rows_by_group(data, g_idx, q.group_size, prefix)
     zeros = _nibbles(zwords)[:, :n].astype(np.float32) + q.gptq_zero_offset  # [groups, N]
     if q.strategy == "channel":
         scales_stored = np.broadcast_to(scales_stored[:1], (k // fmt.group_size, n))
