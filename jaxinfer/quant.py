@@ -158,8 +158,9 @@ class WeightFormat:
     group_size: int = 0  # rows per scale; 0: one scale per output channel
     symmetric: bool = True  # int4 only: False adds a min per group
     layer_types: tuple[str, ...] = ()  # kquant only: each layer's GGUF type (`jaxinfer.kquant`)
-    # GPTQ act-order: W's rows are stored sorted by group, and the layer gathers x's columns into that
-    # order (`input_perm` [*stack, in]) before the matmul: y = x[..., perm] @ W_sorted.
+    # Act-order (GPTQ desc_act, compressed-tensors actorder "group"): W's rows are stored sorted by
+    # group, and the layer gathers x's columns into that order (`input_perm` [*stack, in]) before the
+    # matmul: y = x[..., perm] @ W_sorted.
     act_order: bool = False
 
     @property
@@ -273,11 +274,13 @@ class Linear(nnx.Module):
             shapes = quantized_shapes(fmt, in_features, out_features, stack)
             self.w = nnx.Param(jnp.zeros(*shapes["data"]))
             self.kquant_index = nnx.Param(jnp.zeros(*shapes["kquant_index"]))
+            self.input_perm = None
         else:
             shapes = quantized_shapes(fmt, in_features, out_features, stack)
             self.w = nnx.Param(jnp.zeros(*shapes["data"]))
             self.scales = nnx.Param(jnp.zeros(*shapes["scales"]))
             self.mins = nnx.Param(jnp.zeros(*shapes["mins"])) if "mins" in shapes else None
+            # act-order (`WeightFormat.act_order`): [*stack, in] int32
             self.input_perm = nnx.Param(jnp.zeros(*shapes["input_perm"])) if "input_perm" in shapes else None
         self.b = nnx.Param(jnp.zeros((*stack, out_features), dtype)) if bias else None
 
@@ -295,7 +298,7 @@ class Linear(nnx.Module):
         if self.layout == "kquant":
             return [self.w, self.kquant_index]
         return ([self.w, self.scales] + ([] if self.mins is None else [self.mins])
-                + ([] if getattr(self, "input_perm", None) is None else [self.input_perm]))
+                + ([] if self.input_perm is None else [self.input_perm]))
 
     def __call__(self, x, layer=None):
         """x[..., in] -> [..., out]. A quantized weight may be the whole layer stack
@@ -308,7 +311,7 @@ class Linear(nnx.Module):
             stacked = w.stacked
             if stacked and layer is None:
                 raise ValueError("a stacked quantized weight needs the layer index")
-            if getattr(self, "input_perm", None) is not None:  # act-order: x's columns in W's row order
+            if self.input_perm is not None:  # act-order: x's columns in W's row order
                 perm = self.input_perm[...]
                 x = jnp.take(x, perm[layer] if stacked else perm, axis=-1)
             y = ops.quant_matmul(x, w, backend=self.backend, layer=layer if stacked else None)
