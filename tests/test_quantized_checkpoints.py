@@ -16,7 +16,10 @@ is the library's, bit for bit. Elsewhere the difference is one rounding: a zero 
 a float16 min (-scale * zero) and the library's product rounded to bf16/fp16, or (FP8 blocks) the
 float32 block scale stored as float16; so |ours - library| <= 2^-8 (|w| + |min|), two bf16 ulps.
 Greedy tokens: the reference runs the library's rounded weights, we run ours, so at a near tie
-they may part; the rule is the issue's: at the first divergence our token is in HF's top 5.
+they may part; the rule is the issue's: at the first divergence our token is in HF's top 5. Logits:
+these random models' last-position logits span about 1.2, and ours are within 0.009 of HF's (the
+CPU default runs int4 g32 and int8 on int8 activations); 0.03 leaves room for that, while a weight
+read wrongly (a column order, a zero point) moves them by far more.
 """
 
 import json
@@ -30,6 +33,7 @@ from safetensors.numpy import save_file
 
 import jax.numpy as jnp
 
+from helpers import prefill_logits
 from jaxinfer import LLM, SamplingParams, quant
 from jaxinfer.weights.hf import HFCheckpoint
 from jaxinfer.weights.quantized import UnsupportedQuantization
@@ -56,6 +60,7 @@ FIXTURES = {
 ENGINE = dict(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=64, page_size=16, warmup=False,
               weight_cache_dir=None)
 NEW_TOKENS = 8
+LOGITS_ATOL = 0.03
 PROMPT_LENGTHS = (40, 23)
 
 
@@ -147,6 +152,8 @@ def test_greedy_tokens_follow_hf_on_the_librarys_weights(name, prompts, hf_refer
     hf_model = hf_reference.load_dir(plain_checkpoint(name, tmp_path / name))
     llm = LLM(fixture_path(name), **ENGINE)
     assert llm.engine.quantization == "native"
+    np.testing.assert_allclose(prefill_logits(llm.engine.model, prompts[0]), hf_model.last_logits(prompts[:1])[0],
+                               rtol=0, atol=LOGITS_ATOL)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
     for prompt, out, ref in zip(prompts, outs, hf_model.greedy(prompts, NEW_TOKENS)):
@@ -256,6 +263,15 @@ def test_a_quantized_gptq_lm_head_is_refused(tmp_path):
     path = copy_with_config("gptq-g32-sym", tmp_path, lambda q: q.update(lm_head=True))
     with pytest.raises(UnsupportedQuantization, match="a quantized LM head"):
         HFCheckpoint(path)
+
+
+@pytest.mark.parametrize("name", ["gptq-g32-actorder", "ct018-w4a16-g32-asym-actorder"])
+def test_down_proj_act_order_is_absorbed_into_gate_and_up(name):
+    """down_proj's input is act(gate) * up, elementwise: its act-order permutation is applied to
+    gate/up's output columns at load, so it runs without a gather; q/k/v/o/gate/up keep theirs."""
+    layers = LLM(fixture_path(name), **ENGINE).engine.model.layers
+    assert layers.down_proj.fmt.name == "int4-g32" and layers.down_proj.input_perm is None
+    assert layers.gate_proj.fmt.name == "int4-g32-actorder" and layers.gate_proj.input_perm is not None
 
 
 def test_the_converted_weight_cache_gives_back_the_same_model(prompts, tmp_path):
