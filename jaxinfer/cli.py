@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weight format in device memory. auto (default): int8 on CPU (the fastest there), the "
                        "GGUF's own blocks on GPU; native: keep GGUF Q8_0/Q4_0/Q4_1 blocks as they are; none: the "
                        "checkpoint dequantized to --dtype; int8, int4 (with a min), int4_sym, fp8: round-to-nearest "
-                       "at load time (docs/QUANTIZATION.md)")
+                       "at load time; compressed-tensors, gptq, awq (and fp8 for an FP8 checkpoint): a checkpoint "
+                       "quantized by its producer, served in its own format, which auto also does "
+                       "(docs/QUANTIZATION.md)")
     model.add_argument("--lm-head-quantization", default=None, choices=["auto", "none", "int8", "native"],
                        help="the LM head (and a tied embedding): auto (default) the file's own Q8_0 blocks on "
                        "a CPU that runs them (native), else int8 when the projections are quantized and the "

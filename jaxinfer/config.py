@@ -231,6 +231,8 @@ class EngineConfig:
     # Weight format of the projections: jaxinfer.quant.QUANTIZATIONS. "auto" (`quant.resolve_quantization`):
     # a GGUF's own Q8_0/Q4_0/Q4_1 blocks (on GPU; on CPU where the native grouped kernel runs them),
     # else on CPU int8 per channel; a full-precision HF checkpoint on GPU stays so (docs/QUANTIZATION.md).
+    # An HF checkpoint with a quantization_config (AWQ, GPTQ, compressed-tensors, FP8) is served in its own
+    # format: "auto", "native" or its method's name; anything else is an error naming both.
     quantization: str = "auto"
     quantization_group_size: int | None = None  # int4: 32, 64 or 128 rows per scale (default 32)
     # The LM head (and a tied embedding): "auto" (`quant.resolve_lm_head_quantization`), "none", "int8"

@@ -28,6 +28,7 @@ from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
 from jaxinfer.weights.cache import default_cache_dir
 from jaxinfer.weights.gguf import GGUFCheckpoint
+from jaxinfer.weights.quantized import resolve_requested as resolve_checkpoint_quantization
 from kernels_cpu import native
 
 logger = logging.getLogger("jaxinfer")
@@ -126,8 +127,13 @@ class LLMEngine:
         # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
         cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
                            and config.cpu_integer_matmul and native.has_group_path())
-        self.quantization, why = resolve_quantization(config.quantization, platform,
-                                                      isinstance(checkpoint, GGUFCheckpoint), cpu_runs_blocks)
+        stored_quantization = getattr(checkpoint, "quantization", None)  # an AWQ/GPTQ/... HF checkpoint
+        if stored_quantization is not None:
+            self.quantization = resolve_checkpoint_quantization(config.quantization, stored_quantization)
+            why = f"the checkpoint's own: {stored_quantization.description}"
+        else:
+            self.quantization, why = resolve_quantization(config.quantization, platform,
+                                                          isinstance(checkpoint, GGUFCheckpoint), cpu_runs_blocks)
         logger.debug("weights: quantization %s (%s)", self.quantization, why)
         stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
         self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,

@@ -142,7 +142,11 @@ def quant_matmul_reference(x, w: QuantizedWeight):
 # GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are (and, where the native CPU kernel runs them, its
 # K-quants, Q5_0/Q5_1 and projections mixing types: `jaxinfer.kquant`); "int4" has a min per group
 # (GGUF Q4_1's rule), "int4_sym" none (Q4_0's); "auto" is `resolve_quantization`'s choice.
-QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8")
+# "compressed-tensors", "gptq", "awq" (and "fp8" for an FP8 checkpoint) name a checkpoint quantized by
+# its producer: it is served in its own format (`jaxinfer.weights.quantized`), and they are an error
+# for any other checkpoint; vLLM's `--quantization` names.
+CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "gptq", "awq")
+QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8") + CHECKPOINT_QUANTIZATIONS
 INT4_GROUP_SIZES = (32, 64, 128)
 # Scales and mins in float16 (as GGUF stores them): int4 g32 with a min costs 20 bytes per 32 weights.
 SCALE_DTYPE = jnp.float16
@@ -154,19 +158,27 @@ class WeightFormat:
     group_size: int = 0  # rows per scale; 0: one scale per output channel
     symmetric: bool = True  # int4 only: False adds a min per group
     layer_types: tuple[str, ...] = ()  # kquant only: each layer's GGUF type (`jaxinfer.kquant`)
+    # Act-order (GPTQ desc_act, compressed-tensors actorder "group"): W's rows are stored sorted by
+    # group, and the layer gathers x's columns into that order (`input_perm` [*stack, in]) before the
+    # matmul: y = x[..., perm] @ W_sorted.
+    act_order: bool = False
 
     @property
     def name(self) -> str:
         if self.kind == "kquant":
             return "+".join(sorted(set(self.layer_types)))
         group = f"-g{self.group_size}" if self.group_size else ""
-        return f"{self.kind}{group}{'-sym' if self.kind == 'int4' and self.symmetric else ''}"
+        return (f"{self.kind}{group}{'-sym' if self.kind == 'int4' and self.symmetric else ''}"
+                f"{'-actorder' if self.act_order else ''}")
 
 
 def weight_format(quantization: str, group_size: int | None = None) -> WeightFormat | None:
     """The format a load-time quantizer writes for `quantization` (None: full precision)."""
+    if quantization in CHECKPOINT_QUANTIZATIONS:
+        raise ValueError(f"--quantization {quantization} names a {quantization} checkpoint, and this one has no "
+                         "quantization_config: it is full precision (round-to-nearest: int8, int4, int4_sym, fp8)")
     if quantization not in QUANTIZATIONS or quantization in ("auto", "native"):
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS[3:]} or none, got {quantization!r}")
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS[3:7]} or none, got {quantization!r}")
     if quantization == "none":
         return None
     if quantization.startswith("int4"):
@@ -232,6 +244,8 @@ def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, sta
     shapes = {"data": data, "scales": (scales, SCALE_DTYPE)}
     if fmt.kind == "int4" and not fmt.symmetric:
         shapes["mins"] = (scales, SCALE_DTYPE)
+    if fmt.act_order:
+        shapes["input_perm"] = ((*stack, k), jnp.int32)
     return shapes
 
 
@@ -260,11 +274,14 @@ class Linear(nnx.Module):
             shapes = quantized_shapes(fmt, in_features, out_features, stack)
             self.w = nnx.Param(jnp.zeros(*shapes["data"]))
             self.kquant_index = nnx.Param(jnp.zeros(*shapes["kquant_index"]))
+            self.input_perm = None
         else:
             shapes = quantized_shapes(fmt, in_features, out_features, stack)
             self.w = nnx.Param(jnp.zeros(*shapes["data"]))
             self.scales = nnx.Param(jnp.zeros(*shapes["scales"]))
             self.mins = nnx.Param(jnp.zeros(*shapes["mins"])) if "mins" in shapes else None
+            # act-order (`WeightFormat.act_order`): [*stack, in] int32
+            self.input_perm = nnx.Param(jnp.zeros(*shapes["input_perm"])) if "input_perm" in shapes else None
         self.b = nnx.Param(jnp.zeros((*stack, out_features), dtype)) if bias else None
 
     def quantized_weight(self) -> "QuantizedWeight | kquant.KQuantWeight":
@@ -280,7 +297,8 @@ class Linear(nnx.Module):
             return [self.w]
         if self.layout == "kquant":
             return [self.w, self.kquant_index]
-        return [self.w, self.scales] + ([] if self.mins is None else [self.mins])
+        return ([self.w, self.scales] + ([] if self.mins is None else [self.mins])
+                + ([] if self.input_perm is None else [self.input_perm]))
 
     def __call__(self, x, layer=None):
         """x[..., in] -> [..., out]. A quantized weight may be the whole layer stack
@@ -293,6 +311,9 @@ class Linear(nnx.Module):
             stacked = w.stacked
             if stacked and layer is None:
                 raise ValueError("a stacked quantized weight needs the layer index")
+            if self.input_perm is not None:  # act-order: x's columns in W's row order
+                perm = self.input_perm[...]
+                x = jnp.take(x, perm[layer] if stacked else perm, axis=-1)
             y = ops.quant_matmul(x, w, backend=self.backend, layer=layer if stacked else None)
         return y if self.b is None else y + self.b[...]
 
@@ -313,7 +334,10 @@ def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int
         k, n = QuantizedWeight(node.w[...], node.scales[...], format=node.fmt.kind,
                                group_size=node.fmt.group_size).shape
         if node.fmt.kind == "int8" and not node.fmt.group_size:
-            node.layout = "vnni" if integer and native.has_integer_path() and k % 32 == 0 else "blocked"
+            # A -128 (a checkpoint's int8 in the full [-128, 127] range: compressed-tensors W8A16) has no
+            # negation on the AVX2 integer path (`native.to_vnni`): such a weight takes the float path.
+            node.layout = ("vnni" if integer and native.has_integer_path() and k % 32 == 0
+                           and not bool(jnp.any(node.w[...] == -128)) else "blocked")
             node.w = nnx.Param((native.to_vnni if node.layout == "vnni" else native.to_blocked)(node.w[...]))
         elif (node.fmt.kind in ("int8", "int4") and node.fmt.group_size == native.GROUP and integer
               and native.has_group_path() and n % 16 == 0):

@@ -8,6 +8,7 @@ and only one layer's temporaries are alive at a time. Each projection's weight i
 quantized (`jaxinfer.quant`), one format per projection across the layers.
 """
 
+import dataclasses
 import logging
 import math
 from typing import NamedTuple
@@ -202,7 +203,8 @@ class Llama(nnx.Module):
         # (in place, for the native CPU kernel); everything else is sliced by the scan.
         quantized = {name for name in PROJECTIONS if getattr(self.layers, name).fmt is not None}
         layer_def, whole, layer_state = nnx.split(
-            self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins", "kquant_index"),
+            self.layers, lambda path, _: path[0] in quantized and path[-1] in ("w", "scales", "mins", "kquant_index",
+                                                                             "input_perm"),
             ...)
 
         def body(carry, xs):
@@ -334,6 +336,9 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     (where their kernel runs: `kquant_formats`).
     """
     formats = projection_formats(config, checkpoint, quantization, group_size, kquants)
+    down_order_absorbed = _absorbs_down_proj_order(formats)
+    if down_order_absorbed:  # down_proj's act-order goes into gate/up's columns at load: no gather
+        formats["down_proj"] = (dataclasses.replace(formats["down_proj"][0], act_order=False), True)
     if lm_head_quantization not in ("none", "int8", "native"):
         raise ValueError(f"lm_head_quantization must be none, int8 or native, got {lm_head_quantization!r}")
     head_format = quant.weight_format("int8") if lm_head_quantization == "int8" else None
@@ -353,6 +358,8 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
                                                          else []) for p, (f, native) in sorted(formats.items())}}
         if head_format is not None:
             key_fields["lm_head"] = head_format.name
+        if getattr(checkpoint, "quantization", None) is not None:  # the reader of the producer's format
+            key_fields["checkpoint_quantization"] = checkpoint.quantization.description
         if embed_type is not None:
             key_fields["embed"] = [embed_type, kquant.LAYOUT_VERSION]
         cache = WeightCache(cache_dir, checkpoint.path, **key_fields)
@@ -360,7 +367,8 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
         if params is not None:
             nnx.replace_by_pure_dict(state, params)
             return nnx.merge(graphdef, state)
-    params = _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format, embed_type)
+    params = _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format, embed_type,
+                          down_order_absorbed)
     if cache is not None:
         cache.save(params)
     nnx.replace_by_pure_dict(state, params)
@@ -391,8 +399,23 @@ def _stored_embed_type(config: ModelConfig, checkpoint) -> str | None:
     return stored if config.hidden_size % kquant.BLOCK == 0 else None
 
 
+def _absorbs_down_proj_order(formats) -> bool:
+    """Whether down_proj's act-order permutation moves into gate/up's output columns: its input is
+    act(gate(h)) * up(h), elementwise, so x[..., perm] is act(h @ Wg[:, perm]) * (h @ Wu[:, perm]).
+    Not through K-quant byte stacks (their columns are not addressable one by one)."""
+    down = formats.get("down_proj")
+    return (down is not None and down[0].act_order
+            and all(formats.get(p) is None or formats[p][0].kind != "kquant" for p in ("gate_proj", "up_proj")))
+
+
+def _permute_columns(x, perms):
+    """x [L, ..., N] with each layer's columns in `perms` [L, N] order."""
+    index = jnp.asarray(perms).reshape(perms.shape[0], *([1] * (x.ndim - 2)), perms.shape[1])
+    return jnp.take_along_axis(x, index, axis=-1)
+
+
 def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head_format=None,
-                 embed_type=None) -> dict:
+                 embed_type=None, down_order_absorbed=False) -> dict:
     params = {"norm": jnp.asarray(checkpoint.tensor("model.norm.weight"), dtype), "layers": {}}
     if embed_type is not None:
         params["embed"] = jnp.asarray(checkpoint.raw_rows("model.embed_tokens.weight"))
@@ -409,17 +432,29 @@ def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head
     elif not config.tie_word_embeddings:
         params["lm_head"] = jnp.asarray(checkpoint.tensor("lm_head.weight"), dtype)
     layer_items = [(path, spec) for path, spec in layer_tensors.items() if _get(shapes["layers"], path) is not None]
+    # down_proj first: with its act-order absorbed, its permutation reorders gate/up's columns
+    layer_items.sort(key=lambda item: item[0] != ("down_proj", "w"))
+    down_perms = None  # [L, intermediate] int32
     for path, (template, transpose) in tqdm(layer_items, desc="Loading weights", unit="tensor", leave=False):
         if path[-1] == "w" and path[0] in formats:
-            params["layers"].setdefault(path[0], {}).update(_read_quantized(
-                checkpoint, template, config.num_layers, *formats[path[0]], shapes["layers"][path[0]]))
+            arrays = _read_quantized(checkpoint, template, config.num_layers, *formats[path[0]],
+                                     shapes["layers"][path[0]])
+            if path[0] == "down_proj" and down_order_absorbed:
+                down_perms = arrays.pop("input_perm")
+            elif path[0] in ("gate_proj", "up_proj") and down_perms is not None:
+                arrays = {key: value if key == "input_perm" else _permute_columns(value, down_perms)
+                          for key, value in arrays.items()}
+            params["layers"].setdefault(path[0], {}).update(arrays)
             continue
         target = _get(shapes["layers"], path)
         host = np.empty(target.shape, dtype=np.float32)
         for layer in range(config.num_layers):
             w = checkpoint.tensor(template.format(layer))
             host[layer] = w.T if transpose else w
-        _set(params["layers"], path, jnp.asarray(host, dtype))
+        value = jnp.asarray(host, dtype)
+        if path[0] in ("gate_proj", "up_proj") and down_perms is not None:  # full precision, or a bias
+            value = _permute_columns(value, down_perms)
+        _set(params["layers"], path, value)
         del host
     return params
 
@@ -433,8 +468,9 @@ def _read_quantized(checkpoint, template, num_layers, fmt: WeightFormat, native:
             (kind, kquant.pack_layer(checkpoint.kquant_tensor(template.format(layer)), kind))
             for layer, kind in enumerate(fmt.layer_types)])
         return {"w": jnp.asarray(data), "kquant_index": jnp.asarray(index)}
-    parts = {"w": "data", "scales": "scales", "mins": "mins"}
+    parts = {"w": "data", "scales": "scales", "mins": "mins", "input_perm": "input_perm"}
     host = {key: np.empty(targets[key].shape, targets[key].dtype) for key in parts if key in targets}
+    absorbed_perms = []  # act-order stored, absorbed by the previous projection (`_read_params`)
     for layer in range(num_layers):
         name = template.format(layer)
         if native:
@@ -444,7 +480,10 @@ def _read_quantized(checkpoint, template, num_layers, fmt: WeightFormat, native:
             arrays = {"data": qw.data, "scales": qw.scales, "mins": qw.mins}
         for key in host:
             host[key][layer] = np.asarray(arrays[parts[key]])
-    return {key: jnp.asarray(value) for key, value in host.items()}
+        if "input_perm" in arrays and "input_perm" not in host:
+            absorbed_perms.append(np.asarray(arrays["input_perm"]))
+    out = {key: jnp.asarray(value) for key, value in host.items()}
+    return out | ({"input_perm": np.stack(absorbed_perms)} if absorbed_perms else {})
 
 
 def _get(tree, path):
