@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from jaxinfer import tensor_parallel
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
@@ -123,6 +124,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                              f"{mc.max_position_embeddings}")
         platform = jax.devices()[0].platform
+        mesh = None  # tensor parallelism: checked before any weight is read
+        if config.tensor_parallel_size > 1:
+            mesh = tensor_parallel.make_mesh(config.tensor_parallel_size)
+            tensor_parallel.check_model(mc, config.tensor_parallel_size)
         # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
         cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
                            and config.cpu_integer_matmul and native.has_group_path())
@@ -138,16 +143,24 @@ class LLMEngine:
         self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
                                 quantization=self.quantization, group_size=config.quantization_group_size,
                                 quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                                lm_head_quantization=self.lm_head_quantization, kquants=cpu_runs_blocks)
-        if (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
-                and native.available()):
+                                lm_head_quantization=self.lm_head_quantization,
+                                kquants=cpu_runs_blocks and mesh is None)
+        if cpu_runs_blocks and mesh is not None:
+            logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
+                        "(their byte stacks are not split across devices)")
+        native_layouts = (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
+                          and native.available())
+        if native_layouts:
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
             if layouts:
                 logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
                             "dot products; codes: the file's blocks)", layouts)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
-        self.runner = ModelRunner(self.model, config, num_pages, self.dtype)
+        self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh, native_layouts=native_layouts)
+        if mesh is not None:
+            logger.info("tensor parallelism over %d %s devices: heads, KV cache and MLP split, embedding and LM "
+                        "head replicated", config.tensor_parallel_size, platform)
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
