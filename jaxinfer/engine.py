@@ -5,7 +5,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -170,7 +170,7 @@ class LLMEngine:
         self._ids = itertools.count()
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.runner.state))
         self.weight_bytes = weight_bytes
-        self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(mc, config.page_size, self.dtype)
+        self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.dtype)
         # One line for the weights, one for the KV cache: the per-tensor detail is at DEBUG.
         formats = {getattr(self.model.layers, name).fmt.name if getattr(self.model.layers, name).fmt
                    else jnp.dtype(self.dtype).name for name in PROJECTIONS}
@@ -185,6 +185,12 @@ class LLMEngine:
         if config.warmup:
             self.runner.warmup()
 
+    def _cache_config(self):
+        """The model as the KV cache holds it, over all devices: KV heads replicated under tensor
+        parallelism count once per device that holds one."""
+        mc = self.model_config
+        return replace(mc, num_kv_heads=tensor_parallel.cache_kv_heads(mc, self.config.tensor_parallel_size))
+
     def _num_pages(self) -> int:
         config, mc = self.config, self.model_config
         pages_per_seq = -(-config.max_model_len // config.page_size)
@@ -194,7 +200,9 @@ class LLMEngine:
             on_cpu = jax.devices()[0].platform == "cpu"
             fraction = config.kv_cache_memory_fraction or (0.5 if on_cpu else 0.9)
             budget = int(fraction * free_device_memory())
-            num_pages = budget // kv_cache_bytes_per_page(mc, config.page_size, self.dtype)
+            # A page's bytes on one device: its share of the KV heads (host devices share one RAM).
+            devices = 1 if on_cpu else config.tensor_parallel_size
+            num_pages = budget // (kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.dtype) // devices)
             if on_cpu:  # host RAM is everyone's: take no more than the sequences can use
                 num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)
         if num_pages < pages_per_seq:
