@@ -160,7 +160,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh, native_layouts=native_layouts)
         if mesh is not None:
             logger.info("tensor parallelism over %d %s devices: heads, KV cache and MLP split, embedding and LM "
-                        "head replicated", config.tensor_parallel_size, platform)
+                        "head %s", config.tensor_parallel_size, platform,
+                        "split by vocabulary entry" if self.runner.vocab_parallel else "replicated")
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)

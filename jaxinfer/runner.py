@@ -84,6 +84,7 @@ class ModelRunner:
         # Every array the step sees is committed to the device, as its outputs are: an uncommitted
         # input (fresh zeros, weights from jnp.asarray) would make the step's first call, at warm-up,
         # a different program signature from the calls that follow it.
+        self.vocab_parallel = False  # tensor parallelism: embedding and LM head split by vocabulary entry
         if mesh is None:
             self.graphdef, state = nnx.split(model)
             device = jax.devices()[0]
@@ -92,7 +93,7 @@ class ModelRunner:
                 allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
             self._step = jit_step(self.graphdef)
         else:
-            self.graphdef, self.state, specs = tensor_parallel.shard_model(
+            self.graphdef, self.state, specs, self.vocab_parallel = tensor_parallel.shard_model(
                 model, mesh, native_layouts=native_layouts, integer=engine_config.cpu_integer_matmul)
             size = mesh.shape[tensor_parallel.AXIS]
             cache_config = dataclasses.replace(model.config,
@@ -100,7 +101,7 @@ class ModelRunner:
             self.k_cache, self.v_cache = jax.device_put(
                 allocate_kv_cache(cache_config, num_pages, self.page_size, dtype),
                 NamedSharding(mesh, tensor_parallel.CACHE_SPEC))
-            self._step = tensor_parallel.jit_step(self.graphdef, mesh, specs)
+            self._step = tensor_parallel.jit_step(self.graphdef, mesh, specs, self.vocab_parallel)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         self.vocab_size = model.config.vocab_size
         self._traces = TraceCounter()

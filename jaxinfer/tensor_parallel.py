@@ -5,8 +5,10 @@ Which device holds what (`shard_model`):
   column-parallel, down_proj row-parallel. The KV cache is sharded by KV head. With fewer KV heads
   than devices (size % num_kv_heads == 0), each KV head is replicated on the size / num_kv_heads
   devices whose query heads read it: k/v weights and cache hold `size` heads, one per device.
-- Embedding, LM head and norms replicated: every device computes the whole logits row, so sampling
-  sees it unchanged.
+- Embedding and LM head vocab-parallel (split by vocabulary entry) when the vocabulary divides by
+  the size and the head is no K-quant byte stack, else replicated; norms replicated. Each device
+  looks up the tokens of its range (the others' rows count zero: an all-reduce sums them) and
+  computes its range of logits; the logits are gathered whole before sampling.
 - Quantized weights are split in their "kn" form (scales and mins follow their columns, or their
   groups of rows: a row-parallel split falls on group boundaries), then each device's piece is laid
   out for the native CPU kernels on its own (`quant.native_layout`), as a one-device load of that
@@ -14,11 +16,13 @@ Which device holds what (`shard_model`):
 
 The step (`jit_step`) is one jitted SPMD program: the model runs under `jax.shard_map`, so every
 kernel (native CPU custom calls, Pallas, XLA) sees one device's local shapes; the only collectives
-are the two all-reduces of each layer (`models.llama.all_reduce`, after o_proj and down_proj).
-Sampling runs on the replicated logits outside the shard_map, the caches are donated.
+are the two all-reduces of each layer (`models.llama.all_reduce`, after o_proj and down_proj), the
+embedding's all-reduce and the logits' all-gather. Sampling runs on whole logits rows outside the
+shard_map; the caches are donated.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import PROJECTIONS
-from jaxinfer.quant import native_layout
+from jaxinfer.quant import Linear, native_layout
 from jaxinfer.sampling import MAX_LOGPROBS, sample
 
 AXIS = "tp"
@@ -76,52 +80,84 @@ def cache_kv_heads(config: ModelConfig, size: int) -> int:
 
 
 def shard_model(model, mesh: Mesh, *, native_layouts: bool, integer: bool = True):
-    """(graphdef, state, specs) of `model` split over `mesh`: the graphdef of one device's shard (its
-    `local_config`, layouts and feature counts), the global state placed on the mesh, and the
-    PartitionSpec of every state leaf. `native_layouts`: lay out each quantized piece for the
+    """(graphdef, state, specs, vocab_parallel) of `model` split over `mesh`: the graphdef of one
+    device's shard (its `local_config`, layouts and feature counts), the global state placed on the
+    mesh, the PartitionSpec of every state leaf, and whether the embedding and LM head are split by
+    vocabulary entry (`vocab_parallel`). `native_layouts`: lay out each quantized piece for the
     native CPU kernels. `model` itself is left as it is."""
     size = mesh.shape[AXIS]
     c = model.config
     graphdef, state = nnx.split(model)
     local = nnx.merge(graphdef, state)  # a second module tree over the same arrays, to re-shape
-    specs = {}  # (projection, leaf) -> PartitionSpec
+    specs = {}  # path of a leaf (names) -> PartitionSpec; every other leaf is replicated
     for proj in PROJECTIONS:
         node = getattr(local.layers, proj)
-        leaves = _kn_leaves(node)
-        if proj in ROW_PARALLEL and "b" in leaves:
+        if proj in ROW_PARALLEL and node.b is not None:
             raise ValueError(f"{proj}: a row-parallel projection with a bias is not supported")
-        parts = {name: _split(proj, name, leaf, node, c, size) for name, leaf in leaves.items()}
-        if proj in COLUMN_PARALLEL:
-            node.out_features = parts["w"][0].shape[-1]  # this device's columns ("kn" pieces)
-        else:
-            node.in_features //= size
-        layout = "kn"
-        if native_layouts and node.fmt is not None:
-            converted = [native_layout(node.fmt, piece, integer) for piece in parts["w"]]
-            layout, parts["w"] = converted[0][0], [data for _, data in converted]
-        for name, pieces in parts.items():
-            if pieces is None:  # the same on every device (per-channel scales of a row split)
-                specs[proj, name] = P()
-                continue
-            # Concatenated on the axis that is then split: device d's block is its piece, unchanged.
-            axis = 1 if name == "w" and layout != "kn" else (-1 if proj in COLUMN_PARALLEL else -2)
-            axis %= pieces[0].ndim
-            setattr(node, name, nnx.Param(jnp.concatenate(pieces, axis=axis)))
-            specs[proj, name] = P(*([None] * axis), AXIS)
-        node.layout = layout if node.fmt is not None else node.layout
+        split = functools.partial(_split, proj, node=node, c=c, size=size)
+        for name, spec in _shard_linear(node, split, proj in COLUMN_PARALLEL, native_layouts, integer).items():
+            specs["layers", proj, name] = spec
     local.config = local_config(c, size)
     local.tp_axis = AXIS
+    local.vocab_parallel = vocab_parallel(model, size)
+    if local.vocab_parallel:
+        local.config = dataclasses.replace(local.config, vocab_size=c.vocab_size // size)
+        for name in ("embed", "lm_head"):  # [vocab, hidden] tables (or the embedding's stored rows)
+            if isinstance(getattr(local, name), nnx.Param):
+                specs[name,] = P(AXIS)
+        if isinstance(local.lm_head, Linear):  # [hidden, vocab], quantized: split like a column-parallel projection
+            def split_head(name, leaf):
+                step = leaf.shape[-1] // size
+                return [leaf[..., d * step:(d + 1) * step] for d in range(size)]
+            for name, spec in _shard_linear(local.lm_head, split_head, True, native_layouts, integer).items():
+                specs["lm_head", name] = spec
     graphdef, state = nnx.split(local)
 
     def spec_of(path, _):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if names[0] == "layers" and len(names) > 2:
-            return specs.get((names[1], names[2]), P())
-        return P()
+        names = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+        return next((specs[names[:n]] for n in (3, 2, 1) if names[:n] in specs), P())
 
     specs_tree = jax.tree_util.tree_map_with_path(spec_of, state)
     state = jax.device_put(state, shardings(mesh, specs_tree))
-    return graphdef, state, specs_tree
+    return graphdef, state, specs_tree, local.vocab_parallel
+
+
+def vocab_parallel(model, size: int) -> bool:
+    """Whether the embedding and LM head split by vocabulary entry: the vocabulary divides by
+    `size`, and the head is no K-quant byte stack (those are not split); else both are replicated."""
+    head = model.lm_head
+    return model.config.vocab_size % size == 0 and not (isinstance(head, Linear) and head.layout == "kquant")
+
+
+def _shard_linear(node, split, column: bool, native_layouts: bool, integer: bool) -> dict:
+    """Splits one Linear (a layer stack or a single weight) in place: `split(leaf name, "kn" leaf)`
+    gives each device's piece, or None for a leaf every device holds whole. Each piece is laid out
+    as a one-device load of it would be, and the pieces concatenated on the axis that is then
+    sharded: device d's block is its piece, unchanged. Returns {leaf name: PartitionSpec}."""
+    leaves = _kn_leaves(node)
+    parts = {name: split(name, leaf) for name, leaf in leaves.items()}
+    if column:
+        node.out_features = parts["w"][0].shape[-1]  # this device's columns ("kn" pieces)
+    else:
+        node.in_features = node.in_features // len(parts["w"])
+    stack = parts["w"][0].ndim - 2  # leading layer axes
+    layout = "kn"
+    if native_layouts and node.fmt is not None:
+        converted = [native_layout(node.fmt, piece, integer) for piece in parts["w"]]
+        layout, parts["w"] = converted[0][0], [data for _, data in converted]
+    specs = {}
+    for name, pieces in parts.items():
+        if pieces is None:  # the same on every device (per-channel scales of a row split)
+            specs[name] = P()
+            continue
+        # the blocks-of-columns axis of a native layout; else "kn"'s columns (column) or rows (row)
+        axis = stack if name == "w" and layout != "kn" else (-1 if column else -2)
+        axis %= pieces[0].ndim
+        setattr(node, name, nnx.Param(jnp.concatenate(pieces, axis=axis)))
+        specs[name] = P(*([None] * axis), AXIS)
+    if node.fmt is not None:
+        node.layout = layout
+    return specs
 
 
 def shardings(mesh: Mesh, specs):
@@ -146,7 +182,7 @@ def _kn_leaves(node) -> dict:
     return leaves
 
 
-def _split(proj, name, leaf, node, c: ModelConfig, size: int):
+def _split(proj, name, leaf, *, node, c: ModelConfig, size: int):
     """Each device's piece of one "kn" leaf (a list), or None when every device holds all of it."""
     if proj in ROW_PARALLEL:
         grouped = node.fmt is not None and node.fmt.group_size
@@ -165,7 +201,7 @@ def _split(proj, name, leaf, node, c: ModelConfig, size: int):
     return [leaf[..., d * step:(d + 1) * step] for d in range(size)]
 
 
-def jit_step(graphdef, mesh: Mesh, state_specs):
+def jit_step(graphdef, mesh: Mesh, state_specs, vocab_parallel: bool):
     """`runner.jit_step`'s program for a model split over `mesh`, the same inputs and outputs: the
     state and caches sharded as `shard_model` and `CACHE_SPEC` say, everything else replicated."""
 
@@ -174,16 +210,18 @@ def jit_step(graphdef, mesh: Mesh, state_specs):
         return model(token_ids, positions, k_cache, v_cache, meta)
 
     # check_vma off: the native CPU kernels are custom calls with no replication rule; the model
-    # keeps the invariant itself (activations are whole after each all-reduce, logits on every device).
+    # keeps the invariant itself (activations are whole after each all-reduce).
+    logits_spec = P(None, AXIS) if vocab_parallel else P()  # [S, vocab]: by entry, or whole on every device
     sharded_forward = jax.shard_map(forward, mesh=mesh, in_specs=(state_specs, CACHE_SPEC, CACHE_SPEC, P(), P(), P()),
-                                    out_specs=(P(), CACHE_SPEC, CACHE_SPEC), check_vma=False)
+                                    out_specs=(logits_spec, CACHE_SPEC, CACHE_SPEC), check_vma=False)
+    replicated, cache = NamedSharding(mesh, P()), NamedSharding(mesh, CACHE_SPEC)
 
     def engine_step(state, k_cache, v_cache, token_ids, positions, meta, sampling, history, num_prompt,
                     token_bitmask):
         logits, k_cache, v_cache = sharded_forward(state, k_cache, v_cache, token_ids, positions, meta)
+        logits = jax.lax.with_sharding_constraint(logits, replicated)  # sampling sees whole rows (an all-gather)
         return sample(logits, sampling, history, num_prompt, MAX_LOGPROBS, token_bitmask), k_cache, v_cache
 
-    replicated, cache = NamedSharding(mesh, P()), NamedSharding(mesh, CACHE_SPEC)
     return jax.jit(engine_step, donate_argnums=(1, 2),
                    in_shardings=(shardings(mesh, state_specs), cache, cache) + (replicated,) * 7,
                    out_shardings=(replicated, cache, cache))

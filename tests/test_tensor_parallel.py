@@ -61,8 +61,9 @@ def smollm2():
 def random_models():
     """{(model, format, tp): result} for the two random Llamas."""
     results = {}
-    for model, fields, formats in (("dividing", DIVIDING, FORMATS), ("replicated_kv", REPLICATED_KV, ("float", "int8"))):
-        keys = [(model, name, tp) for name in formats for tp in (1, 2, 4)]
+    for model, fields, formats, sizes in (("dividing", DIVIDING, FORMATS, (1, 2, 4)),
+                                          ("replicated_kv", REPLICATED_KV, ("float", "int8"), (1, 4))):
+        keys = [(model, name, tp) for name in formats for tp in sizes]
         runs = [dict(tp=tp, **FORMATS[name]) for _, name, tp in keys]
         results.update(zip(keys, run_worker("random:" + json.dumps(fields), RANDOM_PROMPTS, runs)))
     return results
@@ -70,6 +71,11 @@ def random_models():
 
 def test_smollm2_tp3_greedy_tokens_equal_tp1_in_the_default_configuration(smollm2):
     assert smollm2[3, "default"]["tokens"] == smollm2[1, "default"]["tokens"]
+
+
+def test_smollm2_tp3_splits_the_embedding_and_lm_head_by_vocabulary_entry(smollm2):
+    """49,152 entries: 16,384 a device, the LM head in the file's Q8_0 blocks, tied to the embedding."""
+    assert smollm2[3, "default"]["vocab_parallel"] and smollm2[3, "float"]["vocab_parallel"]
 
 
 def test_smollm2_tp3_float_tokens_and_logprobs_equal_tp1(smollm2):
@@ -86,10 +92,9 @@ def test_random_model_split_by_heads_equals_one_device(random_models, fmt, tp):
 
 
 @pytest.mark.parametrize("fmt", ["float", "int8"])
-@pytest.mark.parametrize("tp", [2, 4])
-def test_fewer_kv_heads_than_devices_are_replicated(random_models, fmt, tp):
-    """2 KV heads: TP 2 splits them, TP 4 gives each to the 2 devices whose query heads read it."""
-    one, split = random_models["replicated_kv", fmt, 1], random_models["replicated_kv", fmt, tp]
+def test_fewer_kv_heads_than_devices_are_replicated(random_models, fmt):
+    """2 KV heads on 4 devices: each goes to the 2 devices whose query heads read it."""
+    one, split = random_models["replicated_kv", fmt, 1], random_models["replicated_kv", fmt, 4]
     assert split["tokens"] == one["tokens"]
     assert max_logprob_difference(split, one) < LOGPROB_ATOL
 

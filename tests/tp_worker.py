@@ -72,7 +72,8 @@ def main(spec: dict) -> list[dict]:
             continue
         outs = llm.generate(spec["prompts"], params, use_tqdm=False)
         results.append({"tokens": [o.outputs[0].token_ids for o in outs],
-                        "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs]})
+                        "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs],
+                        "vocab_parallel": llm.engine.runner.vocab_parallel})
         del llm
     return results
 

@@ -148,6 +148,7 @@ class Llama(nnx.Module):
     # The mesh axis a tensor-parallel shard of the model runs under (`jaxinfer.tensor_parallel` sets it
     # on the per-device copy, whose `config` then counts one device's heads); None: the whole model.
     tp_axis = None
+    vocab_parallel = False  # under `tp_axis`: this device holds its range of the vocabulary (`embed_tokens`)
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto", formats=None,
                  quant_backend="auto", head_format: WeightFormat | None = None, embed_type: str | None = None):
@@ -172,7 +173,19 @@ class Llama(nnx.Module):
             self.embed = nnx.Param(jnp.zeros((c.vocab_size, row_bytes), jnp.uint8))
 
     def embed_tokens(self, token_ids):
-        """[T] int32 -> [T, hidden]."""
+        """[T] int32 -> [T, hidden]. Vocab-parallel, this device's table holds entries [start, start +
+        config.vocab_size): it looks up the tokens in that range, zeros elsewhere, and the sum over
+        devices gives every row (exactly: one term is not zero)."""
+        if not self.vocab_parallel:
+            return self.lookup(token_ids)
+        start = jax.lax.axis_index(self.tp_axis) * self.config.vocab_size
+        local = token_ids - start
+        inside = (local >= 0) & (local < self.config.vocab_size)
+        rows = self.lookup(jnp.where(inside, local, 0))
+        return jax.lax.psum(jnp.where(inside[:, None], rows, 0), self.tp_axis)
+
+    def lookup(self, token_ids):
+        """[T] int32 -> [T, hidden]: rows of this model's table."""
         if self.embed_type is not None:
             return kquant.dequantize_rows(self.embed[...][token_ids], self.embed_type).astype(self.norm[...].dtype)
         if self.embed is not None:
