@@ -1,5 +1,6 @@
 """LLMEngine (add_request / step / abort_request) and the offline `LLM` API on top of it."""
 
+import contextlib
 import itertools
 import logging
 import os
@@ -140,11 +141,16 @@ class LLMEngine:
                                                                  tied=mc.tie_word_embeddings)
         logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
-        self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
-                                quantization=self.quantization, group_size=config.quantization_group_size,
-                                quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                                lm_head_quantization=self.lm_head_quantization,
-                                kquants=cpu_runs_blocks and mesh is None)
+        # Split over accelerators, the whole model is read into host memory first (it may fit no one
+        # device), then each device receives its shard (`tensor_parallel.shard_model`).
+        staging = (jax.default_device(jax.devices("cpu")[0]) if mesh is not None and platform != "cpu"
+                   else contextlib.nullcontext())
+        with staging:
+            self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
+                                    quantization=self.quantization, group_size=config.quantization_group_size,
+                                    quant_backend=config.matmul_backend, cache_dir=cache_dir,
+                                    lm_head_quantization=self.lm_head_quantization,
+                                    kquants=cpu_runs_blocks and mesh is None)
         if cpu_runs_blocks and mesh is not None:
             logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
                         "(their byte stacks are not split across devices)")
@@ -201,6 +207,9 @@ class LLMEngine:
             on_cpu = jax.devices()[0].platform == "cpu"
             fraction = config.kv_cache_memory_fraction or (0.5 if on_cpu else 0.9)
             budget = int(fraction * free_device_memory())
+            if config.tensor_parallel_size > 1 and not on_cpu:  # the weights are still in host memory:
+                # take off one device's share of them (about; replicated norms are small)
+                budget -= sum(self.weight_bytes_by_format.values()) // config.tensor_parallel_size
             # A page's bytes on one device: its share of the KV heads (host devices share one RAM).
             devices = 1 if on_cpu else config.tensor_parallel_size
             num_pages = budget // (kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.dtype) // devices)
