@@ -33,6 +33,7 @@ RANDOM_PROMPTS = [list(range(5, 40)), [100, 3, 250, 77], [7] * 20]
 # int4 in groups of 32 rows (row split on group boundaries). Float activations: exact up to sum order.
 FORMATS = {"float": dict(quantization="none"), "int8": dict(quantization="int8", cpu_integer_matmul=False),
            "int4": dict(quantization="int4", cpu_integer_matmul=False),
+           "int4-g128": dict(quantization="int4", quantization_group_size=128),  # o_proj's K is 128: one group
            # the Pallas kernels (attention, K/V write, int4 matmul) in interpret mode, run per shard
            "pallas": dict(quantization="int4", attention_backend="pallas_interpret", matmul_backend="pallas_interpret")}
 
@@ -63,7 +64,7 @@ def smollm2():
 def random_models():
     """{(model, format, tp): result} for the two random Llamas."""
     results = {}
-    for model, fields, sizes in (("dividing", DIVIDING, dict(float=(1, 2, 4), int8=(1, 4), int4=(1, 4))),
+    for model, fields, sizes in (("dividing", DIVIDING, dict(float=(1, 2, 4), int8=(1, 4), int4=(1, 4), **{"int4-g128": (4,)})),
                                  ("replicated_kv", REPLICATED_KV, dict(float=(1, 4), int8=(1, 4)))):
         keys = [(model, name, tp) for name in sizes for tp in sizes[name]]
         runs = [dict(tp=tp, **FORMATS[name]) for _, name, tp in keys]
@@ -108,6 +109,13 @@ def test_a_size_the_heads_do_not_allow_is_an_error_at_start_up(smollm2):
     error = smollm2[2, "default"]["error"]
     assert error.startswith("ValueError: tensor_parallel_size 2 does not fit")
     assert "9 attention heads do not divide by 2" in error and "3 KV heads" in error
+
+
+def test_a_row_split_off_the_group_boundaries_is_an_error_at_start_up(random_models):
+    """int4 in groups of 128 rows: o_proj's 128 rows are one group, which 4 devices cannot share."""
+    assert random_models["dividing", "int4-g128", 4]["error"] == (
+        "ValueError: tensor_parallel_size 4: o_proj's 128 input rows do not split into 4 equal parts on its "
+        "format's boundaries (int4-g128)")
 
 
 def test_a_size_past_the_device_count_is_an_error_at_start_up():
