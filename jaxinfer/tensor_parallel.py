@@ -191,7 +191,7 @@ def _split(proj, name, leaf, *, node, c: ModelConfig, size: int):
         rows = leaf.shape[-2]  # K, K / 2 packed int4, or K / group_size for group scales
         if rows % size:
             raise ValueError(f"tensor_parallel_size {size}: {proj}'s {node.in_features} input rows do not split "
-                             f"into {size} equal parts on its format's boundaries ({node.fmt.name})")
+                             f"into {size} equal parts on its format's boundaries ({node.fmt.name if node.fmt else 'full precision'})")
         step = rows // size
         return [leaf[..., d * step:(d + 1) * step, :] for d in range(size)]
     if proj in ("k_proj", "v_proj") and c.num_kv_heads < size:  # each device gets the one KV head it reads
