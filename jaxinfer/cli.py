@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile every step shape before serving (default: on)")
     engine.add_argument("--strict-compile", action=argparse.BooleanOptionalAction, default=None,
                         help="fail a step that needs a program warm-up did not compile (default: off)")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int,
+                        help="devices to split the model across by attention heads and MLP columns (default: "
+                             f"{d.tensor_parallel_size}; docs/DEPLOY.md)")
     engine.add_argument("--seed", type=int, help=f"seed of requests that give none (default: {d.seed})")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; "
@@ -103,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "matmul_backend", "warmup", "strict_compile",
-                "seed")
+                "seed", "tensor_parallel_size")
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:

@@ -244,9 +244,12 @@ class EngineConfig:
     cpu_integer_matmul: bool = True
     # Converted-weight cache: "auto" is $JAXINFER_CACHE_DIR or ~/.cache/jaxinfer/weights; None: off
     weight_cache_dir: str | None = "auto"
+    # Devices the model is split across, by attention heads and MLP columns (`jaxinfer.tensor_parallel`);
+    # 1: one device, the step as it always was.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
-        for field in ("page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        for field in ("page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")

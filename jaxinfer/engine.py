@@ -1,16 +1,18 @@
 """LLMEngine (add_request / step / abort_request) and the offline `LLM` API on top of it."""
 
+import contextlib
 import itertools
 import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from jaxinfer import tensor_parallel
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
@@ -124,6 +126,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                              f"{mc.max_position_embeddings}")
         platform = jax.devices()[0].platform
+        mesh = None  # tensor parallelism: checked before any weight is read
+        if config.tensor_parallel_size > 1:
+            mesh = tensor_parallel.make_mesh(config.tensor_parallel_size)
+            tensor_parallel.check_model(mc, config.tensor_parallel_size)
         # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
         cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
                            and config.cpu_integer_matmul and native.has_group_path())
@@ -141,19 +147,33 @@ class LLMEngine:
                                                                  tied=mc.tie_word_embeddings)
         logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
-        self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
-                                quantization=self.quantization, group_size=config.quantization_group_size,
-                                quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                                lm_head_quantization=self.lm_head_quantization, kquants=cpu_runs_blocks)
-        if (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
-                and native.available()):
+        # Split over accelerators, the whole model is read into host memory first (it may fit no one
+        # device), then each device receives its shard (`tensor_parallel.shard_model`).
+        staging = (jax.default_device(jax.devices("cpu")[0]) if mesh is not None and platform != "cpu"
+                   else contextlib.nullcontext())
+        with staging:
+            self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
+                                    quantization=self.quantization, group_size=config.quantization_group_size,
+                                    quant_backend=config.matmul_backend, cache_dir=cache_dir,
+                                    lm_head_quantization=self.lm_head_quantization,
+                                    kquants=cpu_runs_blocks and mesh is None)
+        if cpu_runs_blocks and mesh is not None:
+            logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
+                        "(their byte stacks are not split across devices)")
+        native_layouts = (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
+                          and native.available())
+        if native_layouts:
             layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
             if layouts:
                 logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
                             "dot products; codes: the file's blocks)", layouts)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
         num_pages = self._num_pages()
-        self.runner = ModelRunner(self.model, config, num_pages, self.dtype)
+        self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh, native_layouts=native_layouts)
+        if mesh is not None:
+            logger.info("tensor parallelism over %d %s devices: heads, KV cache and MLP split, embedding and LM "
+                        "head %s", config.tensor_parallel_size, platform,
+                        "split by vocabulary entry" if self.runner.vocab_parallel else "replicated")
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
@@ -163,7 +183,7 @@ class LLMEngine:
         self._ids = itertools.count()
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.runner.state))
         self.weight_bytes = weight_bytes
-        self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(mc, config.page_size, self.dtype)
+        self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.dtype)
         # One line for the weights, one for the KV cache: the per-tensor detail is at DEBUG.
         formats = {getattr(self.model.layers, name).fmt.name if getattr(self.model.layers, name).fmt
                    else jnp.dtype(self.dtype).name for name in PROJECTIONS}
@@ -178,6 +198,12 @@ class LLMEngine:
         if config.warmup:
             self.runner.warmup()
 
+    def _cache_config(self):
+        """The model as the KV cache holds it, over all devices: KV heads replicated under tensor
+        parallelism count once per device that holds one."""
+        mc = self.model_config
+        return replace(mc, num_kv_heads=tensor_parallel.cache_kv_heads(mc, self.config.tensor_parallel_size))
+
     def _num_pages(self) -> int:
         config, mc = self.config, self.model_config
         pages_per_seq = -(-config.max_model_len // config.page_size)
@@ -187,7 +213,12 @@ class LLMEngine:
             on_cpu = jax.devices()[0].platform == "cpu"
             fraction = config.kv_cache_memory_fraction or (0.5 if on_cpu else 0.9)
             budget = int(fraction * free_device_memory())
-            num_pages = budget // kv_cache_bytes_per_page(mc, config.page_size, self.dtype)
+            if config.tensor_parallel_size > 1 and not on_cpu:  # the weights are still in host memory:
+                # take off one device's share of them (about; replicated norms are small)
+                budget -= sum(self.weight_bytes_by_format.values()) // config.tensor_parallel_size
+            # A page's bytes on one device: its share of the KV heads (host devices share one RAM).
+            devices = 1 if on_cpu else config.tensor_parallel_size
+            num_pages = budget // (kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.dtype) // devices)
             if on_cpu:  # host RAM is everyone's: take no more than the sequences can use
                 num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)
         if num_pages < pages_per_seq:

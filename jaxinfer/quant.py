@@ -325,28 +325,34 @@ def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int
     `integer` and N a multiple of 16: "codes", for the grouped integer kernel; else they stay on the
     XLA path. Returns how many weights went to each layout. Only for a model that runs on the CPU
     with the native kernels available."""
-    from kernels_cpu import native
-
     changed: dict[str, int] = {}
     for _, node in nnx.iter_graph(model):
         if not isinstance(node, Linear) or node.fmt is None or node.layout != "kn":
             continue
-        k, n = QuantizedWeight(node.w[...], node.scales[...], format=node.fmt.kind,
-                               group_size=node.fmt.group_size).shape
-        if node.fmt.kind == "int8" and not node.fmt.group_size:
-            # A -128 (a checkpoint's int8 in the full [-128, 127] range: compressed-tensors W8A16) has no
-            # negation on the AVX2 integer path (`native.to_vnni`): such a weight takes the float path.
-            node.layout = ("vnni" if integer and native.has_integer_path() and k % 32 == 0
-                           and not bool(jnp.any(node.w[...] == -128)) else "blocked")
-            node.w = nnx.Param((native.to_vnni if node.layout == "vnni" else native.to_blocked)(node.w[...]))
-        elif (node.fmt.kind in ("int8", "int4") and node.fmt.group_size == native.GROUP and integer
-              and native.has_group_path() and n % 16 == 0):
-            node.layout = "codes"
-            node.w = nnx.Param(native.to_group_codes(node.w[...], 8 if node.fmt.kind == "int8" else 4))
-        else:
+        layout, data = native_layout(node.fmt, node.w[...], integer)
+        if layout == "kn":
             continue
+        node.layout, node.w = layout, nnx.Param(data)
         changed[node.layout] = changed.get(node.layout, 0) + 1
     return changed
+
+
+def native_layout(fmt: WeightFormat, data, integer: bool = True):
+    """(layout, data in it) of a quantized weight's "kn" `data` ([*stack, K, N]; int4 packed) for the
+    native CPU kernels (`use_blocked_layout`'s rules); ("kn", data) where none of them takes it."""
+    from kernels_cpu import native
+
+    k, n = data.shape[-2] * (2 if fmt.kind == "int4" else 1), data.shape[-1]
+    if fmt.kind == "int8" and not fmt.group_size:
+        # A -128 (a checkpoint's int8 in the full [-128, 127] range: compressed-tensors W8A16) has no
+        # negation on the AVX2 integer path (`native.to_vnni`): such a weight takes the float path.
+        layout = ("vnni" if integer and native.has_integer_path() and k % 32 == 0 and not bool(jnp.any(data == -128))
+                  else "blocked")
+        return layout, (native.to_vnni if layout == "vnni" else native.to_blocked)(data)
+    if (fmt.kind in ("int8", "int4") and fmt.group_size == native.GROUP and integer
+            and native.has_group_path() and n % 16 == 0):
+        return "codes", native.to_group_codes(data, 8 if fmt.kind == "int8" else 4)
+    return "kn", data
 
 
 def weight_bytes_by_format(model: nnx.Module) -> dict[str, int]:

@@ -7,6 +7,7 @@ program built after that is counted (and raises in strict mode). `scripts/gpu_co
 compiles this same program for GPUs.
 """
 
+import dataclasses
 import logging
 import time
 from typing import NamedTuple
@@ -14,8 +15,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
+from jaxinfer import tensor_parallel
 from jaxinfer.kv_cache import allocate_kv_cache
 from jaxinfer.compilation import CompilationDuringServingError, TraceCounter, padded_step_shape, step_buckets
 from jaxinfer.models.llama import AttentionMetadata
@@ -72,21 +75,35 @@ def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_mode
 
 
 class ModelRunner:
-    def __init__(self, model, engine_config, num_pages: int, dtype):
+    def __init__(self, model, engine_config, num_pages: int, dtype, mesh=None, native_layouts: bool = False):
+        """`mesh`: a `tensor_parallel.make_mesh` mesh to split the model over (None: one device);
+        `native_layouts`: then lay each device's quantized weights out for the native CPU kernels."""
         self.config = engine_config
-        self.graphdef, state = nnx.split(model)
         self.page_size = engine_config.page_size
         self.num_pages = num_pages
         # Every array the step sees is committed to the device, as its outputs are: an uncommitted
         # input (fresh zeros, weights from jnp.asarray) would make the step's first call, at warm-up,
         # a different program signature from the calls that follow it.
-        device = jax.devices()[0]
-        self.state = jax.device_put(state, device)
-        self.k_cache, self.v_cache = jax.device_put(
-            allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
+        self.vocab_parallel = False  # tensor parallelism: embedding and LM head split by vocabulary entry
+        if mesh is None:
+            self.graphdef, state = nnx.split(model)
+            device = jax.devices()[0]
+            self.state = jax.device_put(state, device)
+            self.k_cache, self.v_cache = jax.device_put(
+                allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
+            self._step = jit_step(self.graphdef)
+        else:
+            self.graphdef, self.state, specs, self.vocab_parallel = tensor_parallel.shard_model(
+                model, mesh, native_layouts=native_layouts, integer=engine_config.cpu_integer_matmul)
+            size = mesh.shape[tensor_parallel.AXIS]
+            cache_config = dataclasses.replace(model.config,
+                                               num_kv_heads=tensor_parallel.cache_kv_heads(model.config, size))
+            self.k_cache, self.v_cache = jax.device_put(
+                allocate_kv_cache(cache_config, num_pages, self.page_size, dtype),
+                NamedSharding(mesh, tensor_parallel.CACHE_SPEC))
+            self._step = tensor_parallel.jit_step(self.graphdef, mesh, specs, self.vocab_parallel)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         self.vocab_size = model.config.vocab_size
-        self._step = jit_step(self.graphdef)
         self._traces = TraceCounter()
         self.num_compilations = 0  # step programs built after warm-up
         self.warmed_up = False

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxinfer import ops
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.llama import (_LAYER_TENSORS, AttentionMetadata, DecoderLayer, Llama, apply_rope,
+from jaxinfer.models.llama import (_LAYER_TENSORS, AttentionMetadata, all_reduce, DecoderLayer, Llama, apply_rope,
                                    load_stacked, rms_norm, rope_inv_freq)
 
 
@@ -56,7 +56,7 @@ class Gemma3DecoderLayer(DecoderLayer):
         self.k_norm = nnx.Param(jnp.zeros((*stack, head_dim), dtype))
 
     def __call__(self, x, positions, k_cache, v_cache, layer, meta: AttentionMetadata, *, config, inv_freq,
-                 sliding_window, attention_backend):
+                 sliding_window, attention_backend, tp_axis=None):
         """inv_freq [head_dim // 2] and sliding_window (int32 scalar, 0: none) are this layer's own."""
         c, eps = config, config.rms_norm_eps
         num_tokens = x.shape[0]
@@ -71,10 +71,11 @@ class Gemma3DecoderLayer(DecoderLayer):
             q, k_cache, v_cache, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             sm_scale=c.query_pre_attn_scalar ** -0.5, sliding_window=sliding_window,
             soft_cap=c.attn_logit_softcap, backend=attention_backend)
-        attn = self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer)
+        attn = all_reduce(self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer), tp_axis)
         x = x + gemma_norm(attn, self.post_attention_norm[...], eps)
         h = gemma_norm(x, self.pre_feedforward_norm[...], eps)
-        h = self.down_proj(jax.nn.gelu(self.gate_proj(h, layer), approximate=True) * self.up_proj(h, layer), layer)
+        h = all_reduce(self.down_proj(jax.nn.gelu(self.gate_proj(h, layer), approximate=True) * self.up_proj(h, layer),
+                                      layer), tp_axis)
         return x + gemma_norm(h, self.post_feedforward_norm[...], eps), k_cache, v_cache
 
 

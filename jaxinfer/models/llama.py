@@ -92,6 +92,13 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
+def all_reduce(partial, tp_axis):
+    """A row-parallel projection's output: each tensor-parallel device holds the partial sum over its
+    rows (heads, MLP columns); the sum over devices is the whole. Without tensor parallelism (`tp_axis`
+    None) the output is already whole."""
+    return partial if tp_axis is None else jax.lax.psum(partial, tp_axis)
+
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,7 +123,9 @@ class DecoderLayer(nnx.Module):
         self.down_proj = linear("down_proj", c.intermediate_size, hidden)
 
     def __call__(self, x, positions, k_cache, v_cache, layer, meta: AttentionMetadata, *, config, inv_freq,
-                 attention_backend):
+                 attention_backend, tp_axis=None):
+        """Under tensor parallelism `config` counts this device's heads and MLP columns, and the two
+        row-parallel projections' outputs are summed over the `tp_axis` devices (`all_reduce`)."""
         c = config
         num_tokens = x.shape[0]
         h = rms_norm(x, self.input_norm[...], c.rms_norm_eps)
@@ -128,14 +137,19 @@ class DecoderLayer(nnx.Module):
         attn = ops.ragged_paged_attention(
             q, k_cache, v_cache, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             sm_scale=c.head_dim ** -0.5, sliding_window=c.sliding_window, backend=attention_backend)
-        x = x + self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer)
+        x = x + all_reduce(self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer), tp_axis)
         h = rms_norm(x, self.post_attention_norm[...], c.rms_norm_eps)
-        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h, layer)) * self.up_proj(h, layer), layer)
+        x = x + all_reduce(self.down_proj(jax.nn.silu(self.gate_proj(h, layer)) * self.up_proj(h, layer), layer),
+                           tp_axis)
         return x, k_cache, v_cache
 
 
 class Llama(nnx.Module):
     LAYER = DecoderLayer  # built once, every parameter stacked on a leading [num_layers] axis
+    # The mesh axis a tensor-parallel shard of the model runs under (`jaxinfer.tensor_parallel` sets it
+    # on the per-device copy, whose `config` then counts one device's heads); None: the whole model.
+    tp_axis = None
+    vocab_parallel = False  # under `tp_axis`: this device holds its range of the vocabulary (`embed_tokens`)
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, attention_backend="auto", formats=None,
                  quant_backend="auto", head_format: WeightFormat | None = None, embed_type: str | None = None):
@@ -160,7 +174,19 @@ class Llama(nnx.Module):
             self.embed = nnx.Param(jnp.zeros((c.vocab_size, row_bytes), jnp.uint8))
 
     def embed_tokens(self, token_ids):
-        """[T] int32 -> [T, hidden]."""
+        """[T] int32 -> [T, hidden]. Vocab-parallel, this device's table holds entries [start, start +
+        config.vocab_size): it looks up the tokens in that range, zeros elsewhere, and the sum over
+        devices gives every row (exactly: one term is not zero)."""
+        if not self.vocab_parallel:
+            return self.lookup(token_ids)
+        start = jax.lax.axis_index(self.tp_axis) * self.config.vocab_size
+        local = token_ids - start
+        inside = (local >= 0) & (local < self.config.vocab_size)
+        rows = self.lookup(jnp.where(inside, local, 0))
+        return jax.lax.psum(jnp.where(inside[:, None], rows, 0), self.tp_axis)
+
+    def lookup(self, token_ids):
+        """[T] int32 -> [T, hidden]: rows of this model's table."""
         if self.embed_type is not None:
             return kquant.dequantize_rows(self.embed[...][token_ids], self.embed_type).astype(self.norm[...].dtype)
         if self.embed is not None:
@@ -212,7 +238,7 @@ class Llama(nnx.Module):
             state, values = xs
             x, k_cache, v_cache = nnx.merge(layer_def, whole, state)(
                 x, positions, k_cache, v_cache, layer, meta, config=self.config,
-                attention_backend=self.attention_backend, **constants, **values)
+                attention_backend=self.attention_backend, tp_axis=self.tp_axis, **constants, **values)
             return (x, k_cache, v_cache, layer + 1), None
 
         # The caches ride in the carry (not xs/ys): with the step's caches donated, XLA updates them in place.

@@ -1,0 +1,130 @@
+"""Tensor parallelism (`jaxinfer.tensor_parallel`): a model split over N devices gives what one
+device gives. The reference is the same engine at `tensor_parallel_size=1`, the step as it was.
+
+The engines run in a subprocess (tests/tp_worker.py) with 4 forced host CPU devices; this session
+has one. Tolerance: with float activations the split changes only the order of float32 sums (each
+all-reduce adds per-device partial sums), a few 1e-6 in logprobs here; 1e-4 leaves room. With the
+CPU default, int8 activations (each block of 32 values rounded to int8 in the native kernels), a
+1-ulp change in a row can move a rounding by one step, and 30 layers amplify it to ~0.1 in a
+logprob: there the greedy tokens are the specification.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxinfer.cli import build_parser, engine_overrides
+
+SMOLLM2 = "SmolLM2-135M-Instruct"  # 9 query heads, 3 KV heads: TP 3 divides both
+WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
+LOGPROB_ATOL = 1e-4
+NEW_TOKENS = 6
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
+           "List three primary colors:"]
+# Random Llamas (token-id prompts): heads and KV heads that TP 2 and 4 divide, and KV heads fewer
+# than 4 devices (each replicated on 2) with q/k/v biases, split with the heads they belong to.
+DIVIDING = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4)
+REPLICATED_KV = dict(DIVIDING, num_key_value_heads=2, attention_bias=True)
+RANDOM_PROMPTS = [list(range(5, 40)), [100, 3, 250, 77], [7] * 20]
+# Weight formats whose split differs: full precision; int8 per column (row split: scales whole);
+# int4 in groups of 32 rows (row split on group boundaries). Float activations: exact up to sum order.
+FORMATS = {"float": dict(quantization="none"), "int8": dict(quantization="int8", cpu_integer_matmul=False),
+           "int4": dict(quantization="int4", cpu_integer_matmul=False),
+           "int4-g128": dict(quantization="int4", quantization_group_size=128),  # o_proj's K is 128: one group
+           # the Pallas kernels (attention, K/V write, int4 matmul) in interpret mode, run per shard
+           "pallas": dict(quantization="int4", attention_backend="pallas_interpret", matmul_backend="pallas_interpret")}
+
+
+def run_worker(model: str, prompts, runs: list[dict], max_tokens: int = NEW_TOKENS) -> list[dict]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    spec = dict(model=model, prompts=prompts, max_tokens=max_tokens, runs=runs)
+    done = subprocess.run([sys.executable, WORKER, json.dumps(spec)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def max_logprob_difference(a: dict, b: dict) -> float:
+    return max(abs(x - y) for la, lb in zip(a["logprobs"], b["logprobs"]) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """{(tp, configuration): result}: the default configuration and float weights and activations."""
+    keys = [(1, "default"), (3, "default"), (1, "float"), (3, "float"), (2, "default")]
+    runs = [dict(tp=tp, **({} if name == "default" else FORMATS[name])) for tp, name in keys]
+    return dict(zip(keys, run_worker(SMOLLM2, PROMPTS, runs)))
+
+
+@pytest.fixture(scope="module")
+def random_models():
+    """{(model, format, tp): result} for the two random Llamas."""
+    results = {}
+    for model, fields, sizes in (("dividing", DIVIDING, dict(float=(1, 2, 4), int8=(1, 4), int4=(1, 4), **{"int4-g128": (4,)})),
+                                 ("replicated_kv", REPLICATED_KV, dict(float=(1, 4), int8=(1, 4)))):
+        keys = [(model, name, tp) for name in sizes for tp in sizes[name]]
+        runs = [dict(tp=tp, **FORMATS[name]) for _, name, tp in keys]
+        results.update(zip(keys, run_worker("random:" + json.dumps(fields), RANDOM_PROMPTS, runs)))
+    # Interpret mode is slow: one prompt, three tokens.
+    pallas = run_worker("random:" + json.dumps(DIVIDING), RANDOM_PROMPTS[1:2],
+                        [dict(tp=tp, **FORMATS["pallas"]) for tp in (1, 2)], max_tokens=3)
+    results.update(zip([("dividing", "pallas", 1), ("dividing", "pallas", 2)], pallas))
+    return results
+
+
+def test_smollm2_tp3_greedy_tokens_equal_tp1_in_the_default_configuration(smollm2):
+    assert smollm2[3, "default"]["tokens"] == smollm2[1, "default"]["tokens"]
+
+
+def test_smollm2_tp3_splits_the_embedding_and_lm_head_by_vocabulary_entry(smollm2):
+    """49,152 entries: 16,384 a device, the LM head in the file's Q8_0 blocks, tied to the embedding."""
+    assert smollm2[3, "default"]["vocab_parallel"] and smollm2[3, "float"]["vocab_parallel"]
+
+
+def test_smollm2_tp3_float_tokens_and_logprobs_equal_tp1(smollm2):
+    assert smollm2[3, "float"]["tokens"] == smollm2[1, "float"]["tokens"]
+    assert max_logprob_difference(smollm2[3, "float"], smollm2[1, "float"]) < LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("fmt, tp", [("float", 2), ("float", 4), ("int8", 4), ("int4", 4), ("pallas", 2)])
+def test_random_model_split_by_heads_equals_one_device(random_models, fmt, tp):
+    one, split = random_models["dividing", fmt, 1], random_models["dividing", fmt, tp]
+    assert split["tokens"] == one["tokens"]
+    assert max_logprob_difference(split, one) < LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("fmt", ["float", "int8"])
+def test_fewer_kv_heads_than_devices_are_replicated(random_models, fmt):
+    """2 KV heads on 4 devices: each goes to the 2 devices whose query heads read it."""
+    one, split = random_models["replicated_kv", fmt, 1], random_models["replicated_kv", fmt, 4]
+    assert split["tokens"] == one["tokens"]
+    assert max_logprob_difference(split, one) < LOGPROB_ATOL
+
+
+def test_a_size_the_heads_do_not_allow_is_an_error_at_start_up(smollm2):
+    error = smollm2[2, "default"]["error"]
+    assert error.startswith("ValueError: tensor_parallel_size 2 does not fit")
+    assert "9 attention heads do not divide by 2" in error and "3 KV heads" in error
+
+
+def test_a_row_split_off_the_group_boundaries_is_an_error_at_start_up(random_models):
+    """int4 in groups of 128 rows: o_proj's 128 rows are one group, which 4 devices cannot share."""
+    assert random_models["dividing", "int4-g128", 4]["error"] == (
+        "ValueError: tensor_parallel_size 4: o_proj's 128 input rows do not split into 4 equal parts on its "
+        "format's boundaries (int4-g128)")
+
+
+def test_a_size_past_the_device_count_is_an_error_at_start_up():
+    from jaxinfer import LLM
+
+    with pytest.raises(ValueError, match="tensor_parallel_size 2 needs 2 devices, but only 1"):
+        LLM(SMOLLM2, tensor_parallel_size=2, warmup=False)
+
+
+def test_the_flag_sets_the_engine_config():
+    args = build_parser().parse_args(["--tensor-parallel-size", "3"])
+    assert engine_overrides(args) == {"tensor_parallel_size": 3}

@@ -1,0 +1,82 @@
+"""Runs engines at several tensor-parallel sizes in a process of its own, with 4 forced host CPU
+devices (the test session has one): `python tests/tp_worker.py '<json>'` prints one JSON line.
+
+Input: {"model": a name or "random:<config json fields>", "prompts": [str or [token ids]],
+"max_tokens": n, "runs": [{"tp": n, ...LLM keyword arguments}]}. Output: per run either
+{"tokens": [[ids] per prompt], "logprobs": [[floats] per prompt]} or {"error": "Type: message"}.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+
+def write_random_llama(path: str, fields: dict, seed: int = 0) -> str:
+    """An HF Llama directory (config.json, safetensors, tokenizer.json) with random weights drawn
+    for unit-variance outputs, norms near one and, with attention_bias, nonzero q/k/v biases."""
+    from safetensors.numpy import save_file
+    from test_architectures_vs_hf import BASE, write_tokenizer_json
+
+    cfg = dict(BASE, model_type="llama", architectures=["LlamaForCausalLM"], **fields)
+    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim, inter, vocab = hidden // heads, cfg["intermediate_size"], cfg["vocab_size"]
+    rng = np.random.default_rng(seed)
+
+    def matrix(out_features, in_features):  # HF's [out, in]
+        return (rng.standard_normal((out_features, in_features)) * in_features ** -0.5).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden)).astype(np.float32),
+               "model.norm.weight": (1 + 0.2 * rng.standard_normal(hidden)).astype(np.float32),
+               "lm_head.weight": matrix(vocab, hidden)}
+    shapes = {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv * head_dim, hidden),
+              "self_attn.v_proj": (kv * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    for layer in range(cfg["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        for name, shape in shapes.items():
+            tensors[prefix + name + ".weight"] = matrix(*shape)
+            if cfg.get("attention_bias") and name[-6:] in ("q_proj", "k_proj", "v_proj"):
+                tensors[prefix + name + ".bias"] = (0.5 * rng.standard_normal(shape[0])).astype(np.float32)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[prefix + norm + ".weight"] = (1 + 0.2 * rng.standard_normal(hidden)).astype(np.float32)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    write_tokenizer_json(__import__("pathlib").Path(path))
+    return path
+
+
+def main(spec: dict) -> list[dict]:
+    from jaxinfer import LLM, SamplingParams
+
+    model = spec["model"]
+    tmp = tempfile.TemporaryDirectory()
+    if model.startswith("random:"):
+        model = write_random_llama(tmp.name, json.loads(model[len("random:"):]))
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, logprobs=1, ignore_eos=True)
+    results = []
+    for run in spec["runs"]:
+        options = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, warmup=False,
+                       weight_cache_dir=None) | {k: v for k, v in run.items() if k != "tp"}
+        try:
+            llm = LLM(model, tensor_parallel_size=run["tp"], **options)
+        except Exception as e:  # noqa: BLE001 - the test checks which error a start-up gives
+            results.append({"error": f"{type(e).__name__}: {e}"})
+            continue
+        outs = llm.generate(spec["prompts"], params, use_tqdm=False)
+        results.append({"tokens": [o.outputs[0].token_ids for o in outs],
+                        "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs],
+                        "vocab_parallel": llm.engine.runner.vocab_parallel})
+        del llm
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))
