@@ -311,8 +311,10 @@ class LLMEngine:
             request = self._request_of[seq]
             seq.output_ids.append(int(out.tokens[i]))
             if seq.matcher is not None and not seq.matcher.consume_token(seq.output_ids[-1]):
+                # An llguidance fault (seen with regexes of unassigned code points): its error text
+                # carries its whole state, so log the first line; the mask allows only EOS from here.
                 logger.error("%s: the grammar refused its own sampled token %d: %s", seq.request_id,
-                             seq.output_ids[-1], seq.matcher.get_error())
+                             seq.output_ids[-1], seq.matcher.get_error().partition("\n")[0])
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 top = list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist()))

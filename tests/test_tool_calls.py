@@ -10,6 +10,7 @@ of the same prompt (what `auto` parses is what the model wrote), and texts built
 import json
 import random
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -186,12 +187,18 @@ def test_tools_on_a_model_whose_template_has_none_are_refused(served):
         served.client.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], max_tokens=4)
 
 
-def test_an_assistant_tool_call_with_arguments_that_are_not_json_is_a_400(served_qwen):
-    messages = [*ASK, {"role": "assistant", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}]}]
+@pytest.mark.parametrize("call", [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}},
+    {"id": ["call_1"], "type": "function", "function": {"name": "get_weather", "arguments": "{}"}},
+    {"id": "call_1", "type": "retrieval", "function": {"name": "get_weather", "arguments": "{}"}},
+], ids=["arguments not JSON", "id not a string", "type not function"])
+def test_a_malformed_assistant_tool_call_is_a_400(served_qwen, call):
+    messages = [*ASK, {"role": "assistant", "tool_calls": [call]}]
     with pytest.raises(openai.BadRequestError) as error:
         served_qwen.client.chat.completions.create(model="qwen", messages=messages, tools=[WEATHER], max_tokens=4)
     assert error.value.body["param"] == "messages[1].tool_calls[0]"
+    response = httpx.post(f"{served_qwen.url}/tokenize", json={"messages": messages})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1].tool_calls[0]"
 
 
 # -- the parser, on texts built here ----------------------------------------------------------------

@@ -130,7 +130,8 @@ def template_message_tool_calls(tool_calls, where: str) -> list[dict]:
     for i, call in enumerate(tool_calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not (isinstance(function, dict) and isinstance(function.get("name"), str)
-                and isinstance(function.get("arguments"), str)):
+                and isinstance(function.get("arguments"), str)
+                and isinstance(call.get("id", ""), str) and call.get("type", "function") == "function"):
             raise APIError(400, f"{where}[{i}] must be {{'id', 'type': 'function', 'function': {{'name', "
                            f"'arguments' (JSON text)}}}}, got {short_repr(call)}", param=f"{where}[{i}]")
         calls.append(template_tool_call(call.get("id"), function["name"], function["arguments"], f"{where}[{i}]"))
