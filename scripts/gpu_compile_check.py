@@ -57,6 +57,7 @@ from jaxinfer.compilation import step_buckets  # noqa: E402
 from jaxinfer.config import EngineConfig, ModelConfig  # noqa: E402
 from jaxinfer.models.llama import Llama, head_tensor_name, projection_formats  # noqa: E402
 from jaxinfer.runner import empty_batch, jit_step  # noqa: E402
+from jaxinfer.weights import quantized  # noqa: E402
 
 GIB = 1024 ** 3
 SEED_PRICE_PER_HOUR = 2.60  # H100 80GB, $/hour: the seed article's cost table
@@ -152,8 +153,22 @@ def shipped_configurations() -> list[Shipped]:
         Shipped("Llama-3-8B int8", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long, ("H100", "A100")),
         Shipped("Llama-3-8B int4 g128", LLAMA3_8B, uniform(int4), None, long, ("H100", "A100")),
         Shipped("Llama-3-70B int4 g128", LLAMA3_70B, uniform(int4), None, long, ("H100",)),
+        Shipped("Llama-3-70B AWQ g128", LLAMA3_70B, checkpoint_formats(LLAMA3_70B, AWQ_GEMM_G128), None, long,
+                ("H100",)),
     ]
     return out
+
+
+# The quantization_config of an AWQ GEMM checkpoint (AutoAWQ's and gptqmodel's, e.g. the seed's
+# Llama 3 70B AWQ): read by the loader's own detection, so the check compiles the format it loads.
+AWQ_GEMM_G128 = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+def checkpoint_formats(model: ModelConfig, quantization_config: dict) -> dict:
+    """projection -> WeightFormat as `jaxinfer.weights.quantized` loads a checkpoint with this config."""
+    q = quantized.detect(quantization_config)
+    k_of = {"o_proj": model.num_heads * model.head_dim, "down_proj": model.intermediate_size}
+    return {p: q.weight_format(k_of.get(p, model.hidden_size)) for p in uniform(None)}
 
 
 def topology_mesh(card: Card) -> Mesh:
@@ -311,12 +326,17 @@ def main():
     parser.add_argument("--util", type=float, default=0.9, help="--gpu-memory-utilization (default 0.9)")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 (or the first configuration) on H100 only")
     parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="only these configurations (by name)")
     args = parser.parse_args()
     print(f"jax {jax.__version__}; compile-only devices from jax.experimental.topologies; "
           f"decode roofline at {CONTEXT} tokens of context per sequence", flush=True)
     configurations = shipped_configurations()
     if args.quick:
         configurations = [dataclasses.replace(configurations[0], cards=("H100",))]
+    if args.only:
+        configurations = [c for c in configurations if c.name in args.only]
+        if not configurations:
+            parser.error(f"--only: no configuration named {args.only}")
     results, seen_ptx = [], set()
     for shipped in configurations:
         for card in shipped.cards:
