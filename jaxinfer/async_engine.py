@@ -73,6 +73,8 @@ class EngineStats:
     prefix_cache_hits: int = 0  # tokens
     prefix_cache_queries: int = 0  # tokens
     num_compilations: int = 0  # step programs compiled after warm-up
+    num_draft_tokens: int = 0  # speculative decoding: draft tokens verified
+    num_accepted_draft_tokens: int = 0  # and accepted
     num_requests: int = 0  # requests in flight (accepted, not finished)
     num_queued_tokens: int = 0  # prefill tokens a request submitted now waits behind (Scheduler.num_queued_tokens)
     prefill_tokens_per_s: float = admission.PRIOR_TOKENS_PER_S  # the loop thread's PrefillRate
@@ -387,6 +389,8 @@ class AsyncLLMEngine:
             prefix_cache_hits=getattr(allocator, "prefix_cache_hits", 0),
             prefix_cache_queries=getattr(allocator, "prefix_cache_queries", 0),
             num_compilations=getattr(engine.runner, "num_compilations", 0),
+            num_draft_tokens=getattr(engine, "num_draft_tokens", 0),
+            num_accepted_draft_tokens=getattr(engine, "num_accepted_draft_tokens", 0),
             num_requests=len(self._tracked),
             num_queued_tokens=scheduler.num_queued_tokens(),
             prefill_tokens_per_s=self.prefill_rate.tokens_per_s,

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compile every step shape before serving (default: on)")
     engine.add_argument("--strict-compile", action=argparse.BooleanOptionalAction, default=None,
                         help="fail a step that needs a program warm-up did not compile (default: off)")
+    engine.add_argument("--speculative-config", metavar="JSON",
+                        help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' drafts greedy requests\' next tokens '
+                        'from their own prompt and output (default: off; docs/SERVER.md)')
     engine.add_argument("--tensor-parallel-size", "-tp", type=int,
                         help="devices to split the model across by attention heads and MLP columns (default: "
                              f"{d.tensor_parallel_size}; docs/DEPLOY.md)")
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "matmul_backend", "warmup", "strict_compile",
+                "speculative_config",
                 "seed", "tensor_parallel_size")
 
 

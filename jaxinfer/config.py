@@ -223,6 +223,9 @@ class EngineConfig:
     num_pages: int | None = None
     kv_cache_memory_fraction: float | None = None
     enable_prefix_caching: bool = True
+    # Speculative decoding (`jaxinfer.speculative`): a SpeculativeConfig, or vLLM's dict / JSON text
+    # ({"method": "ngram", "num_speculative_tokens": 4, ...}); None: off.
+    speculative_config: object = None
     attention_backend: str = "auto"  # jaxinfer.ops.BACKENDS: the attention and K/V page write kernels
     matmul_backend: str = "auto"  # jaxinfer.ops.BACKENDS: the quantized matmul kernel
     warmup: bool = True  # compile every step shape at start-up
@@ -261,6 +264,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
         from jaxinfer.ops import BACKENDS
         from jaxinfer.quant import QUANTIZATIONS
+        from jaxinfer.speculative import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
 
         for field in ("attention_backend", "matmul_backend"):
             if getattr(self, field) not in BACKENDS:

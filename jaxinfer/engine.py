@@ -25,6 +25,7 @@ from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.sequence import Sequence
+from jaxinfer.speculative import propose_ngram
 from jaxinfer.structured_outputs import GrammarCompiler
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
 from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
@@ -177,6 +178,10 @@ class LLMEngine:
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
+        self.speculative = config.speculative_config  # jaxinfer.speculative; None: off
+        self.num_draft_tokens = self.num_accepted_draft_tokens = 0  # verified so far, and accepted
+        if self.speculative is not None:
+            logger.info("speculative decoding: %s (greedy requests)", self.speculative.describe())
         self.requests: dict[str, _Request] = {}
         self._request_of: dict[Sequence, _Request] = {}
         self._rng = random.Random(config.seed)
@@ -297,38 +302,90 @@ class LLMEngine:
             return []
         needs_history = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                             for p in (seq.params for seq, _ in scheduled))
-        out = self.runner.execute(scheduled, needs_history, self._token_bitmask(scheduled))
+        drafts = self._drafts(scheduled) if self.speculative is not None else {}
+        if drafts:  # each drafted decode row also computes its draft's positions
+            scheduled = [(seq, num_new + len(drafts.get(seq, ()))) for seq, num_new in scheduled]
+        out = self.runner.execute(scheduled, needs_history, self._token_bitmask(scheduled), drafts)
         now = time.monotonic()
         touched = {}
+        next_draft_row = len(scheduled)
         for i, (seq, num_new) in enumerate(scheduled):
-            seq.num_computed_tokens += num_new
+            draft = drafts.get(seq)
+            if draft:  # rows: the draft's positions', then the entry's own (after the draft's last token)
+                rows = [*range(next_draft_row, next_draft_row + len(draft)), i]
+                next_draft_row += len(draft)
+                accepted = 1  # the model's token after the last token, then each that the draft guessed
+                while accepted < len(rows) and int(out.tokens[rows[accepted - 1]]) == draft[accepted - 1]:
+                    accepted += 1
+                rows = rows[:accepted]
+                self.num_draft_tokens += len(draft)
+                self.num_accepted_draft_tokens += accepted - 1
+                seq.num_computed_tokens += accepted  # the cache holds the accepted tokens' positions
+                new_ids = seq.token_ids() + [int(out.tokens[r]) for r in rows]
+            else:
+                rows = [i]
+                seq.num_computed_tokens += num_new
+                new_ids = None
             if self.config.enable_prefix_caching and seq.num_computed_tokens // self.config.page_size > len(
                     seq.page_hashes):  # a page just filled up: hash it (and only then build the token list)
-                self.allocator.register_full_pages(seq.block_table, seq.page_hashes, seq.token_ids(),
+                self.allocator.register_full_pages(seq.block_table, seq.page_hashes, new_ids or seq.token_ids(),
                                                    seq.num_computed_tokens, seq.cache_salt)
-            if seq.num_computed_tokens < seq.num_tokens:
+            if not draft and seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk short of the prompt's end: nothing sampled yet
             request = self._request_of[seq]
-            seq.output_ids.append(int(out.tokens[i]))
-            if seq.matcher is not None and not seq.matcher.consume_token(seq.output_ids[-1]):
-                # An llguidance fault (seen with regexes of unassigned code points): its error text
-                # carries its whole state, so log the first line; the mask allows only EOS from here.
-                logger.error("%s: the grammar refused its own sampled token %d: %s", seq.request_id,
-                             seq.output_ids[-1], seq.matcher.get_error().partition("\n")[0])
-            if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                top = list(zip(out.top_ids[i, :k].tolist(), out.top_logprobs[i, :k].tolist()))
-                request.logprobs[request.seqs.index(seq)].append(
-                    TokenLogprob(int(out.tokens[i]), float(out.logprobs[i]), top))
-            metrics = request.metrics
-            if len(seq.output_ids) > 1:
-                metrics.inter_token_latencies.append(now - seq.last_token_time)
-            seq.last_token_time = now
-            metrics.first_token_time = metrics.first_token_time or now
-            metrics.last_token_time = now
-            self._update_text(request, seq)
+            for row in rows:
+                self._append_token(request, seq, out, row, now)
+                if seq.finished:
+                    break
             touched[request.request_id] = request
         return [self._output(request, deltas_only) for request in touched.values()]
+
+    def _append_token(self, request: _Request, seq: Sequence, out, row: int, now: float) -> None:
+        """The token sampled in `row` of the step's output becomes the sequence's next one."""
+        token = int(out.tokens[row])
+        seq.output_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            # An llguidance fault (seen with regexes of unassigned code points): its error text
+            # carries its whole state, so log the first line; the mask allows only EOS from here.
+            logger.error("%s: the grammar refused its own sampled token %d: %s", seq.request_id, token,
+                         seq.matcher.get_error().partition("\n")[0])
+        if seq.params.logprobs is not None:
+            k = seq.params.logprobs
+            top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))
+            request.logprobs[request.seqs.index(seq)].append(TokenLogprob(token, float(out.logprobs[row]), top))
+        metrics = request.metrics
+        if len(seq.output_ids) > 1:
+            metrics.inter_token_latencies.append(now - seq.last_token_time)
+        seq.last_token_time = now
+        metrics.first_token_time = metrics.first_token_time or now
+        metrics.last_token_time = now
+        self._update_text(request, seq)
+
+    def _drafts(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]:
+        """n-gram drafts (`jaxinfer.speculative`) for the step's greedy decode rows, within the step's
+        token budget and logits rows (max_num_seqs), max_model_len, max_tokens and the free pages."""
+        spec, config = self.speculative, self.config
+        num_tokens, num_rows = sum(n for _, n in scheduled), len(scheduled)
+        drafts = {}
+        for seq, num_new in scheduled:
+            p = seq.params
+            if (num_new != 1 or not seq.output_ids or seq.num_computed_tokens != seq.num_tokens - 1
+                    or p.temperature != 0 or seq.matcher is not None
+                    or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1):
+                continue
+            room = min(spec.num_speculative_tokens, config.max_num_batched_tokens - num_tokens,
+                       config.max_num_seqs - num_rows, config.max_model_len - seq.num_tokens)
+            if p.max_tokens is not None:  # a draft past max_tokens could not be used
+                room = min(room, p.max_tokens - len(seq.output_ids) - 1)
+            if room <= 0:
+                continue
+            draft = propose_ngram(seq.token_ids(), room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+            draft = draft[:self.scheduler.reserve_draft(seq, len(draft))] if draft else draft
+            if draft:
+                drafts[seq] = draft
+                num_tokens += len(draft)
+                num_rows += len(draft)
+        return drafts
 
     def _token_bitmask(self, scheduled: list[tuple[Sequence, int]]):
         """The grammar masks of the constrained rows that sample this step ([S, ceil(vocab / 32)]

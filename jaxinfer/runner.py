@@ -135,25 +135,32 @@ class ModelRunner:
                     time.perf_counter() - start, shapes, f"; compilation cache {cache}" if cache else "")
 
     def execute(self, scheduled: list[tuple[Sequence, int]], needs_history: bool = False,
-                token_bitmask: np.ndarray | None = None) -> StepOutput:
+                token_bitmask: np.ndarray | None = None, drafts: dict | None = None) -> StepOutput:
         """Runs one step over the scheduled (sequence, num_new_tokens) pairs.
 
         The outputs of a sequence are meaningful only if its chunk reaches its last token.
         `needs_history`: some sequence uses a repetition/presence/frequency penalty, so the step
         needs every sequence's token ids. `token_bitmask`: [len(scheduled), ceil(vocab / 32)] int32,
         the tokens each row may sample (structured outputs); None: any.
+        `drafts`: {sequence: draft token ids} (`jaxinfer.speculative`): such a sequence's num_new
+        counts its last token and its draft, and the logits at every one of those positions are
+        sampled. Row i is entry i's last position, as always; the draft positions get extra rows
+        after the entries, in entry order (a zero-token sequence each, like a padding row).
         """
+        drafts = drafts or {}
         num_seqs = len(scheduled)
+        num_rows = num_seqs + sum(len(d) for d in drafts.values())
         num_tokens = sum(n for _, n in scheduled)
-        batch = self._empty_batch(*self.padded_shape(num_tokens, num_seqs))
+        batch = self._empty_batch(*self.padded_shape(num_tokens, num_rows))
         token_ids, positions, meta, sampling, history, num_prompt, padded_bitmask = batch
         if token_bitmask is not None:
             padded_bitmask[:num_seqs] = token_bitmask
-        start = 0
+        start, extra = 0, num_seqs
         for i, (seq, num_new) in enumerate(scheduled):
             first = seq.num_computed_tokens
             end = start + num_new
-            token_ids[start:end] = seq.token_ids(first, first + num_new)
+            draft = drafts.get(seq, ())
+            token_ids[start:end] = seq.token_ids(first, first + num_new - len(draft)) + list(draft)
             pos = np.arange(first, first + num_new, dtype=np.int32)
             positions[start:end] = pos
             table = np.asarray(seq.block_table, np.int32)
@@ -172,8 +179,14 @@ class ModelRunner:
                 ids = seq.token_ids(0, first + num_new)
                 history[i, :len(ids)] = ids
                 num_prompt[i] = len(seq.prompt_ids)
+            if draft:  # greedy rows (no penalties, no grammar): the sampling fields copied are enough
+                rows = slice(extra, extra + len(draft))
+                meta.logits_indices[rows] = np.arange(start, end - 1, dtype=np.int32)
+                for field in sampling:
+                    field[rows] = field[i]
+                extra += len(draft)
             start = end
-        meta.query_start_loc[num_seqs:] = num_tokens  # padding sequences own no rows
+        meta.query_start_loc[num_seqs:] = num_tokens  # padding sequences (and draft rows) own no rows
         traces_before = self._traces.traces
         out = self._run(*batch)
         if self.warmed_up and self._traces.traces > traces_before:
@@ -182,7 +195,7 @@ class ModelRunner:
             if self.config.strict_compile:
                 raise CompilationDuringServingError(f"step shape {shape} was compiled during serving")
             logger.warning("compiled a step program during serving for shape %s", shape)
-        return StepOutput(*(x[:num_seqs] for x in out))
+        return StepOutput(*(x[:num_rows] for x in out))
 
     def _run(self, token_ids, positions, meta, sampling, history, num_prompt, token_bitmask):
         with self._traces.watch():

@@ -86,6 +86,16 @@ class Scheduler:
             budget -= num_new
         return scheduled
 
+    def reserve_draft(self, seq: Sequence, num_draft: int) -> int:
+        """Pages for up to `num_draft` tokens past a decode row's (speculative decoding), from the
+        free pages only (a draft never preempts): how many draft tokens have room."""
+        page_size = self.config.page_size
+        room = len(seq.block_table) * page_size + self.allocator.num_free_pages * page_size - seq.num_tokens
+        num_draft = max(0, min(num_draft, room))
+        if num_draft:
+            self._reserve_pages(seq, seq.num_tokens + num_draft)
+        return num_draft
+
     def _match_prefix(self, seq: Sequence) -> None:
         # At least the last token is computed, so the step has a row to sample from.
         max_pages = (seq.num_tokens - 1) // self.config.page_size

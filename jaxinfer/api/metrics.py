@@ -120,6 +120,10 @@ class _EngineCollector:
                      stats.prefix_cache_hits)
         yield family(CounterMetricFamily, "jaxinfer:compilations", "Step programs compiled after warm-up.",
                      stats.num_compilations)
+        yield family(CounterMetricFamily, "jaxinfer:spec_decode_num_draft_tokens", "Speculative decoding: draft "
+                     "tokens verified.", stats.num_draft_tokens)
+        yield family(CounterMetricFamily, "jaxinfer:spec_decode_num_accepted_tokens", "Speculative decoding: draft "
+                     "tokens accepted (the model chose the same).", stats.num_accepted_draft_tokens)
         yield family(GaugeMetricFamily, "jaxinfer:queue_wait_estimate_seconds", "Expected wait of a request "
                      "submitted now for its prompt to start: prefill tokens queued / measured prefill rate.",
                      stats.queue_wait)

@@ -1,0 +1,88 @@
+"""Speculative decoding with n-gram drafts (prompt lookup): vLLM's
+`speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, ...}`.
+
+A greedy sequence's next tokens are guessed from its own text: the last n tokens (n from
+prompt_lookup_max down to prompt_lookup_min) are looked up earlier in its prompt and output, and
+the up to k tokens that followed their most recent earlier occurrence are the draft. Code edits,
+summaries and retrieval answers copy runs of their prompt, so drafts hit there; free text rarely
+repeats, so no draft is made and the step is an ordinary decode step.
+
+The step verifies a draft in the ragged batch the kernels already run: the sequence's chunk is its
+last token and the k draft tokens (positions L-1 .. L-1+k, written to the cache like a prompt
+chunk), and the logits at each of those k+1 positions are sampled, each as a logits row of its own
+(`ModelRunner.execute`'s `drafts`: the extra rows are zero-token sequences, as padding rows are, so
+no kernel changes and no new program shape). The engine accepts the draft's longest prefix equal to
+the model's own greedy tokens, plus the model's token after it: 1 to k+1 tokens per step, exactly
+the tokens decoding one at a time gives. The cache keeps what was computed for the accepted tokens;
+what it holds past them is overwritten later.
+
+Only greedy rows without penalties or a grammar are drafted (the others run as always in the same
+step): sampled rows would need rejection sampling to keep their distribution, and no sampling
+draws of ours would match the non-speculative ones.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+
+METHODS = ("ngram",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # draft tokens per step at most (k)
+    prompt_lookup_max: int = 4  # the longest suffix looked up (n), tried first
+    prompt_lookup_min: int = 2  # the shortest
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config method must be one of {METHODS} (draft models are not "
+                             f"supported yet), got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) is above "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig | None":
+        """From a SpeculativeConfig, a dict or its JSON text (vLLM's `--speculative-config`); None: off."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"speculative_config is not JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown field(s) {unknown}; known: {sorted(known)}")
+        if "method" not in value:
+            raise ValueError('speculative_config needs a "method" ("ngram")')
+        return cls(**value)
+
+    def describe(self) -> str:
+        return (f"{self.method}, up to {self.num_speculative_tokens} draft tokens from "
+                f"{self.prompt_lookup_min}..{self.prompt_lookup_max}-gram lookups")
+
+
+def propose_ngram(token_ids, max_tokens: int, min_n: int, max_n: int) -> list[int]:
+    """Up to `max_tokens` draft tokens: what followed the most recent earlier occurrence of the
+    sequence's last n tokens, for the longest n in [min_n, max_n] that occurs; [] if none does."""
+    tokens = np.asarray(token_ids, np.int32)
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # Windows starting at 0 .. length-1-n: each is followed by at least one token.
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+        hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return tokens[start:start + max_tokens].tolist()
+    return []

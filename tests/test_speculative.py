@@ -1,0 +1,180 @@
+"""Speculative decoding with n-gram drafts (jaxinfer/speculative.py): the drafts against a brute-force
+lookup, and the engine's tokens with speculation against the same engine configuration without it
+(the reference: decoding one token at a time), in the default configuration, with drafts that hit
+and requests that get none, chunked prompts, preemption, logprobs, stop strings and max_tokens."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxinfer import LLM, SamplingParams
+from jaxinfer.cli import build_parser, engine_overrides
+from jaxinfer.config import EngineConfig
+from jaxinfer.speculative import SpeculativeConfig, propose_ngram
+
+MODEL = "SmolLM2-135M-Instruct"
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+LIST = "apples, oranges, pears, plums, grapes, lemons, limes, cherries, melons, peaches"
+CODE = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n"
+PROMPTS = [  # copying prompts (drafts hit), a code pattern, free text (drafts rarely hit)
+    f"Repeat this list exactly: {LIST}. Again: apples, oranges,",
+    CODE,
+    "The capital of France is",
+    "Write one sentence about the sea.",
+]
+
+
+# -- the drafts ----------------------------------------------------------------------------------
+
+def brute_force_draft(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    for n in range(max_n, min_n - 1, -1):
+        if n >= len(tokens):
+            continue
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):  # the most recent earlier occurrence
+            if tokens[start:start + n] == suffix:
+                return tokens[start + n:start + n + k]
+    return []
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_ngram_drafts_equal_a_brute_force_lookup(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 4 if seed % 2 else 12, size=int(rng.integers(1, 60))).tolist()
+    k, min_n = int(rng.integers(1, 6)), int(rng.integers(1, 3))
+    max_n = min_n + int(rng.integers(0, 3))
+    assert propose_ngram(tokens, k, min_n, max_n) == brute_force_draft(tokens, k, min_n, max_n)
+
+
+def test_a_draft_is_what_followed_the_longest_matching_suffix():
+    tokens = [5, 1, 2, 3, 9, 9, 7, 2, 3, 8, 8, 1, 2, 3]
+    assert propose_ngram(tokens, 3, 2, 3) == [9, 9, 7]  # "1 2 3" (n = 3) beats the later "2 3" (n = 2)
+    assert propose_ngram(tokens, 3, 2, 2) == [8, 8, 1]  # n = 2 only: the most recent "2 3"
+    assert propose_ngram([1, 2, 3, 4], 3, 1, 3) == []
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"method": "eagle"}, "method must be one of"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
+    ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min .5. is above"),
+    ({"method": "ngram", "draft_tensor_parallel_size": 1}, "unknown field"),
+    ({"num_speculative_tokens": 3}, "needs a \"method\""),
+    ("{not json", "not JSON"),
+    ([1], "must be a JSON object"),
+])
+def test_a_bad_speculative_config_is_a_clear_error(value, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(speculative_config=value)
+
+
+def test_the_flag_takes_vllm_json():
+    args = build_parser().parse_args(["--speculative-config", json.dumps(NGRAM)])
+    config = EngineConfig().replace(**engine_overrides(args))
+    assert config.speculative_config == SpeculativeConfig(**NGRAM)
+    assert EngineConfig().speculative_config is None
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+OPTIONS = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128, weight_cache_dir=None)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return LLM(MODEL, warmup=False, **OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def speculative():
+    """Warmed up and strict: a program compiled while serving with drafts would raise."""
+    return LLM(MODEL, speculative_config=NGRAM, strict_compile=True, **OPTIONS)
+
+
+def token_ids(llm, prompts, params):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_greedy_tokens_equal_decoding_one_at_a_time(plain, speculative):
+    params = SamplingParams(temperature=0, max_tokens=48)
+    expected = token_ids(plain, PROMPTS, params)
+    engine = speculative.engine
+    drafted, accepted = engine.num_draft_tokens, engine.num_accepted_draft_tokens
+    steps = 0
+    for i, prompt in enumerate(PROMPTS):  # one at a time: count the steps the first prompt takes
+        engine.add_request(prompt, params, request_id=f"one-{i}")
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    assert out.outputs[0].token_ids == expected[i], prompt
+            steps += i == 0
+    assert token_ids(speculative, PROMPTS, params) == expected  # and as one batch
+    assert engine.num_accepted_draft_tokens > accepted and engine.num_draft_tokens > drafted
+    # The list is copied: fewer steps than tokens (one of the steps is the prompt's).
+    assert steps < len(expected[0])
+    assert engine.runner.num_compilations == 0
+
+
+def test_a_mixed_batch_with_sampled_rows_logprobs_and_stops_is_unchanged(plain, speculative):
+    """Sampled rows get no drafts and keep their draws; greedy rows with logprobs get the same
+    logprobs; a stop string or max_tokens inside an accepted draft cuts there."""
+    requests = [
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=40, logprobs=3)),
+        (PROMPTS[0], SamplingParams(temperature=0.8, seed=7, max_tokens=24)),
+        (PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, stop=["mul"])),
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=13)),
+        (PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.2)),
+    ]
+    prompts, params = zip(*requests)
+    expected = plain.generate(list(prompts), list(params), use_tqdm=False)
+    got = speculative.generate(list(prompts), list(params), use_tqdm=False)
+    for e, g in zip(expected, got):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        assert g.outputs[0].text == e.outputs[0].text
+        assert g.outputs[0].finish_reason == e.outputs[0].finish_reason
+    assert len(got[3].outputs[0].token_ids) == 13
+    for e, g in zip(expected[0].outputs[0].logprobs, got[0].outputs[0].logprobs):
+        assert g.logprob == pytest.approx(e.logprob, abs=1e-4)
+        assert [t for t, _ in g.top] == [t for t, _ in e.top]
+    assert speculative.engine.runner.num_compilations == 0
+
+
+def test_chunked_prompts_and_preemption_keep_the_tokens(plain):
+    """Long prompts in chunks of 32 tokens, and so few pages that sequences are preempted and
+    recomputed while they hold drafts' pages."""
+    long_prompts = [f"{i}. Copy these lines twice.\n{LIST}\n{LIST.upper()}\n{CODE}\nFirst copy:\n{LIST}\n"
+                    for i in range(4)]  # different from the first page on: no shared prefix-cache pages
+    params = SamplingParams(temperature=0, max_tokens=64)
+    expected = token_ids(plain, long_prompts, params)
+    tight = LLM(MODEL, speculative_config=NGRAM, warmup=False, max_model_len=512, max_num_seqs=4,
+                max_num_batched_tokens=32, num_pages=32, weight_cache_dir=None)
+    assert token_ids(tight, long_prompts, params) == expected
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.num_accepted_draft_tokens > 0
+    assert tight.engine.allocator.num_free_pages == tight.engine.allocator.num_pages  # nothing leaked
+
+
+def test_served_streams_equal_the_offline_tokens_and_metrics_count_the_drafts(plain, speculative):
+    """Through the server (the openai client, streaming): the same text as decoding one token at a
+    time, and /metrics counts drafts. Last in this file: the server's loop takes the engine over."""
+    import httpx
+    import openai
+    from helpers import live_server
+
+    from jaxinfer.api import create_app
+    from jaxinfer.async_engine import AsyncLLMEngine
+
+    expected = plain.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0]
+    async_engine = AsyncLLMEngine(speculative.engine).start()
+    try:
+        with live_server(create_app(async_engine, served_model_name="smol")) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            stream = client.completions.create(model="smol", prompt=PROMPTS[0], max_tokens=32, temperature=0,
+                                               stream=True)
+            assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected.outputs[0].text
+            metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        async_engine.shutdown(timeout=1)
+    counts = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+              if line.startswith("jaxinfer:spec_decode")}
+    assert counts["jaxinfer:spec_decode_num_draft_tokens_total"] >= counts["jaxinfer:spec_decode_num_accepted_tokens_total"] > 0
