@@ -22,6 +22,7 @@ before the first of them has computed it, are spread by load like any others.
 With data_parallel_size 1 none of this exists: the server runs one AsyncLLMEngine as before.
 """
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -54,14 +55,20 @@ def replica_devices(config: EngineConfig) -> list[list]:
 
 
 def build_replicas(model: str, config: EngineConfig) -> list[LLMEngine]:
-    """One LLMEngine per replica over one read of the checkpoint; the device count is checked first."""
+    """One LLMEngine per replica over one read of the checkpoint; the device count is checked first.
+    The replicas compile their step programs side by side (each its own, for its devices)."""
     groups = replica_devices(config)
     loaded = load_weights(model, config)
     engines = []
     for i, devices in enumerate(groups):
-        engines.append(LLMEngine(model, config, devices=devices, loaded=loaded))
         logger.info("data-parallel replica %d of %d on %s", i, len(groups),
                     ", ".join(f"{d.platform}:{d.id}" for d in devices))
+        engines.append(LLMEngine(model, config.replace(warmup=False), devices=devices, loaded=loaded))
+    if config.warmup:
+        with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
+            list(pool.map(lambda engine: engine.runner.warmup(), engines))
+    for engine in engines:
+        engine.config = config
     return engines
 
 

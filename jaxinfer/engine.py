@@ -198,6 +198,7 @@ class LLMEngine:
         mesh = None  # tensor parallelism: checked before any weight is read
         if config.tensor_parallel_size > 1:
             mesh = tensor_parallel.make_mesh(config.tensor_parallel_size, devices)
+        shared = loaded is not None  # read once for several replicas: this engine only places it
         loaded = loaded or load_weights(model, config)
         self.model_config, self.tokenizer, self.dtype = loaded.model_config, loaded.tokenizer, loaded.dtype
         self.quantization, self.lm_head_quantization = loaded.quantization, loaded.lm_head_quantization
@@ -224,8 +225,9 @@ class LLMEngine:
         formats = {getattr(self.model.layers, name).fmt.name if getattr(self.model.layers, name).fmt
                    else jnp.dtype(self.dtype).name for name in PROJECTIONS}
         head = self.model.lm_head.fmt.name if isinstance(self.model.lm_head, Linear) else jnp.dtype(self.dtype).name
-        logger.info("weights: %.1f MB on %s, loaded in %.1f s; projections %s (quantization %s), LM head %s (%s); "
-                    "by format: %s", weight_bytes / 1e6, platform, time.perf_counter() - start,
+        logger.info("weights: %.1f MB on %s, %s in %.1f s; projections %s (quantization %s), LM head %s (%s); "
+                    "by format: %s", weight_bytes / 1e6, platform, "placed" if shared else "loaded",
+                    time.perf_counter() - start,
                     "/".join(sorted(formats)), self.quantization, head, self.lm_head_quantization, ", ".join(
                         f"{name} {nbytes / 1e6:.1f} MB" for name, nbytes in self.weight_bytes_by_format.items()))
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB %s; prefix caching %s", num_pages,
