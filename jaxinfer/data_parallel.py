@@ -68,7 +68,7 @@ def build_replicas(model: str, config: EngineConfig) -> list[LLMEngine]:
         with concurrent.futures.ThreadPoolExecutor(len(engines)) as pool:
             list(pool.map(lambda engine: engine.runner.warmup(), engines))
     for engine in engines:
-        engine.config = config
+        engine.config = config  # what was asked for: warm-up, if asked, ran above
     return engines
 
 

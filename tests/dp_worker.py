@@ -59,8 +59,12 @@ async def dp2_checks(model: str) -> dict:
     from jaxinfer.async_engine import AsyncLLMEngine
     from jaxinfer.data_parallel import DataParallelEngine, build_replicas
 
-    engines = build_replicas(model, EngineConfig(**OPTIONS, data_parallel_size=2))
-    result = {"devices": [device_ids(e) for e in engines], "shared_model": engines[0].model is engines[1].model}
+    # Warmed up side by side, then strict: a step program a replica did not compile for its own
+    # device at warm-up would fail its request.
+    engines = build_replicas(model, EngineConfig(**OPTIONS | dict(warmup=True, strict_compile=True),
+                                                 data_parallel_size=2))
+    result = {"devices": [device_ids(e) for e in engines], "shared_model": engines[0].model is engines[1].model,
+              "warmed_up": [e.runner.warmed_up for e in engines]}
     router = DataParallelEngine([AsyncLLMEngine(e, max_queue_wait=None) for e in engines]).start()
     metrics = ServerMetrics(router, "m")
     router.observer = metrics
@@ -118,6 +122,7 @@ async def dp2_checks(model: str) -> dict:
                              if line.startswith(("jaxinfer:replica", "jaxinfer:num_requests_running",
                                                  "jaxinfer:prefix_cache_hits"))]
     result["pages"] = [router.stats.num_pages, sum(e.allocator.num_pages for e in engines)]
+    result["compilations_while_serving"] = [e.runner.num_compilations for e in engines]
     router.shutdown(timeout=5)
     result["healthy_after_shutdown"] = router.healthy
     return result

@@ -42,6 +42,12 @@ def test_each_replica_holds_its_weights_and_kv_cache_on_its_own_device(worker):
     assert worker["dp2"]["devices"] == [{"weights": [0], "kv_cache": [0]}, {"weights": [1], "kv_cache": [1]}]
 
 
+def test_each_replica_warms_up_the_programs_of_its_own_devices(worker):
+    """Strict compilation: any program built while serving would have failed a request."""
+    assert worker["dp2"]["warmed_up"] == [True, True]
+    assert worker["dp2"]["compilations_while_serving"] == [0, 0]
+
+
 def test_the_replicas_share_one_read_of_the_checkpoint(worker):
     assert worker["dp2"]["shared_model"]
 
