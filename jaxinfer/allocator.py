@@ -12,6 +12,7 @@ is only forgotten when it is handed out again (LRU eviction).
 
 import collections
 import hashlib
+import itertools
 
 
 def root_digest(cache_salt: str | None = None) -> bytes:
@@ -22,6 +23,17 @@ def root_digest(cache_salt: str | None = None) -> bytes:
 def page_hash(parent: bytes, token_ids) -> bytes:
     """sha256(parent digest || token ids as little-endian int64): the page's 32-byte digest."""
     return hashlib.sha256(parent + b"".join(int(t).to_bytes(8, "little", signed=True) for t in token_ids)).digest()
+
+
+def prefix_pages(token_ids, page_size: int, cache_salt: str | None = None):
+    """(parent digest, token ids, digest) of each full page of `token_ids`, in order, computed as it
+    goes: the chain every prefix-cache lookup walks (also the data-parallel router's)."""
+    parent = root_digest(cache_salt)
+    for i in range(len(token_ids) // page_size):
+        tokens = tuple(token_ids[i * page_size:(i + 1) * page_size])
+        digest = page_hash(parent, tokens)
+        yield parent, tokens, digest
+        parent = digest
 
 
 class PageAllocator:
@@ -76,20 +88,24 @@ class PageAllocator:
         pages, hashes = [], []
         if not self.enable_prefix_caching:
             return pages, hashes
-        parent = root_digest(cache_salt)
-        for i in range(max_pages):
-            tokens = tuple(token_ids[i * self.page_size:(i + 1) * self.page_size])
-            digest = page_hash(parent, tokens)
-            page = self.cached_pages.get(digest)
-            if page is None or self.page_keys[page] != (parent, tokens):  # a miss, or a digest collision
+        for parent, tokens, digest in itertools.islice(prefix_pages(token_ids, self.page_size, cache_salt),
+                                                       max_pages):
+            if not self.holds(parent, tokens, digest):
                 break
-            parent = digest
+            page = self.cached_pages[digest]
             if self.ref_counts[page] == 0:
                 del self.free_pages[page]
             self.ref_counts[page] += 1
             pages.append(page)
             hashes.append(digest)
         return pages, hashes
+
+    def holds(self, parent: bytes, tokens: tuple[int, ...], digest: bytes) -> bool:
+        """Whether a page is cached under `digest` and was cached as `tokens` after `parent` (a hit,
+        not a digest collision). Takes no reference and changes nothing, so another thread may ask
+        while the engine runs (the data-parallel router): the answer can only be a step stale."""
+        page = self.cached_pages.get(digest)
+        return page is not None and self.page_keys[page] == (parent, tokens)
 
     def count_lookup(self, num_tokens: int, num_cached_tokens: int) -> None:
         """Counts the prefix lookup of a sequence the scheduler admitted. Not counted in match_prefix:

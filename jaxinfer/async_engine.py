@@ -193,6 +193,15 @@ class AsyncLLMEngine:
     def healthy(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
+    @property
+    def load(self) -> int:
+        """Sequences running, waiting, or submitted and not yet in the stats snapshot (one just handled
+        may count twice for a moment): what the data-parallel router balances."""
+        with self._cond:
+            pending = sum(item.params.n for item in self._inbox + self._in_transit if isinstance(item, _Add))
+        stats = self.stats
+        return stats.num_running + stats.num_waiting + pending
+
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           request_id: str | None = None, cache_salt: str | None = None) -> RequestStream:
         """Submits a request and waits until the engine accepts it.

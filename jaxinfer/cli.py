@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--tensor-parallel-size", "-tp", type=int,
                         help="devices to split the model across by attention heads and MLP columns (default: "
                              f"{d.tensor_parallel_size}; docs/DEPLOY.md)")
+    engine.add_argument("--data-parallel-size", "-dp", type=int,
+                        help="engine replicas, each on its own --tensor-parallel-size devices; requests go to the "
+                             "one holding the longest cached prefix, then the least loaded (default: "
+                             f"{d.data_parallel_size}; docs/DEPLOY.md)")
     engine.add_argument("--seed", type=int, help=f"seed of requests that give none (default: {d.seed})")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; "
@@ -111,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "matmul_backend", "warmup", "strict_compile",
                 "speculative_config",
-                "seed", "tensor_parallel_size")
+                "seed", "tensor_parallel_size", "data_parallel_size")
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:
@@ -192,7 +196,15 @@ def serve(args: argparse.Namespace) -> int:
 
     # The process is ours: every step program it compiles is kept for the next start.
     logger.debug("persistent compilation cache: %s", enable_compilation_cache())
-    llm_engine = LLMEngine(args.model, **engine_overrides(args))
+    overrides = engine_overrides(args)
+    data_parallel = overrides.get("data_parallel_size", 1) > 1
+    if not data_parallel:
+        llm_engine = LLMEngine(args.model, **overrides)
+    else:
+        from jaxinfer.data_parallel import build_replicas
+
+        replicas = build_replicas(args.model, EngineConfig().replace(**overrides))
+        llm_engine = replicas[0]
     name = args.served_model_name or args.model
     if not llm_engine.runner.warmed_up:
         logger.info("no warm-up: compile buckets (tokens, sequences) %s compile on first use",
@@ -205,10 +217,15 @@ def serve(args: argparse.Namespace) -> int:
         if "server" in server_box:
             server_box["server"].should_exit = True
 
-    async_engine = AsyncLLMEngine(llm_engine, max_waiting=args.max_waiting or DEFAULT_MAX_WAITING,
-                                  max_queue_wait=(DEFAULT_MAX_QUEUE_WAIT_S if args.max_queue_wait is None
-                                                  else args.max_queue_wait),
-                                  on_failure=on_failure)
+    async_options = dict(max_waiting=args.max_waiting or DEFAULT_MAX_WAITING,
+                         max_queue_wait=DEFAULT_MAX_QUEUE_WAIT_S if args.max_queue_wait is None else args.max_queue_wait,
+                         on_failure=on_failure)
+    if not data_parallel:
+        async_engine = AsyncLLMEngine(llm_engine, **async_options)
+    else:  # the same interface over one AsyncLLMEngine per replica
+        from jaxinfer.data_parallel import DataParallelEngine
+
+        async_engine = DataParallelEngine([AsyncLLMEngine(engine, **async_options) for engine in replicas])
     metrics = ServerMetrics(async_engine, name, args.price_per_hour)
     async_engine.observer = metrics
     app = create_app(async_engine, served_model_name=name, api_key=args.api_key, metrics=metrics,

@@ -250,9 +250,13 @@ class EngineConfig:
     # Devices the model is split across, by attention heads and MLP columns (`jaxinfer.tensor_parallel`);
     # 1: one device, the step as it always was.
     tensor_parallel_size: int = 1
+    # Engine replicas in one server, each on its own tensor_parallel_size devices (`jaxinfer.data_parallel`);
+    # 1: one engine, no router.
+    data_parallel_size: int = 1
 
     def __post_init__(self):
-        for field in ("page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
+        for field in ("page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
+                      "data_parallel_size"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")

@@ -111,73 +111,110 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
+@dataclass(slots=True)
+class LoadedModel:
+    """A checkpoint read into memory, before any engine places it on its devices: what the replicas
+    of a data-parallel server share (`jaxinfer.data_parallel`), so the file is read once."""
+
+    model_config: object  # ModelConfig
+    tokenizer: Tokenizer
+    dtype: object
+    quantization: str
+    lm_head_quantization: str
+    model: object  # the nnx module, in host memory (staged) or on the default device
+    native_layouts: bool  # quantized weights laid out for the native CPU kernels
+    weight_bytes_by_format: dict
+    staged: bool  # read into host memory for the engines to place on their accelerators
+    seconds: float  # time it took
+
+
+def load_weights(model: str, config: EngineConfig) -> LoadedModel:
+    """Opens `model`, checks that `config` fits it (context length, tensor-parallel split) before any
+    weight is read, then reads the weights in the format `config` asks for."""
+    start = time.perf_counter()
+    checkpoint = open_checkpoint(model)
+    mc = checkpoint.config
+    if isinstance(checkpoint, GGUFCheckpoint):
+        tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids, reader=checkpoint.reader)
+    else:
+        tokenizer = Tokenizer.from_hf_dir(checkpoint.path, eos_token_ids=mc.eos_token_ids)
+    dtype = resolve_dtype(config.dtype)
+    if config.max_model_len > mc.max_position_embeddings:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
+                         f"{mc.max_position_embeddings}")
+    platform = jax.devices()[0].platform
+    split = config.tensor_parallel_size > 1
+    if split:
+        tensor_parallel.check_model(mc, config.tensor_parallel_size)
+    # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
+    cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
+                       and config.cpu_integer_matmul and native.has_group_path())
+    stored_quantization = getattr(checkpoint, "quantization", None)  # an AWQ/GPTQ/... HF checkpoint
+    if stored_quantization is not None:
+        quantization = resolve_checkpoint_quantization(config.quantization, stored_quantization)
+        why = f"the checkpoint's own: {stored_quantization.description}"
+    else:
+        quantization, why = resolve_quantization(config.quantization, platform,
+                                                 isinstance(checkpoint, GGUFCheckpoint), cpu_runs_blocks)
+    logger.debug("weights: quantization %s (%s)", quantization, why)
+    stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
+    lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, quantization,
+                                                        stored_head, native_head=cpu_runs_blocks,
+                                                        tied=mc.tie_word_embeddings)
+    logger.debug("LM head: %s (stored as %s)", lm_head_quantization, stored_head or "full precision")
+    cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
+    # Split over accelerators, or copied to several replicas' devices, the whole model is read into
+    # host memory first (it may fit no one device), then each device receives its part.
+    staged = (split or config.data_parallel_size > 1) and platform != "cpu"
+    with jax.default_device(jax.devices("cpu")[0]) if staged else contextlib.nullcontext():
+        loaded = load_model(mc, checkpoint, dtype=dtype, attention_backend=config.attention_backend,
+                            quantization=quantization, group_size=config.quantization_group_size,
+                            quant_backend=config.matmul_backend, cache_dir=cache_dir,
+                            lm_head_quantization=lm_head_quantization, kquants=cpu_runs_blocks and not split)
+    if cpu_runs_blocks and split:
+        logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
+                    "(their byte stacks are not split across devices)")
+    native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla" and native.available())
+    if native_layouts:
+        layouts = use_blocked_layout(loaded, integer=config.cpu_integer_matmul)
+        if layouts:
+            logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
+                         "dot products; codes: the file's blocks)", layouts)
+    return LoadedModel(mc, tokenizer, dtype, quantization, lm_head_quantization, loaded, native_layouts,
+                       weight_bytes_by_format(loaded), staged, time.perf_counter() - start)
+
+
 class LLMEngine:
-    def __init__(self, model: str = DEFAULT_MODEL, config: EngineConfig | None = None, **overrides):
+    def __init__(self, model: str = DEFAULT_MODEL, config: EngineConfig | None = None, *, devices=None,
+                 loaded: LoadedModel | None = None, **overrides):
+        """`devices`: the local devices this engine runs on (tensor_parallel_size of them); None: the
+        first ones. A data-parallel server builds one engine per replica, each with its devices and
+        the same `loaded` model (`jaxinfer.data_parallel.build_replicas`)."""
         self.config = config = (config or EngineConfig()).replace(**overrides)
+        if config.data_parallel_size > 1 and devices is None:
+            raise ValueError(f"data_parallel_size {config.data_parallel_size}: an LLMEngine is one replica; the "
+                             f"server runs several (jaxinfer serve --data-parallel-size, jaxinfer.data_parallel)")
         start = time.perf_counter()
-        checkpoint = open_checkpoint(model)
-        self.model_config = mc = checkpoint.config
-        if isinstance(checkpoint, GGUFCheckpoint):
-            self.tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids,
-                                                 reader=checkpoint.reader)
-        else:
-            self.tokenizer = Tokenizer.from_hf_dir(checkpoint.path, eos_token_ids=mc.eos_token_ids)
-        self.dtype = resolve_dtype(config.dtype)
-        if config.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
-                             f"{mc.max_position_embeddings}")
-        platform = jax.devices()[0].platform
+        self.devices = devices
         mesh = None  # tensor parallelism: checked before any weight is read
         if config.tensor_parallel_size > 1:
-            mesh = tensor_parallel.make_mesh(config.tensor_parallel_size)
-            tensor_parallel.check_model(mc, config.tensor_parallel_size)
-        # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
-        cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
-                           and config.cpu_integer_matmul and native.has_group_path())
-        stored_quantization = getattr(checkpoint, "quantization", None)  # an AWQ/GPTQ/... HF checkpoint
-        if stored_quantization is not None:
-            self.quantization = resolve_checkpoint_quantization(config.quantization, stored_quantization)
-            why = f"the checkpoint's own: {stored_quantization.description}"
-        else:
-            self.quantization, why = resolve_quantization(config.quantization, platform,
-                                                          isinstance(checkpoint, GGUFCheckpoint), cpu_runs_blocks)
-        logger.debug("weights: quantization %s (%s)", self.quantization, why)
-        stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
-        self.lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, self.quantization,
-                                                                 stored_head, native_head=cpu_runs_blocks,
-                                                                 tied=mc.tie_word_embeddings)
-        logger.debug("LM head: %s (stored as %s)", self.lm_head_quantization, stored_head or "full precision")
-        cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
-        # Split over accelerators, the whole model is read into host memory first (it may fit no one
-        # device), then each device receives its shard (`tensor_parallel.shard_model`).
-        staging = (jax.default_device(jax.devices("cpu")[0]) if mesh is not None and platform != "cpu"
-                   else contextlib.nullcontext())
-        with staging:
-            self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
-                                    quantization=self.quantization, group_size=config.quantization_group_size,
-                                    quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                                    lm_head_quantization=self.lm_head_quantization,
-                                    kquants=cpu_runs_blocks and mesh is None)
-        if cpu_runs_blocks and mesh is not None:
-            logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
-                        "(their byte stacks are not split across devices)")
-        native_layouts = (jax.devices()[0].platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
-                          and native.available())
-        if native_layouts:
-            layouts = use_blocked_layout(self.model, integer=config.cpu_integer_matmul)
-            if layouts:
-                logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
-                            "dot products; codes: the file's blocks)", layouts)
-        self.weight_bytes_by_format = weight_bytes_by_format(self.model)
+            mesh = tensor_parallel.make_mesh(config.tensor_parallel_size, devices)
+        shared = loaded is not None  # read once for several replicas: this engine only places it
+        loaded = loaded or load_weights(model, config)
+        self.model_config, self.tokenizer, self.dtype = loaded.model_config, loaded.tokenizer, loaded.dtype
+        self.quantization, self.lm_head_quantization = loaded.quantization, loaded.lm_head_quantization
+        self.model, self.weight_bytes_by_format, self._staged = loaded.model, loaded.weight_bytes_by_format, loaded.staged
+        platform = jax.devices()[0].platform
         num_pages = self._num_pages()
-        self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh, native_layouts=native_layouts)
+        self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh,
+                                  native_layouts=loaded.native_layouts, device=devices[0] if devices else None)
         if mesh is not None:
             logger.info("tensor parallelism over %d %s devices: heads, KV cache and MLP split, embedding and LM "
                         "head %s", config.tensor_parallel_size, platform,
                         "split by vocabulary entry" if self.runner.vocab_parallel else "replicated")
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
-        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.speculative = config.speculative_config  # jaxinfer.speculative; None: off
         self.num_draft_tokens = self.num_accepted_draft_tokens = 0  # verified so far, and accepted
         if self.speculative is not None:
@@ -193,8 +230,9 @@ class LLMEngine:
         formats = {getattr(self.model.layers, name).fmt.name if getattr(self.model.layers, name).fmt
                    else jnp.dtype(self.dtype).name for name in PROJECTIONS}
         head = self.model.lm_head.fmt.name if isinstance(self.model.lm_head, Linear) else jnp.dtype(self.dtype).name
-        logger.info("weights: %.1f MB on %s, loaded in %.1f s; projections %s (quantization %s), LM head %s (%s); "
-                    "by format: %s", weight_bytes / 1e6, platform, time.perf_counter() - start,
+        logger.info("weights: %.1f MB on %s, %s in %.1f s; projections %s (quantization %s), LM head %s (%s); "
+                    "by format: %s", weight_bytes / 1e6, platform, "placed" if shared else "loaded",
+                    time.perf_counter() - start,
                     "/".join(sorted(formats)), self.quantization, head, self.lm_head_quantization, ", ".join(
                         f"{name} {nbytes / 1e6:.1f} MB" for name, nbytes in self.weight_bytes_by_format.items()))
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB %s; prefix caching %s", num_pages,
@@ -217,8 +255,8 @@ class LLMEngine:
         else:
             on_cpu = jax.devices()[0].platform == "cpu"
             fraction = config.kv_cache_memory_fraction or (0.5 if on_cpu else 0.9)
-            budget = int(fraction * free_device_memory())
-            if config.tensor_parallel_size > 1 and not on_cpu:  # the weights are still in host memory:
+            budget = int(fraction * free_device_memory(self.devices[0] if self.devices else None))
+            if self._staged:  # the weights are still in host memory:
                 # take off one device's share of them (about; replicated norms are small)
                 budget -= sum(self.weight_bytes_by_format.values()) // config.tensor_parallel_size
             # A page's bytes on one device: its share of the KV heads (host devices share one RAM).

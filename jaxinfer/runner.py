@@ -75,8 +75,10 @@ def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_mode
 
 
 class ModelRunner:
-    def __init__(self, model, engine_config, num_pages: int, dtype, mesh=None, native_layouts: bool = False):
-        """`mesh`: a `tensor_parallel.make_mesh` mesh to split the model over (None: one device);
+    def __init__(self, model, engine_config, num_pages: int, dtype, mesh=None, native_layouts: bool = False,
+                 device=None):
+        """`mesh`: a `tensor_parallel.make_mesh` mesh to split the model over (None: one device,
+        `device`, by default the first);
         `native_layouts`: then lay each device's quantized weights out for the native CPU kernels."""
         self.config = engine_config
         self.page_size = engine_config.page_size
@@ -87,10 +89,10 @@ class ModelRunner:
         self.vocab_parallel = False  # tensor parallelism: embedding and LM head split by vocabulary entry
         if mesh is None:
             self.graphdef, state = nnx.split(model)
-            device = jax.devices()[0]
+            device = device or jax.devices()[0]
             self.state = jax.device_put(state, device)
             self.k_cache, self.v_cache = jax.device_put(
-                allocate_kv_cache(model.config, num_pages, self.page_size, dtype), device)
+                allocate_kv_cache(model.config, num_pages, self.page_size, dtype, device), device)
             self._step = jit_step(self.graphdef)
         else:
             self.graphdef, self.state, specs, self.vocab_parallel = tensor_parallel.shard_model(
@@ -98,9 +100,9 @@ class ModelRunner:
             size = mesh.shape[tensor_parallel.AXIS]
             cache_config = dataclasses.replace(model.config,
                                                num_kv_heads=tensor_parallel.cache_kv_heads(model.config, size))
+            cache_sharding = NamedSharding(mesh, tensor_parallel.CACHE_SPEC)
             self.k_cache, self.v_cache = jax.device_put(
-                allocate_kv_cache(cache_config, num_pages, self.page_size, dtype),
-                NamedSharding(mesh, tensor_parallel.CACHE_SPEC))
+                allocate_kv_cache(cache_config, num_pages, self.page_size, dtype, cache_sharding), cache_sharding)
             self._step = tensor_parallel.jit_step(self.graphdef, mesh, specs, self.vocab_parallel)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         self.vocab_size = model.config.vocab_size

@@ -41,8 +41,10 @@ ROW_PARALLEL = ("o_proj", "down_proj")  # split by input rows, outputs summed ov
 CACHE_SPEC = P(None, AXIS)  # [layers, kv_heads, pages, page_size, head_dim] by KV head
 
 
-def make_mesh(size: int) -> Mesh:
-    """A 1-D mesh over the first `size` local devices."""
+def make_mesh(size: int, devices=None) -> Mesh:
+    """A 1-D mesh over `devices` (`size` of them), by default the first `size` local devices."""
+    if devices is not None:
+        return Mesh(np.array(devices), (AXIS,))
     devices = jax.local_devices()
     if size > len(devices):
         raise ValueError(f"tensor_parallel_size {size} needs {size} devices, but only {len(devices)} "

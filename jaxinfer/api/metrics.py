@@ -133,8 +133,38 @@ class _EngineCollector:
         for reason, count in self.async_engine.num_rejected.items():
             rejected.add_metric([*self.values, reason], count)
         yield rejected
+        replicas = getattr(self.async_engine, "replicas", None)  # a DataParallelEngine's
+        if replicas is not None:
+            yield from self._per_replica(replicas)
         if self.metrics.price_per_hour is not None:
             yield family(GaugeMetricFamily, "jaxinfer:cost_per_million_tokens_dollars",
                          f"Dollars per million generated tokens at the throughput of the last "
                          f"{self.metrics.window_s:.0f} s and the machine's price per hour.",
                          self.metrics.cost_per_million_tokens())
+
+    def _per_replica(self, replicas):
+        """Data parallelism: each replica's queue, cache and routing, labelled `replica` (its index)."""
+        labels = [*self.labels, "replica"]
+        gauges = [("jaxinfer:replica_num_requests_running", "Sequences in the running batch, per replica.",
+                   lambda s: s.num_running),
+                  ("jaxinfer:replica_num_requests_waiting", "Sequences waiting for a slot, per replica.",
+                   lambda s: s.num_waiting),
+                  ("jaxinfer:replica_kv_cache_usage_perc", "Fraction of KV cache pages in use, per replica.",
+                   lambda s: s.kv_cache_usage)]
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            for i, replica in enumerate(replicas):
+                family.add_metric([*self.values, str(i)], value(replica.stats))
+            yield family
+        hits = CounterMetricFamily("jaxinfer:replica_prefix_cache_hits", "Prompt tokens found in the prefix cache, "
+                                   "per replica.", labels=labels)
+        for i, replica in enumerate(replicas):
+            hits.add_metric([*self.values, str(i)], replica.stats.prefix_cache_hits)
+        yield hits
+        routed = CounterMetricFamily("jaxinfer:replica_routed_requests", "Requests the data-parallel router sent "
+                                     "to each replica, by what decided: prefix (a cached prefix) or load.",
+                                     labels=[*labels, "reason"])
+        for i, counts in enumerate(self.async_engine.num_routed):
+            for reason, count in counts.items():
+                routed.add_metric([*self.values, str(i), reason], count)
+        yield routed
