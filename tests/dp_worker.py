@@ -82,8 +82,11 @@ async def dp2_checks(model: str) -> dict:
     # to replica 1 by load; the next ones follow its cached prefix there, although by load and by
     # index replica 0 would be as good or better.
     filler_params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    routed_pre = [sum(c.values()) for c in router.num_routed]
     filler = router.generate(random_prompt(4), filler_params)
     await filler.__anext__()  # admitted and running
+    # Which replica took it (by load: the lower index unless the other is less loaded right then).
+    result["filler_replica"] = next(i for i, c in enumerate(router.num_routed) if sum(c.values()) > routed_pre[i])
     hits_before = [e.allocator.prefix_cache_hits for e in engines]
     routed_before = [dict(c) for c in router.num_routed]
     await finish(router, SHARED_PREFIX + random_prompt(5), greedy)

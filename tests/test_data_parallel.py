@@ -62,18 +62,21 @@ def test_dp2_streams_every_token_and_serves_n2_on_one_replica(worker):
 
 
 def test_shared_prefix_requests_land_on_the_replica_that_served_the_first(worker):
-    """Replica 0 was busy, so the first went to replica 1 by load; its 5 prefix pages are cached
-    there only, and the three followers hit them there (3 x 80 tokens) although replica 0 was as
-    idle or idler and has the lower index."""
+    """One replica was busy with a long request, so the first went to the other by load; its 5
+    prefix pages are cached there only, and the three followers hit them there (3 x 80 tokens)
+    although the busy replica was as idle or idler by the time they came."""
     dp2 = worker["dp2"]
-    assert dp2["first_holders"] == [0, 5]
-    assert dp2["follower_hits"] == [0, 3 * 80]
-    assert all(h[1] >= 5 and h[0] == 0 for h in dp2["follower_holders"])
-    assert dp2["routed"] == [{"prefix": 0, "load": 0}, {"prefix": 3, "load": 1}]
+    busy = dp2["filler_replica"]
+    other = 1 - busy
+    assert dp2["first_holders"][other] == 5 and dp2["first_holders"][busy] == 0
+    assert dp2["follower_hits"][other] == 3 * 80 and dp2["follower_hits"][busy] == 0
+    assert all(h[other] >= 5 and h[busy] == 0 for h in dp2["follower_holders"])
+    assert dp2["routed"][other] == {"prefix": 3, "load": 1}
+    assert dp2["routed"][busy] == {"prefix": 0, "load": 0}
 
 
 def test_an_abort_reaches_the_replica_running_the_request(worker):
-    """The long request on replica 0, aborted by closing its stream: nothing in flight, every page free."""
+    """The long request on the busy replica, aborted by closing its stream: nothing in flight, every page free."""
     dp2 = worker["dp2"]
     assert dp2["requests_after_abort"] == 0
     assert all(free == total for free, total in dp2["free_pages_after_abort"])
