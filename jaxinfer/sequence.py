@@ -45,10 +45,13 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     def token_ids(self, start: int = 0, stop: int | None = None) -> list[int]:
+        """Prompt and output tokens [start, stop), copying only those (a decode row's is one token)."""
         n = len(self.prompt_ids)
         if stop is not None and stop <= n:
             return self.prompt_ids[start:stop]
-        return (self.prompt_ids + self.output_ids)[start:stop]
+        if start >= n:
+            return self.output_ids[start - n:None if stop is None else stop - n]
+        return self.prompt_ids[start:] + self.output_ids[:None if stop is None else stop - n]
 
     @property
     def num_prefill_tokens_left(self) -> int:
