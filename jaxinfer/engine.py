@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxinfer import tensor_parallel
+from jaxinfer import distributed, tensor_parallel
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
@@ -126,8 +126,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                              f"{mc.max_position_embeddings}")
         platform = jax.devices()[0].platform
+        # Several processes (jax.distributed): the same model and flags on each, the mesh over all of them.
+        distributed.check_same("model and engine config", f"{model!r} {config!r}")
         mesh = None  # tensor parallelism: checked before any weight is read
-        if config.tensor_parallel_size > 1:
+        if config.tensor_parallel_size > 1 or jax.process_count() > 1:
             mesh = tensor_parallel.make_mesh(config.tensor_parallel_size)
             tensor_parallel.check_model(mc, config.tensor_parallel_size)
         # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
@@ -149,7 +151,7 @@ class LLMEngine:
         cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
         # Split over accelerators, the whole model is read into host memory first (it may fit no one
         # device), then each device receives its shard (`tensor_parallel.shard_model`).
-        staging = (jax.default_device(jax.devices("cpu")[0]) if mesh is not None and platform != "cpu"
+        staging = (jax.default_device(jax.local_devices(backend="cpu")[0]) if mesh is not None and platform != "cpu"
                    else contextlib.nullcontext())
         with staging:
             self.model = load_model(mc, checkpoint, dtype=self.dtype, attention_backend=config.attention_backend,
@@ -168,7 +170,7 @@ class LLMEngine:
                 logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
                             "dot products; codes: the file's blocks)", layouts)
         self.weight_bytes_by_format = weight_bytes_by_format(self.model)
-        num_pages = self._num_pages()
+        num_pages = int(distributed.agree("num_pages", str(self._num_pages())))  # free memory differs by host
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh, native_layouts=native_layouts)
         if mesh is not None:
             logger.info("tensor parallelism over %d %s devices: heads, KV cache and MLP split, embedding and LM "
@@ -195,7 +197,7 @@ class LLMEngine:
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB %s; prefix caching %s", num_pages,
                     config.page_size, num_pages * config.page_size, self.kv_cache_bytes / 1e6,
                     jnp.dtype(self.dtype).name, "on" if config.enable_prefix_caching else "off")
-        if config.warmup:
+        if config.warmup and self.runner.leader:  # other processes run process 0's warm-up steps as it sends them
             self.runner.warmup()
 
     def _cache_config(self):

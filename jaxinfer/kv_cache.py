@@ -20,8 +20,8 @@ def kv_cache_bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
 
 
 def free_device_memory() -> int:
-    """Bytes free on the first device: the allocator's view on a GPU, available RAM on a CPU."""
-    stats = jax.devices()[0].memory_stats()
+    """Bytes free on this process's first device: the allocator's view on a GPU, available RAM on a CPU."""
+    stats = jax.local_devices()[0].memory_stats()
     if stats and "bytes_limit" in stats:
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     with open("/proc/meminfo") as f:

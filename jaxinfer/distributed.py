@@ -1,0 +1,163 @@
+"""Several processes (hosts) serving one model: `jax.distributed`, the step channel, the watchdog.
+
+Every process loads the checkpoint from its own disk and keeps its devices' shards; the tensor-
+parallel mesh spans the devices of all processes (`tensor_parallel.make_mesh`). Process 0 runs the
+server, scheduler, allocator and sampling bookkeeping as a single process does, and before each step
+sends the step's inputs (the padded numpy batch `runner.empty_batch` describes, compressed) through
+the coordination service's key-value store; every other process waits for them there and runs the
+same jitted step (`ModelRunner.follow`). Only process 0 reads the sampled tokens. Step n is the key
+`jaxinfer/step/<n>`, deleted once step n has run on process 0 (its collectives mean every process
+has read it). The key-value store is used rather than a collective broadcast because an idle
+server's followers wait there for as long as no request comes, with no collective timing out.
+
+A dead process: jax.distributed's recoverability is on, so the coordination service marks it dead
+instead of aborting the others (its default). A step whose peer is gone fails at once (gloo: the
+connection is closed by the peer); the `Watchdog` asks the service every second which processes are
+alive and reports a lost one even while the server is idle. Process 0 then fails the engine (503 on
+/health, the server exits 1); a follower that loses process 0 exits 1.
+
+Single process (the default) never touches this module beyond `process_count() == 1`.
+"""
+
+import logging
+import struct
+import threading
+import zlib
+
+import jax
+import numpy as np
+
+logger = logging.getLogger("jaxinfer")
+
+HEARTBEAT_TIMEOUT_S = 10  # a process that sends no heartbeat for this long is dead (a hung host)
+POLL_MS = 1000  # a follower's wait for the next step, between checks that process 0 is alive
+_STEP, _SHUTDOWN = b"S", b"Q"
+_PREFIX = "jaxinfer/"
+
+
+def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """`jax.distributed.initialize` for one process of `num_processes`, before any other JAX use.
+    CPU collectives across processes go through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", True)  # a dead process is reported, not fatal to all
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, shutdown_timeout_seconds=10)
+    logger.info("jax.distributed: process %d of %d (coordinator %s), %d local and %d global %s devices",
+                process_id, num_processes, coordinator_address, jax.local_device_count(), jax.device_count(),
+                jax.devices()[0].platform)
+
+
+def _client():
+    from jax._src import distributed  # the coordination service's client: no public handle in jax 0.12
+
+    return distributed.global_state.client
+
+
+def agree(name: str, value: str) -> str:
+    """Process 0's `value` on every process (a start-up fact: the KV cache's page count, the config)."""
+    if jax.process_count() == 1:
+        return value
+    key = _PREFIX + "agree/" + name
+    if jax.process_index() == 0:
+        _client().key_value_set(key, value)
+        return value
+    return _client().blocking_key_value_get(key, 300_000)
+
+
+def check_same(name: str, value: str) -> None:
+    """A ValueError on a process whose `value` differs from process 0's (flags that must match)."""
+    leader = agree(name, value)
+    if leader != value:
+        raise ValueError(f"process {jax.process_index()}: its {name} differs from process 0's; start every "
+                         f"process with the same model and engine flags.\n  process 0: {leader}\n  this one: {value}")
+
+
+class StepChannel:
+    """Process 0 sends each step's (bucket shape, numpy leaves); the other processes receive them."""
+
+    def __init__(self):
+        self.client = _client()
+        self.step = 0
+
+    def send(self, num_tokens: int, num_seqs: int, leaves: list[np.ndarray]) -> None:
+        payload = struct.pack("<ii", num_tokens, num_seqs) + b"".join(np.ascontiguousarray(x).tobytes() for x in leaves)
+        self.client.key_value_set_bytes(f"{_PREFIX}step/{self.step}", _STEP + zlib.compress(payload, 1))
+
+    def sent(self) -> None:
+        """Step `self.step` ran on process 0, so on every process: its key can go."""
+        self.client.key_value_delete(f"{_PREFIX}step/{self.step}")
+        self.step += 1
+
+    def send_shutdown(self) -> None:
+        self.client.key_value_set_bytes(f"{_PREFIX}step/{self.step}", _SHUTDOWN)
+
+    def receive(self, watchdog: "Watchdog") -> tuple[int, int, bytes] | None:
+        """The next step's (num_tokens, num_seqs, leaf bytes), or None at shutdown. Raises
+        `ProcessLostError` when the watchdog has found a process gone."""
+        key = f"{_PREFIX}step/{self.step}"
+        while True:
+            if watchdog.lost is not None:
+                raise watchdog.lost
+            try:
+                message = self.client.blocking_key_value_get_bytes(key, POLL_MS)
+                break
+            except Exception as e:  # noqa: BLE001 - jaxlib raises its own XlaRuntimeError for a timeout
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise ProcessLostError(f"process {jax.process_index()}: the coordination service (process 0) "
+                                           f"is unreachable: {e}") from e
+        self.step += 1
+        if message[:1] == _SHUTDOWN:
+            return None
+        payload = zlib.decompress(message[1:])
+        num_tokens, num_seqs = struct.unpack_from("<ii", payload)
+        return num_tokens, num_seqs, payload[8:]
+
+
+def fill(leaves: list[np.ndarray], data: bytes) -> None:
+    """Writes `data` (the leaves' bytes, in order, as `StepChannel.send` joined them) into `leaves`."""
+    offset = 0
+    for leaf in leaves:
+        leaf[...] = np.frombuffer(data, leaf.dtype, leaf.size, offset).reshape(leaf.shape)
+        offset += leaf.nbytes
+    if offset != len(data):
+        raise ValueError(f"a step message of {len(data)} bytes for leaves of {offset}: processes disagree on shapes")
+
+
+class ProcessLostError(RuntimeError):
+    """A process of the group is no longer alive (or unreachable)."""
+
+
+class Watchdog:
+    """Asks the coordination service every second which processes are alive (a call every live
+    process makes, so each runs one); the first time one is missing, logs which and calls
+    `on_lost(ProcessLostError)` once. `lost` then holds the error."""
+
+    def __init__(self, on_lost=None, interval_s: float = 1.0):
+        self.on_lost = on_lost
+        self.interval_s = interval_s
+        self.lost: ProcessLostError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="jaxinfer-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        client, everyone = _client(), list(range(jax.process_count()))
+        while not self._stop.wait(self.interval_s):
+            try:
+                alive = set(client.get_live_nodes(everyone))
+                missing = [p for p in everyone if p not in alive]
+                reason = f"process(es) {', '.join(map(str, missing))} of {len(everyone)} are no longer alive"
+            except Exception as e:  # noqa: BLE001 - the service itself (in process 0) is gone
+                missing, reason = [0], f"the coordination service (process 0) is unreachable: {e}"
+            if missing and not self._stop.is_set():
+                self.lost = ProcessLostError(f"jax.distributed: {reason} (seen from process {jax.process_index()})")
+                logger.error("%s", self.lost)
+                if self.on_lost is not None:
+                    self.on_lost(self.lost)
+                return
