@@ -280,6 +280,10 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         async_engine.shutdown(timeout=0 if async_engine.error else 1.0)
         if watchdog is not None:
+            if async_engine.error is not None:  # a step failed: a lost process? The watchdog logs which.
+                from jaxinfer.distributed import HEARTBEAT_TIMEOUT_S
+
+                watchdog.wait(HEARTBEAT_TIMEOUT_S)
             watchdog.stop()
             llm_engine.runner.close()
     if async_engine.error is not None:
@@ -301,9 +305,11 @@ def follow(llm_engine) -> int:
         llm_engine.runner.follow(watchdog)
     except Exception as e:  # noqa: BLE001 - a lost peer surfaces as the collective's error or ours
         logger.error("process %d: exiting: %s", rank, watchdog.lost or e)
-        return 1
-    finally:
-        watchdog.stop()
+        # No clean exit: jax.distributed's client aborts at exit when the service (process 0) is gone.
+        logging.shutdown()
+        os._exit(1)
+    watchdog.stop()
+    jax.distributed.shutdown()  # disconnect while process 0's service still waits for it
     logger.info("process %d: process 0 shut down; exiting", rank)
     return 0
 

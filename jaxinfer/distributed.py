@@ -22,6 +22,7 @@ Single process (the default) never touches this module beyond `process_count() =
 import logging
 import struct
 import threading
+import time
 import zlib
 
 import jax
@@ -88,8 +89,16 @@ class StepChannel:
         self.client.key_value_delete(f"{_PREFIX}step/{self.step}")
         self.step += 1
 
-    def send_shutdown(self) -> None:
+    def send_shutdown(self, timeout_s: float = 10.0) -> None:
+        """Tells the others to stop, then waits (up to `timeout_s`) until they have disconnected:
+        the coordination service lives in process 0, and a process that leaves after it is gone
+        aborts at exit."""
         self.client.key_value_set_bytes(f"{_PREFIX}step/{self.step}", _SHUTDOWN)
+        everyone = list(range(jax.process_count()))
+        waiter = threading.Thread(target=lambda: _wait_for(lambda: set(self.client.get_live_nodes(everyone)) == {0},
+                                                            timeout_s), daemon=True)
+        waiter.start()
+        waiter.join(timeout_s)  # get_live_nodes waits for every live process: bounded here
 
     def receive(self, watchdog: "Watchdog") -> tuple[int, int, bytes] | None:
         """The next step's (num_tokens, num_seqs, leaf bytes), or None at shutdown. Raises
@@ -111,6 +120,12 @@ class StepChannel:
         payload = zlib.decompress(message[1:])
         num_tokens, num_seqs = struct.unpack_from("<ii", payload)
         return num_tokens, num_seqs, payload[8:]
+
+
+def _wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def fill(leaves: list[np.ndarray], data: bytes) -> None:
@@ -145,6 +160,11 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def wait(self, timeout_s: float) -> ProcessLostError | None:
+        """Waits up to `timeout_s` for a lost process to be found (after a step failed: which one?)."""
+        self._thread.join(timeout_s)
+        return self.lost
 
     def _run(self) -> None:
         client, everyone = _client(), list(range(jax.process_count()))
