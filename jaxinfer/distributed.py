@@ -93,7 +93,8 @@ class StepChannel:
         """Tells the others to stop, then waits (up to `timeout_s`) until they have disconnected:
         the coordination service lives in process 0, and a process that leaves after it is gone
         aborts at exit."""
-        self.client.key_value_set_bytes(f"{_PREFIX}step/{self.step}", _SHUTDOWN)
+        # overwrite: after a failed step its message is still there, unread by a lost process
+        self.client.key_value_set_bytes(f"{_PREFIX}step/{self.step}", _SHUTDOWN, allow_overwrite=True)
         everyone = list(range(jax.process_count()))
         waiter = threading.Thread(target=lambda: _wait_for(lambda: set(self.client.get_live_nodes(everyone)) == {0},
                                                             timeout_s), daemon=True)

@@ -161,20 +161,24 @@ def test_a_follower_killed_mid_request_makes_the_server_unhealthy_and_exit(rando
         assert group.wait_exit(0, 30) == 1
         assert time.monotonic() - killed < 30
         assert "process(es) 1 of 2 are no longer alive (seen from process 0)" in group.log(0)
+        assert "exiting: the engine failed" in group.log(0) and "Traceback (most recent call last)" not in \
+            group.log(0).partition("shutting the server down")[2]
     finally:
         group.close()
 
 
 def test_process_0_killed_while_idle_ends_the_follower(random_llama):
-    """No request in flight: the follower finds process 0 (and its coordination service) gone and exits 1."""
+    """No request in flight: the follower exits at once. It is jax.distributed's client that ends it
+    (an abort with "the JAX distributed service detected fatal errors": the service lived in
+    process 0), before our watchdog or step channel sees the loss."""
     group = Group(2, 1, ["--model", random_llama, "-tp", "2", "--quantization", "none", "--no-warmup", *SMALL])
     try:
         group.wait_healthy()
         killed = time.monotonic()
         group.kill(0)
-        assert group.wait_exit(1, 30) == 1
+        assert group.wait_exit(1, 30) not in (0, None)
         assert time.monotonic() - killed < 20
-        assert "process 1: exiting:" in group.log(1)
+        assert "the JAX distributed service detected fatal errors" in group.log(1)
     finally:
         group.close()
 
