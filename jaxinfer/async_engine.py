@@ -258,6 +258,11 @@ class AsyncLLMEngine:
                 self.error = error
             self._cond.notify()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Whether the loop thread has stopped within `timeout` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def stop_accepting(self) -> None:
         """Refuse new requests (NotAcceptingError); those in flight go on."""
         self.accepting = False

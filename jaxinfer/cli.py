@@ -23,7 +23,8 @@ from jaxinfer.quant import QUANTIZATIONS
 from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
 logger = logging.getLogger("jaxinfer")
-STARTED = time.perf_counter()  # for "ready in ... s": server.py imports this module first
+STARTED = time.perf_counter()
+STUCK_STEP_S = 5.0  # several hosts: how long a step may go on once a process is known lost  # for "ready in ... s": server.py imports this module first
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +225,8 @@ def serve(args: argparse.Namespace) -> int:
     # The process is ours: every step program it compiles is kept for the next start.
     logger.debug("persistent compilation cache: %s", enable_compilation_cache())
     llm_engine = LLMEngine(args.model, **engine_overrides(args))
-    if not llm_engine.runner.leader:
+    several = args.nnodes > 1  # jax.distributed: process 0 serves, the others follow its steps
+    if several and args.node_rank != 0:
         return follow(llm_engine)
     name = args.served_model_name or args.model
     if not llm_engine.runner.warmed_up:
@@ -267,10 +269,18 @@ def serve(args: argparse.Namespace) -> int:
     server_box["server"] = server
     async_engine.start()
     watchdog = None
-    if llm_engine.runner.channel is not None:  # several processes: a lost one fails the engine
+    if several:  # a lost process fails the engine
         from jaxinfer.distributed import Watchdog
 
-        watchdog = Watchdog(on_lost=async_engine.fail).start()
+        def on_lost(error: BaseException) -> None:
+            async_engine.fail(error)
+            if not async_engine.wait_stopped(STUCK_STEP_S):
+                # A hung (not dead) peer: the step waits in a collective that may never return.
+                logger.error("the engine loop is stuck in a step waiting for the lost process: exiting now")
+                logging.shutdown()
+                os._exit(1)
+
+        watchdog = Watchdog(on_lost=on_lost).start()
     # uvicorn re-raises the signal that stopped it once it has drained, under the handler it found:
     # let that be a no-op, so the engine is shut down below and the exit status is ours.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -167,6 +167,30 @@ def test_a_follower_killed_mid_request_makes_the_server_unhealthy_and_exit(rando
         group.close()
 
 
+def test_a_hung_follower_makes_the_server_unhealthy_then_exit(random_llama):
+    """SIGSTOP, as a host that hangs: no connection closes, so the step waits in its collective; the
+    heartbeat timeout (10 s) marks the process dead, /health says so and process 0 exits 1 soon after."""
+    group = Group(2, 1, ["--model", random_llama, "-tp", "2", "--quantization", "none", "--no-warmup", *SMALL])
+    try:
+        group.wait_healthy()
+        group.complete(RANDOM_PROMPTS[1])
+        body = dict(model="m", prompt=RANDOM_PROMPTS[0], max_tokens=200, temperature=0, ignore_eos=True, stream=True)
+        with httpx.stream("POST", group.url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data:")
+            stopped = time.monotonic()
+            os.killpg(group.procs[1].pid, signal.SIGSTOP)
+            while group.healthy() and time.monotonic() - stopped < 30:
+                time.sleep(0.5)
+            health = httpx.get(group.url + "/health", timeout=2)
+            assert health.status_code == 503 and "process(es) 1 of 2 are no longer alive" in health.text
+            assert group.wait_exit(0, 30) == 1
+            assert time.monotonic() - stopped < 40
+        assert "the engine loop is stuck in a step waiting for the lost process: exiting now" in group.log(0)
+    finally:
+        group.close()
+
+
 def test_process_0_killed_while_idle_ends_the_follower(random_llama):
     """No request in flight: the follower exits at once. It is jax.distributed's client that ends it
     (an abort with "the JAX distributed service detected fatal errors": the service lived in
