@@ -59,7 +59,8 @@ class Group:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        pytest.fail("the group did not start:\n" + "\n".join(f"--- {r}\n{self.log(r)[-2000:]}" for r in range(len(self.procs))))
+        logs = "\n".join(f"--- process {r}\n{self.log(r)[-2000:]}" for r in range(len(self.procs)))
+        pytest.fail(f"the group did not start:\n{logs}")
 
     def healthy(self) -> bool:
         try:
@@ -235,7 +236,8 @@ def test_a_follower_with_other_flags_is_refused_with_both_configurations(random_
     (["--nnodes", "2"], "--nnodes 2 needs --dist-init-addr HOST:PORT"),
     (["--nnodes", "2", "--dist-init-addr", "127.0.0.1"], "--nnodes 2 needs --dist-init-addr HOST:PORT"),
     (["--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:1"], "--node-rank must be in [0, 1]"),
-    (["--nnodes", "2", "--dist-init-addr", "h:1", "-tp", "3"], "--tensor-parallel-size 3 is not a multiple of --nnodes 2"),
+    (["--nnodes", "2", "--dist-init-addr", "h:1", "-tp", "3"],
+     "--tensor-parallel-size 3 is not a multiple of --nnodes 2"),
     (["--nnodes", "2", "--dist-init-addr", "h:1"], "--tensor-parallel-size 1 is not a multiple of --nnodes 2"),
     (["--dist-init-addr", "h:1"], "--dist-init-addr is for --nnodes > 1"),
     (["--nnodes", "0"], "--nnodes must be at least 1"),
