@@ -270,7 +270,7 @@ def serve(args: argparse.Namespace) -> int:
     async_engine.start()
     watchdog = None
     if several:  # a lost process fails the engine
-        from jaxinfer.distributed import Watchdog
+        from jaxinfer import distributed
 
         def on_lost(error: BaseException) -> None:
             async_engine.fail(error)
@@ -280,7 +280,8 @@ def serve(args: argparse.Namespace) -> int:
                 logging.shutdown()
                 os._exit(1)
 
-        watchdog = Watchdog(on_lost=on_lost).start()
+        watchdog = distributed.watchdog()
+        watchdog.notify(on_lost)
     # uvicorn re-raises the signal that stopped it once it has drained, under the handler it found:
     # let that be a no-op, so the engine is shut down below and the exit status is ours.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -306,9 +307,9 @@ def follow(llm_engine) -> int:
     """A process other than 0: runs process 0's steps until it shuts down (0) or a process is lost (1)."""
     import jax
 
-    from jaxinfer.distributed import Watchdog
+    from jaxinfer import distributed
 
-    watchdog = Watchdog().start()
+    watchdog = distributed.watchdog()
     rank = jax.process_index()
     logger.info("process %d: following process 0's steps", rank)
     try:

@@ -31,6 +31,7 @@ import numpy as np
 logger = logging.getLogger("jaxinfer")
 
 HEARTBEAT_TIMEOUT_S = 10  # a process that sends no heartbeat for this long is dead (a hung host)
+READY_TIMEOUT_S = 600  # the slowest process's model load, after process 0's
 POLL_MS = 1000  # a follower's wait for the next step, between checks that process 0 is alive
 _STEP, _SHUTDOWN = b"S", b"Q"
 _PREFIX = "jaxinfer/"
@@ -43,9 +44,19 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int) ->
     jax.config.update("jax_enable_recoverability", True)  # a dead process is reported, not fatal to all
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id,
                                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, shutdown_timeout_seconds=10)
+    global _watchdog
+    _watchdog = Watchdog().start()  # from the start: a process lost while the others load is found too
     logger.info("jax.distributed: process %d of %d (coordinator %s), %d local and %d global %s devices",
                 process_id, num_processes, coordinator_address, jax.local_device_count(), jax.device_count(),
                 jax.devices()[0].platform)
+
+
+_watchdog: "Watchdog | None" = None
+
+
+def watchdog() -> "Watchdog":
+    """This process's watchdog, running since `initialize`."""
+    return _watchdog
 
 
 def _client():
@@ -79,6 +90,20 @@ class StepChannel:
     def __init__(self):
         self.client = _client()
         self.step = 0
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Waits until every process has its shards and caches, so that the first step's collectives
+        do not time out (gloo gives a peer 30 s to join) while a slower host still loads. Raises
+        `ProcessLostError` if one is lost meanwhile (a start-up error, a kill) or does not come."""
+        self.client.key_value_set(f"{_PREFIX}ready/{jax.process_index()}", "1")
+        deadline = time.monotonic() + timeout_s
+        while len(self.client.key_value_dir_get(_PREFIX + "ready/")) < jax.process_count():
+            if _watchdog is not None and _watchdog.lost is not None:
+                raise _watchdog.lost
+            if time.monotonic() > deadline:
+                raise ProcessLostError(f"process {jax.process_index()}: not every process of {jax.process_count()} "
+                                       f"loaded the model within {timeout_s:.0f} s")
+            time.sleep(0.2)
 
     def send(self, num_tokens: int, num_seqs: int, leaves: list[np.ndarray]) -> None:
         payload = struct.pack("<ii", num_tokens, num_seqs) + b"".join(np.ascontiguousarray(x).tobytes() for x in leaves)
@@ -148,8 +173,8 @@ class Watchdog:
     process makes, so each runs one); the first time one is missing, logs which and calls
     `on_lost(ProcessLostError)` once. `lost` then holds the error."""
 
-    def __init__(self, on_lost=None, interval_s: float = 1.0):
-        self.on_lost = on_lost
+    def __init__(self, interval_s: float = 1.0):
+        self.on_lost = None
         self.interval_s = interval_s
         self.lost: ProcessLostError | None = None
         self._stop = threading.Event()
@@ -161,6 +186,12 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def notify(self, on_lost) -> None:
+        """Calls `on_lost(error)` when a process is lost, or now if one already was."""
+        self.on_lost = on_lost
+        if self.lost is not None:
+            on_lost(self.lost)
 
     def wait(self, timeout_s: float) -> ProcessLostError | None:
         """Waits up to `timeout_s` for a lost process to be found (after a step failed: which one?)."""
@@ -179,6 +210,7 @@ class Watchdog:
             if missing and not self._stop.is_set():
                 self.lost = ProcessLostError(f"jax.distributed: {reason} (seen from process {jax.process_index()})")
                 logger.error("%s", self.lost)
-                if self.on_lost is not None:
-                    self.on_lost(self.lost)
+                on_lost = self.on_lost
+                if on_lost is not None:
+                    on_lost(self.lost)
                 return

@@ -459,6 +459,9 @@ class LLM:
     """Offline generation: `LLM("SmolLM2-135M-Instruct").generate(prompts, SamplingParams(...))`."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args):
+        if jax.process_count() > 1:  # no process would follow this one's steps
+            raise ValueError("LLM runs in one process; several hosts serve together with `jaxinfer serve --nnodes "
+                             "N --node-rank R --dist-init-addr HOST:PORT` (docs/DEPLOY.md)")
         self.engine = LLMEngine(model, **engine_args)
         self.tokenizer = self.engine.tokenizer
 

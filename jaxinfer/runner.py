@@ -112,6 +112,8 @@ class ModelRunner:
         # Several processes: process 0 sends every batch it runs; the others follow.
         self.channel = distributed.StepChannel() if jax.process_count() > 1 else None
         self.leader = jax.process_index() == 0
+        if self.channel is not None:
+            self.channel.wait_ready()
         self.num_compilations = 0  # step programs built after warm-up
         self.warmed_up = False
 
