@@ -23,8 +23,8 @@ from jaxinfer.quant import QUANTIZATIONS
 from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
 logger = logging.getLogger("jaxinfer")
-STARTED = time.perf_counter()
-STUCK_STEP_S = 5.0  # several hosts: how long a step may go on once a process is known lost  # for "ready in ... s": server.py imports this module first
+STARTED = time.perf_counter()  # for "ready in ... s": server.py imports this module first
+STUCK_STEP_S = 5.0  # several hosts: how long a step may go on once a process is known lost
 
 
 def build_parser() -> argparse.ArgumentParser:

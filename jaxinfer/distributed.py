@@ -10,11 +10,15 @@ same jitted step (`ModelRunner.follow`). Only process 0 reads the sampled tokens
 has read it). The key-value store is used rather than a collective broadcast because an idle
 server's followers wait there for as long as no request comes, with no collective timing out.
 
+Once loaded, the processes wait for each other (`StepChannel.wait_ready`) before the first step.
+
 A dead process: jax.distributed's recoverability is on, so the coordination service marks it dead
 instead of aborting the others (its default). A step whose peer is gone fails at once (gloo: the
-connection is closed by the peer); the `Watchdog` asks the service every second which processes are
-alive and reports a lost one even while the server is idle. Process 0 then fails the engine (503 on
-/health, the server exits 1); a follower that loses process 0 exits 1.
+connection is closed by the peer); the `Watchdog`, running from `initialize` on, asks the service
+every second which processes are alive and reports a lost one even while the server is idle, or
+hung (after the heartbeat timeout). Process 0 then fails the engine (503 on /health, the server
+exits 1; `cli.serve`). When process 0 dies, the others end at once: jax's own client aborts them,
+the service having lived in process 0.
 
 Single process (the default) never touches this module beyond `process_count() == 1`.
 """
