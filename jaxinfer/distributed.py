@@ -17,8 +17,8 @@ instead of aborting the others (its default). A step whose peer is gone fails at
 connection is closed by the peer); the `Watchdog`, running from `initialize` on, asks the service
 every second which processes are alive and reports a lost one even while the server is idle, or
 hung (after the heartbeat timeout). Process 0 then fails the engine (503 on /health, the server
-exits 1; `cli.serve`). When process 0 dies, the others end at once: jax's own client aborts them,
-the service having lived in process 0.
+exits 1; `cli.serve`). When process 0 dies, the others end at once, the service having lived in
+process 0: the step channel's wait fails (exit 1), or jax's own client aborts them first.
 
 Single process (the default) never touches this module beyond `process_count() == 1`.
 """
