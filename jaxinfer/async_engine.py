@@ -17,7 +17,8 @@ from the prefill tokens queued ahead of it and the prefill rate the loop thread 
 
 A bad request (a ValueError from `add_request`) is reported to its caller and the loop goes on. An
 error in `step()` is fatal: every request in flight fails with `EngineDeadError`, `healthy` turns
-False, the thread stops, and `on_failure` (the server's exit) is called.
+False, the thread stops, and `on_failure` (the server's exit) is called. `fail(error)` is the same
+from another thread (a lost process of a multi-host group, `jaxinfer/distributed.py`).
 """
 
 import asyncio
@@ -259,6 +260,20 @@ class AsyncLLMEngine:
             self._inbox.append(request_id)
             self._cond.notify()
 
+    def fail(self, error: BaseException) -> None:
+        """Fails the engine from outside the loop thread, as an error in `step()` would: unhealthy at
+        once; the loop thread fails the requests and calls `on_failure` when it next wakes (at once
+        when idle, after the step when busy)."""
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            self._cond.notify()
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """Whether the loop thread has stopped within `timeout` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def stop_accepting(self) -> None:
         """Refuse new requests (NotAcceptingError); those in flight go on."""
         self.accepting = False
@@ -283,8 +298,10 @@ class AsyncLLMEngine:
             busy = False
             while True:
                 with self._cond:
-                    while not (self._inbox or self._stop or busy):
+                    while not (self._inbox or self._stop or busy or self.error):
                         self._cond.wait()
+                    if self.error is not None:  # `fail()` from another thread
+                        raise self.error
                     inbox, self._inbox = self._inbox, []
                     self._in_transit = inbox
                     stop = self._stop

@@ -4,6 +4,10 @@
 Flags are named as vLLM's where the idea is the same. SIGTERM/SIGINT stop admitting requests (503),
 let those in flight finish for up to --shutdown-timeout seconds, then exit. If the engine loop
 fails, the server exits with status 1 rather than hang.
+
+Several hosts: `--nnodes N --node-rank R --dist-init-addr HOST:PORT` (SGLang's names) on each of N
+processes, the same model and engine flags on all; process 0 serves, the others follow its steps
+(`jaxinfer/distributed.py`, docs/DEPLOY.md).
 """
 
 import argparse
@@ -20,6 +24,7 @@ from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
 logger = logging.getLogger("jaxinfer")
 STARTED = time.perf_counter()  # for "ready in ... s": server.py imports this module first
+STUCK_STEP_S = 5.0  # several hosts: how long a step may go on once a process is known lost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "one holding the longest cached prefix, then the least loaded (default: "
                              f"{d.data_parallel_size}; docs/DEPLOY.md)")
     engine.add_argument("--seed", type=int, help=f"seed of requests that give none (default: {d.seed})")
+    dist = p.add_argument_group("several hosts (jax.distributed; docs/DEPLOY.md)")
+    dist.add_argument("--nnodes", type=int, default=1, help="processes serving the model together, one a "
+                      "host (or one a group of local devices); the tensor-parallel mesh spans them all (default: 1)")
+    dist.add_argument("--node-rank", type=int, default=0, help="this process's index, 0 to nnodes - 1; "
+                      "process 0 serves HTTP, the others run its steps (default: 0)")
+    dist.add_argument("--dist-init-addr", metavar="HOST:PORT", help="where process 0 runs jax.distributed's "
+                      "coordinator; the same on every process (required with --nnodes > 1)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; "
                         "0.0.0.0 for every interface)")
@@ -147,12 +159,39 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     if args.max_queue_wait is not None and args.max_queue_wait < 0:
         parser.error(f"--max-queue-wait must be 0 (no limit) or positive, got {args.max_queue_wait:g}")
+    if problem := distributed_flags_problem(args):
+        parser.error(problem)
     try:
         EngineConfig().replace(**engine_overrides(args))
         resolve_model_path(args.model)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+    if args.nnodes > 1:  # before any other use of JAX
+        from jaxinfer import distributed
+
+        distributed.initialize(args.dist_init_addr, args.nnodes, args.node_rank)
     return serve(args)
+
+
+def distributed_flags_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --nnodes, --node-rank and --dist-init-addr together (None: nothing)."""
+    if args.nnodes < 1:
+        return f"--nnodes must be at least 1, got {args.nnodes}"
+    if not 0 <= args.node_rank < args.nnodes:
+        return f"--node-rank must be in [0, {args.nnodes - 1}] with --nnodes {args.nnodes}, got {args.node_rank}"
+    if args.nnodes == 1:
+        return "--dist-init-addr is for --nnodes > 1" if args.dist_init_addr else None
+    if (args.data_parallel_size or 1) > 1:
+        return "--data-parallel-size with --nnodes > 1 is not supported (one model over several hosts, one replica)"
+    host, _, port = (args.dist_init_addr or "").rpartition(":")
+    if not host or not port.isdigit():
+        return f"--nnodes {args.nnodes} needs --dist-init-addr HOST:PORT (process 0's coordinator), got " \
+               f"{args.dist_init_addr!r}"
+    tp = args.tensor_parallel_size or 1
+    if tp % args.nnodes:
+        return (f"--tensor-parallel-size {tp} is not a multiple of --nnodes {args.nnodes}: the model is split "
+                f"over the same number of devices on every process")
+    return None
 
 
 def models_command(argv: list[str]) -> int:
@@ -205,6 +244,9 @@ def serve(args: argparse.Namespace) -> int:
 
         replicas = build_replicas(args.model, EngineConfig().replace(**overrides))
         llm_engine = replicas[0]
+    several = args.nnodes > 1  # jax.distributed: process 0 serves, the others follow its steps
+    if several and args.node_rank != 0:
+        return follow(llm_engine)
     name = args.served_model_name or args.model
     if not llm_engine.runner.warmed_up:
         logger.info("no warm-up: compile buckets (tokens, sequences) %s compile on first use",
@@ -250,6 +292,20 @@ def serve(args: argparse.Namespace) -> int:
                                    timeout_graceful_shutdown=args.shutdown_timeout, access_log=False))
     server_box["server"] = server
     async_engine.start()
+    watchdog = None
+    if several:  # a lost process fails the engine
+        from jaxinfer import distributed
+
+        def on_lost(error: BaseException) -> None:
+            async_engine.fail(error)
+            if not async_engine.wait_stopped(STUCK_STEP_S):
+                # A hung (not dead) peer: the step waits in a collective that may never return.
+                logger.error("the engine loop is stuck in a step waiting for the lost process: exiting now")
+                logging.shutdown()
+                os._exit(1)
+
+        watchdog = distributed.watchdog()
+        watchdog.notify(on_lost)
     # uvicorn re-raises the signal that stopped it once it has drained, under the handler it found:
     # let that be a no-op, so the engine is shut down below and the exit status is ours.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -258,9 +314,38 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_engine.shutdown(timeout=0 if async_engine.error else 1.0)
+        if watchdog is not None:
+            if async_engine.error is not None:  # a step failed: a lost process? The watchdog logs which.
+                from jaxinfer.distributed import HEARTBEAT_TIMEOUT_S
+
+                watchdog.wait(HEARTBEAT_TIMEOUT_S)
+            watchdog.stop()
+            llm_engine.runner.close()
     if async_engine.error is not None:
         logger.error("exiting: the engine failed: %r", async_engine.error)
         return 1
+    return 0
+
+
+def follow(llm_engine) -> int:
+    """A process other than 0: runs process 0's steps until it shuts down (0) or a process is lost (1)."""
+    import jax
+
+    from jaxinfer import distributed
+
+    watchdog = distributed.watchdog()
+    rank = jax.process_index()
+    logger.info("process %d: following process 0's steps", rank)
+    try:
+        llm_engine.runner.follow(watchdog)
+    except Exception as e:  # noqa: BLE001 - a lost peer surfaces as the collective's error or ours
+        logger.error("process %d: exiting: %s", rank, watchdog.lost or e)
+        # No clean exit: jax.distributed's client aborts at exit when the service (process 0) is gone.
+        logging.shutdown()
+        os._exit(1)
+    watchdog.stop()
+    jax.distributed.shutdown()  # disconnect while process 0's service still waits for it
+    logger.info("process %d: process 0 shut down; exiting", rank)
     return 0
 
 

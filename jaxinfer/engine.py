@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxinfer import tensor_parallel
+from jaxinfer import distributed, tensor_parallel
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
@@ -143,7 +143,7 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
                          f"{mc.max_position_embeddings}")
     platform = jax.devices()[0].platform
-    split = config.tensor_parallel_size > 1
+    split = config.tensor_parallel_size > 1 or jax.process_count() > 1
     if split:
         tensor_parallel.check_model(mc, config.tensor_parallel_size)
     # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
@@ -171,7 +171,7 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
                             quantization=quantization, group_size=config.quantization_group_size,
                             quant_backend=config.matmul_backend, cache_dir=cache_dir,
                             lm_head_quantization=lm_head_quantization, kquants=cpu_runs_blocks and not split)
-    if cpu_runs_blocks and split:
+    if cpu_runs_blocks and split and isinstance(checkpoint, GGUFCheckpoint):
         logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
                     "(their byte stacks are not split across devices)")
     native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla" and native.available())
@@ -196,8 +196,10 @@ class LLMEngine:
                              f"server runs several (jaxinfer serve --data-parallel-size, jaxinfer.data_parallel)")
         start = time.perf_counter()
         self.devices = devices
+        # Several processes (jax.distributed): the same model and flags on each, the mesh over all of them.
+        distributed.check_same("model and engine config", f"{model!r} {config!r}")
         mesh = None  # tensor parallelism: checked before any weight is read
-        if config.tensor_parallel_size > 1:
+        if config.tensor_parallel_size > 1 or jax.process_count() > 1:
             mesh = tensor_parallel.make_mesh(config.tensor_parallel_size, devices)
         shared = loaded is not None  # read once for several replicas: this engine only places it
         loaded = loaded or load_weights(model, config)
@@ -205,7 +207,7 @@ class LLMEngine:
         self.quantization, self.lm_head_quantization = loaded.quantization, loaded.lm_head_quantization
         self.model, self.weight_bytes_by_format, self._staged = loaded.model, loaded.weight_bytes_by_format, loaded.staged
         platform = jax.devices()[0].platform
-        num_pages = self._num_pages()
+        num_pages = int(distributed.agree("num_pages", str(self._num_pages())))  # free memory differs by host
         self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh,
                                   native_layouts=loaded.native_layouts, device=devices[0] if devices else None)
         if mesh is not None:
@@ -238,7 +240,7 @@ class LLMEngine:
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB %s; prefix caching %s", num_pages,
                     config.page_size, num_pages * config.page_size, self.kv_cache_bytes / 1e6,
                     jnp.dtype(self.dtype).name, "on" if config.enable_prefix_caching else "off")
-        if config.warmup:
+        if config.warmup and self.runner.leader:  # other processes run process 0's warm-up steps as it sends them
             self.runner.warmup()
 
     def _cache_config(self):
@@ -552,6 +554,9 @@ class LLM:
     """Offline generation: `LLM("SmolLM2-135M-Instruct").generate(prompts, SamplingParams(...))`."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **engine_args):
+        if jax.process_count() > 1:  # no process would follow this one's steps
+            raise ValueError("LLM runs in one process; several hosts serve together with `jaxinfer serve --nnodes "
+                             "N --node-rank R --dist-init-addr HOST:PORT` (docs/DEPLOY.md)")
         self.engine = LLMEngine(model, **engine_args)
         self.tokenizer = self.engine.tokenizer
 

@@ -21,8 +21,9 @@ def kv_cache_bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
 
 
 def free_device_memory(device=None) -> int:
-    """Bytes free on `device` (default: the first): the allocator's view on a GPU, available RAM on a CPU."""
-    stats = (device or jax.devices()[0]).memory_stats()
+    """Bytes free on `device` (default: this process's first): the allocator's view on a GPU, available
+    RAM on a CPU."""
+    stats = (device or jax.local_devices()[0]).memory_stats()
     if stats and "bytes_limit" in stats:
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     with open("/proc/meminfo") as f:

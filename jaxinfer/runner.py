@@ -5,6 +5,10 @@ sampling, with the KV cache donated so it is updated in place. Shapes are bounde
 of `jaxinfer.compilation`; `warmup()` builds every bucket's program before serving, and any
 program built after that is counted (and raises in strict mode). `scripts/gpu_compile_check.py`
 compiles this same program for GPUs.
+
+Across several processes (`jaxinfer/distributed.py`) process 0's runner sends each batch it runs,
+warm-up included, before running it; every other process's runner `follow()`s: it receives the
+batch and runs the same step.
 """
 
 import dataclasses
@@ -18,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
-from jaxinfer import tensor_parallel
+from jaxinfer import distributed, tensor_parallel
 from jaxinfer.kv_cache import allocate_kv_cache
 from jaxinfer.compilation import CompilationDuringServingError, TraceCounter, padded_step_shape, step_buckets
 from jaxinfer.models.llama import AttentionMetadata
@@ -101,12 +105,21 @@ class ModelRunner:
             cache_config = dataclasses.replace(model.config,
                                                num_kv_heads=tensor_parallel.cache_kv_heads(model.config, size))
             cache_sharding = NamedSharding(mesh, tensor_parallel.CACHE_SPEC)
-            self.k_cache, self.v_cache = jax.device_put(
-                allocate_kv_cache(cache_config, num_pages, self.page_size, dtype, cache_sharding), cache_sharding)
+            if jax.process_count() == 1:  # made in place on its devices
+                self.k_cache, self.v_cache = allocate_kv_cache(cache_config, num_pages, self.page_size, dtype,
+                                                               cache_sharding)
+            else:  # each process places its own devices' shards
+                self.k_cache, self.v_cache = tensor_parallel.put(
+                    allocate_kv_cache(cache_config, num_pages, self.page_size, dtype), (cache_sharding,) * 2)
             self._step = tensor_parallel.jit_step(self.graphdef, mesh, specs, self.vocab_parallel)
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         self.vocab_size = model.config.vocab_size
         self._traces = TraceCounter()
+        # Several processes: process 0 sends every batch it runs; the others follow.
+        self.channel = distributed.StepChannel() if jax.process_count() > 1 else None
+        self.leader = jax.process_index() == 0
+        if self.channel is not None:
+            self.channel.wait_ready()
         self.num_compilations = 0  # step programs built after warm-up
         self.warmed_up = False
 
@@ -200,11 +213,32 @@ class ModelRunner:
         return StepOutput(*(x[:num_rows] for x in out))
 
     def _run(self, token_ids, positions, meta, sampling, history, num_prompt, token_bitmask):
+        send = self.channel is not None and self.leader
+        if send:
+            batch = (token_ids, positions, meta, sampling, history, num_prompt, token_bitmask)
+            self.channel.send(len(token_ids), len(meta.seq_lens), jax.tree.leaves(batch))
         with self._traces.watch():
             out, self.k_cache, self.v_cache = self._step(self.state, self.k_cache, self.v_cache, token_ids,
                                                          positions, meta, sampling, history, num_prompt,
                                                          token_bitmask)
-        return tuple(np.asarray(x) for x in out)
+        out = tuple(np.asarray(x) for x in out)
+        if send:
+            self.channel.sent()
+        return out
+
+    def follow(self, watchdog) -> None:
+        """A process other than 0: runs each step process 0 sends until it sends the shutdown.
+        Raises `distributed.ProcessLostError` when a process is lost."""
+        while (message := self.channel.receive(watchdog)) is not None:
+            num_tokens, num_seqs, data = message
+            batch = self._empty_batch(num_tokens, num_seqs)
+            distributed.fill(jax.tree.leaves(batch), data)
+            self._run(*batch)
+
+    def close(self) -> None:
+        """Process 0 of several: tells the others to stop following."""
+        if self.channel is not None and self.leader:
+            self.channel.send_shutdown()
 
     def _empty_batch(self, num_tokens: int, num_seqs: int):
         return empty_batch(num_tokens, num_seqs, self.max_pages_per_seq, self.config.max_model_len, self.vocab_size)

@@ -1,4 +1,5 @@
-"""Tensor parallelism over a 1-D mesh of local devices (axis "tp"), Megatron-style.
+"""Tensor parallelism over a 1-D mesh of devices (axis "tp"), Megatron-style: local devices, or
+those of several processes under `jax.distributed` (`jaxinfer/distributed.py`).
 
 Which device holds what (`shard_model`):
 - q/k/v projections column-parallel by head, o_proj row-parallel by the same heads; gate/up
@@ -42,7 +43,22 @@ CACHE_SPEC = P(None, AXIS)  # [layers, kv_heads, pages, page_size, head_dim] by 
 
 
 def make_mesh(size: int, devices=None) -> Mesh:
-    """A 1-D mesh over `devices` (`size` of them), by default the first `size` local devices."""
+    """A 1-D mesh over `devices` (`size` of them: a data-parallel replica's), by default the first
+    `size` local devices; across several processes (`jax.distributed`), over the first
+    size / process_count devices of each process, in process order."""
+    processes = jax.process_count()
+    if devices is None and processes > 1:
+        if size % processes:
+            raise ValueError(f"tensor_parallel_size {size} does not divide over {processes} processes: the model "
+                             f"is split over the same number of devices on every process, so the size is a "
+                             f"multiple of the process count")
+        per_process = size // processes
+        local = jax.local_device_count()
+        if per_process > local:
+            raise ValueError(f"tensor_parallel_size {size} over {processes} processes needs {per_process} devices "
+                             f"on each, but process {jax.process_index()} sees {local}")
+        devices = [d for p in range(processes) for d in sorted((d for d in jax.devices() if d.process_index == p),
+                                                                 key=lambda d: d.id)[:per_process]]
     if devices is not None:
         return Mesh(np.array(devices), (AXIS,))
     devices = jax.local_devices()
@@ -120,7 +136,7 @@ def shard_model(model, mesh: Mesh, *, native_layouts: bool, integer: bool = True
         return next((specs[names[:n]] for n in (3, 2, 1) if names[:n] in specs), P())
 
     specs_tree = jax.tree_util.tree_map_with_path(spec_of, state)
-    state = jax.device_put(state, shardings(mesh, specs_tree))
+    state = put(state, shardings(mesh, specs_tree))
     return graphdef, state, specs_tree, local.vocab_parallel
 
 
@@ -160,6 +176,15 @@ def _shard_linear(node, split, column: bool, native_layouts: bool, integer: bool
     if node.fmt is not None:
         node.layout = layout
     return specs
+
+
+def put(tree, shardings):
+    """`jax.device_put(tree, shardings)`, each process placing only its own devices' shards (every
+    process holds the whole value): under jax.distributed, device_put would first check that the
+    processes agree by gathering every array."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), tree, shardings)
 
 
 def shardings(mesh: Mesh, specs):
