@@ -2,7 +2,7 @@
 
 Each replica is a whole engine (`LLMEngine`: its own KV cache, page allocator, scheduler and compiled
 step) on its own `tensor_parallel_size` local devices, [i * tp, (i + 1) * tp) for replica i, driven
-by its own AsyncLLMEngine loop thread. The checkpoint is read once (`engine.load_weights`); every
+by its own AsyncLLMEngine loop thread. The checkpoint is read once (`loading.load_weights`); every
 replica places that one copy on its devices.
 
 `DataParallelEngine` has the AsyncLLMEngine interface the server's routes and `jaxinfer serve` use
@@ -35,7 +35,8 @@ import jax
 from jaxinfer.allocator import prefix_pages
 from jaxinfer.async_engine import AsyncLLMEngine, EngineStats, NotAcceptingError
 from jaxinfer.config import EngineConfig
-from jaxinfer.engine import LLMEngine, RequestOutput, load_weights
+from jaxinfer.engine import LLMEngine, RequestOutput
+from jaxinfer.loading import load_weights
 from jaxinfer.sampling import SamplingParams
 
 logger = logging.getLogger("jaxinfer")

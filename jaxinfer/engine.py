@@ -1,9 +1,7 @@
 """LLMEngine (add_request / step / abort_request) and the offline `LLM` API on top of it."""
 
-import contextlib
 import itertools
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -14,25 +12,19 @@ from tqdm.auto import tqdm
 
 from jaxinfer import distributed, tensor_parallel
 from jaxinfer.allocator import PageAllocator
-from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.config import EngineConfig
-from jaxinfer.models import load_model
-from jaxinfer.models.llama import PROJECTIONS, head_tensor_name
-from jaxinfer.ops import resolve_backend
-from jaxinfer.quant import (Linear, resolve_lm_head_quantization, resolve_quantization, use_blocked_layout,
-                            weight_bytes_by_format)
+from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
+from jaxinfer.loading import LoadedModel, load_weights
+from jaxinfer.models.llama import PROJECTIONS
+from jaxinfer.quant import Linear
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.sequence import Sequence
 from jaxinfer.speculative import propose_ngram
 from jaxinfer.structured_outputs import GrammarCompiler
-from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
-from jaxinfer.weights import DEFAULT_MODEL, open_checkpoint
-from jaxinfer.weights.cache import default_cache_dir
-from jaxinfer.weights.gguf import GGUFCheckpoint
-from jaxinfer.weights.quantized import resolve_requested as resolve_checkpoint_quantization
-from kernels_cpu import native
+from jaxinfer.tokenizer import IncrementalDetokenizer
+from jaxinfer.weights import DEFAULT_MODEL
 
 logger = logging.getLogger("jaxinfer")
 
@@ -104,86 +96,6 @@ class _Request:
     stop_token_ids: frozenset[int]  # the params' and, unless ignore_eos, the model's EOS tokens
 
 
-def resolve_dtype(name: str):
-    if name == "auto":
-        # CPUs here have no native bf16: XLA would convert to f32 and back around every op.
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(name)
-
-
-@dataclass(slots=True)
-class LoadedModel:
-    """A checkpoint read into memory, before any engine places it on its devices: what the replicas
-    of a data-parallel server share (`jaxinfer.data_parallel`), so the file is read once."""
-
-    model_config: object  # ModelConfig
-    tokenizer: Tokenizer
-    dtype: object
-    quantization: str
-    lm_head_quantization: str
-    model: object  # the nnx module, in host memory (staged) or on the default device
-    native_layouts: bool  # quantized weights laid out for the native CPU kernels
-    weight_bytes_by_format: dict
-    staged: bool  # read into host memory for the engines to place on their accelerators
-    seconds: float  # time it took
-
-
-def load_weights(model: str, config: EngineConfig) -> LoadedModel:
-    """Opens `model`, checks that `config` fits it (context length, tensor-parallel split) before any
-    weight is read, then reads the weights in the format `config` asks for."""
-    start = time.perf_counter()
-    checkpoint = open_checkpoint(model)
-    mc = checkpoint.config
-    if isinstance(checkpoint, GGUFCheckpoint):
-        tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids, reader=checkpoint.reader)
-    else:
-        tokenizer = Tokenizer.from_hf_dir(checkpoint.path, eos_token_ids=mc.eos_token_ids)
-    dtype = resolve_dtype(config.dtype)
-    if config.max_model_len > mc.max_position_embeddings:
-        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context length "
-                         f"{mc.max_position_embeddings}")
-    platform = jax.devices()[0].platform
-    split = config.tensor_parallel_size > 1 or jax.process_count() > 1
-    if split:
-        tensor_parallel.check_model(mc, config.tensor_parallel_size)
-    # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
-    cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
-                       and config.cpu_integer_matmul and native.has_group_path())
-    stored_quantization = getattr(checkpoint, "quantization", None)  # an AWQ/GPTQ/... HF checkpoint
-    if stored_quantization is not None:
-        quantization = resolve_checkpoint_quantization(config.quantization, stored_quantization)
-        why = f"the checkpoint's own: {stored_quantization.description}"
-    else:
-        quantization, why = resolve_quantization(config.quantization, platform,
-                                                 isinstance(checkpoint, GGUFCheckpoint), cpu_runs_blocks)
-    logger.debug("weights: quantization %s (%s)", quantization, why)
-    stored_head = (checkpoint.tensor_type(head_tensor_name(mc)) if hasattr(checkpoint, "tensor_type") else None)
-    lm_head_quantization = resolve_lm_head_quantization(config.lm_head_quantization, quantization,
-                                                        stored_head, native_head=cpu_runs_blocks,
-                                                        tied=mc.tie_word_embeddings)
-    logger.debug("LM head: %s (stored as %s)", lm_head_quantization, stored_head or "full precision")
-    cache_dir = default_cache_dir() if config.weight_cache_dir == "auto" else config.weight_cache_dir
-    # Split over accelerators, or copied to several replicas' devices, the whole model is read into
-    # host memory first (it may fit no one device), then each device receives its part.
-    staged = (split or config.data_parallel_size > 1) and platform != "cpu"
-    with jax.default_device(jax.devices("cpu")[0]) if staged else contextlib.nullcontext():
-        loaded = load_model(mc, checkpoint, dtype=dtype, attention_backend=config.attention_backend,
-                            quantization=quantization, group_size=config.quantization_group_size,
-                            quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                            lm_head_quantization=lm_head_quantization, kquants=cpu_runs_blocks and not split)
-    if cpu_runs_blocks and split and isinstance(checkpoint, GGUFCheckpoint):
-        logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
-                    "(their byte stacks are not split across devices)")
-    native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla" and native.available())
-    if native_layouts:
-        layouts = use_blocked_layout(loaded, integer=config.cpu_integer_matmul)
-        if layouts:
-            logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
-                         "dot products; codes: the file's blocks)", layouts)
-    return LoadedModel(mc, tokenizer, dtype, quantization, lm_head_quantization, loaded, native_layouts,
-                       weight_bytes_by_format(loaded), staged, time.perf_counter() - start)
-
-
 class LLMEngine:
     def __init__(self, model: str = DEFAULT_MODEL, config: EngineConfig | None = None, *, devices=None,
                  loaded: LoadedModel | None = None, **overrides):
@@ -250,7 +162,7 @@ class LLMEngine:
         return replace(mc, num_kv_heads=tensor_parallel.cache_kv_heads(mc, self.config.tensor_parallel_size))
 
     def _num_pages(self) -> int:
-        config, mc = self.config, self.model_config
+        config = self.config
         pages_per_seq = -(-config.max_model_len // config.page_size)
         if config.num_pages is not None:
             num_pages = config.num_pages
