@@ -58,9 +58,12 @@ def jit_step(graphdef):
     return jax.jit(engine_step, donate_argnums=(1, 2))
 
 
-def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_model_len: int, vocab_size: int):
+def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_model_len: int, vocab_size: int,
+                history: bool = True, bitmask: bool = True):
     """An all-padding batch of one bucket (numpy): (token_ids, positions, meta, sampling, history,
-    num_prompt, token_bitmask). Padding rows write nowhere, attend to nothing, allow every token."""
+    num_prompt, token_bitmask). Padding rows write nowhere, attend to nothing, allow every token.
+    `history` / `bitmask` False: those two (the biggest: [S, max_model_len], [S, vocab / 32]) are
+    None, for a caller that has them all padding already (`ModelRunner`'s device constants)."""
     meta = AttentionMetadata(
         slot_mapping=np.full(num_tokens, -1, np.int32),
         query_start_loc=np.zeros(num_seqs + 1, np.int32),
@@ -72,8 +75,9 @@ def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_mode
     sampling = SamplingArrays(temperature=f32(0), top_k=i32(0), top_p=f32(1), min_p=f32(0),
                               presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
                               seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1))
-    history = np.full((num_seqs, max_model_len), -1, np.int32)  # [S, max_model_len] token ids, -1 padding
-    token_bitmask = np.full((num_seqs, -(-vocab_size // 32)), -1, np.int32)  # [S, ceil(vocab / 32)], all allowed
+    # [S, max_model_len] token ids, -1 padding; [S, ceil(vocab / 32)] allowed tokens, all
+    history = np.full((num_seqs, max_model_len), -1, np.int32) if history else None
+    token_bitmask = np.full((num_seqs, -(-vocab_size // 32)), -1, np.int32) if bitmask else None
     return (np.zeros(num_tokens, np.int32), np.zeros(num_tokens, np.int32), meta, sampling, history,
             np.zeros(num_seqs, np.int32), token_bitmask)
 
@@ -94,6 +98,7 @@ class ModelRunner:
         if mesh is None:
             self.graphdef, state = nnx.split(model)
             device = device or jax.devices()[0]
+            self._device = device  # where the padding constants live (`_padding_constants`)
             self.state = jax.device_put(state, device)
             self.k_cache, self.v_cache = jax.device_put(
                 allocate_kv_cache(model.config, num_pages, self.page_size, dtype, device), device)
@@ -112,8 +117,10 @@ class ModelRunner:
                 self.k_cache, self.v_cache = tensor_parallel.put(
                     allocate_kv_cache(cache_config, num_pages, self.page_size, dtype), (cache_sharding,) * 2)
             self._step = tensor_parallel.jit_step(self.graphdef, mesh, specs, self.vocab_parallel)
+            self._device = None
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         self.vocab_size = model.config.vocab_size
+        self._padding = {}  # num_seqs -> (history, token_bitmask) all padding, on the device
         self._traces = TraceCounter()
         # Several processes: process 0 sends every batch it runs; the others follow.
         self.channel = distributed.StepChannel() if jax.process_count() > 1 else None
@@ -166,7 +173,16 @@ class ModelRunner:
         num_seqs = len(scheduled)
         num_rows = num_seqs + sum(len(d) for d in drafts.values())
         num_tokens = sum(n for _, n in scheduled)
-        batch = self._empty_batch(*self.padded_shape(num_tokens, num_rows))
+        shape = self.padded_shape(num_tokens, num_rows)
+        # Without penalties or grammars, history and masks are all padding: on one device the step
+        # takes them from device constants (neither built nor copied each step).
+        constants = self._device is not None
+        batch = list(self._empty_batch(*shape, history=needs_history or not constants,
+                                       bitmask=token_bitmask is not None or not constants))
+        if batch[4] is None or batch[6] is None:
+            history_constant, bitmask_constant = self._padding_constants(*shape)
+            batch[4] = history_constant if batch[4] is None else batch[4]
+            batch[6] = bitmask_constant if batch[6] is None else batch[6]
         token_ids, positions, meta, sampling, history, num_prompt, padded_bitmask = batch
         if token_bitmask is not None:
             padded_bitmask[:num_seqs] = token_bitmask
@@ -213,6 +229,9 @@ class ModelRunner:
         return StepOutput(*(x[:num_rows] for x in out))
 
     def _run(self, token_ids, positions, meta, sampling, history, num_prompt, token_bitmask):
+        if self._device is not None:  # committed like the padding constants: one program signature
+            history, token_bitmask = (x if isinstance(x, jax.Array) else jax.device_put(x, self._device)
+                                      for x in (history, token_bitmask))
         send = self.channel is not None and self.leader
         if send:
             batch = (token_ids, positions, meta, sampling, history, num_prompt, token_bitmask)
@@ -240,5 +259,13 @@ class ModelRunner:
         if self.channel is not None and self.leader:
             self.channel.send_shutdown()
 
-    def _empty_batch(self, num_tokens: int, num_seqs: int):
-        return empty_batch(num_tokens, num_seqs, self.max_pages_per_seq, self.config.max_model_len, self.vocab_size)
+    def _empty_batch(self, num_tokens: int, num_seqs: int, **which):
+        return empty_batch(num_tokens, num_seqs, self.max_pages_per_seq, self.config.max_model_len, self.vocab_size,
+                           **which)
+
+    def _padding_constants(self, num_tokens: int, num_seqs: int):
+        """An all-padding history and grammar mask of this bucket, on the runner's device (made once)."""
+        if num_seqs not in self._padding:
+            _, _, _, _, history, _, bitmask = self._empty_batch(num_tokens, num_seqs)
+            self._padding[num_seqs] = jax.device_put((history, bitmask), self._device)
+        return self._padding[num_seqs]
