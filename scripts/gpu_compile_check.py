@@ -51,7 +51,7 @@ from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from jaxinfer import quant  # noqa: E402
+from jaxinfer import quant, tensor_parallel  # noqa: E402
 from jaxinfer.kv_cache import kv_cache_bytes_per_page  # noqa: E402
 from jaxinfer.compilation import step_buckets  # noqa: E402
 from jaxinfer.config import EngineConfig, ModelConfig  # noqa: E402
@@ -124,6 +124,7 @@ class Shipped:
     head_format: object  # WeightFormat of the LM head, or None
     engine: EngineConfig
     cards: tuple[str, ...]
+    tp: int = 1  # devices the model is split over (`jaxinfer.tensor_parallel`), one card each
 
 
 def uniform(fmt):
@@ -155,6 +156,9 @@ def shipped_configurations() -> list[Shipped]:
         Shipped("Llama-3-70B int4 g128", LLAMA3_70B, uniform(int4), None, long, ("H100",)),
         Shipped("Llama-3-70B AWQ g128", LLAMA3_70B, checkpoint_formats(LLAMA3_70B, AWQ_GEMM_G128), None, long,
                 ("H100",)),
+        # Split over several H100s (`--tensor-parallel-size`): the SPMD program, memory per device.
+        Shipped("Llama-3-70B bf16 TP 8", LLAMA3_70B, {}, None, long, ("H100",), tp=8),
+        Shipped("Llama-3-70B int4 g128 TP 2", LLAMA3_70B, uniform(int4), None, long, ("H100",), tp=2),
     ]
     return out
 
@@ -171,10 +175,11 @@ def checkpoint_formats(model: ModelConfig, quantization_config: dict) -> dict:
     return {p: q.weight_format(k_of.get(p, model.hidden_size)) for p in uniform(None)}
 
 
-def topology_mesh(card: Card) -> Mesh:
+def topology_mesh(card: Card, size: int = 1) -> Mesh:
+    """`size` compile-only cards of one host (topology 1x1xN: one process, N devices)."""
     topology = topologies.get_topology_desc(card.name, "cuda", target_config=card.target_config,
-                                            topology="1x1x1")
-    return Mesh(topology.devices, ("x",))
+                                            topology=f"1x1x{size}")
+    return Mesh(topology.devices, (tensor_parallel.AXIS,))
 
 
 def abstract_step_args(shipped: Shipped, num_pages: int, num_tokens: int, num_seqs: int, sharding):
@@ -191,8 +196,40 @@ def abstract_step_args(shipped: Shipped, num_pages: int, num_tokens: int, num_se
     return jit_step(graphdef), (jax.tree.map(place, state), cache, cache, *jax.tree.map(place, batch))
 
 
+def abstract_tp_step_args(shipped: Shipped, mesh: Mesh, num_pages: int, num_tokens: int, num_seqs: int):
+    """As `abstract_step_args`, for the model split over `mesh` the way the engine splits it:
+    `tensor_parallel.shard_model` run abstractly (no weight exists), its state and the KV cache
+    sharded by its specs, the batch replicated."""
+    built = {}
+
+    def shard():
+        model = Llama(shipped.model, dtype=jnp.bfloat16, attention_backend="pallas", formats=shipped.formats,
+                      quant_backend="pallas", head_format=shipped.head_format)
+        graphdef, state, specs, vocab_parallel = tensor_parallel.shard_model(model, mesh, native_layouts=False,
+                                                                             integer=False)
+        built.update(graphdef=graphdef, specs=specs, vocab_parallel=vocab_parallel)
+        return state
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        state = jax.eval_shape(shard)
+    state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), state,
+                         tensor_parallel.shardings(mesh, built["specs"]))
+    c, e = shipped.model, shipped.engine
+    kv_heads = tensor_parallel.cache_kv_heads(c, shipped.tp) * shipped.tp  # replicated when fewer than cards
+    cache = jax.ShapeDtypeStruct((c.num_layers, kv_heads, num_pages, e.page_size, c.head_dim), jnp.bfloat16,
+                                 sharding=NamedSharding(mesh, tensor_parallel.CACHE_SPEC))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch = empty_batch(num_tokens, num_seqs, -(-e.max_model_len // e.page_size), e.max_model_len, c.vocab_size)
+    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), batch)
+    step = tensor_parallel.jit_step(built["graphdef"], mesh, built["specs"], built["vocab_parallel"])
+    return step, (state, cache, cache, *batch)
+
+
 def compile_bucket(shipped, mesh, num_pages, num_tokens, num_seqs):
-    step, args = abstract_step_args(shipped, num_pages, num_tokens, num_seqs, NamedSharding(mesh, PartitionSpec()))
+    if shipped.tp > 1:
+        step, args = abstract_tp_step_args(shipped, mesh, num_pages, num_tokens, num_seqs)
+    else:
+        step, args = abstract_step_args(shipped, num_pages, num_tokens, num_seqs, NamedSharding(mesh, PartitionSpec()))
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # Pallas reads the GPU kind from it
         return step.lower(*args).compile()
 
@@ -264,15 +301,18 @@ class Result:
 
 def check(shipped: Shipped, card_key: str, util: float, seen_ptx: set) -> Result:
     card = CARDS[card_key]
-    result = Result(shipped.name, card_key)
+    result = Result(shipped.name, card_key if shipped.tp == 1 else f"{card_key} x{shipped.tp}")
     start = time.perf_counter()
     try:
-        mesh = topology_mesh(card)
+        mesh = topology_mesh(card, shipped.tp)
         e = shipped.engine
         pages_per_seq = -(-e.max_model_len // e.page_size)
         largest = step_buckets(e.max_num_batched_tokens, e.max_num_seqs)[-1]
+        # Under TP the memory analysis is one device's, and so is everything below (its KV heads).
         peak = compile_bucket(shipped, mesh, pages_per_seq, *largest).memory_analysis()
-        page_bytes = kv_cache_bytes_per_page(shipped.model, e.page_size, jnp.bfloat16)
+        device_model = dataclasses.replace(shipped.model, num_kv_heads=tensor_parallel.cache_kv_heads(
+            shipped.model, shipped.tp))
+        page_bytes = kv_cache_bytes_per_page(device_model, e.page_size, jnp.bfloat16)
         cache_bytes = 2 * (page_bytes // 2) * pages_per_seq
         inputs = peak.argument_size_in_bytes - cache_bytes  # weights + the batch's arrays
         budget = int(util * card.memory) - inputs - peak.temp_size_in_bytes - peak.output_size_in_bytes
@@ -287,11 +327,11 @@ def check(shipped: Shipped, card_key: str, util: float, seen_ptx: set) -> Result
         result.kernels = kernel_reports(new_ptx_files(seen_ptx), card.arch)
         weights = inputs  # the batch's arrays are a few KB next to the weights
         rates = []
-        for batch in (1, 64):
-            num_bytes, flops = decode_cost(shipped, weights, batch)
-            rates.append(batch / max(num_bytes / card.bandwidth, flops / card.bf16_flops))
+        for batch in (1, 64):  # under TP each card reads its share at once (all-reduces not counted)
+            num_bytes, flops = decode_cost(shipped, weights * shipped.tp, batch)
+            rates.append(batch / max(num_bytes / shipped.tp / card.bandwidth, flops / shipped.tp / card.bf16_flops))
         result.tok_s = tuple(rates)
-        result.usd_per_m = tuple(SEED_PRICE_PER_HOUR / (r * 3600) * 1e6 for r in rates)
+        result.usd_per_m = tuple(shipped.tp * SEED_PRICE_PER_HOUR / (r * 3600) * 1e6 for r in rates)
     except Exception as err:  # noqa: BLE001 - report every configuration, then fail
         result.error = f"compile FAILED: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
     finally:
