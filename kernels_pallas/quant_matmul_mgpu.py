@@ -1,0 +1,157 @@
+"""Weight-only quantized matmul `x[M, K] @ W[K, N]` for Hopper (sm_90a) as a Mosaic GPU kernel.
+
+Same packed layouts and the same specification as `kernels_pallas.quant_matmul`: its
+`quant_matmul_reference` (dequantize W to x's dtype, one dot accumulating in float32) is what
+this kernel is tested against. Formats: "int8" (per channel or grouped) and "int4" (groups of
+32/64/128, with a min or symmetric); fp8 is not written yet.
+
+Design, per output tile [block_m, block_n] (one CUDA block of one warpgroup, 128 threads):
+- `plgpu.emit_pipeline` walks K `block_k` rows at a time, `max_concurrent_steps` stages deep:
+  TMA brings x's tile [block_m, block_k] (bf16, swizzled for wgmma), W's packed tile
+  ([block_k, block_n] int8 or [block_k // 2, block_n] uint8) and that step's scale (and min)
+  row [1, block_n] into shared memory. W crosses HBM only in its packed form.
+- The warpgroup loads the packed tile into registers, dequantizes it (`_dequantize_tile`:
+  q * scale + min in float32, rounded to bf16, exactly as the reference rounds) and stores the
+  bf16 tile to a swizzled shared-memory buffer; `wgmma` then multiplies x's tile by it into a
+  float32 accumulator (wgmma's B operand must sit in shared memory on Hopper; only A may come
+  from registers, and here W is B).
+- int4 nibbles are not interleaved back into row order: the low nibbles (rows 2i) fill the top
+  half of the bf16 tile and the high nibbles (rows 2i + 1) the bottom half, and x's columns are
+  permuted the same way per block_k by the wrapper (`_deinterleave_k`), so the dot is unchanged.
+- The epilogue rounds the accumulator to x's dtype, stores it to shared memory and TMA-copies it
+  to the output tile.
+
+M is padded to a multiple of block_m (wgmma's M is 64 per warpgroup): a decode step (M <= 16)
+runs the same kernel with one M tile; it is memory-bound, so the wasted tensor-core rows cost
+no time as long as the dequantization keeps up with HBM (docs/KERNELS.md has the roofline).
+N must be a multiple of block_n and K of block_k; with groups, block_k must divide group_size
+so that a step has one scale row.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+FORMATS = ("int8", "int4")
+
+
+def _dequantize_tile(q, scale, shift, dtype):
+    """Packed codes -> W's tile in `dtype` by the reference's arithmetic.
+
+    q: [rows, block_n] integer codes; scale, shift: [block_n] float32 (shift = the min, or
+    -8 * scale for symmetric int4, or 0). The reference computes q * scale (+ min) in float32
+    and rounds once to x's dtype; so does this.
+    """
+    return (q.astype(jnp.float32) * scale[None, :] + shift[None, :]).astype(dtype)
+
+
+def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size, symmetric, block_m,
+                         block_n, block_k, max_concurrent_steps, transforms):
+    mins_gmem = rest[0] if len(rest) == 4 else None
+    o_gmem, w_smem, o_smem = rest[-3:]
+    x_transforms, w_transforms = transforms
+    n_idx, m_idx = jax.lax.axis_index("n"), jax.lax.axis_index("m")
+    k = x_gmem.shape[1]
+    rows = block_k // 2 if fmt == "int4" else block_k  # packed rows of W per step
+    # The scale row of step i: W rows [i * block_k, (i + 1) * block_k) lie in one group.
+    group_row = (lambda i: (i * block_k // group_size, 0)) if group_size else (lambda i: (0, 0))
+    row_spec = plgpu.BlockSpec((1, block_n), group_row)
+    in_specs = [plgpu.BlockSpec((block_m, block_k), lambda i: (0, i), transforms=x_transforms),
+                plgpu.BlockSpec((rows, block_n), lambda i: (i, 0)), row_spec]
+    operands = [x_gmem.at[pl.ds(m_idx * block_m, block_m), :],
+                data_gmem.at[:, pl.ds(n_idx * block_n, block_n)],
+                scales_gmem.at[:, pl.ds(n_idx * block_n, block_n)]]
+    if mins_gmem is not None:
+        in_specs.append(row_spec)
+        operands.append(mins_gmem.at[:, pl.ds(n_idx * block_n, block_n)])
+
+    def compute(acc_ref):
+        def step(_, x_smem, data_smem, scale_smem, *min_smem):
+            scale = scale_smem[0].astype(jnp.float32)  # [block_n]
+            if min_smem:
+                shift = min_smem[0][0].astype(jnp.float32)
+            elif symmetric:
+                shift = scale * -8.0
+            else:
+                shift = jnp.zeros_like(scale)
+            packed = data_smem[...]  # [rows, block_n]
+            if fmt == "int4":
+                w_smem[pl.ds(0, rows)] = _dequantize_tile(packed & 0xF, scale, shift, w_smem.dtype)
+                w_smem[pl.ds(rows, rows)] = _dequantize_tile(packed >> 4, scale, shift, w_smem.dtype)
+            else:
+                w_smem[...] = _dequantize_tile(packed, scale, shift, w_smem.dtype)
+            plgpu.commit_smem()  # the bf16 tile is visible to the async proxy (wgmma)
+            plgpu.wgmma(acc_ref, x_smem, w_smem)
+            plgpu.wgmma_wait(0)  # w_smem is rewritten next step, x_smem released
+
+        plgpu.emit_pipeline(step, grid=(k // block_k,), in_specs=in_specs,
+                            max_concurrent_steps=max_concurrent_steps)(*operands)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(compute, plgpu.ACC((block_m, block_n), jnp.float32))
+    o_smem[...] = acc.astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(m_idx * block_m, block_m), pl.ds(n_idx * block_n, block_n)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _swizzled(block_minor, dtype):
+    """Tiling + swizzle transforms for a shared-memory operand of wgmma whose minor dim is
+    `block_minor` elements of `dtype`."""
+    bits = jnp.dtype(dtype).itemsize * 8
+    swizzle = plgpu.find_swizzle(block_minor * bits)
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _deinterleave_k(x, block_k):
+    """x[M, K] with each block_k columns reordered: even columns first, then odd ones (the order
+    in which the kernel lays out an int4 tile's low and high nibbles)."""
+    m, k = x.shape
+    return x.reshape(m, k // block_k, block_k // 2, 2).swapaxes(-1, -2).reshape(m, k)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "fmt", "group_size", "block_m", "block_n", "block_k", "max_concurrent_steps", "interpret"))
+def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, block_n=128, block_k=64,
+                 max_concurrent_steps=2, interpret=False):
+    """Mosaic GPU version of `quant_matmul.quant_matmul_reference`. x: [M, K] bf16 -> [M, N] bf16.
+
+    `interpret`: run in Mosaic GPU's interpret mode (`plgpu.InterpretGPUParams`) on any platform.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"the Mosaic GPU matmul has no {fmt!r} path; it has {FORMATS}")
+    m, k = x.shape
+    w_rows, n = data.shape
+    if (2 * w_rows if fmt == "int4" else w_rows) != k:
+        raise ValueError(f"x is [{m}, {k}] but the {fmt} W data is {data.shape}")
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"x must be bfloat16 or float16 (wgmma operands), not {x.dtype}")
+    if block_m % 64 or n % block_n or block_n % 64 or k % block_k or block_k % 64:
+        raise ValueError(f"need block_m, block_n, block_k multiples of 64 dividing N={n}, K={k}: "
+                         f"got {block_m}, {block_n}, {block_k}")
+    if group_size and group_size % block_k:
+        raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
+    symmetric = fmt == "int4" and mins is None
+    scales = scales.reshape(-1, n)  # per channel: [1, N]
+    if fmt == "int4":
+        x = _deinterleave_k(x, block_k)
+    m_pad = pl.cdiv(m, block_m) * block_m
+    x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    transforms = (_swizzled(block_k, x.dtype), _swizzled(block_n, x.dtype))
+    kernel = functools.partial(
+        _quant_matmul_kernel, fmt=fmt, group_size=group_size, symmetric=symmetric, block_m=block_m,
+        block_n=block_n, block_k=block_k, max_concurrent_steps=max_concurrent_steps, transforms=transforms)
+    operands = (x, data, scales) + (() if mins is None else (mins,))
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m_pad, n), x.dtype),
+        grid=(n // block_n, m_pad // block_m),
+        grid_names=("n", "m"),
+        scratch_types=[plgpu.SMEM((block_k, block_n), x.dtype, transforms=transforms[1]),
+                       plgpu.SMEM((block_m, block_n), x.dtype, transforms=transforms[1])],
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(*operands)
+    return out[:m]

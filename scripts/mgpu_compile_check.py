@@ -1,0 +1,81 @@
+"""Compiles the Mosaic GPU quantized matmul (`kernels_pallas.quant_matmul_mgpu`) for H100 (sm_90a)
+without a GPU, and reports each configuration's registers, spills and shared memory from ptxas.
+
+The devices are compile-only GPUs from `jax.experimental.topologies` (the same target config as
+scripts/gpu_compile_check.py); Mosaic GPU lowers the kernel to PTX and runs ptxas on it
+(`MOSAIC_GPU_DUMP_PTXAS=1` prints its report). Exits 1 on a compile error or a spill.
+Run it in the CUDA environment: `.venv-cuda/bin/python scripts/mgpu_compile_check.py`
+(scripts/gpu_compile_check.sh builds .venv-cuda).
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-mgpu-compile-")
+os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=DUMP_DIR)
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from gpu_compile_check import CARDS  # noqa: E402
+from kernels_pallas import quant_matmul_mgpu as qmg  # noqa: E402
+
+# (name, M, K, N, fmt, group_size, with mins, block options)
+CASES = [
+    ("int8 decode", 16, 4096, 4096, "int8", 0, False, {}),
+    ("int8 prefill", 512, 4096, 4096, "int8", 0, False, dict(block_m=128)),
+    ("int4 g128 min decode", 16, 4096, 4096, "int4", 128, True, {}),
+    ("int4 g32 min decode", 1, 4096, 4096, "int4", 32, True, dict(block_k=32 * 2)),
+    ("int4 g128 min prefill", 512, 4096, 4096, "int4", 128, True, dict(block_m=128, block_k=128)),
+    ("int4 g64 sym", 64, 4096, 4096, "int4", 64, False, {}),
+]
+
+
+def spec(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def compile_case(mesh, m, k, n, fmt, group_size, with_mins, options):
+    s = NamedSharding(mesh, PartitionSpec())
+    rows = k // 2 if fmt == "int4" else k
+    groups = k // group_size if group_size else 1
+    args = [spec((m, k), jnp.bfloat16, s), spec((rows, n), jnp.uint8 if fmt == "int4" else jnp.int8, s),
+            spec((groups, n) if group_size else (n,), jnp.float16, s)]
+    if with_mins:
+        args.append(spec((groups, n), jnp.float16, s))
+    f = jax.jit(lambda x, d, sc, *mn: qmg.quant_matmul(x, d, sc, *mn, fmt=fmt, group_size=group_size, **options))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return f.lower(*args).compile()
+
+
+def main():
+    card = CARDS["H100"]
+    topology = topologies.get_topology_desc(card.name, "cuda", target_config=card.target_config, topology="1x1x1")
+    mesh = Mesh(topology.devices, ("x",))
+    failed = False
+    for name, *case in CASES:
+        before = set(glob.glob(os.path.join(DUMP_DIR, "*")))
+        try:
+            compile_case(mesh, *case)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next case
+            print(f"{name}: COMPILE ERROR {type(e).__name__}: {str(e)[:2000]}")
+            failed = True
+            continue
+        new = sorted(set(glob.glob(os.path.join(DUMP_DIR, "*"))) - before)
+        print(f"{name}: compiled; dumped {[os.path.basename(p) for p in new]}")
+    print("dump dir:", DUMP_DIR)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
