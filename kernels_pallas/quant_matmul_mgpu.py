@@ -29,6 +29,7 @@ so that a step has one scale row.
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +37,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 FORMATS = ("int8", "int4")
+CHUNK = 64  # packed rows (and columns) dequantized at once: register tiles come in 64 rows
 
 
 def _dequantize_tile(q, scale, shift, dtype):
     """Packed codes -> W's tile in `dtype` by the reference's arithmetic.
 
-    q: [rows, block_n] integer codes; scale, shift: [block_n] float32 (shift = the min, or
-    -8 * scale for symmetric int4, or 0). The reference computes q * scale (+ min) in float32
+    q: [rows, block_n] integer codes; scale, shift: [rows, block_n] float32 (shift: the min,
+    -8 * scale for symmetric int4, or None). The reference computes q * scale (+ min) in float32
     and rounds once to x's dtype; so does this.
     """
-    return (q.astype(jnp.float32) * scale[None, :] + shift[None, :]).astype(dtype)
+    w = q.astype(jnp.float32) * scale
+    return (w if shift is None else w + shift).astype(dtype)
 
 
 def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size, symmetric, block_m,
@@ -56,9 +59,17 @@ def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size,
     n_idx, m_idx = jax.lax.axis_index("n"), jax.lax.axis_index("m")
     k = x_gmem.shape[1]
     rows = block_k // 2 if fmt == "int4" else block_k  # packed rows of W per step
-    # The scale row of step i: W rows [i * block_k, (i + 1) * block_k) lie in one group.
-    group_row = (lambda i: (i * block_k // group_size, 0)) if group_size else (lambda i: (0, 0))
-    row_spec = plgpu.BlockSpec((1, block_n), group_row)
+    # Scale (and min) rows per step: one when a group spans whole steps (or per channel), else
+    # block_k // group_size, each covering `band` consecutive packed rows of the step's tile.
+    groups_per_step = block_k // group_size if group_size and group_size < block_k else 1
+    band = rows // groups_per_step
+    if not group_size:
+        group_block = lambda i: (0, 0)  # noqa: E731 - per channel: the one row, every step
+    elif groups_per_step == 1:
+        group_block = lambda i: (i * block_k // group_size, 0)  # noqa: E731
+    else:
+        group_block = lambda i: (i, 0)  # noqa: E731
+    row_spec = plgpu.BlockSpec((groups_per_step, block_n), group_block)
     in_specs = [plgpu.BlockSpec((block_m, block_k), lambda i: (0, i), transforms=x_transforms),
                 plgpu.BlockSpec((rows, block_n), lambda i: (i, 0)), row_spec]
     operands = [x_gmem.at[pl.ds(m_idx * block_m, block_m), :],
@@ -68,21 +79,41 @@ def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size,
         in_specs.append(row_spec)
         operands.append(mins_gmem.at[:, pl.ds(n_idx * block_n, block_n)])
 
+    def per_row(group_smem, first_row, cols):
+        """[groups_per_step, block_n] -> [CHUNK, CHUNK] float32: the value of the group of each
+        packed row first_row + r, columns `cols`. A chunk inside one group is a broadcast; a chunk
+        spanning groups (int4 g32/g64, int8 g32) selects by row band."""
+        first, last = first_row // band, (first_row + CHUNK - 1) // band
+        def row_of(g):
+            return jnp.broadcast_to(group_smem[g, cols].astype(jnp.float32)[None, :], (CHUNK, CHUNK))
+        full = row_of(first)
+        if last > first:
+            row = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=plgpu.Layout.WGMMA)
+            for g in range(first + 1, last + 1):
+                full = jnp.where(row >= g * band - first_row, row_of(g), full)
+        return full
+
     def compute(acc_ref):
         def step(_, x_smem, data_smem, scale_smem, *min_smem):
-            scale = scale_smem[0].astype(jnp.float32)  # [block_n]
-            if min_smem:
-                shift = min_smem[0][0].astype(jnp.float32)
-            elif symmetric:
-                shift = scale * -8.0
-            else:
-                shift = jnp.zeros_like(scale)
-            packed = data_smem[...]  # [rows, block_n]
-            if fmt == "int4":
-                w_smem[pl.ds(0, rows)] = _dequantize_tile(packed & 0xF, scale, shift, w_smem.dtype)
-                w_smem[pl.ds(rows, rows)] = _dequantize_tile(packed >> 4, scale, shift, w_smem.dtype)
-            else:
-                w_smem[...] = _dequantize_tile(packed, scale, shift, w_smem.dtype)
+            # Dequantize [CHUNK, CHUNK] packed codes at a time: a float32 chunk is 32 registers a
+            # thread, beside the accumulator's block_m * block_n / 128.
+            for first_row, first_col in itertools.product(range(0, rows, CHUNK), range(0, block_n, CHUNK)):
+                chunk_rows, cols = pl.ds(first_row, CHUNK), pl.ds(first_col, CHUNK)
+                scale = per_row(scale_smem, first_row, cols)
+                if min_smem:
+                    shift = per_row(min_smem[0], first_row, cols)
+                elif symmetric:
+                    shift = scale * -8.0
+                else:
+                    shift = None
+                packed = data_smem[chunk_rows, cols]  # [CHUNK, CHUNK]
+                if fmt == "int4":  # Mosaic GPU does arithmetic on 8-bit types only bitwise: widen
+                    packed = packed.astype(jnp.int32)
+                    w_smem[chunk_rows, cols] = _dequantize_tile(packed & 0xF, scale, shift, w_smem.dtype)
+                    w_smem[pl.ds(rows + first_row, CHUNK), cols] = _dequantize_tile(packed >> 4, scale, shift,
+                                                                                    w_smem.dtype)
+                else:
+                    w_smem[chunk_rows, cols] = _dequantize_tile(packed, scale, shift, w_smem.dtype)
             plgpu.commit_smem()  # the bf16 tile is visible to the async proxy (wgmma)
             plgpu.wgmma(acc_ref, x_smem, w_smem)
             plgpu.wgmma_wait(0)  # w_smem is rewritten next step, x_smem released
@@ -115,7 +146,7 @@ def _deinterleave_k(x, block_k):
 
 @functools.partial(jax.jit, static_argnames=(
     "fmt", "group_size", "block_m", "block_n", "block_k", "max_concurrent_steps", "interpret"))
-def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, block_n=128, block_k=64,
+def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, block_n=128, block_k=128,
                  max_concurrent_steps=2, interpret=False):
     """Mosaic GPU version of `quant_matmul.quant_matmul_reference`. x: [M, K] bf16 -> [M, N] bf16.
 
@@ -129,11 +160,14 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
         raise ValueError(f"x is [{m}, {k}] but the {fmt} W data is {data.shape}")
     if x.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"x must be bfloat16 or float16 (wgmma operands), not {x.dtype}")
-    if block_m % 64 or n % block_n or block_n % 64 or k % block_k or block_k % 64:
-        raise ValueError(f"need block_m, block_n, block_k multiples of 64 dividing N={n}, K={k}: "
-                         f"got {block_m}, {block_n}, {block_k}")
-    if group_size and group_size % block_k:
-        raise ValueError(f"block_k={block_k} must divide group_size={group_size}")
+    # Register tiles (and wgmma's M) come in 64 rows: x's tile, and W's packed tile of block_k
+    # (int8) or block_k // 2 (int4) rows is dequantized CHUNK rows at a time.
+    k_unit = 2 * CHUNK if fmt == "int4" else CHUNK
+    if block_m % 64 or n % block_n or block_n % 64 or k % block_k or block_k % k_unit:
+        raise ValueError(f"need block_m, block_n multiples of 64 and block_k of {k_unit} ({fmt}), dividing "
+                         f"N={n}, K={k}: got {block_m}, {block_n}, {block_k}")
+    if group_size and group_size % block_k and block_k % group_size:
+        raise ValueError(f"block_k={block_k} and group_size={group_size}: one must divide the other")
     symmetric = fmt == "int4" and mins is None
     scales = scales.reshape(-1, n)  # per channel: [1, N]
     if fmt == "int4":

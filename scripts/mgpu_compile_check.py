@@ -11,7 +11,6 @@ Run it in the CUDA environment: `.venv-cuda/bin/python scripts/mgpu_compile_chec
 import glob
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
@@ -35,9 +34,11 @@ CASES = [
     ("int8 decode", 16, 4096, 4096, "int8", 0, False, {}),
     ("int8 prefill", 512, 4096, 4096, "int8", 0, False, dict(block_m=128)),
     ("int4 g128 min decode", 16, 4096, 4096, "int4", 128, True, {}),
-    ("int4 g32 min decode", 1, 4096, 4096, "int4", 32, True, dict(block_k=32 * 2)),
-    ("int4 g128 min prefill", 512, 4096, 4096, "int4", 128, True, dict(block_m=128, block_k=128)),
-    ("int4 g64 sym", 64, 4096, 4096, "int4", 64, False, {}),
+    ("int4 g64 min decode", 16, 4096, 4096, "int4", 64, True, {}),
+    ("int4 g32 min decode", 1, 4096, 4096, "int4", 32, True, {}),
+    ("int4 g128 min prefill", 512, 4096, 4096, "int4", 128, True, dict(block_m=128)),
+    ("int4 g32 min prefill", 512, 4096, 4096, "int4", 32, True, dict(block_m=128)),
+    ("int4 g128 sym decode", 16, 4096, 4096, "int4", 128, False, {}),
 ]
 
 
@@ -58,22 +59,38 @@ def compile_case(mesh, m, k, n, fmt, group_size, with_mins, options):
         return f.lower(*args).compile()
 
 
+def ptxas_report(paths):
+    """(registers, spill bytes, shared memory bytes) from the files Mosaic GPU dumped for one kernel."""
+    text = "".join(open(p).read() for p in paths if p.endswith(".ptxas"))
+    resources = "".join(open(p).read() for p in paths if p.endswith(".resources.txt"))
+    registers = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    smem = int(re.search(r"smem_scratch_bytes=(\d+)", resources).group(1))
+    return registers, spills, smem
+
+
 def main():
     card = CARDS["H100"]
     topology = topologies.get_topology_desc(card.name, "cuda", target_config=card.target_config, topology="1x1x1")
     mesh = Mesh(topology.devices, ("x",))
     failed = False
+    print("| case | M x K x N | blocks | registers | spill bytes | shared memory |\n|---|---|---|---|---|---|")
     for name, *case in CASES:
+        if len(sys.argv) > 1 and not any(a in name for a in sys.argv[1:]):
+            continue
         before = set(glob.glob(os.path.join(DUMP_DIR, "*")))
+        m, k, n, fmt, group_size, with_mins, options = case
         try:
             compile_case(mesh, *case)
         except Exception as e:  # noqa: BLE001 - report and go on to the next case
-            print(f"{name}: COMPILE ERROR {type(e).__name__}: {str(e)[:2000]}")
+            print(f"| {name} | COMPILE ERROR {type(e).__name__}: {str(e)[:500]} |")
             failed = True
             continue
-        new = sorted(set(glob.glob(os.path.join(DUMP_DIR, "*"))) - before)
-        print(f"{name}: compiled; dumped {[os.path.basename(p) for p in new]}")
-    print("dump dir:", DUMP_DIR)
+        registers, spills, smem = ptxas_report(sorted(set(glob.glob(os.path.join(DUMP_DIR, "*"))) - before))
+        failed |= spills > 0
+        blocks = {**dict(block_m=64, block_n=128, block_k=128), **options}
+        print(f"| {name} | {m} x {k} x {n} | {blocks['block_m']}/{blocks['block_n']}/{blocks['block_k']} | "
+              f"{registers} | {spills} | {smem / 1024:.1f} KiB |")
     sys.exit(1 if failed else 0)
 
 
