@@ -144,6 +144,18 @@ def _deinterleave_k(x, block_k):
     return x.reshape(m, k // block_k, block_k // 2, 2).swapaxes(-1, -2).reshape(m, k)
 
 
+def default_blocks(fmt, group_size, m, k, n, dtype):
+    """Block sizes for an [M, K] x [K, N] call (64-row M tiles for decode, 128 for prefill), or
+    None where this kernel does not apply (fp8, float32 x, N not a multiple of 64, K not of 128)."""
+    if fmt not in FORMATS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return None
+    block_n = next((b for b in (128, 64) if n % b == 0), None)
+    block_k = next((b for b in (128, 2 * CHUNK if fmt == "int4" else CHUNK) if k % b == 0), None)
+    if block_n is None or block_k is None or group_size and group_size % block_k and block_k % group_size:
+        return None
+    return dict(block_m=64 if m <= 64 else 128, block_n=block_n, block_k=block_k)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "fmt", "group_size", "block_m", "block_n", "block_k", "max_concurrent_steps", "interpret"))
 def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, block_n=128, block_k=128,
@@ -186,6 +198,6 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
         grid_names=("n", "m"),
         scratch_types=[plgpu.SMEM((block_k, block_n), x.dtype, transforms=transforms[1]),
                        plgpu.SMEM((block_m, block_n), x.dtype, transforms=transforms[1])],
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan") if interpret else None,  # outputs poisoned
     )(*operands)
     return out[:m]
