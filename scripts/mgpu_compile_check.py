@@ -4,8 +4,8 @@ without a GPU, and reports each configuration's registers, spills and shared mem
 The devices are compile-only GPUs from `jax.experimental.topologies` (the same target config as
 scripts/gpu_compile_check.py); Mosaic GPU lowers the kernel to PTX and runs ptxas on it
 (`MOSAIC_GPU_DUMP_PTXAS=1` prints its report). Exits 1 on a compile error or a spill.
-Run it in the CUDA environment: `.venv-cuda/bin/python scripts/mgpu_compile_check.py`
-(scripts/gpu_compile_check.sh builds .venv-cuda).
+Prints a markdown table. scripts/gpu_compile_check.sh (`make gpu-compile-check`) builds .venv-cuda
+and runs it first; by hand: `.venv-cuda/bin/python scripts/mgpu_compile_check.py [case name ...]`.
 """
 
 import glob
