@@ -137,6 +137,12 @@ def _swizzled(block_minor, dtype):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def _interpret_params(interpret):
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    return plgpu.InterpretGPUParams(uninitialized_memory="nan") if interpret else None
+
+
 def _deinterleave_k(x, block_k):
     """x[M, K] with each block_k columns reordered: even columns first, then odd ones (the order
     in which the kernel lays out an int4 tile's low and high nibbles)."""
@@ -162,7 +168,8 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
                  max_concurrent_steps=2, interpret=False):
     """Mosaic GPU version of `quant_matmul.quant_matmul_reference`. x: [M, K] bf16 -> [M, N] bf16.
 
-    `interpret`: run in Mosaic GPU's interpret mode (`plgpu.InterpretGPUParams`) on any platform.
+    `interpret`: True, or a `plgpu.InterpretGPUParams`: run in Mosaic GPU's interpret mode on any
+    platform (True: every buffer, the output included, starts as NaN).
     """
     if fmt not in FORMATS:
         raise ValueError(f"the Mosaic GPU matmul has no {fmt!r} path; it has {FORMATS}")
@@ -198,6 +205,6 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
         grid_names=("n", "m"),
         scratch_types=[plgpu.SMEM((block_k, block_n), x.dtype, transforms=transforms[1]),
                        plgpu.SMEM((block_m, block_n), x.dtype, transforms=transforms[1])],
-        interpret=plgpu.InterpretGPUParams(uninitialized_memory="nan") if interpret else None,  # outputs poisoned
+        interpret=_interpret_params(interpret),
     )(*operands)
     return out[:m]
