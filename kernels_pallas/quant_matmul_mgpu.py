@@ -40,14 +40,25 @@ FORMATS = ("int8", "int4")
 CHUNK = 64  # packed rows (and columns) dequantized at once: register tiles come in 64 rows
 
 
-def _dequantize_tile(q, scale, shift, dtype):
+def _codes_to_float32(q, offset):
+    """int32 codes in [-offset, 256 - offset) -> float32, exactly, without a conversion instruction.
+
+    2**23 + c for 0 <= c < 2**23 is a float32 whose mantissa bits are c: add the bits of 2**23 and
+    `offset` to q, reinterpret, subtract. (sm_90 converts integers to floats at a quarter of the
+    rate it adds: docs/KERNELS.md.)
+    """
+    bits = q + (0x4B000000 + offset)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - (8388608.0 + offset)
+
+
+def _dequantize_tile(q, scale, shift, dtype, offset):
     """Packed codes -> W's tile in `dtype` by the reference's arithmetic.
 
-    q: [rows, block_n] integer codes; scale, shift: [rows, block_n] float32 (shift: the min,
-    -8 * scale for symmetric int4, or None). The reference computes q * scale (+ min) in float32
-    and rounds once to x's dtype; so does this.
+    q: [rows, block_n] int32 codes (offset: 0 for int4's 0..15, 128 for int8's -128..127); scale,
+    shift: [rows, block_n] float32 (shift: the min, -8 * scale for symmetric int4, or None). The
+    reference computes q * scale (+ min) in float32 and rounds once to x's dtype; so does this.
     """
-    w = q.astype(jnp.float32) * scale
+    w = _codes_to_float32(q, offset) * scale
     return (w if shift is None else w + shift).astype(dtype)
 
 
@@ -106,14 +117,15 @@ def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size,
                     shift = scale * -8.0
                 else:
                     shift = None
-                packed = data_smem[chunk_rows, cols]  # [CHUNK, CHUNK]
-                if fmt == "int4":  # Mosaic GPU does arithmetic on 8-bit types only bitwise: widen
-                    packed = packed.astype(jnp.int32)
-                    w_smem[chunk_rows, cols] = _dequantize_tile(packed & 0xF, scale, shift, w_smem.dtype)
-                    w_smem[pl.ds(rows + first_row, CHUNK), cols] = _dequantize_tile(packed >> 4, scale, shift,
-                                                                                    w_smem.dtype)
+                # Mosaic GPU does arithmetic on 8-bit types only bitwise: widen first.
+                packed = data_smem[chunk_rows, cols].astype(jnp.int32)  # [CHUNK, CHUNK]
+                if fmt == "int4":
+                    dequantize = functools.partial(_dequantize_tile, scale=scale, shift=shift, dtype=w_smem.dtype,
+                                                   offset=0)
+                    w_smem[chunk_rows, cols] = dequantize(packed & 0xF)
+                    w_smem[pl.ds(rows + first_row, CHUNK), cols] = dequantize(packed >> 4)
                 else:
-                    w_smem[chunk_rows, cols] = _dequantize_tile(packed, scale, shift, w_smem.dtype)
+                    w_smem[chunk_rows, cols] = _dequantize_tile(packed, scale, shift, w_smem.dtype, offset=128)
             plgpu.commit_smem()  # the bf16 tile is visible to the async proxy (wgmma)
             plgpu.wgmma(acc_ref, x_smem, w_smem)
             plgpu.wgmma_wait(0)  # w_smem is rewritten next step, x_smem released
