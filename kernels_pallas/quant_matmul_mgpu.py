@@ -10,22 +10,25 @@ Design, per output tile [block_m, block_n] (one CUDA block of one warpgroup, 128
   TMA brings x's tile [block_m, block_k] (bf16, swizzled for wgmma), W's packed tile
   ([block_k, block_n] int8 or [block_k // 2, block_n] uint8) and that step's scale (and min)
   row [1, block_n] into shared memory. W crosses HBM only in its packed form.
-- The warpgroup loads the packed tile into registers, dequantizes it (`_dequantize_tile`:
-  q * scale + min in float32, rounded to bf16, exactly as the reference rounds) and stores the
-  bf16 tile to a swizzled shared-memory buffer; `wgmma` then multiplies x's tile by it into a
-  float32 accumulator (wgmma's B operand must sit in shared memory on Hopper; only A may come
-  from registers, and here W is B).
+- The warpgroup loads the packed tile into registers 64 x 64 codes at a time, dequantizes them
+  (`_dequantize_tile`: q * scale + min in float32, rounded to bf16, exactly as the reference
+  rounds; codes become floats through their exponent bits, `_codes_to_float32`) and stores the
+  bf16 tile to a swizzled shared-memory buffer. When a step spans several groups, each chunk
+  picks its rows' scale and min by row band.
+- `wgmma` multiplies x's tile by the bf16 tile into a float32 accumulator [block_m, block_n]
+  (Hopper's wgmma takes B from shared memory only: W is B here).
 - int4 nibbles are not interleaved back into row order: the low nibbles (rows 2i) fill the top
   half of the bf16 tile and the high nibbles (rows 2i + 1) the bottom half, and x's columns are
   permuted the same way per block_k by the wrapper (`_deinterleave_k`), so the dot is unchanged.
 - The epilogue rounds the accumulator to x's dtype, stores it to shared memory and TMA-copies it
   to the output tile.
 
-M is padded to a multiple of block_m (wgmma's M is 64 per warpgroup): a decode step (M <= 16)
-runs the same kernel with one M tile; it is memory-bound, so the wasted tensor-core rows cost
-no time as long as the dequantization keeps up with HBM (docs/KERNELS.md has the roofline).
-N must be a multiple of block_n and K of block_k; with groups, block_k must divide group_size
-so that a step has one scale row.
+Two shapes of the same kernel (`default_blocks` picks):
+- prefill (M > 16): M padded to a multiple of block_m = 64 or 128 (wgmma's M is 64 a warpgroup);
+- decode (M <= 16, `swap_ab`): y^T = W^T x^T. The dequantized tile, read transposed, is wgmma's
+  A (its M = block_n) and x's tile, read transposed, is its B with N = block_m = 16: M is padded
+  to 16, not 64, and the kernel writes y^T [N, M], transposed back by the wrapper (M x N, small).
+N must be a multiple of block_n and K of block_k; block_k and group_size must divide one another.
 """
 
 import functools
@@ -63,7 +66,7 @@ def _dequantize_tile(q, scale, shift, dtype, offset):
 
 
 def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size, symmetric, block_m,
-                         block_n, block_k, max_concurrent_steps, transforms):
+                         block_n, block_k, max_concurrent_steps, transforms, swap_ab):
     mins_gmem = rest[0] if len(rest) == 4 else None
     o_gmem, w_smem, o_smem = rest[-3:]
     x_transforms, w_transforms = transforms
@@ -127,17 +130,22 @@ def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size,
                 else:
                     w_smem[chunk_rows, cols] = _dequantize_tile(packed, scale, shift, w_smem.dtype, offset=128)
             plgpu.commit_smem()  # the bf16 tile is visible to the async proxy (wgmma)
-            plgpu.wgmma(acc_ref, x_smem, w_smem)
+            if swap_ab:  # y^T tile [block_n, block_m] = W^T [block_n, block_k] @ x^T [block_k, block_m]
+                plgpu.wgmma(acc_ref, w_smem.transpose((1, 0)), x_smem.transpose((1, 0)))
+            else:
+                plgpu.wgmma(acc_ref, x_smem, w_smem)
             plgpu.wgmma_wait(0)  # w_smem is rewritten next step, x_smem released
 
         plgpu.emit_pipeline(step, grid=(k // block_k,), in_specs=in_specs,
                             max_concurrent_steps=max_concurrent_steps)(*operands)
         return acc_ref[...]
 
-    acc = pl.run_scoped(compute, plgpu.ACC((block_m, block_n), jnp.float32))
+    acc_shape = (block_n, block_m) if swap_ab else (block_m, block_n)
+    acc = pl.run_scoped(compute, plgpu.ACC(acc_shape, jnp.float32))
     o_smem[...] = acc.astype(o_smem.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(m_idx * block_m, block_m), pl.ds(n_idx * block_n, block_n)])
+    tile = (pl.ds(m_idx * block_m, block_m), pl.ds(n_idx * block_n, block_n))
+    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[tile[::-1] if swap_ab else tile])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -171,15 +179,18 @@ def default_blocks(fmt, group_size, m, k, n, dtype):
     block_k = next((b for b in (128, 2 * CHUNK if fmt == "int4" else CHUNK) if k % b == 0), None)
     if block_n is None or block_k is None or group_size and group_size % block_k and block_k % group_size:
         return None
+    if m <= 16:  # decode: W^T as wgmma's M side, x^T as a 16-wide N side
+        return dict(block_m=16, block_n=block_n, block_k=block_k, swap_ab=True)
     return dict(block_m=64 if m <= 64 else 128, block_n=block_n, block_k=block_k)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "fmt", "group_size", "block_m", "block_n", "block_k", "max_concurrent_steps", "interpret"))
+    "fmt", "group_size", "block_m", "block_n", "block_k", "max_concurrent_steps", "swap_ab", "interpret"))
 def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, block_n=128, block_k=128,
-                 max_concurrent_steps=2, interpret=False):
+                 max_concurrent_steps=2, swap_ab=False, interpret=False):
     """Mosaic GPU version of `quant_matmul.quant_matmul_reference`. x: [M, K] bf16 -> [M, N] bf16.
 
+    `swap_ab`: the decode shape (y^T = W^T x^T; block_m is then wgmma's N, a multiple of 8).
     `interpret`: True, or a `plgpu.InterpretGPUParams`: run in Mosaic GPU's interpret mode on any
     platform (True: every buffer, the output included, starts as NaN).
     """
@@ -194,9 +205,10 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
     # Register tiles (and wgmma's M) come in 64 rows: x's tile, and W's packed tile of block_k
     # (int8) or block_k // 2 (int4) rows is dequantized CHUNK rows at a time.
     k_unit = 2 * CHUNK if fmt == "int4" else CHUNK
-    if block_m % 64 or n % block_n or block_n % 64 or k % block_k or block_k % k_unit:
-        raise ValueError(f"need block_m, block_n multiples of 64 and block_k of {k_unit} ({fmt}), dividing "
-                         f"N={n}, K={k}: got {block_m}, {block_n}, {block_k}")
+    # swap_ab: block_n is wgmma's M (64 per warpgroup) and block_m its N (a multiple of 8).
+    if block_m % (8 if swap_ab else 64) or n % block_n or block_n % 64 or k % block_k or block_k % k_unit:
+        raise ValueError(f"need block_m a multiple of {8 if swap_ab else 64}, block_n of 64 and block_k of "
+                         f"{k_unit} ({fmt}), dividing N={n}, K={k}: got {block_m}, {block_n}, {block_k}")
     if group_size and group_size % block_k and block_k % group_size:
         raise ValueError(f"block_k={block_k} and group_size={group_size}: one must divide the other")
     symmetric = fmt == "int4" and mins is None
@@ -206,17 +218,19 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
     m_pad = pl.cdiv(m, block_m) * block_m
     x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     transforms = (_swizzled(block_k, x.dtype), _swizzled(block_n, x.dtype))
+    out_shape, out_block = ((n, m_pad), (block_n, block_m)) if swap_ab else ((m_pad, n), (block_m, block_n))
     kernel = functools.partial(
         _quant_matmul_kernel, fmt=fmt, group_size=group_size, symmetric=symmetric, block_m=block_m,
-        block_n=block_n, block_k=block_k, max_concurrent_steps=max_concurrent_steps, transforms=transforms)
+        block_n=block_n, block_k=block_k, max_concurrent_steps=max_concurrent_steps, transforms=transforms,
+        swap_ab=swap_ab)
     operands = (x, data, scales) + (() if mins is None else (mins,))
     out = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((m_pad, n), x.dtype),
+        out_type=jax.ShapeDtypeStruct(out_shape, x.dtype),
         grid=(n // block_n, m_pad // block_m),
         grid_names=("n", "m"),
         scratch_types=[plgpu.SMEM((block_k, block_n), x.dtype, transforms=transforms[1]),
-                       plgpu.SMEM((block_m, block_n), x.dtype, transforms=transforms[1])],
+                       plgpu.SMEM(out_block, x.dtype, transforms=_swizzled(out_block[1], x.dtype))],
         interpret=_interpret_params(interpret),
     )(*operands)
-    return out[:m]
+    return (out.T if swap_ab else out)[:m]

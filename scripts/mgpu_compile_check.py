@@ -31,14 +31,16 @@ from kernels_pallas import quant_matmul_mgpu as qmg  # noqa: E402
 
 # (name, M, K, N, fmt, group_size, with mins, block options)
 CASES = [
-    ("int8 decode", 16, 4096, 4096, "int8", 0, False, {}),
+    ("int8 decode, swapped", 16, 4096, 4096, "int8", 0, False, dict(block_m=16, swap_ab=True)),
+    ("int8 M=64", 64, 4096, 4096, "int8", 0, False, {}),
     ("int8 prefill", 512, 4096, 4096, "int8", 0, False, dict(block_m=128)),
-    ("int4 g128 min decode", 16, 4096, 4096, "int4", 128, True, {}),
-    ("int4 g64 min decode", 16, 4096, 4096, "int4", 64, True, {}),
-    ("int4 g32 min decode", 1, 4096, 4096, "int4", 32, True, {}),
+    ("int4 g128 min decode, swapped", 16, 4096, 4096, "int4", 128, True, dict(block_m=16, swap_ab=True)),
+    ("int4 g64 min decode, swapped", 16, 4096, 4096, "int4", 64, True, dict(block_m=16, swap_ab=True)),
+    ("int4 g32 min decode, swapped", 1, 4096, 4096, "int4", 32, True, dict(block_m=16, swap_ab=True)),
+    ("int4 g128 sym decode, swapped", 16, 4096, 4096, "int4", 128, False, dict(block_m=16, swap_ab=True)),
+    ("int4 g128 min M=64", 64, 4096, 4096, "int4", 128, True, {}),
     ("int4 g128 min prefill", 512, 4096, 4096, "int4", 128, True, dict(block_m=128)),
     ("int4 g32 min prefill", 512, 4096, 4096, "int4", 32, True, dict(block_m=128)),
-    ("int4 g128 sym decode", 16, 4096, 4096, "int4", 128, False, {}),
 ]
 
 

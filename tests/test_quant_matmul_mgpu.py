@@ -8,8 +8,8 @@ the CPU. The interpreter fills every buffer it allocates, the output included, w
 the kernel runs (`uninitialized_memory="nan"`), so an output tile the kernel never writes fails.
 
 One axis at a time from two small base cases (int8 per channel and int4 g64 with a min, M = 16,
-K = 256, N = 128): M 1/16/64/70, int4 groups 32/64/128, symmetric int4, grouped int8, N and K with
-several blocks. Then the lowering for CUDA (Mosaic GPU's own passes, layout inference included)
+K = 256, N = 128): M 1/16/64/70 (M <= 16 runs the decode variant with swapped operands), int4
+groups 32/64/128 in both variants, symmetric int4, grouped int8, N and K with several blocks. Then the lowering for CUDA (Mosaic GPU's own passes, layout inference included)
 on this GPU-less machine; registers and spills need ptxas: scripts/mgpu_compile_check.py.
 """
 
@@ -41,7 +41,9 @@ def random_weight(seed, k, n):
 
 
 def check_against_reference(qw, m, **blocks):
+    """Blocks: the dispatcher's (`default_blocks`: the swapped decode variant for M <= 16) unless given."""
     k, n = qw.shape
+    blocks = blocks or qmg.default_blocks(qw.format, qw.group_size, m, k, n, jnp.bfloat16)
     x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
     out = qmg.quant_matmul(x, qw.data, qw.scales, qw.mins, fmt=qw.format, group_size=qw.group_size,
                            interpret=True, **blocks)
@@ -52,17 +54,26 @@ def check_against_reference(qw, m, **blocks):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= TOLERANCE
 
 
-@pytest.mark.parametrize("m", [1, 16, 64, 70])  # 70: two M tiles, the second padded
+# M <= 16: the decode variant (y^T = W^T x^T, M padded to 16); above: M tiles of 64 (70: two, the
+# second padded).
+@pytest.mark.parametrize("m", [1, 16, 64, 70])
 @pytest.mark.parametrize("base", list(BASES))
 def test_matches_reference_over_m(base, m):
     check_against_reference(BASES[base](random_weight(0, 256, 128)), m)
 
 
+@pytest.mark.parametrize("m", [5, 16])
+@pytest.mark.parametrize("base", list(BASES))
+def test_small_m_without_swapping_operands(base, m):
+    check_against_reference(BASES[base](random_weight(0, 256, 128)), m, block_m=64)
+
+
+@pytest.mark.parametrize("m", [16, 64])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_with_min_matches_reference_over_group_size(group_size):
+def test_int4_with_min_matches_reference_over_group_size(group_size, m):
     # block_k 128: g32 and g64 put 4 and 2 groups in one step (scales selected by row band), g128 one.
     check_against_reference(quant.quantize_int4(random_weight(1, 256, 128), group_size=group_size,
-                                                symmetric=False), 16)
+                                                symmetric=False), m)
 
 
 def test_int4_symmetric_matches_reference():
@@ -75,7 +86,8 @@ def test_int8_grouped_matches_reference():
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_several_n_blocks(base):
-    check_against_reference(BASES[base](random_weight(4, 256, 256)), 16, block_n=64)
+    check_against_reference(BASES[base](random_weight(4, 256, 256)), 16, block_m=16, block_n=64, swap_ab=True)
+    check_against_reference(BASES[base](random_weight(4, 256, 256)), 64, block_n=64)
 
 
 @pytest.mark.parametrize("base", list(BASES))
@@ -123,9 +135,10 @@ def test_dispatch_picks_the_mosaic_kernel_where_it_applies_and_triton_elsewhere(
     assert qmg.default_blocks("int4", 32, 6, 256, 96, jnp.bfloat16) is None
     assert qmg.default_blocks("int4", 128, 512, 4096, 4096, jnp.bfloat16) == dict(block_m=128, block_n=128,
                                                                                    block_k=128)
+    assert qmg.default_blocks("int4", 128, 16, 4096, 4096, jnp.bfloat16)["swap_ab"]
 
 
-# (fmt, group_size, with mins, M): decode and prefill tiles, every int4 group size.
+# (fmt, group_size, with mins, M): decode (swapped) and prefill tiles, every int4 group size.
 LOWERINGS = [("int8", 0, False, 16), ("int8", 0, False, 256), ("int4", 32, True, 1), ("int4", 64, True, 16),
              ("int4", 128, True, 256), ("int4", 128, False, 16)]
 
