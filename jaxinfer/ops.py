@@ -11,8 +11,8 @@ Backends, chosen separately for attention (`--attention-backend`) and for the qu
 - "auto": pallas on a GPU, xla elsewhere.
 The matmul has two more (`MATMUL_BACKENDS`):
 - "mosaic_gpu": the Mosaic GPU kernel for Hopper (sm_90a; `kernels_pallas.quant_matmul_mgpu`) where
-  it applies (int8 and int4 weights in the "kn" layout, bf16/f16 activations, N a multiple of 64,
-  K of 64 for int8 or 128 for int4), else the Triton kernel. "auto" stays on Triton until a run on
+  it applies (int8, int4 and fp8 weights in the "kn" layout, bf16/f16 activations, N a multiple of
+  64, K of 64 for int8/fp8 or 128 for int4), else the Triton kernel. "auto" stays on Triton until a run on
   a real Hopper GPU has checked the Mosaic GPU kernel: so far it is checked in Mosaic GPU's
   interpret mode and compiled for sm_90a without a GPU (docs/KERNELS.md);
 - "mosaic_gpu_interpret": the same, run by Mosaic GPU's interpreter (numerics tests only).

@@ -2,8 +2,8 @@
 
 Same packed layouts and the same specification as `kernels_pallas.quant_matmul`: its
 `quant_matmul_reference` (dequantize W to x's dtype, one dot accumulating in float32) is what
-this kernel is tested against. Formats: "int8" (per channel or grouped) and "int4" (groups of
-32/64/128, with a min or symmetric); fp8 is not written yet.
+this kernel is tested against. Formats: "int8" (per channel or grouped), "int4" (groups of
+32/64/128, with a min or symmetric) and "fp8" (e4m3, converted by Hopper's own instruction).
 
 Design, per output tile [block_m, block_n] (one CUDA block of one warpgroup, 128 threads):
 - `plgpu.emit_pipeline` walks K `block_k` rows at a time, `max_concurrent_steps` stages deep:
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-FORMATS = ("int8", "int4")
+FORMATS = ("int8", "int4", "fp8")
 CHUNK = 64  # packed rows (and columns) dequantized at once: register tiles come in 64 rows
 
 
@@ -120,6 +120,11 @@ def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size,
                     shift = scale * -8.0
                 else:
                     shift = None
+                if fmt == "fp8":  # float8_e4m3fn -> float32 by Mosaic GPU's own conversion
+                    q = data_smem[chunk_rows, cols].astype(jnp.float32)
+                    w = q * scale if shift is None else q * scale + shift
+                    w_smem[chunk_rows, cols] = w.astype(w_smem.dtype)
+                    continue
                 # Mosaic GPU does arithmetic on 8-bit types only bitwise: widen first.
                 packed = data_smem[chunk_rows, cols].astype(jnp.int32)  # [CHUNK, CHUNK]
                 if fmt == "int4":
@@ -171,8 +176,9 @@ def _deinterleave_k(x, block_k):
 
 
 def default_blocks(fmt, group_size, m, k, n, dtype):
-    """Block sizes for an [M, K] x [K, N] call (64-row M tiles for decode, 128 for prefill), or
-    None where this kernel does not apply (fp8, float32 x, N not a multiple of 64, K not of 128)."""
+    """Block sizes for an [M, K] x [K, N] call (the swapped decode variant for M <= 16, M tiles of 64
+    or 128 above), or None where this kernel does not apply (float32 x, N not a multiple of 64, K
+    not of 64 (int8, fp8) or 128 (int4))."""
     if fmt not in FORMATS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return None
     block_n = next((b for b in (128, 64) if n % b == 0), None)

@@ -188,11 +188,12 @@ def phase_mosaic(args):
     results = []
     cases = [("int8", 0, None, m) for m in (1, 16, 64, 512)]
     cases += [("int4", g, False, m) for g in (32, 128) for m in (1, 16, 512)] + [("int4", 128, True, 16)]
+    cases += [("fp8", 0, None, m) for m in (16, 512)]
     for fmt, group_size, symmetric, m in cases:
         k, n = (256, 128) if args.dry_run else (4096, 4096)
         w = jnp.asarray(rng.standard_normal((k, n)) * k ** -0.5, jnp.float32)
-        qw = (quant.quantize_int8(w) if fmt == "int8" else
-              quant.quantize_int4(w, group_size=group_size, symmetric=symmetric))
+        qw = {"int8": lambda: quant.quantize_int8(w), "fp8": lambda: quant.quantize_fp8(w),
+              "int4": lambda: quant.quantize_int4(w, group_size=group_size, symmetric=symmetric)}[fmt]()
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         operands = (x, qw.data, qw.scales, qw.mins)
         formats = dict(fmt=qw.format, group_size=qw.group_size)

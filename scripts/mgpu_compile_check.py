@@ -41,6 +41,8 @@ CASES = [
     ("int4 g128 min M=64", 64, 4096, 4096, "int4", 128, True, {}),
     ("int4 g128 min prefill", 512, 4096, 4096, "int4", 128, True, dict(block_m=128)),
     ("int4 g32 min prefill", 512, 4096, 4096, "int4", 32, True, dict(block_m=128)),
+    ("fp8 decode, swapped", 16, 4096, 4096, "fp8", 0, False, dict(block_m=16, swap_ab=True)),
+    ("fp8 prefill", 512, 4096, 4096, "fp8", 0, False, dict(block_m=128)),
 ]
 
 
@@ -52,7 +54,8 @@ def compile_case(mesh, m, k, n, fmt, group_size, with_mins, options):
     s = NamedSharding(mesh, PartitionSpec())
     rows = k // 2 if fmt == "int4" else k
     groups = k // group_size if group_size else 1
-    args = [spec((m, k), jnp.bfloat16, s), spec((rows, n), jnp.uint8 if fmt == "int4" else jnp.int8, s),
+    dtype = {"int4": jnp.uint8, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[fmt]
+    args = [spec((m, k), jnp.bfloat16, s), spec((rows, n), dtype, s),
             spec((groups, n) if group_size else (n,), jnp.float16, s)]
     if with_mins:
         args.append(spec((groups, n), jnp.float16, s))

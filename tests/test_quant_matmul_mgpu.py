@@ -9,7 +9,8 @@ the kernel runs (`uninitialized_memory="nan"`), so an output tile the kernel nev
 
 One axis at a time from two small base cases (int8 per channel and int4 g64 with a min, M = 16,
 K = 256, N = 128): M 1/16/64/70 (M <= 16 runs the decode variant with swapped operands), int4
-groups 32/64/128 in both variants, symmetric int4, grouped int8, N and K with several blocks. Then the lowering for CUDA (Mosaic GPU's own passes, layout inference included)
+groups 32/64/128 in both variants, symmetric int4, grouped int8, fp8 e4m3, N and K with several
+blocks. Then the lowering for CUDA (Mosaic GPU's own passes, layout inference included)
 on this GPU-less machine; registers and spills need ptxas: scripts/mgpu_compile_check.py.
 """
 
@@ -80,6 +81,11 @@ def test_int4_symmetric_matches_reference():
     check_against_reference(quant.quantize_int4(random_weight(2, 256, 128), group_size=128), 16)
 
 
+@pytest.mark.parametrize("m", [1, 64])
+def test_fp8_matches_reference(m):
+    check_against_reference(quant.quantize_fp8(random_weight(9, 256, 128)), m)
+
+
 def test_int8_grouped_matches_reference():
     check_against_reference(quant.quantize_int8(random_weight(3, 256, 128), group_size=32), 16)
 
@@ -116,9 +122,8 @@ def test_refuses_blocks_it_cannot_tile():
     x = jnp.zeros((16, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="block_k"):
         qmg.quant_matmul(x, qw.data, qw.scales, qw.mins, fmt="int4", group_size=64, block_k=64)
-    with pytest.raises(ValueError, match="fp8"):
-        fp8 = quant.quantize_fp8(random_weight(6, 256, 128))
-        qmg.quant_matmul(x, fp8.data, fp8.scales, fmt="fp8", group_size=0)
+    with pytest.raises(ValueError, match="no 'int2' path"):
+        qmg.quant_matmul(x, qw.data, qw.scales, qw.mins, fmt="int2", group_size=64)
     with pytest.raises(ValueError, match="bfloat16"):
         qmg.quant_matmul(x.astype(jnp.float32), qw.data, qw.scales, qw.mins, fmt="int4", group_size=64)
 
@@ -140,14 +145,15 @@ def test_dispatch_picks_the_mosaic_kernel_where_it_applies_and_triton_elsewhere(
 
 # (fmt, group_size, with mins, M): decode (swapped) and prefill tiles, every int4 group size.
 LOWERINGS = [("int8", 0, False, 16), ("int8", 0, False, 256), ("int4", 32, True, 1), ("int4", 64, True, 16),
-             ("int4", 128, True, 256), ("int4", 128, False, 16)]
+             ("int4", 128, True, 256), ("int4", 128, False, 16), ("fp8", 0, False, 16), ("fp8", 0, False, 256)]
 
 
 @pytest.mark.parametrize("fmt,group_size,with_mins,m", LOWERINGS)
 def test_lowers_for_cuda_to_one_mosaic_gpu_kernel(fmt, group_size, with_mins, m):
     k, n = 1024, 512
     s = jax.ShapeDtypeStruct
-    args = [s((m, k), jnp.bfloat16), s((k // 2, n) if fmt == "int4" else (k, n), jnp.uint8 if fmt == "int4" else jnp.int8),
+    dtype = {"int4": jnp.uint8, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[fmt]
+    args = [s((m, k), jnp.bfloat16), s((k // 2, n) if fmt == "int4" else (k, n), dtype),
             s((k // group_size, n) if group_size else (n,), jnp.float16)]
     if with_mins:
         args.append(s((k // group_size, n), jnp.float16))
