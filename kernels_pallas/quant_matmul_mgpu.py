@@ -57,8 +57,8 @@ def _codes_to_float32(q, offset):
 def _dequantize_tile(q, scale, shift, dtype, offset):
     """Packed codes -> W's tile in `dtype` by the reference's arithmetic.
 
-    q: [rows, block_n] int32 codes (offset: 0 for int4's 0..15, 128 for int8's -128..127); scale,
-    shift: [rows, block_n] float32 (shift: the min, -8 * scale for symmetric int4, or None). The
+    q: [CHUNK, CHUNK] int32 codes (offset: 0 for int4's 0..15, 128 for int8's -128..127); scale,
+    shift: [CHUNK, CHUNK] float32 (shift: the min, -8 * scale for symmetric int4, or None). The
     reference computes q * scale (+ min) in float32 and rounds once to x's dtype; so does this.
     """
     w = _codes_to_float32(q, offset) * scale
@@ -66,10 +66,9 @@ def _dequantize_tile(q, scale, shift, dtype, offset):
 
 
 def _quant_matmul_kernel(x_gmem, data_gmem, scales_gmem, *rest, fmt, group_size, symmetric, block_m,
-                         block_n, block_k, max_concurrent_steps, transforms, swap_ab):
+                         block_n, block_k, max_concurrent_steps, x_transforms, swap_ab):
     mins_gmem = rest[0] if len(rest) == 4 else None
     o_gmem, w_smem, o_smem = rest[-3:]
-    x_transforms, w_transforms = transforms
     n_idx, m_idx = jax.lax.axis_index("n"), jax.lax.axis_index("m")
     k = x_gmem.shape[1]
     rows = block_k // 2 if fmt == "int4" else block_k  # packed rows of W per step
@@ -208,8 +207,8 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
         raise ValueError(f"x is [{m}, {k}] but the {fmt} W data is {data.shape}")
     if x.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"x must be bfloat16 or float16 (wgmma operands), not {x.dtype}")
-    # Register tiles (and wgmma's M) come in 64 rows: x's tile, and W's packed tile of block_k
-    # (int8) or block_k // 2 (int4) rows is dequantized CHUNK rows at a time.
+    # W's packed tile (block_k rows, or block_k // 2 for int4) is dequantized CHUNK x CHUNK at a
+    # time: register tiles come in 64 rows.
     k_unit = 2 * CHUNK if fmt == "int4" else CHUNK
     # swap_ab: block_n is wgmma's M (64 per warpgroup) and block_m its N (a multiple of 8).
     if block_m % (8 if swap_ab else 64) or n % block_n or block_n % 64 or k % block_k or block_k % k_unit:
@@ -223,20 +222,19 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
         x = _deinterleave_k(x, block_k)
     m_pad = pl.cdiv(m, block_m) * block_m
     x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
-    transforms = (_swizzled(block_k, x.dtype), _swizzled(block_n, x.dtype))
     out_shape, out_block = ((n, m_pad), (block_n, block_m)) if swap_ab else ((m_pad, n), (block_m, block_n))
     kernel = functools.partial(
         _quant_matmul_kernel, fmt=fmt, group_size=group_size, symmetric=symmetric, block_m=block_m,
-        block_n=block_n, block_k=block_k, max_concurrent_steps=max_concurrent_steps, transforms=transforms,
-        swap_ab=swap_ab)
+        block_n=block_n, block_k=block_k, max_concurrent_steps=max_concurrent_steps,
+        x_transforms=_swizzled(block_k, x.dtype), swap_ab=swap_ab)
     operands = (x, data, scales) + (() if mins is None else (mins,))
     out = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(out_shape, x.dtype),
         grid=(n // block_n, m_pad // block_m),
         grid_names=("n", "m"),
-        scratch_types=[plgpu.SMEM((block_k, block_n), x.dtype, transforms=transforms[1]),
-                       plgpu.SMEM(out_block, x.dtype, transforms=_swizzled(out_block[1], x.dtype))],
+        scratch_types=[plgpu.SMEM((block_k, block_n), x.dtype, transforms=_swizzled(block_n, x.dtype)),  # bf16 W
+                       plgpu.SMEM(out_block, x.dtype, transforms=_swizzled(out_block[1], x.dtype))],  # y tile
         interpret=_interpret_params(interpret),
     )(*operands)
     return (out.T if swap_ab else out)[:m]
