@@ -143,6 +143,21 @@ def test_dispatch_picks_the_mosaic_kernel_where_it_applies_and_triton_elsewhere(
     assert qmg.default_blocks("int4", 128, 16, 4096, 4096, jnp.bfloat16)["swap_ab"]
 
 
+def test_dispatch_runs_a_layer_of_a_stack_under_scan():
+    # The engine's path: stacked weights [L, ...], the layer index traced by lax.scan, under jit.
+    stacked = jax.vmap(lambda w: quant.quantize_int4(w, group_size=64, symmetric=False))(
+        jnp.stack([random_weight(10, 256, 128), random_weight(11, 256, 128)]))
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((4, 256)), jnp.bfloat16)
+
+    def layers(backend):
+        step = lambda c, layer: (c, ops.quant_matmul(x, stacked, backend=backend, layer=layer))  # noqa: E731
+        return jax.jit(lambda: jax.lax.scan(step, 0, jnp.arange(2))[1])()
+
+    out, ref = np.asarray(layers("mosaic_gpu_interpret"), np.float64), np.asarray(layers("xla"), np.float64)
+    assert out.shape == (2, 4, 128)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= TOLERANCE
+
+
 # (fmt, group_size, with mins, M): decode (swapped) and prefill tiles, every int4 group size.
 LOWERINGS = [("int8", 0, False, 16), ("int8", 0, False, 256), ("int4", 32, True, 1), ("int4", 64, True, 16),
              ("int4", 128, True, 256), ("int4", 128, False, 16), ("fp8", 0, False, 16), ("fp8", 0, False, 256)]
