@@ -136,6 +136,9 @@ def machine():
     return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
 
 
+KEPT_FROM = "\n## GPU: "  # docs/KERNELS.md from this heading on is written by hand
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs",
@@ -191,8 +194,13 @@ def main():
         "",
     ])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    kept = ""  # the hand-written GPU sections below the table survive a rerun
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = f.read()
+        kept = old[old.index(KEPT_FROM):] if KEPT_FROM in old else ""
     with open(args.out, "w") as f:
-        f.write(text)
+        f.write(text + ("\n" + kept if kept else ""))
     print(f"wrote {args.out}")
 
 

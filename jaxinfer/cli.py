@@ -18,7 +18,7 @@ import sys
 import time
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.ops import BACKENDS
+from jaxinfer.ops import BACKENDS, MATMUL_BACKENDS
 from jaxinfer.quant import QUANTIZATIONS
 from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--attention-backend", choices=BACKENDS,
                         help="attention kernels: auto (Pallas on GPU; native CPU kernel or XLA elsewhere), xla, "
                         f"pallas, pallas_interpret (slow; debugging) (default: {d.attention_backend})")
-    engine.add_argument("--matmul-backend", choices=BACKENDS,
-                        help="quantized matmul kernel: auto (Pallas on GPU; native CPU kernel or XLA elsewhere), "
-                        f"xla, pallas, pallas_interpret (slow; debugging) (default: {d.matmul_backend})")
+    engine.add_argument("--matmul-backend", choices=MATMUL_BACKENDS,
+                        help="quantized matmul kernel: auto (Pallas Triton on GPU; native CPU kernel or XLA elsewhere), "
+                        "xla, pallas, pallas_interpret (slow; debugging), mosaic_gpu (Hopper: the Mosaic GPU kernel "
+                        "where it applies, Triton elsewhere; not yet run on a real GPU), mosaic_gpu_interpret "
+                        f"(default: {d.matmul_backend})")
     engine.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
                         help="compile every step shape before serving (default: on)")
     engine.add_argument("--strict-compile", action=argparse.BooleanOptionalAction, default=None,

@@ -16,7 +16,7 @@ from jaxinfer import tensor_parallel
 from jaxinfer.config import EngineConfig
 from jaxinfer.models import load_model
 from jaxinfer.models.llama import head_tensor_name
-from jaxinfer.ops import resolve_backend
+from jaxinfer.ops import MATMUL_BACKENDS, resolve_backend
 from jaxinfer.quant import resolve_lm_head_quantization, resolve_quantization, use_blocked_layout, weight_bytes_by_format
 from jaxinfer.tokenizer import Tokenizer
 from jaxinfer.weights import open_checkpoint
@@ -71,7 +71,7 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
     if split:
         tensor_parallel.check_model(mc, config.tensor_parallel_size)
     # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
-    cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla"
+    cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend, MATMUL_BACKENDS) == "xla"
                        and config.cpu_integer_matmul and native.has_group_path())
     stored_quantization = getattr(checkpoint, "quantization", None)  # an AWQ/GPTQ/... HF checkpoint
     if stored_quantization is not None:
@@ -98,7 +98,7 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
     if cpu_runs_blocks and split and isinstance(checkpoint, GGUFCheckpoint):
         logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
                     "(their byte stacks are not split across devices)")
-    native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend) == "xla" and native.available())
+    native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend, MATMUL_BACKENDS) == "xla" and native.available())
     if native_layouts:
         layouts = use_blocked_layout(loaded, integer=config.cpu_integer_matmul)
         if layouts:

@@ -9,6 +9,13 @@ Backends, chosen separately for attention (`--attention-backend`) and for the qu
 - "pallas_interpret": the same Pallas kernels run by the interpreter on any platform (numerics
   tests only, slow);
 - "auto": pallas on a GPU, xla elsewhere.
+The matmul has two more (`MATMUL_BACKENDS`):
+- "mosaic_gpu": the Mosaic GPU kernel for Hopper (sm_90a; `kernels_pallas.quant_matmul_mgpu`) where
+  it applies (int8, int4 and fp8 weights in the "kn" layout, bf16/f16 activations, N a multiple of
+  64, K of 64 for int8/fp8 or 128 for int4), else the Triton kernel. "auto" stays on Triton until a run on
+  a real Hopper GPU has checked the Mosaic GPU kernel: so far it is checked in Mosaic GPU's
+  interpret mode and compiled for sm_90a without a GPU (docs/KERNELS.md);
+- "mosaic_gpu_interpret": the same, run by Mosaic GPU's interpreter (numerics tests only).
 The choice is static: it is made when a step function is traced. The kernel packages stand alone
 (they import nothing from each other or from jaxinfer); this module is where they meet the engine.
 """
@@ -21,13 +28,15 @@ from jaxinfer.xla_attention import ragged_paged_attention_xla
 from kernels_cpu import native
 from kernels_pallas import paged_attention
 from kernels_pallas import quant_matmul as qmm
+from kernels_pallas import quant_matmul_mgpu as qmm_mgpu
 
 BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
+MATMUL_BACKENDS = BACKENDS + ("mosaic_gpu", "mosaic_gpu_interpret")
 
 
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+def resolve_backend(backend: str, choices=BACKENDS) -> str:
+    if backend not in choices:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {choices}")
     if backend == "auto":
         return "pallas" if jax.default_backend() == "gpu" else "xla"
     return backend
@@ -66,7 +75,7 @@ def quant_matmul(x, w, *, backend="auto", layer=None):
     With `layer` (an int32 scalar, traced or not), W is a layer stack ([L, K, N] and so on) and
     layer `layer` of it is used: the native CPU kernel reads it in place, the other paths slice it.
     """
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, MATMUL_BACKENDS)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if isinstance(w, kquant.KQuantWeight) and layer is None:
@@ -84,8 +93,13 @@ def quant_matmul(x, w, *, backend="auto", layer=None):
             w = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), w)
         operands = (x2, w.kn_data(), w.scales, w.mins)  # the CPU kernel's layouts go back to [K, N]
         formats = dict(fmt=w.format, group_size=w.group_size)
+        blocks = qmm_mgpu.default_blocks(w.format, w.group_size, *x2.shape, w.shape[1], x2.dtype)
         if backend == "xla":
             out = qmm.quant_matmul_reference(*operands, **formats)
+        elif backend.startswith("mosaic_gpu") and blocks is not None:
+            out = qmm_mgpu.quant_matmul(*operands, **formats, **blocks, interpret=backend == "mosaic_gpu_interpret")
+        elif backend.startswith("mosaic_gpu"):  # a shape or format the Mosaic GPU kernel does not take
+            out = qmm.quant_matmul(*operands, **formats, interpret=backend == "mosaic_gpu_interpret")
         else:
             out = qmm.quant_matmul(*operands, **formats, interpret=backend == "pallas_interpret")
     return out.reshape(*lead, out.shape[-1])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the engine's whole step for H100 and A100 without a GPU (scripts/gpu_compile_check.py)
-# and writes docs/data/gpu-compile.md. Builds its own environment, .venv-cuda (the engine with jax's
+# and writes docs/data/gpu-compile.md; first the Mosaic GPU matmul for sm_90a (scripts/mgpu_compile_check.py,
+# docs/data/mgpu-compile.md). Builds its own environment, .venv-cuda (the engine with jax's
 # CUDA plugin and ptxas, about 1 GB), once; later runs reuse it. Extra arguments go to the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +9,6 @@ scripts/make_venv.sh .venv-cuda -c constraints.txt -e . "jax[cuda12-local]" nvid
 # There is no GPU (nor driver) here: the CUDA plugin must not insist on one.
 export JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 TF_CPP_MIN_LOG_LEVEL=3
 mkdir -p docs/data
+.venv-cuda/bin/python scripts/mgpu_compile_check.py > docs/data/mgpu-compile.md
+cat docs/data/mgpu-compile.md
 exec .venv-cuda/bin/python scripts/gpu_compile_check.py --markdown docs/data/gpu-compile.md "$@"

@@ -8,7 +8,7 @@ the greedy tokens are then a meaningful comparison. Every phase writes its own J
 `scripts/gpu_smoke.sh OUTDIR` runs each phase under a time cap. `--dry-run` runs the same code on
 the CPU at toy sizes, the Pallas kernels interpreted (the CI test of this script).
 
-Phases (`--phase`): env, kernels, engine, speed.
+Phases (`--phase`): env, kernels, mosaic, engine, speed.
 """
 
 import argparse
@@ -38,6 +38,7 @@ from jaxinfer.models.llama import PROJECTIONS, AttentionMetadata, Llama  # noqa:
 from jaxinfer.runner import empty_batch, jit_step  # noqa: E402
 from kernels_pallas import paged_attention as pa  # noqa: E402
 from kernels_pallas import quant_matmul as qmm  # noqa: E402
+from kernels_pallas import quant_matmul_mgpu as qmm_mgpu  # noqa: E402
 
 # Data-sheet memory bandwidth by device kind, bytes/s (H200: 4.8 TB/s; measured copies reach ~4.3).
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12}
@@ -167,6 +168,55 @@ def phase_kernels(args):
     return {"results": results, "all_ok": all(r["ok"] for r in results)}
 
 
+def _time_us(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e6
+
+
+def phase_mosaic(args):
+    """The Mosaic GPU matmul (Hopper only: `--matmul-backend mosaic_gpu`) against the reference, and its
+    time beside the Triton kernel's and the memory roofline (bytes: W as stored, x, y)."""
+    interpret = args.dry_run
+    device = jax.devices()[0]
+    bandwidth = next((bw for name, bw in BANDWIDTH.items() if name in device.device_kind), None)
+    rng = np.random.default_rng(1)
+    results = []
+    cases = [("int8", 0, None, m) for m in (1, 16, 64, 512)]
+    cases += [("int4", g, False, m) for g in (32, 128) for m in (1, 16, 512)] + [("int4", 128, True, 16)]
+    cases += [("fp8", 0, None, m) for m in (16, 512)]
+    for fmt, group_size, symmetric, m in cases:
+        k, n = (256, 128) if args.dry_run else (4096, 4096)
+        w = jnp.asarray(rng.standard_normal((k, n)) * k ** -0.5, jnp.float32)
+        qw = {"int8": lambda: quant.quantize_int8(w), "fp8": lambda: quant.quantize_fp8(w),
+              "int4": lambda: quant.quantize_int4(w, group_size=group_size, symmetric=symmetric)}[fmt]()
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        operands = (x, qw.data, qw.scales, qw.mins)
+        formats = dict(fmt=qw.format, group_size=qw.group_size)
+        blocks = qmm_mgpu.default_blocks(qw.format, qw.group_size, m, k, n, x.dtype)
+        row = {"format": fmt, "group_size": group_size, "symmetric": symmetric, "m": m, "k": k, "n": n, **blocks}
+        try:
+            ref = qmm.quant_matmul_reference(*operands, **formats).astype(jnp.float32)
+            mosaic = jax.jit(lambda *o: qmm_mgpu.quant_matmul(*o, **formats, **blocks, interpret=interpret))
+            out = mosaic(*operands).astype(jnp.float32)
+            row["rel_err"] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+            row["ok"] = row["rel_err"] < 1e-2
+            if not args.dry_run:
+                triton = jax.jit(lambda *o: qmm.quant_matmul(*o, **formats))
+                row["mosaic_us"] = _time_us(mosaic, *operands, repeats=20)
+                row["triton_us"] = _time_us(triton, *operands, repeats=20)
+                nbytes = sum(a.nbytes for a in jax.tree.leaves(operands)) + m * n * 2
+                row["roofline_us"] = nbytes / bandwidth * 1e6 if bandwidth else None
+        except Exception as e:  # noqa: BLE001 - record it, go on to the next case
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+        results.append(row)
+    return {"device_kind": device.device_kind, "results": results, "all_ok": all(r["ok"] for r in results)}
+
+
 def phase_engine(args):
     """The step program on the device (Pallas, bf16) against the same model on the CPU (XLA, float32):
     last-position logits of a prefill, then greedy decoding through the paged cache."""
@@ -253,7 +303,8 @@ def phase_speed(args):
             "model": dataclasses.asdict(config)}
 
 
-PHASES = {"env": phase_env, "kernels": phase_kernels, "engine": phase_engine, "speed": phase_speed}
+PHASES = {"env": phase_env, "kernels": phase_kernels, "mosaic": phase_mosaic, "engine": phase_engine,
+          "speed": phase_speed}
 
 
 def main():

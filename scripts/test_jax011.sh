@@ -8,6 +8,7 @@ scripts/make_venv.sh .venv-jax011 -e '.[test]' jax==0.11.2 jaxlib==0.11.2
 .venv-jax011/bin/python -c "import jax; assert jax.__version__ == '0.11.2', jax.__version__; print('jax', jax.__version__)"
 # The kernels (interpreted Pallas against their references, and their CUDA lowering): what the GPU
 # smoke script needs from this JAX. The engine's own tests run once, on the locked jax, in `make test`.
-tests=(tests/test_architecture.py tests/test_paged_attention.py tests/test_quant_matmul.py tests/test_cuda_lowering.py)
+tests=(tests/test_architecture.py tests/test_paged_attention.py tests/test_quant_matmul.py tests/test_quant_matmul_mgpu.py
+       tests/test_cuda_lowering.py)
 [ $# -gt 0 ] && tests=("$@")
 exec .venv-jax011/bin/python -m pytest -q -p no:cacheprovider "${tests[@]}"

@@ -21,3 +21,13 @@ def test_engine_phase_matches_the_cpu_reference_in_every_format(tmp_path):
         assert fmt["within_tolerance"], (name, fmt)
         # The interpreted Pallas kernels in bf16 against XLA in float32: peaked logits keep the same argmax.
         assert fmt["device_tokens"] == fmt["cpu_tokens"], (name, fmt)
+
+
+def test_mosaic_phase_checks_the_mosaic_gpu_matmul_in_every_shape(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_smoke.py"), str(tmp_path), "--dry-run",
+                           "--phase", "mosaic"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAXINFER_NATIVE="0"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "mosaic.json").read_text())
+    assert result["all_ok"], result
+    assert {r.get("swap_ab", False) for r in result["results"]} == {True, False}  # decode and prefill shapes

@@ -1,0 +1,103 @@
+"""Compiles the Mosaic GPU quantized matmul (`kernels_pallas.quant_matmul_mgpu`) for H100 (sm_90a)
+without a GPU, and reports each configuration's registers, spills and shared memory from ptxas.
+
+The devices are compile-only GPUs from `jax.experimental.topologies` (the same target config as
+scripts/gpu_compile_check.py); Mosaic GPU lowers the kernel to PTX and runs ptxas on it
+(`MOSAIC_GPU_DUMP_PTXAS=1` prints its report). Exits 1 on a compile error or a spill.
+Prints a markdown table. scripts/gpu_compile_check.sh (`make gpu-compile-check`) builds .venv-cuda
+and runs it first; by hand: `.venv-cuda/bin/python scripts/mgpu_compile_check.py [case name ...]`.
+"""
+
+import glob
+import os
+import re
+import sys
+import tempfile
+
+DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-mgpu-compile-")
+os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=DUMP_DIR)
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+
+from gpu_compile_check import CARDS  # noqa: E402
+from kernels_pallas import quant_matmul_mgpu as qmg  # noqa: E402
+
+# (name, M, K, N, fmt, group_size, with mins, block options)
+CASES = [
+    ("int8 decode, swapped", 16, 4096, 4096, "int8", 0, False, dict(block_m=16, swap_ab=True)),
+    ("int8 M=64", 64, 4096, 4096, "int8", 0, False, {}),
+    ("int8 prefill", 512, 4096, 4096, "int8", 0, False, dict(block_m=128)),
+    ("int4 g128 min decode, swapped", 16, 4096, 4096, "int4", 128, True, dict(block_m=16, swap_ab=True)),
+    ("int4 g64 min decode, swapped", 16, 4096, 4096, "int4", 64, True, dict(block_m=16, swap_ab=True)),
+    ("int4 g32 min decode, swapped", 1, 4096, 4096, "int4", 32, True, dict(block_m=16, swap_ab=True)),
+    ("int4 g128 sym decode, swapped", 16, 4096, 4096, "int4", 128, False, dict(block_m=16, swap_ab=True)),
+    ("int4 g128 min M=64", 64, 4096, 4096, "int4", 128, True, {}),
+    ("int4 g128 min prefill", 512, 4096, 4096, "int4", 128, True, dict(block_m=128)),
+    ("int4 g32 min prefill", 512, 4096, 4096, "int4", 32, True, dict(block_m=128)),
+    ("fp8 decode, swapped", 16, 4096, 4096, "fp8", 0, False, dict(block_m=16, swap_ab=True)),
+    ("fp8 prefill", 512, 4096, 4096, "fp8", 0, False, dict(block_m=128)),
+]
+
+
+def spec(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def compile_case(mesh, m, k, n, fmt, group_size, with_mins, options):
+    s = NamedSharding(mesh, PartitionSpec())
+    rows = k // 2 if fmt == "int4" else k
+    groups = k // group_size if group_size else 1
+    dtype = {"int4": jnp.uint8, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[fmt]
+    args = [spec((m, k), jnp.bfloat16, s), spec((rows, n), dtype, s),
+            spec((groups, n) if group_size else (n,), jnp.float16, s)]
+    if with_mins:
+        args.append(spec((groups, n), jnp.float16, s))
+    f = jax.jit(lambda x, d, sc, *mn: qmg.quant_matmul(x, d, sc, *mn, fmt=fmt, group_size=group_size, **options))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return f.lower(*args).compile()
+
+
+def ptxas_report(paths):
+    """(registers, spill bytes, shared memory bytes) from the files Mosaic GPU dumped for one kernel."""
+    text = "".join(open(p).read() for p in paths if p.endswith(".ptxas"))
+    resources = "".join(open(p).read() for p in paths if p.endswith(".resources.txt"))
+    registers = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    smem = int(re.search(r"smem_scratch_bytes=(\d+)", resources).group(1))
+    return registers, spills, smem
+
+
+def main():
+    card = CARDS["H100"]
+    topology = topologies.get_topology_desc(card.name, "cuda", target_config=card.target_config, topology="1x1x1")
+    mesh = Mesh(topology.devices, ("x",))
+    failed = False
+    print("| case | M x K x N | blocks | registers | spill bytes | shared memory |\n|---|---|---|---|---|---|")
+    for name, *case in CASES:
+        if len(sys.argv) > 1 and not any(a in name for a in sys.argv[1:]):
+            continue
+        before = set(glob.glob(os.path.join(DUMP_DIR, "*")))
+        m, k, n, fmt, group_size, with_mins, options = case
+        try:
+            compile_case(mesh, *case)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next case
+            print(f"| {name} | COMPILE ERROR {type(e).__name__}: {str(e)[:500]} |")
+            failed = True
+            continue
+        registers, spills, smem = ptxas_report(sorted(set(glob.glob(os.path.join(DUMP_DIR, "*"))) - before))
+        failed |= spills > 0
+        blocks = {**dict(block_m=64, block_n=128, block_k=128), **options}
+        print(f"| {name} | {m} x {k} x {n} | {blocks['block_m']}/{blocks['block_n']}/{blocks['block_k']} | "
+              f"{registers} | {spills} | {smem / 1024:.1f} KiB |")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
