@@ -98,7 +98,8 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
     if cpu_runs_blocks and split and isinstance(checkpoint, GGUFCheckpoint):
         logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are requantized to int8 "
                     "(their byte stacks are not split across devices)")
-    native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend, MATMUL_BACKENDS) == "xla" and native.available())
+    native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend, MATMUL_BACKENDS) == "xla"
+                      and native.available())
     if native_layouts:
         layouts = use_blocked_layout(loaded, integer=config.cpu_integer_matmul)
         if layouts:
