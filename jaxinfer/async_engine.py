@@ -244,16 +244,10 @@ class AsyncLLMEngine:
             raise item
         return stream
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: str | list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come; aborts it if the consumer stops early or is cancelled."""
-        stream = await self.add_request(prompt, params, request_id)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            if not stream.finished:
-                self.abort(stream.request_id)
+        return generate_outputs(self, prompt, params, request_id)
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -421,3 +415,16 @@ class AsyncLLMEngine:
             num_queued_tokens=scheduler.num_queued_tokens(),
             prefill_tokens_per_s=self.prefill_rate.tokens_per_s,
         )
+
+
+async def generate_outputs(engine, prompt: str | list[int], params: SamplingParams,
+                           request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    """`engine.add_request`'s outputs as they come, the request aborted if the consumer stops early
+    or is cancelled: `generate` of an AsyncLLMEngine and of the data-parallel router."""
+    stream = await engine.add_request(prompt, params, request_id)
+    try:
+        async for output in stream:
+            yield output
+    finally:
+        if not stream.finished:
+            engine.abort(stream.request_id)

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator
 import jax
 
 from jaxinfer.allocator import prefix_pages
-from jaxinfer.async_engine import AsyncLLMEngine, EngineStats, NotAcceptingError
+from jaxinfer.async_engine import AsyncLLMEngine, EngineStats, NotAcceptingError, generate_outputs
 from jaxinfer.config import EngineConfig
 from jaxinfer.engine import LLMEngine, RequestOutput
 from jaxinfer.loading import load_weights
@@ -155,16 +155,10 @@ class DataParallelEngine:
         replica = self.replicas[self.route(prompt, cache_salt)]
         return await replica.add_request(prompt, params, request_id or uuid.uuid4().hex, cache_salt)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: str | list[int], params: SamplingParams,
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come; aborts it if the consumer stops early or is cancelled."""
-        stream = await self.add_request(prompt, params, request_id)
-        try:
-            async for output in stream:
-                yield output
-        finally:
-            if not stream.finished:
-                self.abort(stream.request_id)
+        return generate_outputs(self, prompt, params, request_id)
 
     def abort(self, request_id: str) -> None:
         """Told to every replica: the one that has the request ends it, the others ignore the id."""

@@ -95,10 +95,12 @@ def test_the_server_routes_health_and_metrics_work_over_the_router(worker):
     status, body = dp2["http_completion"]
     assert status == 200 and body["usage"]["completion_tokens"] == 6
     assert dp2["health"] == 200
-    metrics = "\n".join(dp2["metrics"])
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in dp2["metrics"]
+              if line.startswith("jaxinfer:replica_")}
     holder = 1 - dp2["filler_replica"]  # the replica the shared-prefix requests followed
-    assert f'jaxinfer:replica_routed_requests_total{{model_name="m",reason="prefix",replica="{holder}"}} 3.0' in metrics
-    assert f'jaxinfer:replica_prefix_cache_hits_total{{model_name="m",replica="{holder}"}} 240.0' in metrics
+    # Totals over the worker's whole run: at least the three followers' routes and hits.
+    assert values[f'jaxinfer:replica_routed_requests_total{{model_name="m",reason="prefix",replica="{holder}"}}'] >= 3
+    assert values[f'jaxinfer:replica_prefix_cache_hits_total{{model_name="m",replica="{holder}"}}'] >= 240
     assert dp2["pages"][0] == dp2["pages"][1]  # the aggregate is the sum of the replicas'
     assert dp2["healthy_after_shutdown"] is False
 
