@@ -120,7 +120,7 @@ def test_more_devices_than_visible_is_an_error_naming_both_numbers(worker):
 # -- in this process (one device) -----------------------------------------------------------------
 
 def test_more_replicas_than_devices_is_an_error_before_any_weight_is_read():
-    # One device in this process, unless a module imported earlier forced more (tests/tp_worker.py does).
+    # The test process's own devices (one, unless XLA_FLAGS forces more).
     n = len(jax.local_devices())
     with pytest.raises(ValueError, match=f"data_parallel_size {n + 1} x tensor_parallel_size 1 needs {n + 1} devices, "
                                          f"but only {n} "):

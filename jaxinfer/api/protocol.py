@@ -150,7 +150,8 @@ _MESSAGE = {"anyOf": [  # content may be null (or absent) only in an assistant m
     {"type": "object", "required": ["role"], "properties": {
         "role": {"const": "assistant"}, "content": nullable(_CONTENT), "tool_calls": nullable(_TOOL_CALLS)}},
     {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"const": "tool"}, "content": _CONTENT, "tool_call_id": {"type": "string"}}},
+        "role": {"const": "tool"}, "content": _CONTENT,
+        "tool_call_id": nullable({"type": "string", "description": "The call this answers (null or absent: none)."})}},
 ]}
 _FUNCTION = {"type": "object", "required": ["name"], "properties": {
     "name": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}, "description": {"type": "string"},
@@ -361,8 +362,10 @@ def _messages(messages) -> list[dict]:
         elif not isinstance(content, str):
             raise _bad(f"{where}.content", "a string or a list of text parts", content)
         checked.append({"role": "system" if role == "developer" else role, "content": content})
-        if tool_calls:
-            checked[-1]["tool_calls"] = tool_calls_.template_message_tool_calls(tool_calls, f"{where}.tool_calls")
+        if tool_calls is not None:
+            calls = tool_calls_.template_message_tool_calls(tool_calls, f"{where}.tool_calls")
+            if calls:
+                checked[-1]["tool_calls"] = calls
         if role == "tool":
             call_id = message.get("tool_call_id")
             if call_id is not None and not isinstance(call_id, str):
