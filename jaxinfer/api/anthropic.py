@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from jaxinfer.api import tool_calls
 from jaxinfer.api.errors import APIError, short_repr
-from jaxinfer.api.protocol import MAX_TOP_K
+from jaxinfer.api.protocol import MAX_TOP_K, nullable
 from jaxinfer.api.tool_calls import ToolRequest
 from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 
@@ -44,8 +44,8 @@ _BLOCK = {"anyOf": [
      "properties": {"type": {"const": "tool_use"}, "id": _STRING, "name": _STRING, "input": {"type": "object"}}},
     {"type": "object", "required": ["type", "tool_use_id"], "description": "user messages only",
      "properties": {"type": {"const": "tool_result"}, "tool_use_id": _STRING,
-                    "content": {"anyOf": [_STRING, {"type": "array", "items": _TEXT_BLOCK}]},
-                    "is_error": {"type": "boolean"}}},
+                    "content": nullable({"anyOf": [_STRING, {"type": "array", "items": _TEXT_BLOCK}]}),
+                    "is_error": nullable({"type": "boolean"})}},
 ]}
 _UNIT = {"type": "number", "minimum": 0, "maximum": 1}
 MESSAGES_REQUEST = {"type": "object", "description": "POST /v1/messages", "required": ["max_tokens", "messages"],
