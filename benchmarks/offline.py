@@ -121,7 +121,7 @@ def main():
         for fmt, engine in engines.items():
             for c in args.concurrency:
                 r = run(engine, c, args.prompt_len, args.output_len, rng)
-                best[fmt, c] = max(best.get((fmt, c), 0), r["decode_tokens_per_s"])
+                best[fmt, c] = max(best.get((fmt, c), 0), r["decode_tokens_per_s"] or 0)
     print("| format | weights on device | by dtype/format | batch | decode tok/s | memory roofline tok/s | of roofline |")
     print("|---|---|---|---|---|---|---|")
     rows = []

@@ -7,8 +7,11 @@ Each request streams `/v1/completions` with `ignore_eos` and a fixed `max_tokens
 are what the workload says. The workload is seeded: prompt lengths and output lengths are drawn
 uniformly from their ranges, and a `--shared-prefix-fraction` of the requests start with one common
 prefix (what prefix caching serves). Requests go out at a fixed concurrency, or at a request rate
-with gamma-distributed gaps (burstiness 1 is Poisson). Token counts come from the server's own
-`usage`. The report: request and token throughput, TTFT / TPOT / ITL / end-to-end latency (mean,
+with gamma-distributed gaps (burstiness 1 is Poisson). A `--leave-fraction` of the clients close
+their stream part-way (after a seeded number of chunks, at most half their `max_tokens`), and a
+`--malformed-fraction` send a body that is not JSON, which a server must refuse (with a 4xx: the
+report lists the status codes it sent) and survive. Token counts come from the server's own `usage`; a client that left counts the chunks it
+saw. The report: request and token throughput, TTFT / TPOT / ITL / end-to-end latency (mean,
 p50, p90, p99), goodput under the SLOs, and dollars per million output tokens at `--price-per-hour`
 (price / (output tokens/s x 3600) x 1e6).
 """
@@ -40,11 +43,22 @@ class Result:
     e2e: float = 0.0  # seconds to the end of the stream
     itl: list[float] = field(default_factory=list)  # gaps between streamed chunks
     error: str | None = None
+    left: bool = False  # the client closed its stream on purpose, part-way
+    refused: int = 0  # the HTTP status a malformed request got (4xx expected)
 
 
-def make_workload(args) -> list[tuple[str, int]]:
-    """(prompt, max_tokens) per request; prompt lengths in words (about 1.3 tokens each)."""
+@dataclass
+class Work:
+    prompt: str
+    max_tokens: int
+    leave_after: int = 0  # close the stream after this many chunks (0: read to the end)
+    malformed: bool = False
+
+
+def make_workload(args) -> list[Work]:
+    """One Work per request; prompt lengths in words (about 1.3 tokens each)."""
     rng = random.Random(args.seed)
+    fate = random.Random(f"{args.seed}-fate")  # a second stream: prompts do not depend on the fractions
     prefix = " ".join(TEXT[:args.shared_prefix_len])
     requests = []
     for i in range(args.num_requests):
@@ -53,17 +67,32 @@ def make_workload(args) -> list[tuple[str, int]]:
         prompt = " ".join(TEXT[start:start + n])
         if rng.random() < args.shared_prefix_fraction:
             prompt = prefix + "\n" + prompt
-        requests.append((prompt, rng.randint(*args.output_len)))
+        work = Work(prompt, rng.randint(*args.output_len))
+        draw = fate.random()
+        if work.max_tokens >= 2 and draw < args.leave_fraction:
+            work.leave_after = fate.randint(1, work.max_tokens // 2)
+        elif args.leave_fraction <= draw < args.leave_fraction + args.malformed_fraction:
+            work.malformed = True
+        requests.append(work)
     return requests
 
 
-async def one_request(client, args, prompt, max_tokens) -> Result:
-    body = {"model": args.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+async def one_request(client, args, work: Work) -> Result:
+    body = {"model": args.model, "prompt": work.prompt, "max_tokens": work.max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     result = Result()
     start = time.perf_counter()
     last = None
     chunks = 0
+    if work.malformed:  # a body cut off mid-way: the server must answer 4xx and carry on
+        try:
+            response = await client.post("/v1/completions", content=json.dumps(body)[:40],
+                                         headers={"Content-Type": "application/json"})
+            result.refused = response.status_code  # a 4xx is right; the report lists what each server sent
+        except httpx.HTTPError as e:
+            result.error = f"malformed body: {e!r}"
+        result.e2e = time.perf_counter() - start
+        return result
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -81,6 +110,9 @@ async def one_request(client, args, prompt, max_tokens) -> Result:
                     else:
                         result.itl.append(now - last)
                     last = now
+                    if work.leave_after and chunks >= work.leave_after:
+                        result.left = True
+                        break
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
@@ -103,17 +135,17 @@ async def run(args) -> dict:
         bar = tqdm(total=len(workload), desc="Requests", unit="req", disable=args.quiet)
         semaphore = asyncio.Semaphore(args.concurrency or len(workload))
 
-        async def worker(prompt, max_tokens):
+        async def worker(work):
             async with semaphore:
                 if time.perf_counter() > deadline:
                     return
-                results.append(await one_request(client, args, prompt, max_tokens))
+                results.append(await one_request(client, args, work))
                 bar.update(1)
 
         start = time.perf_counter()
         tasks = []
-        for prompt, max_tokens in workload:
-            tasks.append(asyncio.create_task(worker(prompt, max_tokens)))
+        for work in workload:
+            tasks.append(asyncio.create_task(worker(work)))
             if args.request_rate:  # gamma gaps with mean 1/rate; shape 1 is a Poisson process
                 shape = args.burstiness
                 await asyncio.sleep(rng.gamma(shape, 1.0 / (args.request_rate * shape)))
@@ -132,25 +164,30 @@ def stats(values) -> dict:
 
 
 def report(args, results: list[Result], duration: float) -> dict:
-    ok = [r for r in results if r.error is None]
+    """Latencies over the requests served to the end; a client that left counts for TTFT and tokens."""
+    ok = [r for r in results if r.error is None and not r.refused]
+    whole = [r for r in ok if not r.left]
     output_tokens = sum(r.output_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
-    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    good = [r for r in ok if r.ttft * 1000 <= args.slo_ttft_ms
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in whole if r.output_tokens > 1]
+    good = [r for r in whole if r.ttft * 1000 <= args.slo_ttft_ms
             and (r.output_tokens <= 1 or (r.e2e - r.ttft) / (r.output_tokens - 1) * 1000 <= args.slo_tpot_ms)]
     output_per_s = output_tokens / duration if duration else 0.0
     out = {
         "base_url": args.base_url, "model": args.model, "seed": args.seed,
         "concurrency": args.concurrency, "request_rate": args.request_rate, "burstiness": args.burstiness,
-        "num_requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "num_requests": len(results), "completed": len(whole), "left": len(ok) - len(whole),
+        "refused": sum(1 for r in results if r.refused and r.error is None),
+        "refused_status": sorted({r.refused for r in results if r.refused}),
+        "failed": sum(1 for r in results if r.error is not None),
         "errors": sorted({r.error for r in results if r.error})[:5],
         "duration_s": round(duration, 3),
-        "request_throughput": round(len(ok) / duration, 3),
+        "request_throughput": round(len(whole) / duration, 3),
         "output_tokens": output_tokens, "prompt_tokens": prompt_tokens,
         "output_tokens_per_s": round(output_per_s, 2),
         "total_tokens_per_s": round((output_tokens + prompt_tokens) / duration, 2),
-        "ttft_ms": stats([r.ttft for r in ok]), "tpot_ms": stats(tpot),
-        "itl_ms": stats([x for r in ok for x in r.itl]), "e2e_ms": stats([r.e2e for r in ok]),
+        "ttft_ms": stats([r.ttft for r in ok if r.output_tokens]), "tpot_ms": stats(tpot),
+        "itl_ms": stats([x for r in ok for x in r.itl]), "e2e_ms": stats([r.e2e for r in whole]),
         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
         "goodput_requests_per_s": round(len(good) / duration, 3),
         "price_per_hour": args.price_per_hour,
@@ -178,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len", type=parse_range, default=(32, 128), help="tokens, LO:HI")
     parser.add_argument("--shared-prefix-fraction", type=float, default=0.0)
     parser.add_argument("--shared-prefix-len", type=int, default=200, help="words")
+    parser.add_argument("--leave-fraction", type=float, default=0.0,
+                        help="clients that close their stream part-way")
+    parser.add_argument("--malformed-fraction", type=float, default=0.0,
+                        help="requests whose body is not JSON (a 4xx expected)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=200.0)

@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/throughput.py --concurrency 1 8 32 --prompt-len 128 --output-len 64
 
 Each run submits `concurrency` requests at once (random token prompts, fixed lengths, greedy,
-ignore_eos) to one engine and steps it until all finish. Reports prefill and decode throughput
-and the mean step time. Warm-up compiles happen before timing.
+ignore_eos) to one engine and steps it until all finish. Reports output and total tokens/s, the
+time to the first token, and decode tokens/s once every request has its first token (so no prefill
+is in it). Tokens are counted from the engine's outputs. Warm-up compiles happen before timing.
 """
 
 import argparse
@@ -18,27 +19,38 @@ from jaxinfer import LLMEngine, SamplingParams
 
 
 def run(engine, concurrency, prompt_len, output_len, rng):
+    """Tokens counted from what the engine returned, not assumed; "decode tok/s" from the step in which the
+    last request got its first token (every prefill done) to the end, over the tokens made in that span."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     for _ in range(concurrency):
         engine.add_request(rng.integers(100, vocab, prompt_len).tolist(), params)
-    first_token = None
+    counts = {}  # request id -> tokens so far
+    first_token = all_started = None
+    tokens_at_all_started = 0
     steps = 0
     while engine.has_unfinished_requests():
         outputs = engine.step()
         steps += 1
-        if first_token is None and any(o.outputs[0].token_ids for o in outputs):
+        for o in outputs:
+            counts[o.request_id] = len(o.outputs[0].token_ids)
+        started = sum(1 for n in counts.values() if n)
+        if first_token is None and started:
             first_token = time.perf_counter()
+        if all_started is None and started == concurrency:
+            all_started, tokens_at_all_started = time.perf_counter(), sum(counts.values())
     elapsed = time.perf_counter() - start
-    generated = concurrency * output_len
+    generated = sum(counts.values())
+    decode_span = elapsed - (all_started - start)
     return {
         "concurrency": concurrency, "prompt_len": prompt_len, "output_len": output_len,
-        "elapsed_s": round(elapsed, 3), "steps": steps,
+        "elapsed_s": round(elapsed, 3), "steps": steps, "output_tokens": generated,
         "output_tokens_per_s": round(generated / elapsed, 1),
         "total_tokens_per_s": round((generated + concurrency * prompt_len) / elapsed, 1),
         "time_to_first_token_s": round(first_token - start, 3),
-        "decode_tokens_per_s": round((generated - concurrency) / (elapsed - (first_token - start)), 1),
+        "decode_tokens_per_s": (round((generated - tokens_at_all_started) / decode_span, 1)
+                                if decode_span > 0 and generated > tokens_at_all_started else None),
     }
 
 

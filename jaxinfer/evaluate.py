@@ -7,6 +7,9 @@ t under the model's distribution after tokens 0 .. t-1: -log softmax(logits)[tok
 over the whole vocabulary, in float32. The first token of a window is not scored. The perplexity is
 exp of the mean over all scored positions of all windows (num_windows * (n - 1) of them): exp of the
 mean over the windows of HF transformers' causal-LM loss with labels = the window.
+`first_scored` > 1 scores positions first_scored .. n-1 only, each still predicted from the whole window
+before it: llama.cpp's `llama-perplexity` scores the second half of each window (first_scored = n // 2 + 1),
+so every scored token has at least n / 2 tokens of context.
 """
 
 import functools
@@ -29,7 +32,7 @@ def token_windows(token_ids, window: int, num_windows: int) -> np.ndarray:
 
 
 def perplexity(model: Llama, windows, *, seqs_per_call: int = 4, page_size: int = 16,
-               cache_dtype=jnp.float32) -> float:
+               cache_dtype=jnp.float32, first_scored: int = 1) -> float:
     """exp(mean next-token cross-entropy) of `model` over `windows` ([num_windows, n] int), as the module
     docstring defines it. `seqs_per_call` windows go through one forward (one ragged prefill batch,
     logits at every position); the result does not depend on it beyond float rounding."""
@@ -37,12 +40,14 @@ def perplexity(model: Llama, windows, *, seqs_per_call: int = 4, page_size: int 
     num_windows, n = windows.shape
     if n < 2:
         raise ValueError(f"a window needs at least 2 tokens to score one, got {n}")
+    if not 1 <= first_scored < n:
+        raise ValueError(f"first_scored must be in [1, {n - 1}] for windows of {n} tokens, got {first_scored}")
     graphdef, state = nnx.split(model)
     total = 0.0  # summed in float64 on the host, one float32 sum per call
     for start in range(0, num_windows, seqs_per_call):
         total += float(_summed_nll(graphdef, state, jnp.asarray(windows[start:start + seqs_per_call]),
-                                   page_size=page_size, cache_dtype=cache_dtype))
-    return float(np.exp(total / (num_windows * (n - 1))))
+                                   page_size=page_size, cache_dtype=cache_dtype, first_scored=first_scored))
+    return float(np.exp(total / (num_windows * (n - first_scored))))
 
 
 def _metadata(num_seqs: int, n: int, page_size: int) -> AttentionMetadata:
@@ -57,14 +62,14 @@ def _metadata(num_seqs: int, n: int, page_size: int) -> AttentionMetadata:
 
 
 # The weights are an argument, not constants of the program; one compile per (num_seqs, n).
-@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "cache_dtype"))
-def _summed_nll(graphdef, state, token_ids, *, page_size, cache_dtype):
-    """token_ids [S, n] int32 -> the summed cross-entropy of positions 1 .. n-1 of every sequence."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "cache_dtype", "first_scored"))
+def _summed_nll(graphdef, state, token_ids, *, page_size, cache_dtype, first_scored):
+    """token_ids [S, n] int32 -> the summed cross-entropy of positions first_scored .. n-1 of every sequence."""
     num_seqs, n = token_ids.shape
     model = nnx.merge(graphdef, state)
     meta = _metadata(num_seqs, n, page_size)
     k_cache, v_cache = allocate_kv_cache(model.config, num_seqs * meta.block_tables.shape[1], page_size, cache_dtype)
     positions = jnp.tile(jnp.arange(n, dtype=jnp.int32), num_seqs)  # [S * n]
     logits, _, _ = model(token_ids.reshape(-1), positions, k_cache, v_cache, meta)  # [S * n, vocab] float32
-    logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, :-1], axis=-1)  # [S, n - 1, vocab]
-    return -jnp.take_along_axis(logp, token_ids[:, 1:, None], axis=-1).sum()
+    logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, first_scored - 1:-1], axis=-1)
+    return -jnp.take_along_axis(logp, token_ids[:, first_scored:, None], axis=-1).sum()

@@ -26,17 +26,23 @@ def log_softmax(logits):  # [..., vocab] float64
 
 def test_perplexity_is_exp_of_the_mean_next_token_cross_entropy(smollm2_path, hf_model, windows):
     """Reference: token t of a window scored from HF's logits after tokens 0 .. t-1 of that window
-    alone (t = 1 .. n-1), natural log, exp of the mean over all windows' scored positions."""
-    nll = []
+    alone (t = 1 .. n-1), natural log, exp of the mean over all windows' scored positions; with
+    first_scored (llama-perplexity's second half of each window), only t = first_scored .. n-1."""
+    nll = []  # [windows, n - 1]: position t's cross-entropy at column t - 1
     for w in windows:
         prefixes = [list(map(int, w[:t])) for t in range(1, WINDOW)]
         logp = log_softmax(np.asarray(hf_model.last_logits(prefixes), np.float64))  # [n - 1, vocab]
-        nll.extend(-logp[np.arange(WINDOW - 1), w[1:]])
-    reference = float(np.exp(np.mean(nll)))
+        nll.append(-logp[np.arange(WINDOW - 1), w[1:]])
+    nll = np.asarray(nll)
 
     checkpoint = GGUFCheckpoint(smollm2_path)  # the same file HF loads, full precision
-    ours = perplexity(load_llama(checkpoint.config, checkpoint), windows, seqs_per_call=2)
-    assert abs(ours / reference - 1) <= 1e-4, (ours, reference)
+    model = load_llama(checkpoint.config, checkpoint)
+    for first_scored in (1, WINDOW // 2 + 1):
+        reference = float(np.exp(nll[:, first_scored - 1:].mean()))
+        ours = perplexity(model, windows, seqs_per_call=2, first_scored=first_scored)
+        assert abs(ours / reference - 1) <= 1e-4, (first_scored, ours, reference)
+    with pytest.raises(ValueError, match="first_scored"):
+        perplexity(model, windows, first_scored=WINDOW)
 
 
 def test_token_windows_refuses_too_few_tokens():

@@ -94,9 +94,9 @@ def test_served_greedy_completion_matches_offline_generate(server, llm):
 
 def test_serving_benchmark_smoke_run_reports_every_field(server, tmp_path):
     url, _ = server
-    args = ["--base-url", url, "--num-requests", "4", "--concurrency", "2", "--prompt-len", "8:24",
+    args = ["--base-url", url, "--num-requests", "8", "--concurrency", "2", "--prompt-len", "8:24",
             "--output-len", "3:6", "--shared-prefix-fraction", "0.5", "--shared-prefix-len", "20",
-            "--price-per-hour", "2.6", "--quiet", "--json", str(tmp_path / "report.json")]
+            "--leave-fraction", "0.25", "--malformed-fraction", "0.25", "--price-per-hour", "2.6", "--quiet", "--json", str(tmp_path / "report.json")]
     proc = subprocess.run([sys.executable, "benchmarks/serve.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -105,11 +105,18 @@ def test_serving_benchmark_smoke_run_reports_every_field(server, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     workload = bench.make_workload(bench.main.__globals__["argparse"].Namespace(
-        seed=0, num_requests=4, prompt_len=(8, 24), output_len=(3, 6), shared_prefix_fraction=0.5,
-        shared_prefix_len=20))
-    assert report["completed"] == 4 and report["failed"] == 0
-    assert report["output_tokens"] == sum(max_tokens for _, max_tokens in workload)  # ignore_eos: exact
-    assert report["prompt_tokens"] > 4 * 8
+        seed=0, num_requests=8, prompt_len=(8, 24), output_len=(3, 6), shared_prefix_fraction=0.5,
+        shared_prefix_len=20, leave_fraction=0.25, malformed_fraction=0.25))
+    leaving = [w for w in workload if w.leave_after]
+    malformed = [w for w in workload if w.malformed]
+    whole = [w for w in workload if not (w.leave_after or w.malformed)]
+    assert leaving and malformed and whole  # the seed draws every kind
+    assert report["failed"] == 0, report["errors"]
+    assert (report["completed"], report["left"], report["refused"]) == (len(whole), len(leaving), len(malformed))
+    assert report["refused_status"] == [400]
+    # ignore_eos: exact; a client that left read one chunk per token up to where it left.
+    assert report["output_tokens"] == sum(w.max_tokens for w in whole) + sum(w.leave_after for w in leaving)
+    assert report["prompt_tokens"] > len(whole) * 8
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert set(report[metric]) == {"mean", "p50", "p90", "p99"}
         assert 0 < report[metric]["p50"] <= report[metric]["p99"]
