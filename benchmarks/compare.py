@@ -125,7 +125,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 900) -> None
 
 
 def bench(url: str, model: str, args, **kw) -> dict:
-    argv = ["--base-url", url, "--model", model, "--quiet", "--seed", str(kw.pop("seed"))]
+    # A new connection per request on both sides: llama-server (cpp-httplib) closes a kept-alive
+    # connection after a few requests, and a request sent on it as it closes fails on the client.
+    argv = ["--base-url", url, "--model", model, "--quiet", "--no-keepalive", "--seed", str(kw.pop("seed"))]
     for key, value in kw.items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     return asyncio.run(serve.run(serve.build_parser().parse_args(argv)))

@@ -127,7 +127,8 @@ async def one_request(client, args, work: Work) -> Result:
 async def run(args) -> dict:
     workload = make_workload(args)
     rng = np.random.default_rng(args.seed)
-    limits = httpx.Limits(max_connections=args.concurrency or len(workload))
+    limits = httpx.Limits(max_connections=args.concurrency or len(workload),
+                          max_keepalive_connections=0 if args.no_keepalive else None)
     results = []
     deadline = time.perf_counter() + args.max_seconds
     async with httpx.AsyncClient(base_url=args.base_url, timeout=args.timeout, limits=limits,
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seconds", type=float, default=1800.0, help="no request starts after this")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--results-file", help="append the report to this JSON-lines file")
+    parser.add_argument("--no-keepalive", action="store_true",
+                        help="a new connection per request (llama-server closes a kept-alive connection after a few "
+                             "requests, and a request sent on it as it closes fails)")
     parser.add_argument("--quiet", action="store_true")
     return parser
 

@@ -34,6 +34,9 @@ import tempfile
 import time
 
 DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-gpu-compile-")
+MOSAIC_DUMP_DIR = os.path.join(DUMP_DIR, "mosaic")  # Mosaic GPU kernels: their PTX and ptxas reports
+os.environ.setdefault("MOSAIC_GPU_DUMP_TO", MOSAIC_DUMP_DIR)
+os.environ.setdefault("MOSAIC_GPU_DUMP_PTXAS", "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR}"
                            " --xla_dump_emitter_re=.*").strip()
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
@@ -125,6 +128,7 @@ class Shipped:
     engine: EngineConfig
     cards: tuple[str, ...]
     tp: int = 1  # devices the model is split over (`jaxinfer.tensor_parallel`), one card each
+    matmul_backend: str = "pallas"  # `--matmul-backend`: "pallas" (Triton) or "mosaic_gpu" (Hopper)
 
 
 def uniform(fmt):
@@ -153,6 +157,11 @@ def shipped_configurations() -> list[Shipped]:
         Shipped("Llama-3-8B bf16", LLAMA3_8B, {}, None, long, ("H100", "A100")),
         Shipped("Llama-3-8B int8", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long, ("H100", "A100")),
         Shipped("Llama-3-8B int4 g128", LLAMA3_8B, uniform(int4), None, long, ("H100", "A100")),
+        # `--matmul-backend mosaic_gpu` (opt-in): the Mosaic GPU matmul inside the whole step, sm_90a only.
+        Shipped("Llama-3-8B int4 g128, Mosaic GPU matmul", LLAMA3_8B, uniform(int4), None, long, ("H100",),
+                matmul_backend="mosaic_gpu"),
+        Shipped("Llama-3-8B int8, Mosaic GPU matmul", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long,
+                ("H100",), matmul_backend="mosaic_gpu"),
         Shipped("Llama-3-70B int4 g128", LLAMA3_70B, uniform(int4), None, long, ("H100",)),
         Shipped("Llama-3-70B AWQ g128", LLAMA3_70B, checkpoint_formats(LLAMA3_70B, AWQ_GEMM_G128), None, long,
                 ("H100",)),
@@ -185,7 +194,7 @@ def topology_mesh(card: Card, size: int = 1) -> Mesh:
 def abstract_step_args(shipped: Shipped, num_pages: int, num_tokens: int, num_seqs: int, sharding):
     """(jitted step, its abstract arguments) for one bucket, every array on `sharding`."""
     model = nnx.eval_shape(lambda: Llama(shipped.model, dtype=jnp.bfloat16, attention_backend="pallas",
-                                         formats=shipped.formats, quant_backend="pallas",
+                                         formats=shipped.formats, quant_backend=shipped.matmul_backend,
                                          head_format=shipped.head_format))
     graphdef, state = nnx.split(model)
     c, e = shipped.model, shipped.engine
@@ -204,7 +213,7 @@ def abstract_tp_step_args(shipped: Shipped, mesh: Mesh, num_pages: int, num_toke
 
     def shard():
         model = Llama(shipped.model, dtype=jnp.bfloat16, attention_backend="pallas", formats=shipped.formats,
-                      quant_backend="pallas", head_format=shipped.head_format)
+                      quant_backend=shipped.matmul_backend, head_format=shipped.head_format)
         graphdef, state, specs, vocab_parallel = tensor_parallel.shard_model(model, mesh, native_layouts=False,
                                                                              integer=False)
         built.update(graphdef=graphdef, specs=specs, vocab_parallel=vocab_parallel)
@@ -264,8 +273,28 @@ def kernel_reports(ptx_files, arch) -> dict[str, tuple[int, int, int]]:
     return reports
 
 
+def mosaic_reports(paths) -> dict[str, tuple[int, int, int]]:
+    """{kernel: (registers, smem bytes, spill bytes)} from the ptxas reports Mosaic GPU dumped."""
+    reports = {}
+    for path in paths:
+        if not path.endswith(".ptxas"):
+            continue
+        text = open(path).read()
+        regs = re.search(r"Used (\d+) registers", text)
+        if regs is None:
+            continue
+        spills = sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+        resources = path[:-len(".ptxas")] + ".resources.txt"
+        smem = re.search(r"smem_scratch_bytes=(\d+)", open(resources).read()) if os.path.exists(resources) else None
+        name = "mosaic:" + os.path.basename(path)[:-len(".ptxas")].split(".")[0]
+        old = reports.get(name, (0, 0, 0))
+        reports[name] = tuple(max(a, b) for a, b in zip(old, (int(regs.group(1)), int(smem.group(1)) if smem else 0,
+                                                               spills)))
+    return reports
+
+
 def new_ptx_files(seen: set) -> list[str]:
-    files = set(glob.glob(os.path.join(DUMP_DIR, "*.ptx")))
+    files = set(glob.glob(os.path.join(DUMP_DIR, "*.ptx"))) | set(glob.glob(os.path.join(MOSAIC_DUMP_DIR, "*")))
     new = sorted(files - seen)
     seen.update(files)
     return new
@@ -310,6 +339,8 @@ def check(shipped: Shipped, card_key: str, util: float, seen_ptx: set) -> Result
         largest = step_buckets(e.max_num_batched_tokens, e.max_num_seqs)[-1]
         # Under TP the memory analysis is one device's, and so is everything below (its KV heads).
         peak = compile_bucket(shipped, mesh, pages_per_seq, *largest).memory_analysis()
+        if shipped.matmul_backend != "pallas":  # the decode bucket takes the other kernel variant (M <= 16)
+            compile_bucket(shipped, mesh, pages_per_seq, *step_buckets(e.max_num_batched_tokens, e.max_num_seqs)[0])
         device_model = dataclasses.replace(shipped.model, num_kv_heads=tensor_parallel.cache_kv_heads(
             shipped.model, shipped.tp))
         page_bytes = kv_cache_bytes_per_page(device_model, e.page_size, jnp.bfloat16)
@@ -324,7 +355,9 @@ def check(shipped: Shipped, card_key: str, util: float, seen_ptx: set) -> Result
         result.fits = num_pages >= pages_per_seq and total <= util * card.memory
         if not result.fits:
             result.error = f"does not fit: {budget / GIB:.1f} GiB left for the KV cache"
-        result.kernels = kernel_reports(new_ptx_files(seen_ptx), card.arch)
+        files = new_ptx_files(seen_ptx)
+        result.kernels = {**kernel_reports([f for f in files if f.endswith(".ptx") and MOSAIC_DUMP_DIR not in f],
+                                           card.arch), **mosaic_reports(files)}
         weights = inputs  # the batch's arrays are a few KB next to the weights
         rates = []
         for batch in (1, 64):  # under TP each card reads its share at once (all-reduces not counted)
