@@ -38,6 +38,7 @@ constexpr int kLanes = 16;
 constexpr int kLanes = 8;
 #endif
 typedef float VecF __attribute__((vector_size(kLanes * 4)));
+typedef int32_t VecI __attribute__((vector_size(kLanes * 4)));
 constexpr int64_t kRowBlock = 16;
 
 inline VecF Load(const float* p) {
@@ -73,7 +74,43 @@ struct Problem {
   int64_t window;  // <= 0: none
 };
 
-// Rows [r0, r1) of sequence s, query heads of KV head g.
+inline float Max(VecF v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#else
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+#endif
+}
+
+// e^x lane by lane (Cephes' expf: a degree-6 polynomial on x - n ln 2, times 2^n), relative error
+// about 1e-7; x at or below -87.3 gives 2^-126 (callers zero masked lanes themselves).
+inline VecF Exp(VecF x) {
+  const VecF lo = VecF{} - 87.3365448f, hi = VecF{} + 88.3762626f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const VecF magic = VecF{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const VecF n = (x * 1.44269504088896341f + magic) - magic;
+  const VecF r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts
+  VecF y = VecF{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;  // 2^n
+  VecF scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+// Rows [r0, r1) of sequence s, query heads of KV head g. Keys go by tiles of up to kLanes within a
+// page, at fixed positions (a page's start, then every kLanes keys): per (row, head) one tile's
+// scores are one vector, with one max, one vector exp and one rescale of the accumulator per tile.
+// A key a row may not see (after it, or before its window) weighs exactly 0, so a row's result does
+// not depend on the other rows of its block, nor on the batch.
 void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   const int64_t group = p.num_heads / p.num_kv_heads, d_dim = p.head_dim;
   const int64_t q_len = p.qsl[s + 1] - p.qsl[s];
@@ -95,33 +132,58 @@ void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   const int64_t page_stride = p.page_size * d_dim;
   const float* k_head = p.k + g * p.num_pages * page_stride;
   const float* v_head = p.v + g * p.num_pages * page_stride;
-  for (int64_t key = key_begin; key < key_end; ++key) {
-    const int64_t page = table[key / p.page_size], slot = key % p.page_size;
+  VecF lane_offset;
+  for (int i = 0; i < kLanes; ++i) lane_offset[i] = static_cast<float>(i);
+  alignas(64) float weights[kLanes];
+  for (int64_t page_start = key_begin / p.page_size * p.page_size; page_start < key_end;
+       page_start += p.page_size) {
+    const int64_t page = table[page_start / p.page_size];
     if (page < 0 || page >= p.num_pages) continue;  // never in a valid batch; never read out of bounds
-    const float* kr = k_head + page * page_stride + slot * d_dim;
-    const float* vr = v_head + page * page_stride + slot * d_dim;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t pos = pos_lo + r;
-      if (key > pos || (p.window > 0 && key <= pos - p.window)) continue;
-      for (int64_t h = 0; h < group; ++h) {
-        const int64_t lane = r * group + h;
-        const float* qr = qs.data() + lane * d_dim;
-        VecF dot = {};
-        for (int64_t d = 0; d < d_dim; d += kLanes) dot += Load(qr + d) * Load(kr + d);
-        float score = Sum(dot);
-        if (p.soft_cap > 0) score = p.soft_cap * std::tanh(score / p.soft_cap);
-        float* a = acc.data() + lane * d_dim;
-        if (score > m[lane]) {
-          const float correction = std::exp(m[lane] - score);  // exp(-inf) = 0 on the first key
-          l[lane] *= correction;
-          const VecF c = VecF{} + correction;
-          for (int64_t d = 0; d < d_dim; d += kLanes) Store(a + d, Load(a + d) * c);
-          m[lane] = score;
+    const int64_t page_end = std::min(page_start + p.page_size, key_end);
+    for (int64_t t = page_start; t < page_end; t += kLanes) {
+      const int64_t n = std::min<int64_t>(kLanes, page_end - t);
+      if (t + n <= key_begin) continue;
+      const float* kt = k_head + page * page_stride + (t - page_start) * d_dim;  // the tile's n keys
+      const float* vt = v_head + page * page_stride + (t - page_start) * d_dim;
+      const VecF key = lane_offset + static_cast<float>(t);  // exact: positions are far below 2^24
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t pos = pos_lo + r;
+        if (t > pos || (p.window > 0 && t + n - 1 <= pos - p.window)) continue;  // no key of the tile visible
+        // Visible: in the tile, not after the row, inside its window. At least one is (the checks above).
+        VecI visible = (lane_offset < static_cast<float>(n)) & (key <= static_cast<float>(pos));
+        if (p.window > 0) visible &= key > static_cast<float>(pos - p.window);
+        for (int64_t h = 0; h < group; ++h) {
+          const int64_t lane = r * group + h;
+          const float* qr = qs.data() + lane * d_dim;
+          VecF score = VecF{} - INFINITY;
+          for (int64_t j = 0; j < n; ++j) {
+            const float* kr = kt + j * d_dim;
+            VecF dot = {};
+            for (int64_t d = 0; d < d_dim; d += kLanes) dot += Load(qr + d) * Load(kr + d);
+            score[j] = Sum(dot);
+          }
+          if (p.soft_cap > 0) {
+            for (int64_t j = 0; j < n; ++j) score[j] = p.soft_cap * std::tanh(score[j] / p.soft_cap);
+          }
+          score = visible ? score : VecF{} - INFINITY;
+          const float m_new = std::max(m[lane], Max(score));
+          const VecF w = visible ? Exp(score - m_new) : VecF{};
+          const float correction = std::exp(m[lane] - m_new);  // 0 on the first tile (m = -inf)
+          l[lane] = l[lane] * correction + Sum(w);
+          m[lane] = m_new;
+          Store(weights, w);
+          float* a = acc.data() + lane * d_dim;
+          for (int64_t d = 0; d < d_dim; d += kLanes) {  // two chains (even and odd keys) for the FMA latency
+            VecF even = Load(a + d) * correction, odd = {};
+            int64_t j = 0;
+            for (; j + 1 < n; j += 2) {
+              even += weights[j] * Load(vt + j * d_dim + d);
+              odd += weights[j + 1] * Load(vt + (j + 1) * d_dim + d);
+            }
+            if (j < n) even += weights[j] * Load(vt + j * d_dim + d);
+            Store(a + d, even + odd);
+          }
         }
-        const float weight = std::exp(score - m[lane]);
-        l[lane] += weight;
-        const VecF w = VecF{} + weight;
-        for (int64_t d = 0; d < d_dim; d += kLanes) Store(a + d, Load(a + d) + w * Load(vr + d));
       }
     }
   }

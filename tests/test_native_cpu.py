@@ -228,6 +228,37 @@ def test_paged_attention_matches_reference(num_heads, num_kv_heads, sliding_wind
     assert not np.asarray(got)[18:].any()  # padding rows are zeros
 
 
+@pytest.mark.parametrize("head_dim, page_size", [(128, 8), (256, 32), (64, 24)])
+def test_paged_attention_head_dims_and_page_sizes(head_dim, page_size):
+    """Key tiles are cut at page ends: pages smaller than, larger than and not a multiple of the
+    vector width; Gemma 3's head_dim 256."""
+    rng = np.random.default_rng(head_dim + page_size)
+    case = ragged_case(rng, [1, 20, 1, 37], [3, 20, 131, 90], num_heads=4, num_kv_heads=2, head_dim=head_dim,
+                       page_size=page_size, num_tokens=64, num_seqs=5)
+    for window in (None, 19):
+        options = dict(sm_scale=head_dim ** -0.5, sliding_window=window)
+        want = ragged_paged_attention_reference(*case, **options)
+        got = jax.jit(lambda *a: native.ragged_paged_attention(*a, **options))(*case)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_paged_attention_row_does_not_depend_on_the_rest_of_the_batch():
+    """A sequence's rows come out bit for bit the same alone and beside others, and a prefill row the
+    same whether its chunk is long or short (rows are blocked by 16 per work item): the CPU default's
+    answers may not depend on the load."""
+    rng = np.random.default_rng(7)
+    q, k_cache, v_cache, layer, qsl, lens, tables = ragged_case(rng, [1, 40, 1], [77, 60, 33], num_heads=9,
+                                                                num_kv_heads=3)
+    run = jax.jit(lambda *a: native.ragged_paged_attention(*a, sm_scale=0.125, sliding_window=None))
+    full = np.asarray(run(q, k_cache, v_cache, layer, qsl, lens, tables))
+    # The prefill sequence alone: its last 7 rows as a chunk of their own after 53 cached tokens.
+    alone = np.asarray(run(q[34:41], k_cache, v_cache, layer, np.array([0, 7], np.int32), lens[1:2], tables[1:2]))
+    np.testing.assert_array_equal(alone, full[34:41])
+    # The decode row of the last sequence alone.
+    alone = np.asarray(run(q[41:42], k_cache, v_cache, layer, np.array([0, 1], np.int32), lens[2:3], tables[2:3]))
+    np.testing.assert_array_equal(alone, full[41:42])
+
+
 def test_paged_attention_never_reads_outside_the_page_pool():
     """A block table entry past the pool (never in a valid batch) is skipped, not read."""
     rng = np.random.default_rng(3)
