@@ -84,6 +84,38 @@ inline float Max(VecF v) {
 #endif
 }
 
+// Lane j of the result is the sum of v[j]'s lanes: kLanes horizontal sums in log2(kLanes) levels of
+// pairwise shuffles and adds (2 kLanes - 2 shuffles, kLanes - 1 adds), where one sum at a time takes
+// about log2(kLanes) shuffles and adds each.
+inline VecF SumEach(VecF* v) {
+#if defined(__AVX512F__)
+  const VecI lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const VecI hi8 = lo8 + 8;
+  const VecI lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const VecI hi4 = lo4 + 4;
+  const VecI lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const VecI hi2 = lo2 + 2;
+  const VecI lo1 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const VecI hi1 = lo1 + 1;
+  VecF w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) w[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo8) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi8);
+  for (int i = 0; i < 4; ++i) x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], lo4) + __builtin_shuffle(w[2 * i], w[2 * i + 1], hi4);
+  for (int i = 0; i < 2; ++i) y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], lo2) + __builtin_shuffle(x[2 * i], x[2 * i + 1], hi2);
+  return __builtin_shuffle(y[0], y[1], lo1) + __builtin_shuffle(y[0], y[1], hi1);
+#else
+  const VecI lo4 = {0, 1, 2, 3, 8, 9, 10, 11};
+  const VecI hi4 = lo4 + 4;
+  const VecI lo2 = {0, 1, 4, 5, 8, 9, 12, 13};
+  const VecI hi2 = lo2 + 2;
+  const VecI lo1 = {0, 2, 4, 6, 8, 10, 12, 14};
+  const VecI hi1 = lo1 + 1;
+  VecF x[4], y[2];
+  for (int i = 0; i < 4; ++i) x[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], lo4) + __builtin_shuffle(v[2 * i], v[2 * i + 1], hi4);
+  for (int i = 0; i < 2; ++i) y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], lo2) + __builtin_shuffle(x[2 * i], x[2 * i + 1], hi2);
+  return __builtin_shuffle(y[0], y[1], lo1) + __builtin_shuffle(y[0], y[1], hi1);
+#endif
+}
+
 // e^x lane by lane (Cephes' expf: a degree-6 polynomial on x - n ln 2, times 2^n), relative error
 // about 1e-7; x at or below -87.3 gives 2^-126 (callers zero masked lanes themselves).
 inline VecF Exp(VecF x) {
@@ -155,13 +187,16 @@ void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
         for (int64_t h = 0; h < group; ++h) {
           const int64_t lane = r * group + h;
           const float* qr = qs.data() + lane * d_dim;
-          VecF score = VecF{} - INFINITY;
-          for (int64_t j = 0; j < n; ++j) {
-            const float* kr = kt + j * d_dim;
+          VecF dots[kLanes];
+          for (int64_t j = 0; j < kLanes; ++j) {
             VecF dot = {};
-            for (int64_t d = 0; d < d_dim; d += kLanes) dot += Load(qr + d) * Load(kr + d);
-            score[j] = Sum(dot);
+            if (j < n) {
+              const float* kr = kt + j * d_dim;
+              for (int64_t d = 0; d < d_dim; d += kLanes) dot += Load(qr + d) * Load(kr + d);
+            }
+            dots[j] = dot;
           }
+          VecF score = SumEach(dots);
           if (p.soft_cap > 0) {
             for (int64_t j = 0; j < n; ++j) score[j] = p.soft_cap * std::tanh(score[j] / p.soft_cap);
           }
