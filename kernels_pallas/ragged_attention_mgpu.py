@@ -83,11 +83,12 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
         fetch(0, 0)
 
     shape = (BLOCK_M, block_kv)
-    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-    token = jax.lax.div(row, jnp.int32(group))
-    positions = first_pos + token
-    row_valid = token < num_rows
+    rows_layout, cols_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    token = jax.lax.div(plgpu.broadcasted_iota(jnp.int32, (BLOCK_M,), 0, layout=rows_layout), jnp.int32(group))
+    positions = first_pos + token  # [BLOCK_M]
+    # Causal (key <= position) and inside the sequence (key < kv_len, implied for a real row);
+    # -1 (no key) for tile rows past the item's rows.
+    last_key = jnp.where(token < num_rows, jnp.minimum(positions, kv_len - 1), -1)
 
     def body(step, carry):
         acc, m_prev, l_prev = carry
@@ -106,9 +107,12 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
         s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)) * sm_scale  # [BLOCK_M, block_kv]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
-        keys = (lo + step) * block_kv + col
-        mask = (keys <= positions) & in_window(keys, positions, sliding_window)
-        mask &= (keys < kv_len) & row_valid
+        # The reference's mask from a row vector and a column vector broadcast to the tile: a
+        # [BLOCK_M, block_kv] int32 array of distinct values would be 32 registers a thread.
+        keys = (lo + step) * block_kv + plgpu.broadcasted_iota(jnp.int32, (block_kv,), 0, layout=cols_layout)
+        keys = jax.lax.broadcast_in_dim(keys, shape, [1])
+        mask = (keys <= jax.lax.broadcast_in_dim(last_key, shape, [0]))
+        mask &= in_window(keys, jax.lax.broadcast_in_dim(positions, shape, [0]), sliding_window)
         s = jnp.where(mask, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, s.max(axis=1))
         correction = jnp.exp(m_prev - m_next)
@@ -128,7 +132,6 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
         plgpu.wgmma_wait(0)  # this slot is refilled next step
         return tuple(new_acc), m_next, l_next
 
-    rows_layout = plgpu.Layout.WGMMA.reduce(1)
     acc = tuple(plgpu.layout_cast(jnp.zeros((BLOCK_M, PV_CHUNK), jnp.float32), plgpu.Layout.WGMMA)
                 for _ in range(head_dim // PV_CHUNK))  # O, [BLOCK_M, head_dim] in column chunks
     m_init = plgpu.layout_cast(jnp.full((BLOCK_M,), MASK_VALUE, jnp.float32), rows_layout)

@@ -11,7 +11,8 @@ so a tile the kernel never writes, or a key buffer it reads before a copy filled
 One axis at a time from a small base case (bf16, 3 sequences: two decode rows and a 5-token prefill
 chunk, GQA 4, head_dim 64, page size 16, a non-identity block table): GQA 1/4/8, head_dim
 64/128/256, page sizes 16/32, float32, a sliding window, a soft cap, the flash-decoding split, a
-long prefill chunk spanning several work items, padding rows, another layer. Then the lowering for
+long prefill chunk spanning several work items, padding rows, a traced layer index, the
+interpreter's race detector. Then the lowering for
 CUDA (Mosaic GPU's own passes) on this GPU-less machine; registers and spills need ptxas:
 scripts/mgpu_compile_check.py.
 """
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the race detector's flag (no public API)
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas import ragged_attention_mgpu as ram
 from kernels_pallas.paged_attention import ragged_paged_attention_reference
@@ -134,6 +137,28 @@ def test_padding_rows_are_zero():
     check_against_reference(batch)
     out = ram.ragged_paged_attention(**batch, sm_scale=0.125, interpret=True)
     assert not np.asarray(out[-3:], np.float32).any()
+
+
+def test_layer_index_is_traced():
+    # The engine's path: one compiled kernel for every layer of a lax.scan (layer 0 here; the others use 1).
+    batch = make_batch(10, **BASE)
+    f = jax.jit(lambda layer: ram.ragged_paged_attention(**{**batch, "layer": layer}, sm_scale=0.125, interpret=True))
+    out = np.asarray(f(jnp.int32(0)), np.float64)
+    ref = np.asarray(ragged_paged_attention_reference(**{**batch, "layer": jnp.int32(0)}, sm_scale=0.125), np.float64)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= TOLERANCE[jnp.bfloat16]
+
+
+def test_double_buffer_has_no_data_race_in_the_interpreter():
+    # The interpreter's happens-before race detector over the page copies, barriers and shared
+    # memory: 3 key blocks through 2 buffers, with a split. It runs wgmma synchronously, so a
+    # missing wgmma_wait is not caught.
+    batch = make_batch(11, q_lens=[1, 3], kv_lens=[150, 70])
+    params = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan")
+    out = ram.ragged_paged_attention(**batch, sm_scale=0.125, num_splits=2, interpret=params)
+    assert not interpret_pallas_call.get_races().races_found
+    ref = ragged_paged_attention_reference(**batch, sm_scale=0.125)
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= TOLERANCE[jnp.bfloat16]
 
 
 def test_default_split_fills_the_card_at_decode_only():
