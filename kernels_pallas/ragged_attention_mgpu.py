@@ -6,7 +6,7 @@ it states once are used here as they are (`work_table` for the split of the rows
 `in_window` / `window_start` for the sliding window, `MASK_VALUE`). Inputs bf16 (or f16); float32
 runs in the interpreter only (see `ragged_paged_attention`).
 
-Design, per CUDA block (one warpgroup, 128 threads): grid (work item, kv head, split).
+Design, per CUDA block (one warpgroup, 128 threads): grid (work item, kv head x head part, split).
 - A work item is up to `block_q` consecutive query rows of one sequence (a row of `work_table`).
   Its tile has block_m = 64 rows (wgmma's M for one warpgroup): row m is query token m // group and
   query head kv_head * group + m % group, so the `group` heads sharing a kv head use each K/V tile
@@ -23,6 +23,8 @@ Design, per CUDA block (one warpgroup, 128 threads): grid (work item, kv head, s
   memory (rounded to the inputs' dtype) as wgmma's A: the interpreter's wgmma takes its A operand
   from shared memory only (FlashAttention-3 keeps P in registers; not done here, so that the
   compiled kernel is the one the CPU tests run).
+- head_dim 256: two CUDA blocks per tile ("head parts"), each computing all of S = Q K^T and half
+  of O's columns (`MAX_PART_DIM`), so O fits in registers beside S.
 - Flash-decoding: `num_splits` CUDA blocks share one work item's key blocks; each writes its tile
   normalized (float32) with its log-sum-exp, and the wrapper combines the splits and scatters the
   tile rows back to [num_tokens, num_heads, head_dim] (XLA ops on [splits, items, heads, 64] rows).
@@ -43,16 +45,23 @@ BLOCK_M = 64  # tile rows: wgmma's M for one warpgroup
 # sum, so only one chunk's product is live beside O (and the interpreter has no rule for wgmma into a
 # pre-initialized accumulator, `pl.run_state`).
 PV_CHUNK = 64
+# O's columns per CUDA block: head_dim 256 is computed by two CUDA blocks per tile, each with all
+# of Q K^T (K read by both) and half of V and O; with all 256 columns of O (128 registers a thread)
+# beside S, ptxas spilled.
+MAX_PART_DIM = 128
 NUM_SMS = 132  # H100 SXM; only the default split count depends on it
 
 
 def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cache_gmem, v_cache_gmem,
                       o_gmem, lse_gmem, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, k_barriers,
-                      v_barriers, *, sm_scale, soft_cap, group, block_kv, num_splits):
+                      v_barriers, *, sm_scale, soft_cap, group, block_kv, num_splits, head_parts):
     _, _, num_pages, page_size, head_dim = k_cache_gmem.shape
     max_pages = block_tables_gmem.shape[1]
     pages_per_block = block_kv // page_size
-    item, kv_head, split = (jax.lax.axis_index(a) for a in ("item", "kv_head", "split"))
+    item, split = jax.lax.axis_index("item"), jax.lax.axis_index("split")
+    kv_head, part = jax.lax.div(jax.lax.axis_index("head"), head_parts), jax.lax.rem(jax.lax.axis_index("head"), head_parts)
+    part_dim = head_dim // head_parts  # O's (and V's) columns this CUDA block computes
+    part_cols = pl.ds(part * part_dim, part_dim)
     layer, sliding_window = scalars_gmem[0], scalars_gmem[1]  # window <= 0: none
     seq, _, num_rows, first_pos, kv_len = (work_gmem[item, c] for c in range(5))
 
@@ -75,7 +84,7 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
             rows = pl.ds(j * page_size, page_size)
             plgpu.copy_gmem_to_smem(k_cache_gmem.at[layer, kv_head, page], k_smem.at[slot, rows],
                                     k_barriers.at[slot])
-            plgpu.copy_gmem_to_smem(v_cache_gmem.at[layer, kv_head, page], v_smem.at[slot, rows],
+            plgpu.copy_gmem_to_smem(v_cache_gmem.at[layer, kv_head, page, :, part_cols], v_smem.at[slot, rows],
                                     v_barriers.at[slot])
 
     @pl.when(steps > 0)
@@ -133,7 +142,7 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
         return tuple(new_acc), m_next, l_next
 
     acc = tuple(plgpu.layout_cast(jnp.zeros((BLOCK_M, PV_CHUNK), jnp.float32), plgpu.Layout.WGMMA)
-                for _ in range(head_dim // PV_CHUNK))  # O, [BLOCK_M, head_dim] in column chunks
+                for _ in range(part_dim // PV_CHUNK))  # O, [BLOCK_M, part_dim] in column chunks
     m_init = plgpu.layout_cast(jnp.full((BLOCK_M,), MASK_VALUE, jnp.float32), rows_layout)
     l_init = plgpu.layout_cast(jnp.zeros((BLOCK_M,), jnp.float32), rows_layout)
     plgpu.barrier_wait(q_barrier)
@@ -149,9 +158,10 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk has left o_smem
         o_smem[...] = acc_c / jax.lax.broadcast_in_dim(l_safe, acc_c.shape, [0])
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, item, kv_head, :, pl.ds(c * PV_CHUNK, PV_CHUNK)])
+        columns = pl.ds(part * part_dim + c * PV_CHUNK, PV_CHUNK)
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, item, kv_head, :, columns])
         if not c:
-            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[split, item, kv_head])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_gmem.at[split, item, kv_head * head_parts + part])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -220,18 +230,21 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     q_tiles = jnp.pad(q_tiles, ((0, 0), (0, 0), (0, BLOCK_M - block_q * group), (0, 0)))
     window = 0 if sliding_window is None else sliding_window
     scalars = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)])  # [2]
+    head_parts = max(1, head_dim // MAX_PART_DIM)
     kernel = functools.partial(_attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, group=group,
-                               block_kv=block_kv, num_splits=num_splits)
-    kv_buffer = plgpu.SMEM((2, block_kv, head_dim), k_cache.dtype, transforms=_swizzled(head_dim, k_cache.dtype))
+                               block_kv=block_kv, num_splits=num_splits, head_parts=head_parts)
+    k_buffer = plgpu.SMEM((2, block_kv, head_dim), k_cache.dtype, transforms=_swizzled(head_dim, k_cache.dtype))
+    part_dim = head_dim // head_parts
+    v_buffer = plgpu.SMEM((2, block_kv, part_dim), v_cache.dtype, transforms=_swizzled(part_dim, v_cache.dtype))
     out, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, BLOCK_M, head_dim), jnp.float32),
-                  jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, BLOCK_M), jnp.float32)),
-        grid=(num_items, num_kv_heads, num_splits),
-        grid_names=("item", "kv_head", "split"),
+                  jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads * head_parts, BLOCK_M), jnp.float32)),
+        grid=(num_items, num_kv_heads * head_parts, num_splits),
+        grid_names=("item", "head", "split"),
         scratch_types=[
             plgpu.SMEM((BLOCK_M, head_dim), q.dtype, transforms=_swizzled(head_dim, q.dtype)),  # Q tile
-            kv_buffer, kv_buffer,  # K and V, two key blocks each
+            k_buffer, v_buffer,  # K and V (V: this block's columns), two key blocks each
             plgpu.SMEM((BLOCK_M, block_kv), q.dtype, transforms=_swizzled(block_kv, q.dtype)),  # P
             plgpu.SMEM((BLOCK_M, PV_CHUNK), jnp.float32),  # O, a column chunk at a time
             plgpu.SMEM((BLOCK_M,), jnp.float32),  # log-sum-exp per row
@@ -241,7 +254,9 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
         ],
         interpret=_interpret_params(interpret),
     )(scalars, work, block_tables.astype(jnp.int32), q_tiles, k_cache, v_cache)
-    # out: [splits, items, kv_heads, BLOCK_M, head_dim] normalized per split; lse: [splits, items, kv_heads, BLOCK_M]
+    # out: [splits, items, kv_heads, BLOCK_M, head_dim] normalized per split; lse: [splits, items,
+    # kv_heads * head_parts, BLOCK_M], the same for every part of a kv head.
+    lse = lse[:, :, ::head_parts]
     if num_splits == 1:
         out = out[0]
     else:
