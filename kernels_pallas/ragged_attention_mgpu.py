@@ -26,7 +26,7 @@ Design, per CUDA block (one warpgroup, 128 threads): grid (work item, kv head x 
 - head_dim 256: two CUDA blocks per tile ("head parts"), each computing all of S = Q K^T and half
   of O's columns (`MAX_PART_DIM`), so O fits in registers beside S.
 - Flash-decoding: `num_splits` CUDA blocks share one work item's key blocks; each writes its tile
-  normalized (float32) with its log-sum-exp, and the wrapper combines the splits and scatters the
+  normalized (float32; q's dtype when there is one split) with its log-sum-exp, and the wrapper combines the splits and scatters the
   tile rows back to [num_tokens, num_heads, head_dim] (XLA ops on [splits, items, heads, 64] rows).
 """
 
@@ -59,7 +59,8 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
     max_pages = block_tables_gmem.shape[1]
     pages_per_block = block_kv // page_size
     item, split = jax.lax.axis_index("item"), jax.lax.axis_index("split")
-    kv_head, part = jax.lax.div(jax.lax.axis_index("head"), head_parts), jax.lax.rem(jax.lax.axis_index("head"), head_parts)
+    head = jax.lax.axis_index("head")  # kv_head * head_parts + part
+    kv_head, part = jax.lax.div(head, head_parts), jax.lax.rem(head, head_parts)
     part_dim = head_dim // head_parts  # O's (and V's) columns this CUDA block computes
     part_cols = pl.ds(part * part_dim, part_dim)
     layer, sliding_window = scalars_gmem[0], scalars_gmem[1]  # window <= 0: none
@@ -153,10 +154,10 @@ def _attention_kernel(scalars_gmem, work_gmem, block_tables_gmem, q_gmem, k_cach
     seen = l > 0.0
     l_safe = jnp.where(seen, l, 1.0)
     lse_smem[...] = jnp.where(seen, m + jnp.log(l_safe), MASK_VALUE)
-    for c, acc_c in enumerate(acc):  # O out through one [BLOCK_M, PV_CHUNK] float32 buffer
+    for c, acc_c in enumerate(acc):  # O out through one [BLOCK_M, PV_CHUNK] buffer
         if c:
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk has left o_smem
-        o_smem[...] = acc_c / jax.lax.broadcast_in_dim(l_safe, acc_c.shape, [0])
+        o_smem[...] = (acc_c / jax.lax.broadcast_in_dim(l_safe, acc_c.shape, [0])).astype(o_smem.dtype)
         plgpu.commit_smem()
         columns = pl.ds(part * part_dim + c * PV_CHUNK, PV_CHUNK)
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[split, item, kv_head, :, columns])
@@ -236,9 +237,12 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
     k_buffer = plgpu.SMEM((2, block_kv, head_dim), k_cache.dtype, transforms=_swizzled(head_dim, k_cache.dtype))
     part_dim = head_dim // head_parts
     v_buffer = plgpu.SMEM((2, block_kv, part_dim), v_cache.dtype, transforms=_swizzled(part_dim, v_cache.dtype))
+    # One split: the tiles are final, rounded once to q's dtype as the reference rounds; several:
+    # float32 until the splits are combined.
+    out_dtype = q.dtype if num_splits == 1 else jnp.float32
     out, lse = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, BLOCK_M, head_dim), jnp.float32),
+        out_type=(jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, BLOCK_M, head_dim), out_dtype),
                   jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads * head_parts, BLOCK_M), jnp.float32)),
         grid=(num_items, num_kv_heads * head_parts, num_splits),
         grid_names=("item", "head", "split"),
@@ -246,7 +250,7 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
             plgpu.SMEM((BLOCK_M, head_dim), q.dtype, transforms=_swizzled(head_dim, q.dtype)),  # Q tile
             k_buffer, v_buffer,  # K and V (V: this block's columns), two key blocks each
             plgpu.SMEM((BLOCK_M, block_kv), q.dtype, transforms=_swizzled(block_kv, q.dtype)),  # P
-            plgpu.SMEM((BLOCK_M, PV_CHUNK), jnp.float32),  # O, a column chunk at a time
+            plgpu.SMEM((BLOCK_M, PV_CHUNK), out_dtype),  # O, a column chunk at a time
             plgpu.SMEM((BLOCK_M,), jnp.float32),  # log-sum-exp per row
             plgpu.Barrier(num_barriers=1),
             plgpu.Barrier(num_arrivals=block_kv // page_size, num_barriers=2),  # one arrival per page copy

@@ -5,8 +5,8 @@ configuration's registers, spills and shared memory from ptxas.
 The devices are compile-only GPUs from `jax.experimental.topologies` (the same target config as
 scripts/gpu_compile_check.py); Mosaic GPU lowers the kernel to PTX and runs ptxas on it
 (`MOSAIC_GPU_DUMP_PTXAS=1` prints its report). Exits 1 on a compile error or a spill.
-Prints two markdown tables (matmul, attention). scripts/gpu_compile_check.sh (`make gpu-compile-check`) builds .venv-cuda
-and runs it first; by hand: `.venv-cuda/bin/python scripts/mgpu_compile_check.py [case name ...]`.
+Prints two markdown tables (matmul, attention). scripts/gpu_compile_check.sh (`make gpu-compile-check`)
+builds .venv-cuda and runs it first; by hand: `.venv-cuda/bin/python scripts/mgpu_compile_check.py [case name ...]`.
 """
 
 import glob
