@@ -18,7 +18,7 @@ import sys
 import time
 
 from jaxinfer.config import EngineConfig
-from jaxinfer.ops import BACKENDS, MATMUL_BACKENDS
+from jaxinfer.ops import ATTENTION_BACKENDS, MATMUL_BACKENDS
 from jaxinfer.quant import QUANTIZATIONS
 from jaxinfer.weights import DEFAULT_MODEL, resolve_model_path
 
@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--page-size", type=int, help=f"tokens per KV cache page, a power of two (default: {d.page_size})")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help=f"reuse the KV pages of shared prompt prefixes (default: {'on' if d.enable_prefix_caching else 'off'})")
-    engine.add_argument("--attention-backend", choices=BACKENDS,
-                        help="attention kernels: auto (Pallas on GPU; native CPU kernel or XLA elsewhere), xla, "
-                        f"pallas, pallas_interpret (slow; debugging) (default: {d.attention_backend})")
+    engine.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                        help="attention kernels: auto (Pallas Triton on GPU; native CPU kernel or XLA elsewhere), xla, "
+                        "pallas, pallas_interpret (slow; debugging), mosaic_gpu (Hopper: the Mosaic GPU kernel where "
+                        "it applies, Triton elsewhere; not yet run on a real GPU), mosaic_gpu_interpret "
+                        f"(default: {d.attention_backend})")
     engine.add_argument("--matmul-backend", choices=MATMUL_BACKENDS,
                         help="quantized matmul kernel: auto (Pallas Triton on GPU; native CPU kernel or XLA elsewhere), "
                         "xla, pallas, pallas_interpret (slow; debugging), mosaic_gpu (Hopper: the Mosaic GPU kernel "

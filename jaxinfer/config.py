@@ -226,7 +226,7 @@ class EngineConfig:
     # Speculative decoding (`jaxinfer.speculative`): a SpeculativeConfig, or vLLM's dict / JSON text
     # ({"method": "ngram", "num_speculative_tokens": 4, ...}); None: off.
     speculative_config: object = None
-    attention_backend: str = "auto"  # jaxinfer.ops.BACKENDS: the attention and K/V page write kernels
+    attention_backend: str = "auto"  # jaxinfer.ops.ATTENTION_BACKENDS: the attention and K/V page write kernels
     matmul_backend: str = "auto"  # jaxinfer.ops.MATMUL_BACKENDS: the quantized matmul kernel
     warmup: bool = True  # compile every step shape at start-up
     strict_compile: bool = False  # raise if serving ever needs a program warm-up did not compile
@@ -266,13 +266,13 @@ class EngineConfig:
             raise ValueError(f"num_pages must be a positive integer, got {self.num_pages!r}")
         if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
-        from jaxinfer.ops import BACKENDS, MATMUL_BACKENDS
+        from jaxinfer.ops import ATTENTION_BACKENDS, MATMUL_BACKENDS
         from jaxinfer.quant import QUANTIZATIONS
         from jaxinfer.speculative import SpeculativeConfig
 
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
 
-        for field, choices in (("attention_backend", BACKENDS), ("matmul_backend", MATMUL_BACKENDS)):
+        for field, choices in (("attention_backend", ATTENTION_BACKENDS), ("matmul_backend", MATMUL_BACKENDS)):
             if getattr(self, field) not in choices:
                 raise ValueError(f"{field} must be one of {', '.join(choices)}, got {getattr(self, field)!r}")
 

@@ -9,12 +9,14 @@ Backends, chosen separately for attention (`--attention-backend`) and for the qu
 - "pallas_interpret": the same Pallas kernels run by the interpreter on any platform (numerics
   tests only, slow);
 - "auto": pallas on a GPU, xla elsewhere.
-The matmul has two more (`MATMUL_BACKENDS`):
-- "mosaic_gpu": the Mosaic GPU kernel for Hopper (sm_90a; `kernels_pallas.quant_matmul_mgpu`) where
-  it applies (int8, int4 and fp8 weights in the "kn" layout, bf16/f16 activations, N a multiple of
-  64, K of 64 for int8/fp8 or 128 for int4), else the Triton kernel. "auto" stays on Triton until a run on
-  a real Hopper GPU has checked the Mosaic GPU kernel: so far it is checked in Mosaic GPU's
-  interpret mode and compiled for sm_90a without a GPU (docs/KERNELS.md);
+Both have two more (`MOSAIC_BACKENDS`, in `ATTENTION_BACKENDS` and `MATMUL_BACKENDS`):
+- "mosaic_gpu": the Mosaic GPU kernels for Hopper (sm_90a) where they apply, else the Triton ones.
+  The matmul (`kernels_pallas.quant_matmul_mgpu`): int8, int4 and fp8 weights in the "kn" layout,
+  bf16/f16 activations, N a multiple of 64, K of 64 for int8/fp8 or 128 for int4. Attention
+  (`kernels_pallas.ragged_attention_mgpu`): bf16/f16, head_dim a multiple of 64, page sizes 8 to 64
+  dividing 64, at most 64 query heads per KV head; its K/V page write is XLA's scatter. "auto"
+  stays on Triton until a run on a real Hopper GPU has checked them: so far they are checked in
+  Mosaic GPU's interpret mode and compiled for sm_90a without a GPU (docs/KERNELS.md);
 - "mosaic_gpu_interpret": the same, run by Mosaic GPU's interpreter (numerics tests only).
 The choice is static: it is made when a step function is traced. The kernel packages stand alone
 (they import nothing from each other or from jaxinfer); this module is where they meet the engine.
@@ -29,9 +31,12 @@ from kernels_cpu import native
 from kernels_pallas import paged_attention
 from kernels_pallas import quant_matmul as qmm
 from kernels_pallas import quant_matmul_mgpu as qmm_mgpu
+from kernels_pallas import ragged_attention_mgpu as attention_mgpu
 
 BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
-MATMUL_BACKENDS = BACKENDS + ("mosaic_gpu", "mosaic_gpu_interpret")
+MOSAIC_BACKENDS = ("mosaic_gpu", "mosaic_gpu_interpret")
+ATTENTION_BACKENDS = BACKENDS + MOSAIC_BACKENDS
+MATMUL_BACKENDS = BACKENDS + MOSAIC_BACKENDS
 
 
 def resolve_backend(backend: str, choices=BACKENDS) -> str:
@@ -44,8 +49,8 @@ def resolve_backend(backend: str, choices=BACKENDS) -> str:
 
 def write_kv(k_cache, v_cache, layer, k, v, slot_mapping, *, backend="auto"):
     """Writes new K/V rows into the paged cache (see `paged_attention.write_kv_reference`)."""
-    backend = resolve_backend(backend)
-    if backend == "xla":
+    backend = resolve_backend(backend, ATTENTION_BACKENDS)
+    if backend == "xla" or backend in MOSAIC_BACKENDS:  # XLA's scatter: no Triton under the Mosaic GPU path
         return paged_attention.write_kv_reference(k_cache, v_cache, layer, k, v, slot_mapping)
     return paged_attention.write_kv(k_cache, v_cache, layer, k, v, slot_mapping,
                                     interpret=backend == "pallas_interpret")
@@ -57,9 +62,15 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
 
     `sliding_window`: None, or an int32 scalar that may be traced (a layer scan's own; <= 0: none).
     """
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, ATTENTION_BACKENDS)
     args = (q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables)
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if backend in MOSAIC_BACKENDS:
+        interpret = backend == "mosaic_gpu_interpret"
+        _, num_kv_heads, _, page_size, head_dim = k_cache.shape
+        if attention_mgpu.supports(q.shape[1], num_kv_heads, head_dim, page_size, q.dtype, interpret):
+            return attention_mgpu.ragged_paged_attention(*args, **options, interpret=interpret)
+        return paged_attention.ragged_paged_attention(*args, **options, interpret=interpret)  # Triton
     if backend == "xla" and _native_attention(q, k_cache):
         return native.ragged_paged_attention(*args, **options).astype(q.dtype)
     if backend == "xla":  # the reference's math, chunked so its cost follows the real context lengths

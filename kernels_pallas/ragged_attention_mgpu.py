@@ -187,6 +187,14 @@ def default_num_splits(num_tokens, num_seqs, num_kv_heads, group, max_keys, bloc
     return int(max(1, min(wanted, pl.cdiv(max_keys, block_kv), 16)))
 
 
+def supports(num_heads, num_kv_heads, head_dim, page_size, dtype, interpret=False) -> bool:
+    """Whether `ragged_paged_attention` takes this shape and dtype with the default block_kv (64)."""
+    group = num_heads // num_kv_heads if num_kv_heads else 0
+    return (group * num_kv_heads == num_heads and 0 < group <= BLOCK_M and head_dim % 64 == 0
+            and page_size % 8 == 0 and 64 % page_size == 0
+            and (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) or bool(interpret) and jnp.dtype(dtype) == jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "block_kv", "num_splits", "interpret"))
 def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *, sm_scale,
                            sliding_window=None, soft_cap=None, block_kv=None, num_splits=None, interpret=False):

@@ -35,6 +35,7 @@ import time
 
 DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-gpu-compile-")
 MOSAIC_DUMP_DIR = os.path.join(DUMP_DIR, "mosaic")  # Mosaic GPU kernels: their PTX and ptxas reports
+os.makedirs(MOSAIC_DUMP_DIR, exist_ok=True)
 os.environ.setdefault("MOSAIC_GPU_DUMP_TO", MOSAIC_DUMP_DIR)
 os.environ.setdefault("MOSAIC_GPU_DUMP_PTXAS", "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR}"
@@ -128,7 +129,7 @@ class Shipped:
     engine: EngineConfig
     cards: tuple[str, ...]
     tp: int = 1  # devices the model is split over (`jaxinfer.tensor_parallel`), one card each
-    matmul_backend: str = "pallas"  # `--matmul-backend`: "pallas" (Triton) or "mosaic_gpu" (Hopper)
+    backend: str = "pallas"  # `--attention-backend` and `--matmul-backend`: "pallas" (Triton) or "mosaic_gpu"
 
 
 def uniform(fmt):
@@ -157,11 +158,12 @@ def shipped_configurations() -> list[Shipped]:
         Shipped("Llama-3-8B bf16", LLAMA3_8B, {}, None, long, ("H100", "A100")),
         Shipped("Llama-3-8B int8", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long, ("H100", "A100")),
         Shipped("Llama-3-8B int4 g128", LLAMA3_8B, uniform(int4), None, long, ("H100", "A100")),
-        # `--matmul-backend mosaic_gpu` (opt-in): the Mosaic GPU matmul inside the whole step, sm_90a only.
-        Shipped("Llama-3-8B int4 g128, Mosaic GPU matmul", LLAMA3_8B, uniform(int4), None, long, ("H100",),
-                matmul_backend="mosaic_gpu"),
-        Shipped("Llama-3-8B int8, Mosaic GPU matmul", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long,
-                ("H100",), matmul_backend="mosaic_gpu"),
+        # `--attention-backend mosaic_gpu --matmul-backend mosaic_gpu` (opt-in): the Mosaic GPU kernels
+        # inside the whole step, sm_90a only.
+        Shipped("Llama-3-8B int4 g128, Mosaic GPU", LLAMA3_8B, uniform(int4), None, long, ("H100",),
+                backend="mosaic_gpu"),
+        Shipped("Llama-3-8B int8, Mosaic GPU", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long,
+                ("H100",), backend="mosaic_gpu"),
         Shipped("Llama-3-70B int4 g128", LLAMA3_70B, uniform(int4), None, long, ("H100",)),
         Shipped("Llama-3-70B AWQ g128", LLAMA3_70B, checkpoint_formats(LLAMA3_70B, AWQ_GEMM_G128), None, long,
                 ("H100",)),
@@ -193,8 +195,8 @@ def topology_mesh(card: Card, size: int = 1) -> Mesh:
 
 def abstract_step_args(shipped: Shipped, num_pages: int, num_tokens: int, num_seqs: int, sharding):
     """(jitted step, its abstract arguments) for one bucket, every array on `sharding`."""
-    model = nnx.eval_shape(lambda: Llama(shipped.model, dtype=jnp.bfloat16, attention_backend="pallas",
-                                         formats=shipped.formats, quant_backend=shipped.matmul_backend,
+    model = nnx.eval_shape(lambda: Llama(shipped.model, dtype=jnp.bfloat16, attention_backend=shipped.backend,
+                                         formats=shipped.formats, quant_backend=shipped.backend,
                                          head_format=shipped.head_format))
     graphdef, state = nnx.split(model)
     c, e = shipped.model, shipped.engine
@@ -212,8 +214,8 @@ def abstract_tp_step_args(shipped: Shipped, mesh: Mesh, num_pages: int, num_toke
     built = {}
 
     def shard():
-        model = Llama(shipped.model, dtype=jnp.bfloat16, attention_backend="pallas", formats=shipped.formats,
-                      quant_backend=shipped.matmul_backend, head_format=shipped.head_format)
+        model = Llama(shipped.model, dtype=jnp.bfloat16, attention_backend=shipped.backend, formats=shipped.formats,
+                      quant_backend=shipped.backend, head_format=shipped.head_format)
         graphdef, state, specs, vocab_parallel = tensor_parallel.shard_model(model, mesh, native_layouts=False,
                                                                              integer=False)
         built.update(graphdef=graphdef, specs=specs, vocab_parallel=vocab_parallel)
@@ -339,7 +341,7 @@ def check(shipped: Shipped, card_key: str, util: float, seen_ptx: set) -> Result
         largest = step_buckets(e.max_num_batched_tokens, e.max_num_seqs)[-1]
         # Under TP the memory analysis is one device's, and so is everything below (its KV heads).
         peak = compile_bucket(shipped, mesh, pages_per_seq, *largest).memory_analysis()
-        if shipped.matmul_backend != "pallas":  # the decode bucket takes the other kernel variant (M <= 16)
+        if shipped.backend != "pallas":  # the decode bucket takes the other variants (M <= 16, the split)
             compile_bucket(shipped, mesh, pages_per_seq, *step_buckets(e.max_num_batched_tokens, e.max_num_seqs)[0])
         device_model = dataclasses.replace(shipped.model, num_kv_heads=tensor_parallel.cache_kv_heads(
             shipped.model, shipped.tp))

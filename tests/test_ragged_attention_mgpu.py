@@ -191,3 +191,29 @@ def test_lowers_for_cuda_to_one_mosaic_gpu_kernel(name, num_tokens, num_seqs, ma
         lambda *a: ram.ragged_paged_attention(*a, sm_scale=head_dim ** -0.5, sliding_window=a[3], soft_cap=30.0),
         *args)
     assert re.findall(r"custom_call @(\w+)", exported.mlir_module()) == ["mosaic_gpu_v2"]
+
+
+def test_engine_dispatch_picks_the_mosaic_kernel_where_it_applies_and_triton_elsewhere():
+    """`--attention-backend mosaic_gpu_interpret` (jaxinfer.ops): the Mosaic GPU kernel for a shape it
+    takes, the Triton kernel for one it does not (head_dim 32), both against the reference; the K/V
+    page write is XLA's scatter."""
+    from jaxinfer import ops
+    from kernels_pallas.paged_attention import write_kv_reference
+
+    for head_dim, mosaic in ((64, True), (32, False)):
+        batch = make_batch(11, **BASE, head_dim=head_dim)
+        q, k_cache = batch["q"], batch["k_cache"]
+        assert ram.supports(q.shape[1], k_cache.shape[1], head_dim, k_cache.shape[3], q.dtype) == mosaic
+        out = ops.ragged_paged_attention(**batch, sm_scale=head_dim ** -0.5, backend="mosaic_gpu_interpret")
+        ref = ragged_paged_attention_reference(**batch, sm_scale=head_dim ** -0.5)
+        out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= TOLERANCE[jnp.bfloat16], head_dim
+    assert not ram.supports(32, 8, 128, 16, jnp.float32)  # float32 only in the interpreter
+    assert ram.supports(32, 8, 128, 16, jnp.float32, interpret=True)
+    assert not ram.supports(32, 8, 128, 128, jnp.bfloat16)  # a page larger than the key block
+    new = jnp.ones((3, batch["k_cache"].shape[1], 32), jnp.bfloat16)
+    slots = jnp.asarray([5, 17, 40], jnp.int32)
+    got = ops.write_kv(batch["k_cache"], batch["v_cache"], batch["layer"], new, -new, slots, backend="mosaic_gpu")
+    want = write_kv_reference(batch["k_cache"], batch["v_cache"], batch["layer"], new, -new, slots)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
