@@ -50,6 +50,21 @@ def perplexity(model: Llama, windows, *, seqs_per_call: int = 4, page_size: int 
     return float(np.exp(total / (num_windows * (n - first_scored))))
 
 
+def top_tokens(model: Llama, windows, k: int = 5, *, seqs_per_call: int = 4, page_size: int = 16,
+               cache_dtype=jnp.float32) -> np.ndarray:
+    """[num_windows, n - 1, k] int32: at each position t < n - 1 of each window, the k most likely next
+    tokens (best first) after tokens 0 .. t, teacher-forced: the model sees the window's own tokens,
+    whatever it would have chosen. Windows start at position 0 on an empty cache, as in `perplexity`;
+    a window padded at its end gives the same predictions before the padding (attention is causal)."""
+    windows = np.asarray(windows, np.int32)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [num_windows, n >= 2] token ids, got shape {windows.shape}")
+    graphdef, state = nnx.split(model)
+    return np.concatenate([np.asarray(_top_tokens(graphdef, state, jnp.asarray(windows[start:start + seqs_per_call]),
+                                                  k=k, page_size=page_size, cache_dtype=cache_dtype))
+                           for start in range(0, len(windows), seqs_per_call)])
+
+
 def _metadata(num_seqs: int, n: int, page_size: int) -> AttentionMetadata:
     """Sequence s of n tokens owns pages [s * pages_per_seq, (s + 1) * pages_per_seq); logits at every row."""
     pages_per_seq = -(-n // page_size)
@@ -73,3 +88,14 @@ def _summed_nll(graphdef, state, token_ids, *, page_size, cache_dtype, first_sco
     logits, _, _ = model(token_ids.reshape(-1), positions, k_cache, v_cache, meta)  # [S * n, vocab] float32
     logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, first_scored - 1:-1], axis=-1)
     return -jnp.take_along_axis(logp, token_ids[:, first_scored:, None], axis=-1).sum()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "k", "page_size", "cache_dtype"))
+def _top_tokens(graphdef, state, token_ids, *, k, page_size, cache_dtype):
+    num_seqs, n = token_ids.shape
+    model = nnx.merge(graphdef, state)
+    meta = _metadata(num_seqs, n, page_size)
+    k_cache, v_cache = allocate_kv_cache(model.config, num_seqs * meta.block_tables.shape[1], page_size, cache_dtype)
+    positions = jnp.tile(jnp.arange(n, dtype=jnp.int32), num_seqs)
+    logits, _, _ = model(token_ids.reshape(-1), positions, k_cache, v_cache, meta)
+    return jax.lax.top_k(logits.reshape(num_seqs, n, -1)[:, :-1], k)[1]

@@ -11,7 +11,10 @@ import pydoc_data.topics
 
 import pytest
 
+import numpy as np
+
 from jaxinfer import LLM, SamplingParams
+from jaxinfer.evaluate import top_tokens
 
 TOPICS = pydoc_data.topics.topics
 NEW_TOKENS = 32
@@ -25,9 +28,14 @@ CHATS = [[{"role": "user", "content": text}] for text in [
     "Summarize this documentation in one sentence:\n" + TOPICS["for"][:1000],
     "Translate 'good morning' into Spanish and French.",
     "What is the difference between a list and a tuple in Python?", "Who wrote Pride and Prejudice?"]]
-# Measured on the CPU default (native Q4_1 blocks, int8 activations, Q8_0 head): 7 of 18 prompts
-# identical for 32 tokens (int8 per channel with int8 activations, the default before: 2 of 18).
-MIN_IDENTICAL = 6
+# Teacher-forced agreement: at each of HF's greedy tokens (547 positions: some prompts end at EOS
+# first), given HF's own context, how often the default's best token is HF's. Measured on the CPU
+# default (native Q4_1 blocks, int8 activations, Q8_0 head): 530 to 538, as the attention's last-bit
+# rounding varied (the native kernel before and after key tiles, XLA's attention, q scaled by 1 +- 1e-6);
+# HF's token in the default's top 5 at all 547. How many prompts keep HF's 32 greedy tokens throughout
+# moved from 5 to 10 of 18 under the same 1e-6 perturbations (one flipped near-tie ends a prompt's
+# run), too noisy to hold a bound on.
+MIN_AGREEMENT = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +47,44 @@ def prompts(hf_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def default_outputs(prompts):
+def default_llm():
     llm = LLM("SmolLM2-135M-Instruct", max_model_len=1024, max_num_seqs=18, max_num_batched_tokens=512,
               warmup=False)
     assert llm.engine.quantization == "native" and llm.engine.lm_head_quantization == "native"
+    return llm
+
+
+@pytest.fixture(scope="module")
+def reference(prompts, hf_model):
+    return hf_model.greedy(prompts, NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def teacher_forced(prompts, reference, default_llm):
+    """[prompt][position] the default's 5 best tokens after the prompt and HF's tokens before that position."""
+    seqs = [p + r for p, r in zip(prompts, reference)]
+    n = max(map(len, seqs))
+    top = top_tokens(default_llm.engine.model, [s + [0] * (n - len(s)) for s in seqs], 5)  # padded at the end
+    return [top[i, len(p) - 1:len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, reference))]
+
+
+def test_default_agrees_with_full_precision_given_its_context(reference, teacher_forced):
+    positions = sum(map(len, reference))
+    agree = sum(int((top[:, 0] == ref).sum()) for top, ref in zip(teacher_forced, reference))
+    assert agree >= MIN_AGREEMENT * positions, (agree, positions)
+    for i, (top, ref) in enumerate(zip(teacher_forced, reference)):
+        missing = [j for j, t in enumerate(ref) if t not in top[j]]
+        assert not missing, (i, missing)  # HF's token is among the default's 5 best everywhere
+
+
+def test_served_greedy_text_is_the_models_best_token_until_it_leaves_full_precision(
+        prompts, reference, teacher_forced, default_llm):
+    """The engine's greedy text (18 prompts batched, long ones prefilled in chunks, logprobs on) is
+    the model's own best token at each step: identical to the teacher-forced forward up to and
+    including the first token where it leaves HF's text (the contexts are the same until there)."""
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=5)
-    return [out.outputs[0] for out in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def test_default_greedy_text_stays_close_to_full_precision(prompts, default_outputs, hf_model):
-    reference = hf_model.greedy(prompts, NEW_TOKENS)
-    identical = 0
-    for out, ref in zip(default_outputs, reference):
-        diverged = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref)) if a != b), None)
-        if diverged is None:
-            identical += 1
-            continue
-        # Where it departs, full precision's token is still among the default's 5 best.
-        assert ref[diverged] in [token for token, _ in out.logprobs[diverged].top], diverged
-    assert identical >= MIN_IDENTICAL
+    outputs = [out.outputs[0] for out in default_llm.generate(prompts, params, use_tqdm=False)]
+    for i, (out, ref, top) in enumerate(zip(outputs, reference, teacher_forced)):
+        same = next((j for j, (a, b) in enumerate(zip(out.token_ids, ref)) if a != b), len(ref) - 1)
+        assert list(out.token_ids[:same + 1]) == top[:same + 1, 0].tolist(), i
+        assert [t for t, _ in out.logprobs[same].top] == top[same].tolist(), i
