@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         type=float, help="fraction of free device memory the KV cache takes when --num-pages is not "
                         "given (default: 0.9 on GPU; on CPU 0.5 of free RAM, capped at max_num_seqs full sequences)")
     engine.add_argument("--num-pages", type=int, help="KV cache size in pages (overrides the memory fraction)")
+    engine.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="KV cache dtype; auto: float16 on CPU with quantized weights (half the bytes a "
+                        "decode step reads; float32 arithmetic), else --dtype (default: auto)")
     engine.add_argument("--page-size", type=int, help=f"tokens per KV cache page, a power of two (default: {d.page_size})")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help=f"reuse the KV pages of shared prompt prefixes (default: {'on' if d.enable_prefix_caching else 'off'})")
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction",
+ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction", "kv_cache_dtype",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "matmul_backend", "warmup", "strict_compile",
                 "speculative_config",
                 "seed", "tensor_parallel_size", "data_parallel_size")

@@ -214,6 +214,11 @@ class EngineConfig:
     """Limits and cache shape of one engine."""
 
     dtype: str = "auto"  # "auto": float32 on CPU (no native bf16 there), bfloat16 on GPU
+    # The KV cache's dtype (vLLM's --kv-cache-dtype): "auto" is float16 on the CPU when the weights
+    # are quantized (llama.cpp's default: half the bytes a decode step reads, read by the native
+    # attention, arithmetic in float32), else the model's dtype; "float32"/"float16"/"bfloat16" say
+    # it. On a GPU it is the model's dtype.
+    kv_cache_dtype: str = "auto"
     page_size: int = 16
     max_model_len: int = 2048
     max_num_seqs: int = 32
@@ -283,6 +288,8 @@ class EngineConfig:
                              f"{self.lm_head_quantization!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"kv_cache_dtype must be auto, float32, bfloat16 or float16, got {self.kv_cache_dtype!r}")
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -14,7 +14,7 @@ from jaxinfer import distributed, tensor_parallel
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.config import EngineConfig
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
-from jaxinfer.loading import LoadedModel, load_weights
+from jaxinfer.loading import LoadedModel, load_weights, resolve_kv_cache_dtype
 from jaxinfer.models.llama import PROJECTIONS
 from jaxinfer.quant import Linear
 from jaxinfer.runner import ModelRunner
@@ -119,8 +119,9 @@ class LLMEngine:
         self.quantization, self.lm_head_quantization = loaded.quantization, loaded.lm_head_quantization
         self.model, self.weight_bytes_by_format, self._staged = loaded.model, loaded.weight_bytes_by_format, loaded.staged
         platform = jax.devices()[0].platform
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.quantization, platform)
         num_pages = int(distributed.agree("num_pages", str(self._num_pages())))  # free memory differs by host
-        self.runner = ModelRunner(self.model, config, num_pages, self.dtype, mesh=mesh,
+        self.runner = ModelRunner(self.model, config, num_pages, self.kv_cache_dtype, mesh=mesh,
                                   native_layouts=loaded.native_layouts, device=devices[0] if devices else None)
         if mesh is not None:
             logger.info("tensor parallelism over %d %s devices: heads, KV cache and MLP split, embedding and LM "
@@ -139,7 +140,8 @@ class LLMEngine:
         self._ids = itertools.count()
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(self.runner.state))
         self.weight_bytes = weight_bytes
-        self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.dtype)
+        self.kv_cache_bytes = num_pages * kv_cache_bytes_per_page(self._cache_config(), config.page_size,
+                                                                  self.kv_cache_dtype)
         # One line for the weights, one for the KV cache: the per-tensor detail is at DEBUG.
         formats = {getattr(self.model.layers, name).fmt.name if getattr(self.model.layers, name).fmt
                    else jnp.dtype(self.dtype).name for name in PROJECTIONS}
@@ -151,7 +153,7 @@ class LLMEngine:
                         f"{name} {nbytes / 1e6:.1f} MB" for name, nbytes in self.weight_bytes_by_format.items()))
         logger.info("KV cache: %d pages x %d tokens = %d tokens, %.1f MB %s; prefix caching %s", num_pages,
                     config.page_size, num_pages * config.page_size, self.kv_cache_bytes / 1e6,
-                    jnp.dtype(self.dtype).name, "on" if config.enable_prefix_caching else "off")
+                    self.kv_cache_dtype.name, "on" if config.enable_prefix_caching else "off")
         if config.warmup and self.runner.leader:  # other processes run process 0's warm-up steps as it sends them
             self.runner.warmup()
 
@@ -175,7 +177,8 @@ class LLMEngine:
                 budget -= sum(self.weight_bytes_by_format.values()) // config.tensor_parallel_size
             # A page's bytes on one device: its share of the KV heads (host devices share one RAM).
             devices = 1 if on_cpu else config.tensor_parallel_size
-            num_pages = budget // (kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.dtype) // devices)
+            page_bytes = kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.kv_cache_dtype)
+            num_pages = budget // (page_bytes // devices)
             if on_cpu:  # host RAM is everyone's: take no more than the sequences can use
                 num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)
         if num_pages < pages_per_seq:

@@ -35,6 +35,19 @@ def resolve_dtype(name: str):
     return jnp.dtype(name)
 
 
+def resolve_kv_cache_dtype(name: str, dtype, quantization: str, platform: str):
+    """EngineConfig.kv_cache_dtype: "auto" is float16 for quantized weights on the CPU (float32
+    arithmetic, half the cache bytes), else the model's dtype. On a GPU the cache is the model's dtype
+    (the Pallas kernels take q and the cache in one dtype)."""
+    if name == "auto":
+        cpu_quantized = platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and quantization != "none"
+        return jnp.dtype(jnp.float16) if cpu_quantized else jnp.dtype(dtype)
+    if platform != "cpu" and jnp.dtype(name) != jnp.dtype(dtype):
+        raise ValueError(f"kv_cache_dtype {name} differs from the model's dtype {jnp.dtype(dtype).name}: on a "
+                         f"{platform} the cache is the model's dtype (kv_cache_dtype auto)")
+    return jnp.dtype(name)
+
+
 @dataclass(slots=True)
 class LoadedModel:
     """A checkpoint read into memory, before any engine places it on its devices: what the replicas

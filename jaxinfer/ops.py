@@ -129,7 +129,8 @@ def _native_kquant() -> bool:
 
 
 def _native_attention(q, k_cache) -> bool:
-    """Whether the native CPU attention takes this step: float32, head_dim a multiple of 16. It beats
-    the XLA path's gather-then-dot for decode and prefill alike (docs/KERNELS.md)."""
-    return (q.dtype == jnp.float32 and k_cache.dtype == jnp.float32
+    """Whether the native CPU attention takes this step: float32 q, a float32 or float16 cache,
+    head_dim a multiple of 16. It beats the XLA path's gather-then-dot for decode and prefill alike
+    (docs/KERNELS.md)."""
+    return (q.dtype == jnp.float32 and k_cache.dtype in native.ATTENTION_CACHE_DTYPES
             and q.shape[-1] % 16 == 0 and jax.default_backend() == "cpu" and native.available())

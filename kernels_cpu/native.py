@@ -41,7 +41,11 @@ SOURCES = (HERE / "int8_matmul.cc", HERE / "group_matmul.cc", HERE / "kquant_mat
 HEADERS = (HERE / "parallel.h", HERE / "group_simd.h")
 TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul", "jaxinfer_group_matmul": "JaxinferGroupMatmul",
            "jaxinfer_kquant_matmul": "JaxinferKQuantMatmul",
-           "jaxinfer_ragged_paged_attention": "JaxinferRaggedPagedAttention"}
+           "jaxinfer_ragged_paged_attention": "JaxinferRaggedPagedAttention",
+           "jaxinfer_ragged_paged_attention_f16": "JaxinferRaggedPagedAttentionF16"}
+# The cache dtypes the native attention reads: float16 widens to float32 as it is loaded.
+ATTENTION_CACHE_DTYPES = {jnp.dtype(jnp.float32): "jaxinfer_ragged_paged_attention",
+                          jnp.dtype(jnp.float16): "jaxinfer_ragged_paged_attention_f16"}
 # $JAXINFER_NATIVE_CFLAGS adds flags, e.g. "-mno-avx512f" to build (and test) the AVX2 paths on an AVX-512 machine.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast",
          *os.environ.get("JAXINFER_NATIVE_CFLAGS", "").split())
@@ -217,15 +221,17 @@ def int8_matmul(x, data, scales, layer=None):
 
 def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *, sm_scale,
                            sliding_window=None, soft_cap=None):
-    """The contract of `kernels_pallas.paged_attention.ragged_paged_attention_reference`, float32,
-    on the CPU (`paged_attention.cc`): each row reads its keys and values in place in the page
-    pool. Best for few rows (decode); head_dim a multiple of the vector width (8 or 16).
+    """The contract of `kernels_pallas.paged_attention.ragged_paged_attention_reference` on the CPU
+    (`paged_attention.cc`): float32 q and output, a float32 or float16 cache (widened as it is read;
+    float32 arithmetic); each row reads its keys and values in place in the page pool. Head_dim a
+    multiple of the vector width (8 or 16).
     `sliding_window`: None or an int32 scalar, traced or not (<= 0: none)."""
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
-    if q.dtype != jnp.float32 or k_cache.dtype != jnp.float32 or v_cache.dtype != jnp.float32:
-        raise TypeError(f"ragged_paged_attention takes float32 q and caches, got {q.dtype}, {k_cache.dtype}")
-    call = jax.ffi.ffi_call("jaxinfer_ragged_paged_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    if q.dtype != jnp.float32 or k_cache.dtype != v_cache.dtype or k_cache.dtype not in ATTENTION_CACHE_DTYPES:
+        raise TypeError(f"ragged_paged_attention takes float32 q and float32 or float16 caches of one dtype, "
+                        f"got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    call = jax.ffi.ffi_call(ATTENTION_CACHE_DTYPES[k_cache.dtype], jax.ShapeDtypeStruct(q.shape, jnp.float32))
     i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
     window = i32(0 if sliding_window is None else sliding_window)
     return call(q, k_cache, v_cache, i32(layer), i32(query_start_loc), i32(seq_lens), i32(block_tables), window,

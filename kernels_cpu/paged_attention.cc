@@ -1,7 +1,9 @@
 // Ragged paged attention for the CPU, an XLA FFI handler: the contract of
 // kernels_pallas.paged_attention.ragged_paged_attention_reference (causal, GQA, sliding window,
-// soft cap). jaxinfer/ops.py sends it every step on the CPU, decode and prefill alike, when the
-// cache is float32 and head_dim fits the vector width.
+// soft cap). jaxinfer/ops.py sends it every step on the CPU, decode and prefill alike, when q is
+// float32, the cache float32 or float16, and head_dim fits the vector width. A float16 cache (the
+// CPU default, as llama.cpp's) halves the bytes a decode step reads, which bound it at many
+// sequences; its keys and values widen to float32 as they are loaded, and all the arithmetic is float32.
 //
 // Why it exists: the XLA path gathers each sequence's pages into a contiguous chunk before its
 // dots, a copy that costs more than the attention itself when a step has few rows. Here each row
@@ -49,6 +51,37 @@ inline VecF Load(const float* p) {
 
 inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 
+// A float16 (IEEE binary16) as a float, exactly: for a machine without F16C.
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else {  // zero or subnormal: mantissa * 2^-24
+    const float value = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &value, sizeof bits);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// kLanes float16 values widened to float32 (exact).
+inline VecF LoadHalf(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<VecF>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  return reinterpret_cast<VecF>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  VecF v;
+  for (int i = 0; i < kLanes; ++i) v[i] = HalfToFloat(p[i]);
+  return v;
+#endif
+}
+
 inline float Sum(VecF v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
@@ -61,10 +94,20 @@ inline float Sum(VecF v) {
 #endif
 }
 
+// A tile's n rows of d_dim cache values as float32: float32 in place; float16 widened once into
+// `buffer` (kLanes * d_dim floats), so every row and head of the block reads it as float32.
+inline const float* TileAsFloat(const float* tile, int64_t, int64_t, float*) { return tile; }
+
+inline const float* TileAsFloat(const uint16_t* tile, int64_t n, int64_t d_dim, float* buffer) {
+  for (int64_t i = 0; i < n * d_dim; i += kLanes) Store(buffer + i, LoadHalf(tile + i));
+  return buffer;
+}
+
+template <typename KV>  // the cache's element: float, or uint16_t holding float16
 struct Problem {
   const float* q;  // [T, H, D]
-  const float* k;  // this layer: [KVH, P, page, D]
-  const float* v;
+  const KV* k;  // this layer: [KVH, P, page, D]
+  const KV* v;
   const int32_t* qsl;
   const int32_t* seq_lens;
   const int32_t* tables;  // [S, max_pages]
@@ -143,7 +186,8 @@ inline VecF Exp(VecF x) {
 // scores are one vector, with one max, one vector exp and one rescale of the accumulator per tile.
 // A key a row may not see (after it, or before its window) weighs exactly 0, so a row's result does
 // not depend on the other rows of its block, nor on the batch.
-void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
+template <typename KV>
+void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   const int64_t group = p.num_heads / p.num_kv_heads, d_dim = p.head_dim;
   const int64_t q_len = p.qsl[s + 1] - p.qsl[s];
   const int64_t seq_len = p.seq_lens[s];
@@ -162,11 +206,12 @@ void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   const int64_t key_begin = p.window > 0 ? std::max<int64_t>(0, pos_lo - p.window + 1) : 0;
   const int32_t* table = p.tables + s * p.max_pages;
   const int64_t page_stride = p.page_size * d_dim;
-  const float* k_head = p.k + g * p.num_pages * page_stride;
-  const float* v_head = p.v + g * p.num_pages * page_stride;
+  const KV* k_head = p.k + g * p.num_pages * page_stride;
+  const KV* v_head = p.v + g * p.num_pages * page_stride;
   VecF lane_offset;
   for (int i = 0; i < kLanes; ++i) lane_offset[i] = static_cast<float>(i);
   alignas(64) float weights[kLanes];
+  std::vector<float> k_buffer(kLanes * d_dim), v_buffer(kLanes * d_dim);  // float16 tiles, widened
   for (int64_t page_start = key_begin / p.page_size * p.page_size; page_start < key_end;
        page_start += p.page_size) {
     const int64_t page = table[page_start / p.page_size];
@@ -175,8 +220,9 @@ void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
     for (int64_t t = page_start; t < page_end; t += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, page_end - t);
       if (t + n <= key_begin) continue;
-      const float* kt = k_head + page * page_stride + (t - page_start) * d_dim;  // the tile's n keys
-      const float* vt = v_head + page * page_stride + (t - page_start) * d_dim;
+      // The tile's n keys and values, as float32.
+      const float* kt = TileAsFloat(k_head + page * page_stride + (t - page_start) * d_dim, n, d_dim, k_buffer.data());
+      const float* vt = TileAsFloat(v_head + page * page_stride + (t - page_start) * d_dim, n, d_dim, v_buffer.data());
       const VecF key = lane_offset + static_cast<float>(t);  // exact: positions are far below 2^24
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t pos = pos_lo + r;
@@ -236,7 +282,8 @@ void Item(const Problem& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
 // num_tokens (its rows lie in q and out), q_len <= seq_lens[s] <= max_pages * page_size (its first
 // query position is >= 0 and its keys lie in its block table row). Page ids are checked as they are
 // read: an id outside the pool is skipped.
-ffi::Error CheckMetadata(const Problem& p, int64_t num_seqs) {
+template <typename KV>
+ffi::Error CheckMetadata(const Problem<KV>& p, int64_t num_seqs) {
   if (p.qsl[0] < 0) return ffi::Error::InvalidArgument("paged_attention: query_start_loc[0] is negative");
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t begin = p.qsl[s], end = p.qsl[s + 1];
@@ -255,8 +302,9 @@ ffi::Error CheckMetadata(const Problem& p, int64_t num_seqs) {
   return ffi::Error::Success();
 }
 
-ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
-                                    ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer,
+template <ffi::DataType CacheType, typename KV>
+ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<CacheType> k_cache,
+                                    ffi::Buffer<CacheType> v_cache, ffi::Buffer<ffi::S32> layer,
                                     ffi::Buffer<ffi::S32> query_start_loc, ffi::Buffer<ffi::S32> seq_lens,
                                     ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> sliding_window,
                                     ffi::ResultBuffer<ffi::F32> out, float sm_scale, float soft_cap) {
@@ -266,7 +314,7 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   if (qd.size() != 3 || cd.size() != 5 || td.size() != 2) {
     return ffi::Error::InvalidArgument("paged_attention: bad ranks");
   }
-  Problem p;
+  Problem<KV> p;
   p.num_tokens = qd[0];
   p.num_heads = qd[1];
   p.head_dim = qd[2];
@@ -285,8 +333,8 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("paged_attention: layer out of range");
   const int64_t layer_size = p.num_kv_heads * p.num_pages * p.page_size * p.head_dim;
   p.q = q.typed_data();
-  p.k = k_cache.typed_data() + l * layer_size;
-  p.v = v_cache.typed_data() + l * layer_size;
+  p.k = reinterpret_cast<const KV*>(k_cache.typed_data()) + l * layer_size;
+  p.v = reinterpret_cast<const KV*>(v_cache.typed_data()) + l * layer_size;
   p.qsl = query_start_loc.typed_data();
   p.seq_lens = seq_lens.typed_data();
   p.tables = block_tables.typed_data();
@@ -316,16 +364,20 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferRaggedPagedAttention, RaggedPagedAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("sm_scale")
-                                  .Attr<float>("soft_cap"));
+#define JAXINFER_ATTENTION_HANDLER(name, cache_type, kv)                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (RaggedPagedAttentionImpl<cache_type, kv>),          \
+                                ffi::Ffi::Bind()                                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                          \
+                                    .Arg<ffi::Buffer<cache_type>>()                        \
+                                    .Arg<ffi::Buffer<cache_type>>()                        \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                          \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                          \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                          \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                          \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                          \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                          \
+                                    .Attr<float>("sm_scale")                               \
+                                    .Attr<float>("soft_cap"));
+
+JAXINFER_ATTENTION_HANDLER(JaxinferRaggedPagedAttention, ffi::F32, float)
+JAXINFER_ATTENTION_HANDLER(JaxinferRaggedPagedAttentionF16, ffi::F16, uint16_t)

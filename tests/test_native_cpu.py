@@ -242,6 +242,25 @@ def test_paged_attention_head_dims_and_page_sizes(head_dim, page_size):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim, page_size, window, soft_cap", [(64, 16, None, None), (64, 16, 40, 20.0),
+                                                                  (256, 8, None, None)])
+def test_paged_attention_reads_a_float16_cache(head_dim, page_size, window, soft_cap):
+    """A float16 cache (the CPU default) is widened exactly as it is read: the result is bit for bit
+    the float32 kernel's on the same values held as float32, and the reference's on the float16 cache."""
+    rng = np.random.default_rng(head_dim + page_size + (window or 0))
+    q, k_cache, v_cache, *meta = ragged_case(rng, [1, 20, 1, 37], [3, 20, 131, 90], num_heads=9, num_kv_heads=3,
+                                             head_dim=head_dim, page_size=page_size, num_tokens=64, num_seqs=5)
+    k_half, v_half = k_cache.astype(jnp.float16), v_cache.astype(jnp.float16)
+    options = dict(sm_scale=head_dim ** -0.5, sliding_window=window, soft_cap=soft_cap)
+    run = jax.jit(lambda *a: native.ragged_paged_attention(*a, **options))
+    got = np.asarray(run(q, k_half, v_half, *meta))
+    np.testing.assert_array_equal(got, np.asarray(run(q, k_half.astype(jnp.float32), v_half.astype(jnp.float32), *meta)))
+    want = ragged_paged_attention_reference(q, k_half, v_half, *meta, **options)
+    np.testing.assert_allclose(got, np.asarray(want), atol=2e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="float32 or float16 caches of one dtype"):
+        native.ragged_paged_attention(q, k_half, v_cache, *meta, sm_scale=0.125)
+
+
 def test_paged_attention_row_does_not_depend_on_the_rest_of_the_batch():
     """A sequence's rows come out bit for bit the same alone and beside others, and a prefill row the
     same whether its chunk is long or short (rows are blocked by 16 per work item): the CPU default's
@@ -313,6 +332,26 @@ def test_vnni_layout_refuses_a_weight_of_minus_128():
     native.to_vnni(jnp.asarray(data))  # the quantizer's whole range is accepted
 
 
+def test_default_cpu_engine_keeps_a_float16_cache_read_by_the_native_kernel(served):
+    """The default configuration (quantized weights on the CPU) keeps K/V in float16, as llama.cpp
+    does, and its steps read them with the native kernel's float16 entry; kv_cache_dtype says otherwise."""
+    engine = served.engine
+    assert engine.kv_cache_dtype == jnp.float16 and engine.runner.k_cache.dtype == jnp.float16
+    runner = engine.runner
+    batch = runner._empty_batch(*runner.padded_shape(1, 1))
+    assert "jaxinfer_ragged_paged_attention_f16" in runner._step.lower(
+        runner.state, runner.k_cache, runner.v_cache, *batch).as_text()
+    from jaxinfer.loading import resolve_kv_cache_dtype
+    assert resolve_kv_cache_dtype("auto", jnp.float32, "none", "cpu") == jnp.float32  # full precision stays so
+    assert resolve_kv_cache_dtype("auto", jnp.bfloat16, "int4", "gpu") == jnp.bfloat16
+    assert resolve_kv_cache_dtype("float32", jnp.float32, "native", "cpu") == jnp.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype float16 differs from the model's dtype bfloat16"):
+        resolve_kv_cache_dtype("float16", jnp.bfloat16, "int4", "gpu")
+    from jaxinfer.config import EngineConfig
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        EngineConfig(kv_cache_dtype="int8")
+
+
 def test_cpu_engine_runs_attention_through_the_native_kernel(llm):
     """The session model (float32, CPU; the HF comparisons of tests/test_model_vs_hf.py run through
     it): decode and prefill steps call the native attention. tests/test_quant.py checks the int8
@@ -332,9 +371,10 @@ def test_avx2_build_passes_the_kernel_tests_too():
     import subprocess
     import sys
 
-    env = {**os.environ, "JAXINFER_NATIVE_CFLAGS": "-mno-avx512f"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                             "-k", "not engine and not avx2_build"], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+    # Without F16C too (a machine with neither): the float16 cache is widened by plain code.
+    for flags, tests in (("-mno-avx512f", "not engine and not avx2_build"), ("-mno-avx512f -mno-f16c", "float16")):
+        env = {**os.environ, "JAXINFER_NATIVE_CFLAGS": flags}
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                                 "-k", tests], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, flags + result.stdout[-3000:] + result.stderr[-3000:]
+        assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], flags
