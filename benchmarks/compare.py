@@ -89,7 +89,8 @@ windows = token_windows(ids, ctx, chunks)
 bos = tok.encode("", add_special_tokens=True)  # [bos] where the model adds one, as llama-perplexity does
 if bos:
     windows[:, 0] = bos[0]
-print(json.dumps({"perplexity": perplexity(llm.engine.model, windows, first_scored=ctx // 2 + 1),
+print(json.dumps({"perplexity": perplexity(llm.engine.model, windows, first_scored=ctx // 2 + 1,
+                                            cache_dtype=llm.engine.kv_cache_dtype),
                   "tokens": int(windows.size)}))
 """
 

@@ -55,7 +55,7 @@ def main():
     windows = token_windows(llms["native"].tokenizer.encode(text), 256, args.windows)
     for q in ("native", "int8", "none"):
         llm = llms.pop(q, None) or engine(args.path, q)
-        print(f"{q}: perplexity {perplexity(llm.engine.model, windows):.4f} over {windows.size} tokens")
+        print(f"{q}: perplexity {perplexity(llm.engine.model, windows, cache_dtype=llm.engine.kv_cache_dtype):.4f} over {windows.size} tokens")
         del llm
         gc.collect()
 

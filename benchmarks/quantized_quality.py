@@ -52,7 +52,7 @@ def main():
                   lm_head_quantization="none", cpu_integer_matmul=False, **options)
         if windows is None:
             windows = token_windows(llm.tokenizer.encode(text), WINDOW, NUM_WINDOWS)
-        ppl = perplexity(llm.engine.model, windows)
+        ppl = perplexity(llm.engine.model, windows, cache_dtype=llm.engine.kv_cache_dtype)
         formats = ", ".join(sorted(f"{k} {v / 1e6:.1f} MB" for k, v in llm.engine.weight_bytes_by_format.items()))
         baseline = baseline or ppl
         rows.append({"label": label, "checkpoint": name, "options": options, "perplexity": ppl,

@@ -61,10 +61,12 @@ def reference(prompts, hf_model):
 
 @pytest.fixture(scope="module")
 def teacher_forced(prompts, reference, default_llm):
-    """[prompt][position] the default's 5 best tokens after the prompt and HF's tokens before that position."""
+    """[prompt][position] the default's 5 best tokens after the prompt and HF's tokens before that
+    position (its float16 KV cache too)."""
     seqs = [p + r for p, r in zip(prompts, reference)]
     n = max(map(len, seqs))
-    top = top_tokens(default_llm.engine.model, [s + [0] * (n - len(s)) for s in seqs], 5)  # padded at the end
+    top = top_tokens(default_llm.engine.model, [s + [0] * (n - len(s)) for s in seqs], 5,  # padded at the end
+                     cache_dtype=default_llm.engine.kv_cache_dtype)
     return [top[i, len(p) - 1:len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, reference))]
 
 
