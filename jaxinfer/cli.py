@@ -325,7 +325,9 @@ def serve(args: argparse.Namespace) -> int:
             if async_engine.error is not None:  # a step failed: a lost process? The watchdog logs which.
                 from jaxinfer.distributed import HEARTBEAT_TIMEOUT_S
 
-                watchdog.wait(HEARTBEAT_TIMEOUT_S)
+                # The service marks a process dead after the heartbeat timeout, and the watchdog asks
+                # once a second: the timeout alone was seen to end before it logged (a loaded machine).
+                watchdog.wait(HEARTBEAT_TIMEOUT_S + 5 * watchdog.interval_s)
             watchdog.stop()
             llm_engine.runner.close()
     if async_engine.error is not None:

@@ -211,7 +211,8 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   VecF lane_offset;
   for (int i = 0; i < kLanes; ++i) lane_offset[i] = static_cast<float>(i);
   alignas(64) float weights[kLanes];
-  std::vector<float> k_buffer(kLanes * d_dim), v_buffer(kLanes * d_dim);  // float16 tiles, widened
+  // Float16 tiles widened, kLanes rows of d_dim each; vectors, so aligned to a vector (C++17's aligned new).
+  std::vector<VecF> k_buffer(d_dim), v_buffer(d_dim);
   for (int64_t page_start = key_begin / p.page_size * p.page_size; page_start < key_end;
        page_start += p.page_size) {
     const int64_t page = table[page_start / p.page_size];
@@ -221,8 +222,9 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
       const int64_t n = std::min<int64_t>(kLanes, page_end - t);
       if (t + n <= key_begin) continue;
       // The tile's n keys and values, as float32.
-      const float* kt = TileAsFloat(k_head + page * page_stride + (t - page_start) * d_dim, n, d_dim, k_buffer.data());
-      const float* vt = TileAsFloat(v_head + page * page_stride + (t - page_start) * d_dim, n, d_dim, v_buffer.data());
+      const int64_t offset = page * page_stride + (t - page_start) * d_dim;
+      const float* kt = TileAsFloat(k_head + offset, n, d_dim, reinterpret_cast<float*>(k_buffer.data()));
+      const float* vt = TileAsFloat(v_head + offset, n, d_dim, reinterpret_cast<float*>(v_buffer.data()));
       const VecF key = lane_offset + static_cast<float>(t);  // exact: positions are far below 2^24
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t pos = pos_lo + r;

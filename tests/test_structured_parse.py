@@ -7,7 +7,8 @@ references: pydantic's own validation, `re.fullmatch`, the list of choices.
 
 The tiny SmolLM2 at temperature 1.0 writes whatever the grammar allows: an unbounded string or
 integer can run to max_tokens (a `length` finish, which `parse` raises on), so strings carry
-maxLength and integers maximum (pydantic's max_length, le) as a user bounding a small model would.
+maxLength, integers maximum and floats multipleOf (pydantic's max_length, le, multiple_of) as a user
+bounding a small model would.
 Lists too: an unbounded list of 8-character labels closed on 19 of 20 draws and ran to max_tokens on
 one (2026-12-03; others wrote 11 labels), so Basket.labels carries maxItems."""
 
@@ -58,10 +59,11 @@ class Basket(BaseModel):
 
 
 class Reading(BaseModel):
-    """Numbers with bounds: integers and floats, minimum and maximum, negative ones too."""
-    celsius: float = Field(ge=-40, le=50)
+    """Numbers with bounds: integers and floats, minimum and maximum, negative ones too; the floats'
+    decimals bounded by multipleOf (a float with only a range ran 110 digits to max_tokens on one draw)."""
+    celsius: float = Field(ge=-40, le=50, multiple_of=0.1)
     humidity: int = Field(ge=0, le=100)
-    pressure: float = Field(ge=0.5, le=1.5)
+    pressure: float = Field(ge=0.5, le=1.5, multiple_of=0.001)
     floor: int = Field(ge=-3, le=3)
 
 

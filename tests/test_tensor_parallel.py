@@ -6,7 +6,9 @@ has one. Tolerance: with float activations the split changes only the order of f
 all-reduce adds per-device partial sums), a few 1e-6 in logprobs here; 1e-4 leaves room. With the
 CPU default, int8 activations (each block of 32 values rounded to int8 in the native kernels), a
 1-ulp change in a row can move a rounding by one step, and 30 layers amplify it to ~0.1 in a
-logprob: there the greedy tokens are the specification.
+logprob: there the greedy tokens are the specification, up to a near tie where they part
+(helpers.assert_same_greedy_tokens_up_to_a_near_tie). The weight formats' checks keep a float32 KV
+cache: the CPU default's float16 cache would round those 1-ulp differences to whole float16 steps.
 """
 
 import json
@@ -15,6 +17,8 @@ import subprocess
 import sys
 
 import pytest
+
+from helpers import assert_same_greedy_tokens_up_to_a_near_tie
 
 from jaxinfer.cli import build_parser, engine_overrides
 
@@ -31,11 +35,14 @@ REPLICATED_KV = dict(DIVIDING, num_key_value_heads=2, attention_bias=True)
 RANDOM_PROMPTS = [list(range(5, 40)), [100, 3, 250, 77], [7] * 20]
 # Weight formats whose split differs: full precision; int8 per column (row split: scales whole);
 # int4 in groups of 32 rows (row split on group boundaries). Float activations: exact up to sum order.
-FORMATS = {"float": dict(quantization="none"), "int8": dict(quantization="int8", cpu_integer_matmul=False),
-           "int4": dict(quantization="int4", cpu_integer_matmul=False),
-           "int4-g128": dict(quantization="int4", quantization_group_size=128),  # o_proj's K is 128: one group
+FORMATS = {"float": dict(quantization="none"),
+           "int8": dict(quantization="int8", cpu_integer_matmul=False, kv_cache_dtype="float32"),
+           "int4": dict(quantization="int4", cpu_integer_matmul=False, kv_cache_dtype="float32"),
+           # o_proj's K is 128: one group
+           "int4-g128": dict(quantization="int4", quantization_group_size=128, kv_cache_dtype="float32"),
            # the Pallas kernels (attention, K/V write, int4 matmul) in interpret mode, run per shard
-           "pallas": dict(quantization="int4", attention_backend="pallas_interpret", matmul_backend="pallas_interpret")}
+           "pallas": dict(quantization="int4", attention_backend="pallas_interpret", matmul_backend="pallas_interpret",
+                          kv_cache_dtype="float32")}
 
 
 def run_worker(model: str, prompts, runs: list[dict], max_tokens: int = NEW_TOKENS) -> list[dict]:
@@ -77,7 +84,9 @@ def random_models():
 
 
 def test_smollm2_tp3_greedy_tokens_equal_tp1_in_the_default_configuration(smollm2):
-    assert smollm2[3, "default"]["tokens"] == smollm2[1, "default"]["tokens"]
+    """Up to a near tie: the split changes the all-reduce's float rounding (module docstring)."""
+    for split, one in zip(smollm2[3, "default"]["top"], smollm2[1, "default"]["top"], strict=True):
+        assert_same_greedy_tokens_up_to_a_near_tie(split, one)
 
 
 def test_smollm2_tp3_splits_the_embedding_and_lm_head_by_vocabulary_entry(smollm2):

@@ -3,7 +3,8 @@ devices (the test session has one): `python tests/tp_worker.py '<json>'` prints 
 
 Input: {"model": a name or "random:<config json fields>", "prompts": [str or [token ids]],
 "max_tokens": n, "runs": [{"tp": n, ...LLM keyword arguments}]}. Output: per run either
-{"tokens": [[ids] per prompt], "logprobs": [[floats] per prompt]} or {"error": "Type: message"}.
+{"tokens": [[ids] per prompt], "logprobs": [[floats] per prompt], "top": [[{id: logprob} of the 3 best per
+step] per prompt]} or {"error": "Type: message"}.
 """
 
 import json
@@ -61,7 +62,7 @@ def main(spec: dict) -> list[dict]:
     tmp = tempfile.TemporaryDirectory()
     if model.startswith("random:"):
         model = write_random_llama(tmp.name, json.loads(model[len("random:"):]))
-    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, logprobs=1, ignore_eos=True)
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0, logprobs=3, ignore_eos=True)
     results = []
     for run in spec["runs"]:
         options = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, warmup=False,
@@ -74,6 +75,7 @@ def main(spec: dict) -> list[dict]:
         outs = llm.generate(spec["prompts"], params, use_tqdm=False)
         results.append({"tokens": [o.outputs[0].token_ids for o in outs],
                         "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs],
+                        "top": [[dict(step.top) for step in o.outputs[0].logprobs] for o in outs],
                         "vocab_parallel": llm.engine.runner.vocab_parallel})
         del llm
     return results
