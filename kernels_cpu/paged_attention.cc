@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -211,8 +212,15 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   VecF lane_offset;
   for (int i = 0; i < kLanes; ++i) lane_offset[i] = static_cast<float>(i);
   alignas(64) float weights[kLanes];
-  // Float16 tiles widened, kLanes rows of d_dim each; vectors, so aligned to a vector (C++17's aligned new).
-  std::vector<VecF> k_buffer(d_dim), v_buffer(d_dim);
+  // Float16 tiles widened, kLanes rows of d_dim each; vectors, so aligned to a vector (C++17's aligned
+  // new). One pair per thread, grown as needed, never cleared: a tile is written before it is read.
+  static thread_local std::vector<VecF> k_buffer, v_buffer;
+  if constexpr (!std::is_same_v<KV, float>) {
+    if (static_cast<int64_t>(k_buffer.size()) < d_dim) {
+      k_buffer.resize(d_dim);
+      v_buffer.resize(d_dim);
+    }
+  }
   for (int64_t page_start = key_begin / p.page_size * p.page_size; page_start < key_end;
        page_start += p.page_size) {
     const int64_t page = table[page_start / p.page_size];
