@@ -76,26 +76,28 @@ def _metadata(num_seqs: int, n: int, page_size: int) -> AttentionMetadata:
         block_tables, np.arange(num_seqs * n, dtype=np.int32))))
 
 
-# The weights are an argument, not constants of the program; one compile per (num_seqs, n).
-@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "cache_dtype", "first_scored"))
-def _summed_nll(graphdef, state, token_ids, *, page_size, cache_dtype, first_scored):
-    """token_ids [S, n] int32 -> the summed cross-entropy of positions first_scored .. n-1 of every sequence."""
+def _window_logits(graphdef, state, token_ids, page_size, cache_dtype):
+    """token_ids [S, n] int32 -> [S, n, vocab] float32 logits at every position, each window a
+    sequence of its own from position 0 on an empty cache (traced inside the jitted callers)."""
     num_seqs, n = token_ids.shape
     model = nnx.merge(graphdef, state)
     meta = _metadata(num_seqs, n, page_size)
     k_cache, v_cache = allocate_kv_cache(model.config, num_seqs * meta.block_tables.shape[1], page_size, cache_dtype)
     positions = jnp.tile(jnp.arange(n, dtype=jnp.int32), num_seqs)  # [S * n]
-    logits, _, _ = model(token_ids.reshape(-1), positions, k_cache, v_cache, meta)  # [S * n, vocab] float32
-    logp = jax.nn.log_softmax(logits.reshape(num_seqs, n, -1)[:, first_scored - 1:-1], axis=-1)
+    logits, _, _ = model(token_ids.reshape(-1), positions, k_cache, v_cache, meta)  # [S * n, vocab]
+    return logits.reshape(num_seqs, n, -1)
+
+
+# The weights are an argument, not constants of the program; one compile per (num_seqs, n).
+@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "cache_dtype", "first_scored"))
+def _summed_nll(graphdef, state, token_ids, *, page_size, cache_dtype, first_scored):
+    """token_ids [S, n] int32 -> the summed cross-entropy of positions first_scored .. n-1 of every sequence."""
+    logits = _window_logits(graphdef, state, token_ids, page_size, cache_dtype)
+    logp = jax.nn.log_softmax(logits[:, first_scored - 1:-1], axis=-1)
     return -jnp.take_along_axis(logp, token_ids[:, first_scored:, None], axis=-1).sum()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "k", "page_size", "cache_dtype"))
 def _top_tokens(graphdef, state, token_ids, *, k, page_size, cache_dtype):
-    num_seqs, n = token_ids.shape
-    model = nnx.merge(graphdef, state)
-    meta = _metadata(num_seqs, n, page_size)
-    k_cache, v_cache = allocate_kv_cache(model.config, num_seqs * meta.block_tables.shape[1], page_size, cache_dtype)
-    positions = jnp.tile(jnp.arange(n, dtype=jnp.int32), num_seqs)
-    logits, _, _ = model(token_ids.reshape(-1), positions, k_cache, v_cache, meta)
-    return jax.lax.top_k(logits.reshape(num_seqs, n, -1)[:, :-1], k)[1]
+    """token_ids [S, n] int32 -> [S, n - 1, k] the k best next tokens after each position but the last."""
+    return jax.lax.top_k(_window_logits(graphdef, state, token_ids, page_size, cache_dtype)[:, :-1], k)[1]
