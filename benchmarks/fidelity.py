@@ -5,7 +5,9 @@
 The prompts are tests/test_fidelity.py's 18 (10 plain, 8 chat), tokenized by HF transformers; the
 reference is HF transformers (torch, float32) on the same GGUF file, dequantized (tests/hf_reference.py,
 the `.venv-ref` that `make test` builds). For each configuration: how many prompts give the same 32
-greedy tokens, and where each first departs. llama.cpp runs through llama-cpp-python (its default
+greedy tokens, and where each first departs (a coarse count: one flipped near tie ends a prompt's run);
+and, for ours, the steadier teacher-forced agreement tests/test_fidelity.py bounds: at how many of
+HF's greedy tokens, given HF's own context, the configuration's best token is HF's. llama.cpp runs through llama-cpp-python (its default
 CPU path: the file's blocks, activations quantized for the integer dot products, f16 KV cache)
 given the same token ids, in the interpreter named by --llama-cpp-python (it is not a dependency).
 """
@@ -16,6 +18,8 @@ import os
 import subprocess
 import sys
 import tempfile
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,6 +62,19 @@ def first_divergence(ours, ref, n):
     return next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
 
 
+def teacher_forced_agreement(llm, prompts, reference) -> int:
+    """At how many of the reference's tokens, given the prompt and the reference's tokens before it,
+    `llm`'s model (with its own KV cache dtype) ranks the reference's token first."""
+    from jaxinfer.evaluate import top_tokens
+
+    seqs = [p + r for p, r in zip(prompts, reference)]
+    n = max(map(len, seqs))
+    top = top_tokens(llm.engine.model, [s + [0] * (n - len(s)) for s in seqs], 1,  # padded at the end
+                     cache_dtype=llm.engine.kv_cache_dtype)
+    return sum(int((top[i, len(p) - 1:len(p) - 1 + len(r), 0] == np.asarray(r)).sum())
+               for i, (p, r) in enumerate(zip(prompts, reference)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -79,7 +96,7 @@ def main():
     hf = reference.load_gguf(path).greedy(prompts, args.new_tokens)
     reference.close()
 
-    results = {}
+    results, agreement = {}, {}
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)
     for name, overrides in CONFIGS.items():
         llm = LLM(args.model, max_model_len=1024, max_num_seqs=18, max_num_batched_tokens=512, warmup=False,
@@ -88,6 +105,7 @@ def main():
         outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         eos_ids = list(llm.engine.model_config.eos_token_ids)
         results[label] = [first_divergence(o, r, args.new_tokens) for o, r in zip(outs, hf)]
+        agreement[label] = teacher_forced_agreement(llm, prompts, hf)
         del llm
     if args.llama_cpp_python:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -103,7 +121,8 @@ def main():
     print(f"{len(prompts)} prompts, {n} greedy tokens, against HF transformers float32 on {os.path.basename(path)}")
     for label, divergences in results.items():
         identical = sum(d == n for d in divergences)
-        print(f"{identical:2d}/{len(prompts)} identical; first departures {divergences}  {label}")
+        forced = f"; teacher-forced {agreement[label]}/{sum(map(len, hf))}" if label in agreement else ""
+        print(f"{identical:2d}/{len(prompts)} identical{forced}; first departures {divergences}  {label}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import pydoc_data.topics
 
 import pytest
 
-import numpy as np
-
 from jaxinfer import LLM, SamplingParams
 from jaxinfer.evaluate import top_tokens
 
