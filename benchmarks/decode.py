@@ -1,15 +1,16 @@
 """Batch-1 decode speed beside its memory roofline and beside llama.cpp on the same file.
 
     .venv/bin/python benchmarks/decode.py --model qwen2.5-coder-0.5b-instruct \
-        [--quantization auto native int8 none] [--llama-cpp-python /path/to/python-with-llama_cpp]
+        [--quantization auto native int8 none] [--llama-bench DIR] [--llama-cpp-python /path/to/python]
 
 Decode at batch 1 reads every weight once per token, so its ceiling is (bytes read per token) /
 (memory read bandwidth). Bytes per token: each projection's and the LM head's bytes as the engine
 holds them, plus one embedding row (measured from the loaded model's arrays, not the file). The
 bandwidth is measured here, now: a NumPy reduction over 1 GiB split over as many threads as the
-engine uses, the best of 5. llama.cpp runs the
-same GGUF through llama-cpp-python (`n_threads` = our thread count) in a subprocess; configurations
-alternate round by round so drift in the machine's speed hits both alike.
+engine uses, the best of 5. llama.cpp runs the same GGUF as `llama-bench -p 0 -n TOKENS` (its own
+decode loop: the fair peer; DIR holds its build, as for benchmarks/compare.py) and/or through
+llama-cpp-python's token loop (`n_threads` = our thread count), each in a subprocess; the order of
+the configurations alternates round by round (ABBA) so drift in the machine's speed hits all alike.
 """
 
 import argparse
@@ -95,6 +96,19 @@ def bytes_per_token(llm) -> int:
     return total
 
 
+def gguf_bytes_per_token(path: str) -> int:
+    """Bytes of the GGUF's tensors one decode step reads: all of them, but one row of the embedding
+    table when the file has its own output matrix (a tied head reads the table whole)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    embed = tensors.get("token_embd.weight")
+    if embed is not None and "output.weight" in tensors:
+        total -= int(embed.n_bytes) - int(embed.n_bytes) // int(embed.shape[-1])
+    return total
+
+
 def ours(llm, n_tokens: int) -> float:
     """Decode tokens/s at batch 1, after the first token (prefill excluded)."""
     params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
@@ -120,12 +134,23 @@ def llama_cpp(python: str, path: str, n_tokens: int, threads: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def llama_bench(directory: str, path: str, n_tokens: int, threads: int) -> dict:
+    done = subprocess.run([os.path.join(directory, "llama-bench"), "-m", path, "-t", str(threads), "-p", "0",
+                           "-n", str(n_tokens), "-r", "1", "-o", "json"], capture_output=True, text=True)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-3:]}
+    row = json.loads(done.stdout)[0]
+    return {"version": f"llama-bench build {row.get('build_commit')} ({row.get('build_number')})",
+            "tokens_per_s": row["avg_ts"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--quantization", nargs="+", default=["auto", "int8"])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--llama-bench", metavar="DIR", help="folder with llama.cpp's llama-bench")
     parser.add_argument("--llama-cpp-python", help="a Python with llama_cpp installed (llama-cpp-python)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -134,17 +159,22 @@ def main():
     bandwidth = read_bandwidth(threads)
     engines = {q: LLM(args.model, quantization=q, max_model_len=512, max_num_seqs=1, max_num_batched_tokens=64)
                for q in args.quantization}
-    speeds = {q: [] for q in engines} | ({"llama.cpp": []} if args.llama_cpp_python else {})
-    version = None
-    for _ in range(args.rounds):
-        for q, llm in engines.items():
-            speeds[q].append(ours(llm, args.tokens))
-        if args.llama_cpp_python:
-            result = llama_cpp(args.llama_cpp_python, path, args.tokens, threads)
+    peers = {}  # label -> runs one measurement: {"version", "tokens_per_s"} or {"error"}
+    if args.llama_bench:
+        peers["llama-bench"] = lambda: llama_bench(args.llama_bench, path, args.tokens, threads)
+    if args.llama_cpp_python:
+        peers["llama-cpp-python"] = lambda: llama_cpp(args.llama_cpp_python, path, args.tokens, threads)
+    runs = {q: (lambda llm=llm: {"tokens_per_s": ours(llm, args.tokens)}) for q, llm in engines.items()} | peers
+    speeds, versions = {name: [] for name in runs}, {}
+    for r in range(args.rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            result = runs[name]()
             if "error" in result:
-                raise SystemExit(f"llama-cpp-python failed: {result['error']}")
-            version = result["version"]
-            speeds["llama.cpp"].append(result["tokens_per_s"])
+                raise SystemExit(f"{name} failed: {result['error']}")
+            versions[name] = result.get("version")
+            speeds[name].append(result["tokens_per_s"])
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in speeds.items()),
+              flush=True)
     print(f"# {args.model} ({os.path.getsize(path) / 1e6:.0f} MB file), batch-1 decode of {args.tokens} tokens, "
           f"{threads} threads, {cpu_name()}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print("| configuration | weight bytes per token | roofline tok/s | measured tok/s (median) | of roofline |")
@@ -156,15 +186,18 @@ def main():
             nbytes = bytes_per_token(engines[name])
             label = f"jaxinfer {name} (weights {engines[name].engine.quantization})"
         else:
-            nbytes = os.path.getsize(path)  # an upper bound: llama.cpp reads one embedding row, not the table
-            label = f"llama.cpp {version} via llama-cpp-python (file as is)"
+            nbytes = gguf_bytes_per_token(path)
+            how = "its own decode loop" if name == "llama-bench" else f"{name}'s token loop"
+            label = f"llama.cpp {versions[name]}, {how} (the file's blocks as stored)"
         roofline = bandwidth / nbytes
         rows.append({"configuration": label, "bytes_per_token": nbytes, "roofline": roofline, "measured": measured,
                      "all": values})
         print(f"| {label} | {nbytes / 1e6:.0f} MB | {roofline:.0f} | {measured:.1f} | {measured / roofline:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "bandwidth": bandwidth, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "file": os.path.basename(path), "threads": threads, "cpu": cpu_name(),
+                       "tokens": args.tokens, "rounds": args.rounds, "bandwidth": bandwidth, "rows": rows,
+                       "command": " ".join(sys.argv)}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={D
                            " --xla_dump_emitter_re=.*").strip()
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("LLVM_DISABLE_SYMBOLIZATION", "1")  # see scripts/gpu_compile_check.sh
 os.environ.setdefault("JAXINFER_NATIVE", "0")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
