@@ -135,13 +135,14 @@ def llama_cpp(python: str, path: str, n_tokens: int, threads: int) -> dict:
 
 
 def llama_bench(directory: str, path: str, n_tokens: int, threads: int) -> dict:
-    done = subprocess.run([os.path.join(directory, "llama-bench"), "-m", path, "-t", str(threads), "-p", "0",
-                           "-n", str(n_tokens), "-r", "1", "-o", "json"], capture_output=True, text=True)
+    binary = os.path.join(directory, "llama-bench")
+    command = [binary, "-m", path, "-t", str(threads), "-p", "0", "-n", str(n_tokens), "-r", "1", "-o", "json"]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-3:]}
-    row = json.loads(done.stdout)[0]
-    return {"version": f"llama-bench build {row.get('build_commit')} ({row.get('build_number')})",
-            "tokens_per_s": row["avg_ts"]}
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    return {"version": " ".join((version.stdout + version.stderr).split()), "command": " ".join(command),
+            "tokens_per_s": json.loads(done.stdout)[0]["avg_ts"]}
 
 
 def main():
@@ -165,13 +166,14 @@ def main():
     if args.llama_cpp_python:
         peers["llama-cpp-python"] = lambda: llama_cpp(args.llama_cpp_python, path, args.tokens, threads)
     runs = {q: (lambda llm=llm: {"tokens_per_s": ours(llm, args.tokens)}) for q, llm in engines.items()} | peers
-    speeds, versions = {name: [] for name in runs}, {}
+    speeds, versions, commands = {name: [] for name in runs}, {}, {}
     for r in range(args.rounds):
         for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             result = runs[name]()
             if "error" in result:
                 raise SystemExit(f"{name} failed: {result['error']}")
             versions[name] = result.get("version")
+            commands[name] = result.get("command")
             speeds[name].append(result["tokens_per_s"])
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in speeds.items()),
               flush=True)
@@ -191,7 +193,7 @@ def main():
             label = f"llama.cpp {versions[name]}, {how} (the file's blocks as stored)"
         roofline = bandwidth / nbytes
         rows.append({"configuration": label, "bytes_per_token": nbytes, "roofline": roofline, "measured": measured,
-                     "all": values})
+                     "all": values, "command": commands.get(name)})
         print(f"| {label} | {nbytes / 1e6:.0f} MB | {roofline:.0f} | {measured:.1f} | {measured / roofline:.0%} |")
     if args.json:
         with open(args.json, "w") as f:

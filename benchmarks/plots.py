@@ -1,6 +1,6 @@
 """Plots for docs/BENCHMARKS.md from a `benchmarks/compare.py --json` file.
 
-    .venv/bin/python benchmarks/plots.py docs/data/compare-llamacpp-cpu.json --price-per-hour 0.10 --out docs/img
+    .venv/bin/python benchmarks/plots.py docs/data/compare-llamacpp-q8_0-cpu.json --price-per-hour 0.10 --out docs/img
 
 Draws output throughput vs concurrency, TTFT and TPOT percentiles, and dollars per million output
 tokens vs concurrency (price / (tokens/s x 3600) x 1e6), for both engines of the comparison.
@@ -16,7 +16,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-NAMES = {"ours": "jaxinfer", "theirs": "llama.cpp server"}
+def load_runs(path: str) -> tuple[dict, dict]:
+    """{side: {concurrency: [round results]}} and the engines' names, from either layout of the
+    file: today's (`serving` -> "c<streams>" -> side -> rounds, with `meta`) or the first
+    comparison's (`runs` -> side -> streams -> rounds, against the file's Q4_1 blocks)."""
+    with open(path) as f:
+        data = json.load(f)
+    if "runs" in data:
+        return data["runs"], {"ours": "jaxinfer", "theirs": "llama-server (Q4_1 file: the weaker baseline)"}
+    runs = {}
+    for key, sides in data["serving"].items():
+        if key.startswith("c") and key[1:].isdigit():
+            for side, rounds in sides.items():
+                runs.setdefault(side, {})[key[1:]] = rounds
+    peer = os.path.basename(data["meta"]["peer_model"])
+    return runs, {"ours": f"jaxinfer {data['meta']['commit']}", "theirs": f"llama-server, {peer}"}
 
 
 def main():
@@ -25,8 +39,7 @@ def main():
     parser.add_argument("--price-per-hour", type=float, default=0.10)
     parser.add_argument("--out", default="docs/img")
     args = parser.parse_args()
-    with open(args.results) as f:
-        runs = json.load(f)["runs"]
+    runs, names = load_runs(args.results)
     os.makedirs(args.out, exist_ok=True)
     levels = sorted(runs["ours"], key=int)
     x = [int(c) for c in levels]
@@ -36,7 +49,7 @@ def main():
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in runs:
-        ax.plot(x, med(name, "output_tokens_per_s"), marker="o", label=NAMES[name])
+        ax.plot(x, med(name, "output_tokens_per_s"), marker="o", label=names[name])
     ax.set(xscale="log", xticks=x, xticklabels=levels, xlabel="concurrent streams", ylabel="output tokens/s",
            title="Throughput vs concurrency")
     ax.legend()
@@ -49,7 +62,7 @@ def main():
         for i, name in enumerate(runs):
             for j, q in enumerate(("p99", "p90", "p50")):  # tallest first, so every level stays visible
                 ax.bar([k + (i - 0.5) * width for k in range(len(levels))], med(name, metric, q), width,
-                       alpha=0.3 + 0.35 * j, color=f"C{i}", label=f"{NAMES[name]} {q}")
+                       alpha=0.3 + 0.35 * j, color=f"C{i}", label=f"{names[name]} {q}")
         ax.set(xticks=range(len(levels)), xticklabels=levels, xlabel="concurrent streams", ylabel=label,
                yscale="log", title=f"{label}: p50 (dark), p90, p99 (light)")
     axes[1].legend(fontsize=7)
@@ -59,7 +72,7 @@ def main():
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in runs:
         cost = [args.price_per_hour / (t * 3600) * 1e6 for t in med(name, "output_tokens_per_s")]
-        ax.plot(x, cost, marker="o", label=NAMES[name])
+        ax.plot(x, cost, marker="o", label=names[name])
     ax.set(xscale="log", xticks=x, xticklabels=levels, xlabel="concurrent streams",
            ylabel="$ per 1M output tokens", title=f"Cost at ${args.price_per_hour}/hour")
     ax.legend()
