@@ -229,6 +229,8 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   VecF lane_offset;
   for (int i = 0; i < kLanes; ++i) lane_offset[i] = static_cast<float>(i);
   alignas(64) float weights[kLanes];
+  std::vector<VecF> score_buffer(group);  // per head of the group: its tile's scores, then weights
+  std::vector<float> correction_buffer(group);
   // Float16 tiles widened, kLanes rows of d_dim each; vectors, so aligned to a vector (C++17's aligned
   // new). One pair per thread, grown as needed, never cleared: a tile is written before it is read.
   static thread_local std::vector<VecF> k_buffer, v_buffer;
@@ -260,9 +262,13 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
         // Visible: in the tile, not after the row, inside its window. At least one is (the checks above).
         VecI visible = (lane_offset < static_cast<float>(n)) & (key <= static_cast<float>(pos));
         if (p.window > 0) visible &= key > static_cast<float>(pos - p.window);
+        // In three passes over the group's heads (scores, softmax, values), so that the heads' chains
+        // of dependent steps (a score's horizontal sums, max, exp, sum) overlap instead of running
+        // one head after the other. Each head's arithmetic is the same, in the same order.
+        VecF* scores = score_buffer.data();
+        float* corrections = correction_buffer.data();
         for (int64_t h = 0; h < group; ++h) {
-          const int64_t lane = r * group + h;
-          const float* qr = qs.data() + lane * d_dim;
+          const float* qr = qs.data() + (r * group + h) * d_dim;
           VecF dots[kLanes];
           for (int64_t j = 0; j < kLanes; ++j) {
             VecF dot = {};
@@ -276,14 +282,22 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
           if (p.soft_cap > 0) {
             for (int64_t j = 0; j < n; ++j) score[j] = p.soft_cap * std::tanh(score[j] / p.soft_cap);
           }
-          score = visible ? score : VecF{} - INFINITY;
-          const float m_new = std::max(m[lane], Max(score));
-          const VecF w = visible ? Exp(score - m_new) : VecF{};
+          scores[h] = visible ? score : VecF{} - INFINITY;
+        }
+        for (int64_t h = 0; h < group; ++h) {
+          const int64_t lane = r * group + h;
+          const float m_new = std::max(m[lane], Max(scores[h]));
+          const VecF w = visible ? Exp(scores[h] - m_new) : VecF{};
           const float correction = std::exp(m[lane] - m_new);  // 0 on the first tile (m = -inf)
           l[lane] = l[lane] * correction + Sum(w);
           m[lane] = m_new;
-          Store(weights, w);
-          float* a = acc.data() + lane * d_dim;
+          scores[h] = w;  // now the weights
+          corrections[h] = correction;
+        }
+        for (int64_t h = 0; h < group; ++h) {
+          Store(weights, scores[h]);
+          const float correction = corrections[h];
+          float* a = acc.data() + (r * group + h) * d_dim;
           for (int64_t d = 0; d < d_dim; d += kLanes) {  // two chains (even and odd keys) for the FMA latency
             VecF even = Load(a + d) * correction, odd = {};
             int64_t j = 0;
