@@ -183,10 +183,10 @@ inline VecF Exp(VecF x) {
 }
 
 // Brings the first `keys` keys and values of KV head g's `page` (its first tile) towards the core
-// while the page before it is computed: a sequence's pages lie anywhere in the pool, so the hardware prefetcher
-// sees a new stream every page (2 KB of keys at page size 16, head_dim 64, float16) and would
-// otherwise wait for most of each. A decode step at 32 sequences: 6-18% less time in alternating
-// runs (docs/KERNELS.md).
+// while the page before it is computed: a sequence's pages lie anywhere in the pool, so the
+// hardware prefetcher sees a new stream every page (2 KB of keys at page size 16, head_dim 64,
+// float16) and would otherwise wait for most of each. A decode step at 32 sequences: 6-16% less
+// time in alternating runs (docs/KERNELS.md).
 template <typename KV>
 inline void PrefetchPage(const Problem<KV>& p, int64_t page, int64_t keys, int64_t g) {
   if (page < 0 || page >= p.num_pages) return;
@@ -246,7 +246,8 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
     if (page < 0 || page >= p.num_pages) continue;  // never in a valid batch; never read out of bounds
     const int64_t page_end = std::min(page_start + p.page_size, key_end);
     if (page_end < key_end) {  // the next page's first tile, while this one is computed
-      PrefetchPage(p, table[page_end / p.page_size], std::min({p.page_size, key_end - page_end, int64_t{kLanes}}), g);
+      const int64_t keys = std::min({p.page_size, key_end - page_end, int64_t{kLanes}});
+      PrefetchPage(p, table[page_end / p.page_size], keys, g);
     }
     for (int64_t t = page_start; t < page_end; t += kLanes) {
       const int64_t n = std::min<int64_t>(kLanes, page_end - t);
