@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxinfer import LLM, SamplingParams  # noqa: E402
 from jaxinfer.weights import resolve_model_path  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import llama_version  # noqa: E402  (benchmarks/compare.py: the same llama.cpp build)
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 LLAMA_CPP_DECODE = r"""
 import json, sys, time
@@ -140,8 +143,7 @@ def llama_bench(directory: str, path: str, n_tokens: int, threads: int) -> dict:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-3:]}
-    version = subprocess.run([binary, "--version"], capture_output=True, text=True)
-    return {"version": " ".join((version.stdout + version.stderr).split()), "command": " ".join(command),
+    return {"version": llama_version(binary), "command": " ".join(command),
             "tokens_per_s": json.loads(done.stdout)[0]["avg_ts"]}
 
 

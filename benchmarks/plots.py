@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+
 def load_runs(path: str) -> tuple[dict, dict]:
     """{side: {concurrency: [round results]}} and the engines' names, from either layout of the
     file: today's (`serving` -> "c<streams>" -> side -> rounds, with `meta`) or the first
