@@ -1,11 +1,14 @@
-"""Speculative decoding with n-gram drafts (`--speculative-config '{"method": "ngram", ...}'`) against
-plain decoding: batch-1 greedy output tokens per second, the drafts' acceptance rate and the tokens
-each step produced, on a workload where drafts hit (code edits: the answer copies most of the
-prompt) and one where they rarely do (free text).
+"""Speculative decoding with n-gram drafts (`--speculative-config '{"method": "ngram", ...}'`) and,
+with --draft-model, a draft model (`'{"model": ..., "num_speculative_tokens": k}'`), against plain
+decoding: batch-1 greedy output tokens per second and the drafts' acceptance rate, on a workload
+where n-gram drafts hit (code edits: the answer copies most of the prompt) and one where they rarely
+do (free text).
 
     .venv/bin/python benchmarks/speculative.py [--model qwen2.5-coder-0.5b-instruct] [--rounds 3]
+    .venv/bin/python benchmarks/speculative.py --model qwen2.5-coder-1.5b-instruct \
+        --draft-model qwen2.5-coder-0.5b-instruct --num-speculative-tokens 3
 
-Both engines are the default configuration of the same model, warmed up; the two alternate round
+The engines are the default configuration of the same model, warmed up; they alternate round
 by round (ABBA), one request at a time, the same prompts. The outputs are checked equal (greedy
 tokens must not change), so a speed-up is for the same text.
 """
@@ -63,38 +66,52 @@ def run(llm, prompts, max_tokens):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--draft-model", help="also a draft model (e.g. qwen2.5-coder-0.5b-instruct for the 1.5B)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="the draft model's k (default 4)")
+    parser.add_argument("--no-ngram", action="store_true", help="leave n-gram drafting out")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     options = dict(max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=256)
-    engines = {"plain": LLM(args.model, **options), "ngram": LLM(args.model, speculative_config=NGRAM, **options)}
+    configs = {} if args.no_ngram else {"ngram": NGRAM}
+    if args.draft_model:
+        configs["draft"] = {"model": args.draft_model, "num_speculative_tokens": args.num_speculative_tokens}
+    engines = {"plain": LLM(args.model, **options)}
+    engines.update({name: LLM(args.model, speculative_config=config, **options) for name, config in configs.items()})
     results = {}
     for workload, prompts in (("code edits", EDITS), ("free text", FREE)):
         rates = {name: [] for name in engines}
         outputs = {}
-        spec = engines["ngram"].engine
-        drafted, accepted = spec.num_draft_tokens, spec.num_accepted_draft_tokens
+        before = {name: (engines[name].engine.num_draft_tokens, engines[name].engine.num_accepted_draft_tokens)
+                  for name in configs}
         for r in range(args.rounds):
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
             for name in order:
                 tokens, seconds, ids = run(engines[name], prompts, args.max_tokens)
                 rates[name].append(tokens / seconds)
                 outputs.setdefault(name, ids)
-        same = outputs["plain"] == outputs["ngram"]
-        drafted, accepted = spec.num_draft_tokens - drafted, spec.num_accepted_draft_tokens - accepted
-        plain, ngram = statistics.median(rates["plain"]), statistics.median(rates["ngram"])
-        results[workload] = {"plain_tok_s": rates["plain"], "ngram_tok_s": rates["ngram"], "speedup": ngram / plain,
-                             "draft_tokens": drafted, "accepted": accepted,
-                             "acceptance_rate": accepted / drafted if drafted else None, "same_tokens": same}
-        print(f"{workload}: plain {plain:.1f} tok/s, ngram {ngram:.1f} tok/s (x{ngram / plain:.2f}, medians of "
-              f"{args.rounds}; spread plain {min(rates['plain']):.1f}-{max(rates['plain']):.1f}, ngram "
-              f"{min(rates['ngram']):.1f}-{max(rates['ngram']):.1f}); drafts {drafted}, accepted {accepted} "
-              f"({accepted / drafted if drafted else 0:.0%}); same tokens: {same}", flush=True)
+        plain = statistics.median(rates["plain"])
+        results[workload] = {"plain_tok_s": rates["plain"]}
+        line = (f"{workload}: plain {plain:.1f} tok/s ({min(rates['plain']):.1f}-{max(rates['plain']):.1f}, "
+                f"medians of {args.rounds})")
+        for name in configs:
+            engine = engines[name].engine
+            drafted = engine.num_draft_tokens - before[name][0]
+            accepted = engine.num_accepted_draft_tokens - before[name][1]
+            rate, same = statistics.median(rates[name]), outputs[name] == outputs["plain"]
+            results[workload][name] = {"tok_s": rates[name], "speedup": rate / plain, "draft_tokens": drafted,
+                                       "accepted": accepted, "acceptance_rate": accepted / drafted if drafted else None,
+                                       "same_tokens": same}
+            line += (f"; {name} {rate:.1f} tok/s (x{rate / plain:.2f}, {min(rates[name]):.1f}-{max(rates[name]):.1f}), "
+                     f"drafts {drafted}, accepted {accepted} ({accepted / drafted if drafted else 0:.0%}), "
+                     f"same tokens: {same}")
+        print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "config": NGRAM, "rounds": args.rounds, "results": results}, f, indent=2)
-    return 0 if all(r["same_tokens"] for r in results.values()) else 1
+            json.dump({"model": args.model, "configs": configs, "rounds": args.rounds, "max_tokens": args.max_tokens,
+                       "results": results}, f, indent=2)
+    return 0 if all(r[name]["same_tokens"] for r in results.values() for name in configs) else 1
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--speculative-config", metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4, '
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' drafts greedy requests\' next tokens '
-                        'from their own prompt and output (default: off; docs/SERVER.md)')
+                        'from their own prompt and output; \'{"model": "qwen2.5-coder-0.5b-instruct", '
+                        '"num_speculative_tokens": 3}\' from a draft model with the same vocabulary (default: off; '
+                        'docs/SERVER.md)')
     engine.add_argument("--tensor-parallel-size", "-tp", type=int,
                         help="devices to split the model across by attention heads and MLP columns (default: "
                              f"{d.tensor_parallel_size}; docs/DEPLOY.md)")

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from jaxinfer import distributed, tensor_parallel
 from jaxinfer.allocator import PageAllocator
 from jaxinfer.config import EngineConfig
+from jaxinfer.draft_model import DraftModel, draftable
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.loading import LoadedModel, load_weights, resolve_kv_cache_dtype
 from jaxinfer.models.llama import PROJECTIONS
@@ -120,9 +121,17 @@ class LLMEngine:
         self.model, self.weight_bytes_by_format, self._staged = loaded.model, loaded.weight_bytes_by_format, loaded.staged
         platform = jax.devices()[0].platform
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.quantization, platform)
-        num_pages = int(distributed.agree("num_pages", str(self._num_pages())))  # free memory differs by host
+        self.speculative = config.speculative_config  # jaxinfer.speculative; None: off
+        draft = self._load_draft(mesh) if self.speculative and self.speculative.method == "draft_model" else None
+        draft_kv_dtype = draft and resolve_kv_cache_dtype(config.kv_cache_dtype, draft.dtype, draft.quantization,
+                                                          platform)
+        draft_page_bytes = draft and kv_cache_bytes_per_page(draft.model_config, config.page_size, draft_kv_dtype)
+        # free memory differs by host
+        num_pages = int(distributed.agree("num_pages", str(self._num_pages(draft_page_bytes or 0))))
         self.runner = ModelRunner(self.model, config, num_pages, self.kv_cache_dtype, mesh=mesh,
                                   native_layouts=loaded.native_layouts, device=devices[0] if devices else None)
+        # A draft model's cache has the target's pages, addressed by the same block tables.
+        self.drafter = draft and DraftModel(draft, config, num_pages, draft_kv_dtype, devices[0] if devices else None)
         if mesh is not None:
             logger.info("tensor parallelism over %d %s devices: heads, KV cache and MLP split, embedding and LM "
                         "head %s", config.tensor_parallel_size, platform,
@@ -130,7 +139,6 @@ class LLMEngine:
         self.allocator = PageAllocator(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.allocator)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
-        self.speculative = config.speculative_config  # jaxinfer.speculative; None: off
         self.num_draft_tokens = self.num_accepted_draft_tokens = 0  # verified so far, and accepted
         if self.speculative is not None:
             logger.info("speculative decoding: %s (greedy requests)", self.speculative.describe())
@@ -156,6 +164,24 @@ class LLMEngine:
                     self.kv_cache_dtype.name, "on" if config.enable_prefix_caching else "off")
         if config.warmup and self.runner.leader:  # other processes run process 0's warm-up steps as it sends them
             self.runner.warmup()
+            if self.drafter:
+                self.drafter.runner.warmup()
+
+    def _load_draft(self, mesh) -> LoadedModel:
+        """The draft model of speculative decoding, checked against the target's vocabulary."""
+        spec = self.speculative
+        if mesh is not None:
+            raise ValueError("a speculative draft model runs on one device in one process (tensor_parallel_size 1)")
+        draft = load_weights(spec.model, self.config)
+        probe = "def f(x):\n    return x + 1  # Hello, world!"
+        if (draft.model_config.vocab_size != self.model_config.vocab_size
+                or draft.tokenizer.encode(probe) != self.tokenizer.encode(probe)):
+            raise ValueError(f"speculative_config model {spec.model!r} does not share the target's vocabulary "
+                             f"({draft.model_config.vocab_size} tokens vs {self.model_config.vocab_size}, or another "
+                             f"tokenizer): a draft model must tokenize as the target does")
+        logger.info("draft model %s: %.1f MB (%s)", spec.model, sum(draft.weight_bytes_by_format.values()) / 1e6,
+                    draft.quantization)
+        return draft
 
     def _cache_config(self):
         """The model as the KV cache holds it, over all devices: KV heads replicated under tensor
@@ -163,7 +189,8 @@ class LLMEngine:
         mc = self.model_config
         return replace(mc, num_kv_heads=tensor_parallel.cache_kv_heads(mc, self.config.tensor_parallel_size))
 
-    def _num_pages(self) -> int:
+    def _num_pages(self, draft_page_bytes: int = 0) -> int:
+        """`draft_page_bytes`: a draft model's K/V bytes per page, which every page has too."""
         config = self.config
         pages_per_seq = -(-config.max_model_len // config.page_size)
         if config.num_pages is not None:
@@ -177,7 +204,8 @@ class LLMEngine:
                 budget -= sum(self.weight_bytes_by_format.values()) // config.tensor_parallel_size
             # A page's bytes on one device: its share of the KV heads (host devices share one RAM).
             devices = 1 if on_cpu else config.tensor_parallel_size
-            page_bytes = kv_cache_bytes_per_page(self._cache_config(), config.page_size, self.kv_cache_dtype)
+            page_bytes = kv_cache_bytes_per_page(self._cache_config(), config.page_size,
+                                                 self.kv_cache_dtype) + draft_page_bytes
             num_pages = budget // (page_bytes // devices)
             if on_cpu:  # host RAM is everyone's: take no more than the sequences can use
                 num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)
@@ -317,16 +345,15 @@ class LLMEngine:
         self._update_text(request, seq)
 
     def _drafts(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]:
-        """n-gram drafts (`jaxinfer.speculative`) for the step's greedy decode rows, within the step's
-        token budget and logits rows (max_num_seqs), max_model_len, max_tokens and the free pages."""
+        """Drafts (n-gram lookups, `jaxinfer.speculative`, or the draft model's) for the step's greedy
+        decode rows, within the step's token budget and logits rows (max_num_seqs), max_model_len,
+        max_tokens and the free pages. A draft model runs every step: it computes the prompt chunks too."""
         spec, config = self.speculative, self.config
         num_tokens, num_rows = sum(n for _, n in scheduled), len(scheduled)
-        drafts = {}
+        drafts, rooms = {}, {}
         for seq, num_new in scheduled:
             p = seq.params
-            if (num_new != 1 or not seq.output_ids or seq.num_computed_tokens != seq.num_tokens - 1
-                    or p.temperature != 0 or seq.matcher is not None
-                    or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1):
+            if num_new != 1 or not seq.output_ids or seq.num_computed_tokens != seq.num_tokens - 1 or not draftable(seq):
                 continue
             room = min(spec.num_speculative_tokens, config.max_num_batched_tokens - num_tokens,
                        config.max_num_seqs - num_rows, config.max_model_len - seq.num_tokens)
@@ -334,13 +361,17 @@ class LLMEngine:
                 room = min(room, p.max_tokens - len(seq.output_ids) - 1)
             if room <= 0:
                 continue
-            draft = propose_ngram(seq.token_ids(), room, spec.prompt_lookup_min, spec.prompt_lookup_max)
-            draft = draft[:self.scheduler.reserve_draft(seq, len(draft))] if draft else draft
-            if draft:
-                drafts[seq] = draft
-                num_tokens += len(draft)
-                num_rows += len(draft)
-        return drafts
+            if self.drafter:  # the draft model proposes as many as there is room for
+                room = rooms[seq] = self.scheduler.reserve_draft(seq, room)
+            else:
+                draft = propose_ngram(seq.token_ids(), room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+                draft = draft[:self.scheduler.reserve_draft(seq, len(draft))] if draft else draft
+                room = len(draft)
+                if draft:
+                    drafts[seq] = draft
+            num_tokens += room
+            num_rows += room
+        return self.drafter.propose(scheduled, {s: r for s, r in rooms.items() if r}) if self.drafter else drafts
 
     def _token_bitmask(self, scheduled: list[tuple[Sequence, int]]):
         """The grammar masks of the constrained rows that sample this step ([S, ceil(vocab / 32)]

@@ -28,6 +28,7 @@ class Sequence:
     page_hashes: list[bytes] = field(default_factory=list)  # prefix-cache digests of its full pages
     cache_salt: str | None = None  # only requests with the same salt share prefix-cache pages
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_draft_computed: int | None = None  # a draft model's: tokens whose K/V are in its cache (jaxinfer.draft_model)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)

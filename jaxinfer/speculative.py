@@ -1,5 +1,7 @@
-"""Speculative decoding with n-gram drafts (prompt lookup): vLLM's
+"""Speculative decoding: the configuration, and n-gram drafts (prompt lookup): vLLM's
 `speculative_config={"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, ...}`.
+Draft models (`{"model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": k}`) propose in
+`jaxinfer.draft_model`; both are verified the same way, below.
 
 A greedy sequence's next tokens are guessed from its own text: the last n tokens (n from
 prompt_lookup_max down to prompt_lookup_min) are looked up earlier in its prompt and output, and
@@ -26,20 +28,25 @@ import json
 
 import numpy as np
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
     method: str = "ngram"
     num_speculative_tokens: int = 4  # draft tokens per step at most (k)
-    prompt_lookup_max: int = 4  # the longest suffix looked up (n), tried first
-    prompt_lookup_min: int = 2  # the shortest
+    prompt_lookup_max: int = 4  # ngram: the longest suffix looked up (n), tried first
+    prompt_lookup_min: int = 2  # ngram: the shortest
+    model: str | None = None  # draft_model: a name, path or GGUF file with the target's vocabulary
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"speculative_config method must be one of {METHODS} (draft models are not "
-                             f"supported yet), got {self.method!r}")
+            raise ValueError(f"speculative_config method must be one of {METHODS}, got {self.method!r}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError('speculative_config: a "model" is the draft of method "draft_model" and of no other '
+                             f"(method {self.method!r}, model {self.model!r})")
+        if self.model is not None and not (isinstance(self.model, str) and self.model):
+            raise ValueError(f"speculative_config model must be a non-empty string, got {self.model!r}")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -64,11 +71,15 @@ class SpeculativeConfig:
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"speculative_config: unknown field(s) {unknown}; known: {sorted(known)}")
-        if "method" not in value:
-            raise ValueError('speculative_config needs a "method" ("ngram")')
+        if "method" not in value:  # vLLM infers it from the draft model's
+            if "model" not in value:
+                raise ValueError('speculative_config needs a "method" ("ngram") or a draft "model"')
+            value = {**value, "method": "draft_model"}
         return cls(**value)
 
     def describe(self) -> str:
+        if self.method == "draft_model":
+            return f"draft model {self.model}, up to {self.num_speculative_tokens} draft tokens a step"
         return (f"{self.method}, up to {self.num_speculative_tokens} draft tokens from "
                 f"{self.prompt_lookup_min}..{self.prompt_lookup_max}-gram lookups")
 

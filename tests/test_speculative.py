@@ -1,7 +1,8 @@
-"""Speculative decoding with n-gram drafts (jaxinfer/speculative.py): the drafts against a brute-force
-lookup, and the engine's tokens with speculation against the same engine configuration without it
-(the reference: decoding one token at a time), in the default configuration, with drafts that hit
-and requests that get none, chunked prompts, preemption, logprobs, stop strings and max_tokens."""
+"""Speculative decoding with n-gram drafts (jaxinfer/speculative.py) and draft models
+(jaxinfer/draft_model.py): the drafts against a brute-force lookup, and the engine's tokens with
+speculation against the same engine configuration without it (the reference: decoding one token at
+a time), in the default configuration, with drafts that hit and requests that get none, drafts
+partly rejected, chunked prompts, preemption, logprobs, stop strings and max_tokens."""
 
 import json
 
@@ -56,10 +57,13 @@ def test_a_draft_is_what_followed_the_longest_matching_suffix():
 
 @pytest.mark.parametrize("value, message", [
     ({"method": "eagle"}, "method must be one of"),
+    ({"method": "draft_model"}, "a \"model\" is the draft of method \"draft_model\""),
+    ({"method": "ngram", "model": "SmolLM2-135M-Instruct"}, "and of no other"),
+    ({"model": ""}, "model must be a non-empty string"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min .5. is above"),
     ({"method": "ngram", "draft_tensor_parallel_size": 1}, "unknown field"),
-    ({"num_speculative_tokens": 3}, "needs a \"method\""),
+    ({"num_speculative_tokens": 3}, "needs a \"method\" .\"ngram\". or a draft \"model\""),
     ("{not json", "not JSON"),
     ([1], "must be a JSON object"),
 ])
@@ -73,6 +77,9 @@ def test_the_flag_takes_vllm_json():
     config = EngineConfig().replace(**engine_overrides(args))
     assert config.speculative_config == SpeculativeConfig(**NGRAM)
     assert EngineConfig().speculative_config is None
+    # vLLM infers the method from a draft model
+    draft = EngineConfig(speculative_config='{"model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": 3}')
+    assert draft.speculative_config == SpeculativeConfig("draft_model", 3, model="qwen2.5-coder-0.5b-instruct")
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -152,6 +159,73 @@ def test_chunked_prompts_and_preemption_keep_the_tokens(plain):
     assert tight.engine.scheduler.num_preemptions > 0
     assert tight.engine.num_accepted_draft_tokens > 0
     assert tight.engine.allocator.num_free_pages == tight.engine.allocator.num_pages  # nothing leaked
+
+
+# -- draft models ----------------------------------------------------------------------------------
+
+def test_a_draft_model_gives_the_plain_tokens_in_a_mixed_batch(plain):
+    """The model drafting for itself (warmed up, strict): nearly every draft token is accepted, so
+    the draft's cache is one position short after most steps and catches up in the next."""
+    requests = [
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=40, logprobs=3)),
+        (PROMPTS[1], SamplingParams(temperature=0.8, seed=7, max_tokens=24)),
+        (PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, stop=["mul"])),
+        (PROMPTS[2], SamplingParams(temperature=0, max_tokens=13)),
+        (PROMPTS[3], SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.2)),
+        (PROMPTS[3], SamplingParams(temperature=0, max_tokens=40)),
+    ]
+    prompts, params = zip(*requests)
+    expected = plain.generate(list(prompts), list(params), use_tqdm=False)
+    draft = LLM(MODEL, speculative_config={"model": MODEL, "num_speculative_tokens": 3}, strict_compile=True,
+                **OPTIONS)
+    engine = draft.engine
+    for batch in ([0, 1, 2, 3, 4, 5], [5], [3, 0]):  # together, alone, and again (prefix-cache hits)
+        got = draft.generate([prompts[i] for i in batch], [params[i] for i in batch], use_tqdm=False)
+        for i, g in zip(batch, got):
+            assert g.outputs[0].token_ids == expected[i].outputs[0].token_ids, requests[i]
+            assert g.outputs[0].text == expected[i].outputs[0].text
+            assert g.outputs[0].finish_reason == expected[i].outputs[0].finish_reason
+    for e, g in zip(expected[0].outputs[0].logprobs, got[1].outputs[0].logprobs):
+        assert g.logprob == pytest.approx(e.logprob, abs=1e-4)
+    assert engine.num_accepted_draft_tokens >= 0.9 * engine.num_draft_tokens > 0
+    assert engine.runner.num_compilations == engine.drafter.runner.num_compilations == 0
+    assert engine.allocator.num_free_pages == engine.allocator.num_pages
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory):
+    """A 4-layer random Llama and, as its draft, its first 2 layers with the same embedding, norm and
+    head (the same draws): drafts that agree with the target part of the time."""
+    from tp_worker import write_random_llama
+
+    fields = dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256, max_position_embeddings=1024)
+    target = write_random_llama(str(tmp_path_factory.mktemp("target")), fields)
+    draft = write_random_llama(str(tmp_path_factory.mktemp("draft")), dict(fields, num_hidden_layers=2))
+    return target, draft
+
+
+def test_a_draft_model_rejected_part_of_the_time_with_chunks_and_preemption(random_models):
+    target, draft_dir = random_models
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (70, 45, 90, 20)]
+    prompts += [prompts[0][:40] + prompts[3]]  # shares two pages with the first
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    options = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, weight_cache_dir=None,
+                   warmup=False)
+    expected = token_ids(LLM(target, **options), prompts, params)
+    tight = LLM(target, speculative_config={"model": draft_dir, "num_speculative_tokens": 4}, num_pages=24,
+                **options)
+    assert token_ids(tight, prompts, params) == expected
+    engine = tight.engine
+    assert engine.scheduler.num_preemptions > 0
+    assert 0 < engine.num_accepted_draft_tokens < engine.num_draft_tokens
+    assert engine.allocator.num_free_pages == engine.allocator.num_pages  # nothing leaked
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(random_models):
+    with pytest.raises(ValueError, match="does not share the target's vocabulary"):
+        LLM(random_models[0], speculative_config={"model": MODEL}, warmup=False, max_model_len=256,
+            weight_cache_dir=None)
 
 
 def test_served_streams_equal_the_offline_tokens_and_metrics_count_the_drafts(plain, speculative):
