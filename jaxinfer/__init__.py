@@ -9,7 +9,8 @@ persistent compilation cache is for the application to turn on too (`jaxinfer se
 """
 
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.engine import LLM, CompletionOutput, LLMEngine, RequestOutput
+from jaxinfer.engine import CompletionOutput, LLMEngine, RequestOutput
+from jaxinfer.offline import LLM
 from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "ModelConfig",

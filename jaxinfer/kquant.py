@@ -6,8 +6,9 @@ scale per sub-block of 32 (Q6_K: 16) and float16 factors per super-block:
   Q4_K, Q5_K: w = (d * sc) * code - dmin * m    code 4 / 5 bits, sc and m 6 bits, per 32;
   Q6_K:       w = (d * sc) * (code - 32)        code 6 bits, sc int8, per 16.
 Here each layer of a projection W[K, N] keeps exactly those codes and factors, laid out by columns
-for the native kernel (`kernels_cpu/kquant_matmul.cc` states the layout): the 4 low bits of every
-code as nibbles, the high bits as bit planes, the sub-block scales as bytes and d/dmin as float16.
+for the native kernel (`kernels_cpu/kquant_matmul.cc` states the layout), in blocks of 64 columns:
+the 4 low bits of every code as nibbles, the high bits as bit planes, the sub-block scales as bytes
+and d/dmin as float16.
 That costs 4.625 / 5.625 / 6.5625 bits a weight, against the file's 4.5 / 5.5 / 6.5625 (the file
 packs Q4_K's and Q5_K's 6-bit scales tighter). `dequantize_layer` is the reference: it equals
 `gguf.quants.dequantize` bitwise, d * sc being exact in float32.
@@ -16,7 +17,7 @@ The blocks of 32 store a float16 d (and m) per 32 weights of a row:
   Q8_0, Q4_0, Q5_0: w = d * (code - zero)    code 8 / 4 / 5 bits, zero 128 / 8 / 16 (Q8_0's code: value + 128);
   Q4_1, Q5_1:       w = d * code + m         code 4 / 5 bits.
 Their codes take the same nibbles and bit plane (Q8_0: group_matmul.cc's 8-bit layout), d and m
-float16 [K / 32, N]: exactly the file's bits (8.5, 4.5, 5, 5.5, 6 a weight).
+float16 [K / 32] per column: exactly the file's bits (8.5, 4.5, 5, 5.5, 6 a weight).
 
 A projection's layers may differ in type (Q4_K_M files make some layers' ffn_down Q6_K, and where
 K is not a multiple of 256, some attn_v Q8_0 among Q5_0): every layer's bytes lie one after another
@@ -37,7 +38,7 @@ SUPER = 256  # rows per K-quant super-block
 BLOCK = 32  # rows per block of the other types
 COLS = native.VNNI_BLOCK  # columns per block of the layout
 ALIGN = 64  # each layer's bytes start at a multiple of 64: the index stores offset / 64 in int32
-LAYOUT_VERSION = 2  # part of the converted-weight cache key
+LAYOUT_VERSION = 3  # part of the converted-weight cache key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +58,14 @@ class KQuantType:
             return {"nibbles": ((nb, groups, 4, COLS, 4) if self.bits < 8 else (0,), np.uint8),
                     "high": ((nb, groups, 1, COLS, 4) if self.bits == 5 else (0,), np.uint8),
                     "codes": ((nb, k // 4, COLS, 4) if self.bits == 8 else (0,), np.uint8),
-                    "d": ((groups, n), np.float16),
-                    "m": ((groups if self.has_min else 0, n), np.float16)}
+                    "d": ((nb, groups, COLS), np.float16),
+                    "m": ((nb, groups if self.has_min else 0, COLS), np.float16)}
         return {"nibbles": ((nb, groups, 4, COLS, 4), np.uint8),
                 "high": ((nb, groups, self.bits - 4, COLS, 4), np.uint8),
-                "sc": ((k // self.sub_block, n), np.uint8),
-                "m": ((groups if self.has_min else 0, n), np.uint8),
-                "d": ((k // SUPER, n), np.float16),
-                "dmin": ((k // SUPER if self.has_min else 0, n), np.float16)}
+                "sc": ((nb, k // self.sub_block, COLS), np.uint8),
+                "m": ((nb, groups if self.has_min else 0, COLS), np.uint8),
+                "d": ((nb, k // SUPER, COLS), np.float16),
+                "dmin": ((nb, k // SUPER if self.has_min else 0, COLS), np.float16)}
 
     def layer_bytes(self, k: int, n: int) -> int:
         return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self.sections(k, n).values())
@@ -164,7 +165,9 @@ def pack_layer(parts: dict[str, np.ndarray], kind: str) -> np.ndarray:
     else:
         sections = {"nibbles": native.to_group_codes(low[0::2] | (low[1::2] << 4), 4),
                     "high": _to_high_planes(codes >> 4, t.bits - 4)}
-    sections |= {name: parts[name].T for name in ("sc", "m", "d", "dmin") if name in parts}
+    # The factors by blocks of columns too, [NB, rows, COLS]: a block's are one sequential stream.
+    sections |= {name: native.to_blocked(jnp.asarray(parts[name].T), block=COLS)
+                 for name in ("sc", "m", "d", "dmin") if name in parts}
     out = np.concatenate([np.ascontiguousarray(np.asarray(sections[name])).view(np.uint8).reshape(-1)
                           for name in t.sections(*codes.shape) if name in sections])
     assert out.size == t.layer_bytes(*codes.shape)
@@ -213,6 +216,8 @@ def unpack_layer(layer, kind: str, k: int, n: int) -> dict[str, jax.Array]:
             arrays[name] = jax.lax.bitcast_convert_type(raw.reshape(*shape, 2), jnp.float16).astype(jnp.float32)
         else:
             arrays[name] = raw.reshape(shape)
+        if name in ("sc", "m", "d", "dmin"):  # [NB, rows, COLS] -> [rows, N]
+            arrays[name] = native.from_blocked(arrays[name], n)
     nibbles, high, codes8 = arrays.pop("nibbles"), arrays.pop("high"), arrays.pop("codes", None)
     if t.bits == 8:
         return {"codes": native.from_group_codes(codes8, 8, n).astype(jnp.int32) + 128, "d": arrays["d"]}

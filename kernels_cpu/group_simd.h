@@ -40,6 +40,9 @@ inline VecI HighBits(VecI h, int shift, int mask) {
 }
 inline VecF LoadU8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
 inline VecF LoadS8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+inline VecI LoadS8I(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline VecI MulI(VecI a, VecI b) { return _mm512_mullo_epi32(a, b); }
+inline VecI AddI(VecI a, VecI b) { return _mm512_add_epi32(a, b); }
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 constexpr bool kHasGroupPath = true;
 constexpr int kLanes = 8;
@@ -76,6 +79,9 @@ inline VecI HighBits(VecI h, int shift, int mask) {
 }
 inline VecF LoadU8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
 inline VecF LoadS8(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
+inline VecI LoadS8I(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline VecI MulI(VecI a, VecI b) { return _mm256_mullo_epi32(a, b); }
+inline VecI AddI(VecI a, VecI b) { return _mm256_add_epi32(a, b); }
 #else
 constexpr bool kHasGroupPath = false;
 #endif

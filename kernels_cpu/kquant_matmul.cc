@@ -13,7 +13,8 @@
 // vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd; codes < 64 cannot saturate, Q8_0's go by nibbles: Dot8),
 // and per sub-block
 //   Q4_K/Q5_K: y += (dot(code, xq) * x_scale) * (d * sc) - (x_scale * sum(xq)) * (dmin * m)
-//   Q6_K:      y += ((dot(code, xq) - 32 * sum(xq)) * x_scale) * (d * sc)   (per 16: half an x block)
+//   Q6_K:      y += (sum over the two halves of sc * (dot(code, xq) - 32 * sum(xq))) * x_scale * d
+//              (a scale per 16 rows, half an x block: the halves meet in int32)
 //   Q8_0/Q4_0/Q5_0: y += ((dot(code, xq) - zero * sum(xq)) * x_scale) * d
 //   Q4_1/Q5_1: y += (dot(code, xq) * x_scale) * d + (x_scale * sum(xq)) * m
 // Batch-1 decode streams the stored bits: 4.625, 5.625 and 6.5625 bits a weight; blocks of 32 the
@@ -30,10 +31,13 @@
 //           its low nibble and k + 16's in its high nibble (group_matmul.cc's 4-bit layout);
 //   high    [NB, K / 32, H, B, 4] (H = bits - 4): the codes' high bits, j = 4 * half + p at bit
 //           position j * H of byte (j * H) / 8 (Q5_K: one byte, bit j; Q6_K: byte half, bits 2 p);
-//   sc      [K / S, N] uint8 (S = 32; Q6_K: 16, int8); m [K / 32, N] uint8 (Q4_K, Q5_K);
-//   d       [K / 256, N] float16; dmin [K / 256, N] float16 (Q4_K, Q5_K).
+//   sc      [NB, K / S, B] uint8 (S = 32; Q6_K: 16, int8); m [NB, K / 32, B] uint8 (Q4_K, Q5_K);
+//   d       [NB, K / 256, B] float16; dmin [NB, K / 256, B] float16 (Q4_K, Q5_K).
 // Blocks of 32: nibbles and high (Q5_0, Q5_1: one plane) as above, or (Q8_0) codes [NB, K / 4, B, 4]
-// (group_matmul.cc's 8-bit layout); then d [K / 32, N] float16 and m [K / 32, N] float16 (Q4_1, Q5_1).
+// (group_matmul.cc's 8-bit layout); then d [NB, K / 32, B] float16 and m [NB, K / 32, B] float16
+// (Q4_1, Q5_1). The factors are blocked by columns like the codes: a tile reads each section as one
+// sequential stream (rows of [K / S, N] lay N bytes apart, a page or more for wide layers, which
+// the hardware prefetchers do not follow).
 
 #include <algorithm>
 #include <cstdint>
@@ -69,15 +73,15 @@ struct Sections {
       nibbles = t.bits < 8 ? nb * k * kCols / 2 : 0;
       high = t.bits == 5 ? nb * k * kCols / 8 : 0;
       codes = t.bits == 8 ? nb * k * kCols : 0;
-      d = k / 32 * n * 2;
+      d = nb * (k / 32) * kCols * 2;
       m = t.has_min ? d : 0;
       return;
     }
     nibbles = nb * k * kCols / 2;
     high = nb * k * kCols * (t.bits - 4) / 8;
-    sc = k / (t.bits == 6 ? 16 : 32) * n;
-    m = t.has_min ? k / 32 * n : 0;
-    d = k / kSuper * n * 2;
+    sc = nb * (k / (t.bits == 6 ? 16 : 32)) * kCols;
+    m = t.has_min ? nb * (k / 32) * kCols : 0;
+    d = nb * (k / kSuper) * kCols * 2;
     dmin = t.has_min ? d : 0;
   }
   int64_t total() const { return nibbles + high + codes + sc + m + d + dmin; }
@@ -109,7 +113,8 @@ inline void ZeroPointStep(const Problem& p, const VecI (&iacc)[R][V], const VecF
   }
 }
 
-// Rows [m0, m0 + R) of y, V vectors of columns from n0 = c0 + col, in the block that starts at c0.
+// Rows [m0, m0 + R) of y, V vectors of columns from n0 = c0 + col, in the block that starts at c0;
+// p's factor pointers are that block's (`Block`).
 template <int64_t R, int V, int Id>
 inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t col, int64_t m0, int64_t n0) {
   constexpr Type kType = kTypes[Id];
@@ -125,7 +130,7 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
     const uint8_t* hp = high + (g * kHigh * kCols + col) * 4;
     VecF d[V];
     const int64_t d_row = kType.block32 ? g : g * 32 / kSuper;
-    for (int j = 0; j < V; ++j) d[j] = LoadHalf(p.d + d_row * p.n + n0 + j * kLanes);
+    for (int j = 0; j < V; ++j) d[j] = LoadHalf(p.d + d_row * kCols + col + j * kLanes);
     if constexpr (Bits == 8) {  // Q8_0: 8 quads of k a group, [K / 4, B, 4]
       VecI iacc[R][V];
       for (int64_t r = 0; r < R; ++r) {
@@ -142,30 +147,41 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
         }
       }
       ZeroPointStep<R, V>(p, iacc, d, kType.zero, m0, g, acc);
-    } else if constexpr (Bits == 6) {  // a scale per 16: each half of the 32 rows on its own
-      for (int half = 0; half < 2; ++half) {
-        VecI iacc[R][V];
+    } else if constexpr (Bits == 6) {  // a scale per 16: both halves' sums, scaled in integers
+      VecI iacc[2][R][V];
+      for (int h = 0; h < 2; ++h) {
         for (int64_t r = 0; r < R; ++r) {
-          for (int j = 0; j < V; ++j) iacc[r][j] = ZeroI();
+          for (int j = 0; j < V; ++j) iacc[h][r][j] = ZeroI();
         }
-        for (int q = 0; q < 4; ++q) {
-          VecI code[V];
+      }
+      for (int q = 0; q < 4; ++q) {
+        VecI lo[V], hi[V];
+        for (int j = 0; j < V; ++j) {
+          const VecI raw = LoadI(wp + (q * kCols + j * kLanes) * 4);
+          lo[j] = Or(LowNibbles(raw), HighBits(LoadI(hp + j * kLanes * 4), 2 * q, 3));
+          hi[j] = Or(HighNibbles(raw), HighBits(LoadI(hp + (kCols + j * kLanes) * 4), 2 * q, 3));
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const int8_t* xr = p.xq + (m0 + r) * p.k + g * 32 + q * 4;
+          const VecI xlo = Bcast(xr), xhi = Bcast(xr + 16);
           for (int j = 0; j < V; ++j) {
-            const VecI raw = LoadI(wp + (q * kCols + j * kLanes) * 4);
-            const VecI bits = LoadI(hp + (half * kCols + j * kLanes) * 4);
-            code[j] = Or(half ? HighNibbles(raw) : LowNibbles(raw), HighBits(bits, 2 * q, 3));
-          }
-          for (int64_t r = 0; r < R; ++r) {
-            const VecI xb = Bcast(p.xq + (m0 + r) * p.k + g * 32 + half * 16 + q * 4);
-            for (int j = 0; j < V; ++j) iacc[r][j] = Dot4(iacc[r][j], code[j], xb);
+            iacc[0][r][j] = Dot4(iacc[0][r][j], lo[j], xlo);
+            iacc[1][r][j] = Dot4(iacc[1][r][j], hi[j], xhi);
           }
         }
-        VecF scale[V];
-        for (int j = 0; j < V; ++j) scale[j] = Mul(d[j], LoadS8(p.sc + (2 * g + half) * p.n + n0 + j * kLanes));
-        for (int64_t r = 0; r < R; ++r) {
-          const VecF xs = Splat(p.xs[(m0 + r) * groups + g]);
-          const int32_t offset = 32 * p.isums[(m0 + r) * 2 * groups + 2 * g + half];
-          for (int j = 0; j < V; ++j) acc[r][j] = Fma(Mul(ToFloat(SubI(iacc[r][j], offset)), xs), scale[j], acc[r][j]);
+      }
+      VecI sc[2][V];
+      for (int h = 0; h < 2; ++h) {
+        for (int j = 0; j < V; ++j) sc[h][j] = LoadS8I(p.sc + (2 * g + h) * kCols + col + j * kLanes);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const VecF xs = Splat(p.xs[(m0 + r) * groups + g]);
+        const int32_t* half_sums = p.isums + (m0 + r) * 2 * groups + 2 * g;
+        for (int j = 0; j < V; ++j) {
+          // the halves of sc * (dot - 32 * sum(xq)), each below 2^23 in size: exact in int32 and float
+          const VecI t = AddI(MulI(SubI(iacc[0][r][j], 32 * half_sums[0]), sc[0][j]),
+                              MulI(SubI(iacc[1][r][j], 32 * half_sums[1]), sc[1][j]));
+          acc[r][j] = Fma(Mul(ToFloat(t), xs), d[j], acc[r][j]);
         }
       }
     } else {
@@ -198,13 +214,13 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
       }
       VecF scale[V], min[V];
       for (int j = 0; j < V; ++j) {
-        const int64_t at = g * p.n + n0 + j * kLanes;
+        const int64_t at = g * kCols + col + j * kLanes;
         if constexpr (kType.block32) {  // Q4_1, Q5_1: + m, float16 per 32
           scale[j] = d[j];
           min[j] = LoadHalf(p.m16 + at);
         } else {
           scale[j] = Mul(d[j], LoadU8(p.sc + at));
-          min[j] = Mul(LoadHalf(p.dmin + g * 32 / kSuper * p.n + n0 + j * kLanes), LoadU8(p.m + at));
+          min[j] = Mul(LoadHalf(p.dmin + g * 32 / kSuper * kCols + col + j * kLanes), LoadU8(p.m + at));
         }
       }
       for (int64_t r = 0; r < R; ++r) {
@@ -231,10 +247,23 @@ inline void Columns(const Problem& p, const uint8_t* nibbles, const uint8_t* hig
 }
 
 template <int Id>
-void Block(const Problem& p, int64_t b) {
-  constexpr int Bits = kTypes[Id].bits;
-  const uint8_t* nibbles = p.nibbles + b * p.k * kCols / (Bits == 8 ? 1 : 2);  // Q8_0: its codes
-  const uint8_t* high = p.high + b * p.k * kCols * (Bits == 8 ? 0 : Bits - 4) / 8;
+void Block(const Problem& problem, int64_t b) {
+  constexpr Type kType = kTypes[Id];
+  constexpr int Bits = kType.bits;
+  const uint8_t* nibbles = problem.nibbles + b * problem.k * kCols / (Bits == 8 ? 1 : 2);  // Q8_0: its codes
+  const uint8_t* high = problem.high + b * problem.k * kCols * (Bits == 8 ? 0 : Bits - 4) / 8;
+  Problem p = problem;  // with this block's factors: [K / S, B] each
+  if constexpr (kType.block32) {
+    p.d += b * (p.k / 32) * kCols;
+    if constexpr (kType.has_min) p.m16 += b * (p.k / 32) * kCols;
+  } else {
+    p.sc += b * (p.k / (Bits == 6 ? 16 : 32)) * kCols;
+    p.d += b * (p.k / kSuper) * kCols;
+    if constexpr (kType.has_min) {
+      p.m += b * (p.k / 32) * kCols;
+      p.dmin += b * (p.k / kSuper) * kCols;
+    }
+  }
   int64_t m0 = 0;
   for (; m0 + 4 <= p.rows; m0 += 4) Columns<4, Id>(p, nibbles, high, m0, b * kCols);
   switch (p.rows - m0) {
