@@ -68,6 +68,8 @@ def main():
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--draft-model", help="also a draft model (e.g. qwen2.5-coder-0.5b-instruct for the 1.5B)")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="the draft model's k (default 4)")
+    parser.add_argument("--draft-min-probability", type=float, nargs="+", default=[0.0],
+                        help="the draft model's draft_min_probability; several: one engine each (default 0)")
     parser.add_argument("--no-ngram", action="store_true", help="leave n-gram drafting out")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=160)
@@ -75,8 +77,9 @@ def main():
     args = parser.parse_args()
     options = dict(max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=256)
     configs = {} if args.no_ngram else {"ngram": NGRAM}
-    if args.draft_model:
-        configs["draft"] = {"model": args.draft_model, "num_speculative_tokens": args.num_speculative_tokens}
+    for p in args.draft_model and args.draft_min_probability or ():
+        configs["draft" if p == 0 else f"draft-p{p:g}"] = {
+            "model": args.draft_model, "num_speculative_tokens": args.num_speculative_tokens, "draft_min_probability": p}
     engines = {"plain": LLM(args.model, **options)}
     engines.update({name: LLM(args.model, speculative_config=config, **options) for name, config in configs.items()})
     results = {}

@@ -23,6 +23,7 @@ unwritten in the draft's cache; a later request that reuses the page through the
 drafts from a cache with a stale entry there. That can lower acceptance; it cannot change output.
 """
 
+import math
 from dataclasses import dataclass, field
 
 from jaxinfer.loading import LoadedModel
@@ -31,6 +32,7 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.sequence import Sequence
 
 GREEDY = SamplingParams(temperature=0)
+CONFIDENT = SamplingParams(temperature=0, logprobs=0)  # with the draft token's logprob: its confidence
 
 
 def draftable(seq: Sequence) -> bool:
@@ -48,7 +50,7 @@ class _Row:
     num_computed_tokens: int  # where this row's chunk starts
     tokens: list[int]  # the chunk's tokens
     block_table: list[int]  # the sequence's: the draft's cache uses the same pages
-    params: SamplingParams = field(default_factory=lambda: GREEDY)
+    params: SamplingParams = field(default_factory=lambda: GREEDY)  # CONFIDENT where a threshold applies
     seed: int = 0
     output_ids: tuple = ()
 
@@ -59,9 +61,14 @@ class _Row:
 class DraftModel:
     def __init__(self, loaded: LoadedModel, engine_config, num_pages: int, kv_cache_dtype, device=None):
         self.loaded = loaded
+        # A draft stops after a token the draft model gave less than this probability (0: never).
+        min_probability = engine_config.speculative_config.draft_min_probability
+        self._min_logprob = math.log(min_probability) if min_probability > 0 else -math.inf
+        self._params = CONFIDENT if min_probability > 0 else GREEDY
         self.runner = ModelRunner(loaded.model, engine_config, num_pages, kv_cache_dtype, device=device)
         self.max_num_batched_tokens = engine_config.max_num_batched_tokens
         self.num_steps = 0  # draft steps run
+        self.num_drafts = 0  # drafts proposed
 
     def propose(self, scheduled: list[tuple[Sequence, int]], rooms: dict[Sequence, int]) -> dict[Sequence, list[int]]:
         """Runs the draft over the step's draftable rows (`scheduled`: the target's (sequence,
@@ -80,21 +87,31 @@ class DraftModel:
             if done is not None and done < start and start - done <= budget:
                 budget -= start - done
                 start = done
-            batch.append((_Row(start, seq.token_ids(start, end), seq.block_table), end - start))
+            batch.append((_Row(start, seq.token_ids(start, end), seq.block_table, self._params), end - start))
             # Short of budget (rare: a step full of prompt chunks), the position stays unwritten
             # in the draft's cache: it can lower acceptance, never change tokens.
             seq.num_draft_computed = end
         out = self._run(batch)
-        drafts = {seq: [int(out.tokens[i])] for i, (seq, _, _) in enumerate(entries) if rooms.get(seq)}
+        drafts, going = {}, set()  # going: still drafting (room left, and the last token was confident)
+        for i, (seq, _, _) in enumerate(entries):
+            if rooms.get(seq):
+                drafts[seq] = [int(out.tokens[i])]
+                if rooms[seq] > 1 and out.logprobs[i] >= self._min_logprob:
+                    going.add(seq)
         for j in range(1, max(rooms.values(), default=0)):
             # Draft token j is the input at position c + j (c: the sequence's last token's).
-            active = [seq for seq, draft in drafts.items() if rooms[seq] > j]
-            out = self._run([(_Row(seq.num_computed_tokens + j, [drafts[seq][-1]], seq.block_table), 1)
+            active = [seq for seq in drafts if seq in going]
+            if not active:
+                break
+            out = self._run([(_Row(seq.num_computed_tokens + j, [drafts[seq][-1]], seq.block_table, self._params), 1)
                              for seq in active])
             for i, seq in enumerate(active):
                 drafts[seq].append(int(out.tokens[i]))
+                if rooms[seq] <= j + 1 or out.logprobs[i] < self._min_logprob:
+                    going.discard(seq)
         for seq, draft in drafts.items():  # the last draft token was never the draft's input
             seq.num_draft_computed = seq.num_computed_tokens + len(draft)
+        self.num_drafts += len(drafts)
         return drafts
 
     def _run(self, batch):

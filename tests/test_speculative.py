@@ -60,6 +60,7 @@ def test_a_draft_is_what_followed_the_longest_matching_suffix():
     ({"method": "draft_model"}, "a \"model\" is the draft of method \"draft_model\""),
     ({"method": "ngram", "model": "SmolLM2-135M-Instruct"}, "and of no other"),
     ({"model": ""}, "model must be a non-empty string"),
+    ({"model": MODEL, "draft_min_probability": 1}, "draft_min_probability must be a number in .0, 1."),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
     ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min .5. is above"),
     ({"method": "ngram", "draft_tensor_parallel_size": 1}, "unknown field"),
@@ -79,7 +80,8 @@ def test_the_flag_takes_vllm_json():
     assert EngineConfig().speculative_config is None
     # vLLM infers the method from a draft model
     draft = EngineConfig(speculative_config='{"model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": 3}')
-    assert draft.speculative_config == SpeculativeConfig("draft_model", 3, model="qwen2.5-coder-0.5b-instruct")
+    assert draft.speculative_config == SpeculativeConfig("draft_model", 3, model="qwen2.5-coder-0.5b-instruct",
+                                                         draft_min_probability=0.6)
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -213,13 +215,19 @@ def test_a_draft_model_rejected_part_of_the_time_with_chunks_and_preemption(rand
     options = dict(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, weight_cache_dir=None,
                    warmup=False)
     expected = token_ids(LLM(target, **options), prompts, params)
-    tight = LLM(target, speculative_config={"model": draft_dir, "num_speculative_tokens": 4}, num_pages=24,
-                **options)
+    tight = LLM(target, speculative_config={"model": draft_dir, "num_speculative_tokens": 4,
+                                            "draft_min_probability": 0}, num_pages=24, **options)
     assert token_ids(tight, prompts, params) == expected
     engine = tight.engine
     assert engine.scheduler.num_preemptions > 0
     assert 0 < engine.num_accepted_draft_tokens < engine.num_draft_tokens
+    assert engine.num_draft_tokens > engine.drafter.num_drafts  # drafts of several tokens
     assert engine.allocator.num_free_pages == engine.allocator.num_pages  # nothing leaked
+    # A confidence threshold no token of this random draft reaches: every draft is its first token.
+    unsure = LLM(target, speculative_config={"model": draft_dir, "num_speculative_tokens": 4,
+                                             "draft_min_probability": 0.999999}, **options)
+    assert token_ids(unsure, prompts, params) == expected
+    assert unsure.engine.num_draft_tokens == unsure.engine.drafter.num_drafts > 0
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(random_models):
