@@ -171,7 +171,10 @@ class LLMEngine:
         spec = self.speculative
         if mesh is not None:
             raise ValueError("a speculative draft model runs on one device in one process (tensor_parallel_size 1)")
-        draft = load_weights(spec.model, self.config)
+        try:
+            draft = load_weights(spec.model, self.config)
+        except (ValueError, FileNotFoundError) as e:  # not found; max_model_len past its context length
+            raise type(e)(f"speculative_config model {spec.model!r}: {e}") from e
         probe = "def f(x):\n    return x + 1  # Hello, world!"
         if (draft.model_config.vocab_size != self.model_config.vocab_size
                 or draft.tokenizer.encode(probe) != self.tokenizer.encode(probe)):

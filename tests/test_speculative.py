@@ -230,10 +230,12 @@ def test_a_draft_model_rejected_part_of_the_time_with_chunks_and_preemption(rand
     assert unsure.engine.num_draft_tokens == unsure.engine.drafter.num_drafts > 0
 
 
-def test_a_draft_model_with_another_vocabulary_is_refused(random_models):
+def test_a_draft_model_with_another_vocabulary_or_none_at_all_is_refused(random_models, tmp_path):
+    options = dict(warmup=False, max_model_len=256, weight_cache_dir=None)
     with pytest.raises(ValueError, match="does not share the target's vocabulary"):
-        LLM(random_models[0], speculative_config={"model": MODEL}, warmup=False, max_model_len=256,
-            weight_cache_dir=None)
+        LLM(random_models[0], speculative_config={"model": MODEL}, **options)
+    with pytest.raises(FileNotFoundError, match="speculative_config model .*unknown model"):
+        LLM(random_models[0], speculative_config={"model": str(tmp_path / "no-such-model")}, **options)
 
 
 def test_served_streams_equal_the_offline_tokens_and_metrics_count_the_drafts(plain, speculative):
