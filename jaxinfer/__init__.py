@@ -9,8 +9,9 @@ persistent compilation cache is for the application to turn on too (`jaxinfer se
 """
 
 from jaxinfer.config import EngineConfig, ModelConfig
-from jaxinfer.engine import CompletionOutput, LLMEngine, RequestOutput
+from jaxinfer.engine import LLMEngine
 from jaxinfer.offline import LLM
+from jaxinfer.outputs import CompletionOutput, RequestOutput
 from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "ModelConfig",

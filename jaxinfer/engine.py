@@ -4,7 +4,7 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ from jaxinfer.draft_model import DraftModel, draftable
 from jaxinfer.kv_cache import free_device_memory, kv_cache_bytes_per_page
 from jaxinfer.loading import LoadedModel, load_weights, resolve_kv_cache_dtype
 from jaxinfer.models.llama import PROJECTIONS
+from jaxinfer.outputs import CompletionOutput, RequestMetrics, RequestOutput, find_stop, stop_prefix_start
 from jaxinfer.quant import Linear
 from jaxinfer.runner import ModelRunner
 from jaxinfer.sampling import SamplingParams, TokenLogprob
@@ -27,57 +28,6 @@ from jaxinfer.tokenizer import IncrementalDetokenizer
 from jaxinfer.weights import DEFAULT_MODEL
 
 logger = logging.getLogger("jaxinfer")
-
-
-@dataclass(slots=True)
-class CompletionOutput:
-    """One sequence of a request: everything so far (text, token_ids, logprobs) and what is new since
-    the request's previous output (the delta fields). Every list is the output's own: the engine
-    never touches it again. In a delta-only output (`LLMEngine.step(deltas_only=True)`, what the
-    AsyncLLMEngine hands across threads) text, token_ids and logprobs are None."""
-
-    index: int
-    text: str | None
-    token_ids: list[int] | None
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
-    delta: str = ""  # text new since the previous output (streaming)
-    delta_token_ids: list[int] = field(default_factory=list)  # tokens new since the previous output
-    logprobs: list[TokenLogprob] | None = None  # per generated token, when SamplingParams.logprobs is set
-    delta_logprobs: list[TokenLogprob] | None = None  # those of delta_token_ids
-
-
-@dataclass(slots=True)
-class RequestMetrics:
-    """Times are time.monotonic() seconds."""
-
-    arrival_time: float
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished_time: float | None = None
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    num_preemptions: int = 0
-    inter_token_latencies: list[float] = field(default_factory=list)  # seconds between a sequence's tokens
-
-    @property
-    def queue_time(self) -> float | None:
-        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: RequestMetrics | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -393,7 +343,7 @@ class LLMEngine:
             reason = "stop"
         elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete (or broken)
             reason = "stop"
-        elif params.stop and (cut := _find_stop(request.texts[i], params.stop, searched)) is not None:
+        elif params.stop and (cut := find_stop(request.texts[i], params.stop, searched)) is not None:
             request.texts[i] = request.texts[i][:cut]
             reason = "stop"
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
@@ -411,7 +361,7 @@ class LLMEngine:
             # Hold back what could still turn out to be the start of a stop string.
             visible = len(text)
             if stops and not seq.finished:
-                visible = max(request.emitted[i], _stop_prefix_start(text, stops))
+                visible = max(request.emitted[i], stop_prefix_start(text, stops))
             start = request.emitted_tokens[i]  # the first token not handed out yet, and its logprob
             logprobs = request.logprobs[i] if request.params.logprobs is not None else None
             output = CompletionOutput(i, None, None, seq.finish_reason, delta=text[request.emitted[i]:visible],
@@ -439,28 +389,6 @@ class LLMEngine:
         # thread, so it gets them once they are final.
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished,
                              metrics if finished or not deltas_only else None)
-
-
-def _find_stop(text: str, stops: list[str], searched: int) -> int | None:
-    """Where the first stop string in `text` starts, given that `text[:searched]` holds none: only
-    the new text and the (longest stop - 1) characters before it are searched."""
-    start = max(0, searched - max(len(s) for s in stops) + 1)
-    hits = [h for h in (text.find(s, start) for s in stops) if h >= 0]
-    return min(hits) if hits else None
-
-
-def _stop_prefix_start(text: str, stops: list[str]) -> int:
-    """Where the longest end of `text` that a stop string starts with begins (len(text): none):
-    what a stream holds back, as it could still turn into a stop."""
-    start = len(text)
-    for stop in stops:
-        p = text.find(stop[0], max(0, len(text) - len(stop) + 1))
-        while 0 <= p < start:
-            if stop.startswith(text[p:]):
-                start = p  # the earliest match is this stop's longest
-                break
-            p = text.find(stop[0], p + 1)
-    return start
 
 
 def _is_unicode(text: str) -> bool:

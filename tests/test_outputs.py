@@ -5,7 +5,7 @@ import random
 import pytest
 
 from jaxinfer import SamplingParams
-from jaxinfer.engine import _find_stop, _stop_prefix_start
+from jaxinfer.outputs import find_stop, stop_prefix_start
 from jaxinfer.sampling import MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS
 
 PROMPT = "The history of the printing press begins"
@@ -48,7 +48,7 @@ def test_searching_only_the_new_text_and_a_tail_finds_the_first_stop_a_full_sear
     searched = 0
     for text in random_texts(seed):
         full = min((h for h in (text.find(s) for s in stops) if h >= 0), default=None)
-        assert _find_stop(text, stops, searched) == full
+        assert find_stop(text, stops, searched) == full
         if full is not None:
             break
         searched = len(text)
@@ -60,7 +60,7 @@ def test_a_stream_holds_back_exactly_the_longest_end_of_the_text_that_begins_a_s
     for text in random_texts(seed):
         expected = min(p for p in range(len(text) + 1)
                        if any(len(text) - p < len(s) and s.startswith(text[p:]) for s in stops))
-        assert _stop_prefix_start(text, stops) == expected
+        assert stop_prefix_start(text, stops) == expected
 
 
 def test_a_long_stop_string_that_never_begins_at_the_end_of_the_text_leaves_the_stream_as_it_is(llm):
