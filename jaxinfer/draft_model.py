@@ -60,7 +60,6 @@ class _Row:
 
 class DraftModel:
     def __init__(self, loaded: LoadedModel, engine_config, num_pages: int, kv_cache_dtype, device=None):
-        self.loaded = loaded
         # A draft stops after a token the draft model gave less than this probability (0: never).
         min_probability = engine_config.speculative_config.draft_min_probability
         self._min_logprob = math.log(min_probability) if min_probability > 0 else -math.inf
