@@ -184,16 +184,18 @@ ffi::Error GroupMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, 
   p.xs = xs.data();
   p.xsums = xsums.data();
 
-  auto& workers = jaxinfer::Workers::Get();
-  // A few chunks per thread, so that a thread that starts late still finds work.
-  const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * workers.size()));
-  const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
-  workers.ParallelFor(num_chunks, [&](int64_t c) {
-    for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
+  jaxinfer::Workers::Get().ParallelTiles(p.m, num_blocks, [&](int64_t b0, int64_t b1, int64_t m0, int64_t m1) {
+    Problem rows = p;  // rows [m0, m1)
+    rows.m = m1 - m0;
+    rows.xq += m0 * p.k;
+    rows.xs += m0 * (p.k / kGroup);
+    rows.xsums += m0 * (p.k / kGroup);
+    rows.y += m0 * p.n;
+    for (int64_t b = b0; b < b1; ++b) {
       if (p.bits == 8) {
-        Block<8>(p, b);
+        Block<8>(rows, b);
       } else {
-        Block<4>(p, b);
+        Block<4>(rows, b);
       }
     }
   });

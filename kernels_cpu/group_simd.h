@@ -10,6 +10,8 @@
 
 #include <immintrin.h>
 
+#include "kernels_cpu/parallel.h"
+
 namespace {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
@@ -87,34 +89,79 @@ constexpr bool kHasGroupPath = false;
 #endif
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-// x [M, K] -> int8 per block of 32 (round to nearest, llama.cpp's Q8_0 rule), the blocks' scales,
-// each block's scale times the sum of its int8 values (for the mins), and (isums16, unless null)
-// the integer sum of each half block of 16 (K-quants' Q6_K has a scale per 16).
-inline void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, int8_t* xq, float* xs, float* xsums,
-                      int32_t* isums16) {
-  constexpr int64_t kGroup = 32;
-  const int64_t groups = k_dim / kGroup;
-  for (int64_t m = 0; m < m_dim; ++m) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* v = x + m * k_dim + g * kGroup;
-      float amax = 0;
-      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(v[i]));
-      const float scale = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-      int32_t sum = 0, first_half = 0;
-      for (int64_t i = 0; i < kGroup; ++i) {
-        const int q = static_cast<int>(std::nearbyint(v[i] * inv));
-        xq[m * k_dim + g * kGroup + i] = static_cast<int8_t>(q);
-        sum += q;
-        if (i == kGroup / 2 - 1) first_half = sum;
-      }
-      xs[m * groups + g] = scale;
-      xsums[m * groups + g] = scale * static_cast<float>(sum);
-      if (isums16) {
-        isums16[(m * groups + g) * 2] = first_half;
-        isums16[(m * groups + g) * 2 + 1] = sum - first_half;
-      }
+// One block of 32 x values -> int8 codes q = round(v * 127 / amax) (round to nearest even, llama.cpp's
+// Q8_0 rule), returning amax; *sum and *first_half get the sums of all and of the first 16 codes.
+// Vector code with the scalar rule's results: max is exact, and v * inv rounds once either way.
+inline float QuantizeBlock(const float* v, int8_t* q, int32_t* sum, int32_t* first_half) {
+#if defined(__AVX512F__)
+  const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+  // max(|v|, acc): a NaN lane keeps acc, as std::max(amax, fabs(v)) keeps amax.
+  const __m512 m = _mm512_max_ps(_mm512_abs_ps(b), _mm512_max_ps(_mm512_abs_ps(a), _mm512_setzero_ps()));
+  const float amax = _mm512_reduce_max_ps(m);
+  const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+  const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  *first_half = _mm512_reduce_add_epi32(qa);
+  *sum = *first_half + _mm512_reduce_add_epi32(qb);
+#else
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 x[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm256_loadu_ps(v + 8 * i);
+    m = _mm256_max_ps(_mm256_andnot_ps(sign, x[i]), m);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float amax = _mm_cvtss_f32(h);
+  const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+  int32_t sums[2] = {0, 0};
+  for (int i = 0; i < 4; ++i) {
+    alignas(32) int32_t codes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(codes), _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv)));
+    for (int j = 0; j < 8; ++j) {
+      q[8 * i + j] = static_cast<int8_t>(codes[j]);
+      sums[i / 2] += codes[j];
     }
   }
+  *first_half = sums[0];
+  *sum = sums[0] + sums[1];
+#endif
+  return amax;
+}
+
+// x [M, K] -> int8 per block of 32 (QuantizeBlock), the blocks' scales, each block's scale times the
+// sum of its int8 values (for the mins), and (isums16, unless null) the integer sum of each half
+// block of 16 (K-quants' Q6_K has a scale per 16). Rows are independent: many of them (a prefill
+// chunk) are split between the threads.
+inline void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, int8_t* xq, float* xs, float* xsums,
+                      int32_t* isums16) {
+  constexpr int64_t kGroup = 32, kRows = 16;
+  const int64_t groups = k_dim / kGroup;
+  auto rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = m * groups + g;
+        int32_t sum, first_half;
+        const float amax = QuantizeBlock(x + m * k_dim + g * kGroup, xq + m * k_dim + g * kGroup, &sum, &first_half);
+        const float scale = amax / 127.0f;
+        xs[i] = scale;
+        xsums[i] = scale * static_cast<float>(sum);
+        if (isums16) {
+          isums16[2 * i] = first_half;
+          isums16[2 * i + 1] = sum - first_half;
+        }
+      }
+    }
+  };
+  if (m_dim < 2 * kRows) {
+    rows(0, m_dim);
+    return;
+  }
+  jaxinfer::Workers::Get().ParallelFor((m_dim + kRows - 1) / kRows, [&](int64_t c) {
+    rows(c * kRows, std::min(m_dim, (c + 1) * kRows));
+  });
 }
 #endif
 

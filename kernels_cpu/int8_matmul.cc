@@ -289,8 +289,8 @@ void IBlock(const uint8_t* xq, const float* xs, const int8_t* w, int64_t block, 
 }
 
 // x [M, K] -> int8 per block of 32 (stored + 128 as unsigned where kOffsetX) and the blocks' scales.
-void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, uint8_t* xq, float* xs) {
-  for (int64_t m = 0; m < m_dim; ++m) {
+void QuantizeRows(const float* x, int64_t m0, int64_t m1, int64_t k_dim, uint8_t* xq, float* xs) {
+  for (int64_t m = m0; m < m1; ++m) {
     for (int64_t kb = 0; kb < k_dim / kQBlock; ++kb) {
       const float* v = x + m * k_dim + kb * kQBlock;
       float amax = 0;
@@ -303,6 +303,15 @@ void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, uint8_t* xq, float*
       }
     }
   }
+}
+
+// Many rows (a prefill chunk) are split between the threads.
+void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, uint8_t* xq, float* xs) {
+  constexpr int64_t kRows = 16;
+  if (m_dim < 2 * kRows) return QuantizeRows(x, 0, m_dim, k_dim, xq, xs);
+  jaxinfer::Workers::Get().ParallelFor((m_dim + kRows - 1) / kRows, [&](int64_t c) {
+    QuantizeRows(x, c * kRows, std::min(m_dim, (c + 1) * kRows), k_dim, xq, xs);
+  });
 }
 #else
 constexpr bool kHasIntegerPath = false;
@@ -347,20 +356,18 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::Buf
     QuantizeX(xp, m, k, xq.data(), xs.data());
   }
 #endif
-  // A few chunks per thread, so that a thread that starts late still finds work.
-  const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * workers.size()));
-  const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
-  workers.ParallelFor(num_chunks, [&](int64_t c) {
-    for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
+  workers.ParallelTiles(m, num_blocks, [&](int64_t b0, int64_t b1, int64_t m0, int64_t m1) {
+    for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * block, c1 = std::min(n, c0 + block);
       if (vnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
-        IBlock(xq.data(), xs.data(), w + b * k * block, block, sp, yp, m, k, n, c0);
+        IBlock(xq.data() + m0 * k, xs.data() + m0 * (k / kQBlock), w + b * k * block, block, sp, yp + m0 * n,
+               m1 - m0, k, n, c0);
 #endif
       } else if (blocked) {
-        Block(xp, w + b * k * block, block, sp, yp, m, k, n, c0, c1);
+        Block(xp + m0 * k, w + b * k * block, block, sp, yp + m0 * n, m1 - m0, k, n, c0, c1);
       } else {
-        Block(xp, w + c0, n, sp, yp, m, k, n, c0, c1);
+        Block(xp + m0 * k, w + c0, n, sp, yp + m0 * n, m1 - m0, k, n, c0, c1);
       }
     }
   });

@@ -328,20 +328,24 @@ ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, 
   p.isums = isums.data();
 
   const int64_t num_blocks = (p.n + kCols - 1) / kCols;
-  auto& workers = jaxinfer::Workers::Get();
-  const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * workers.size()));
-  const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
-  workers.ParallelFor(num_chunks, [&](int64_t c) {
-    for (int64_t b = c * per_chunk; b < std::min(num_blocks, (c + 1) * per_chunk); ++b) {
+  jaxinfer::Workers::Get().ParallelTiles(p.rows, num_blocks, [&](int64_t b0, int64_t b1, int64_t m0, int64_t m1) {
+    Problem rows = p;  // rows [m0, m1)
+    rows.rows = m1 - m0;
+    rows.xq += m0 * p.k;
+    rows.xs += m0 * groups;
+    rows.xsums += m0 * groups;
+    rows.isums += m0 * 2 * groups;
+    rows.y += m0 * p.n;
+    for (int64_t b = b0; b < b1; ++b) {
       switch (type) {
-        case 0: Block<0>(p, b); break;
-        case 1: Block<1>(p, b); break;
-        case 2: Block<2>(p, b); break;
-        case 3: Block<3>(p, b); break;
-        case 4: Block<4>(p, b); break;
-        case 5: Block<5>(p, b); break;
-        case 6: Block<6>(p, b); break;
-        default: Block<7>(p, b); break;
+        case 0: Block<0>(rows, b); break;
+        case 1: Block<1>(rows, b); break;
+        case 2: Block<2>(rows, b); break;
+        case 3: Block<3>(rows, b); break;
+        case 4: Block<4>(rows, b); break;
+        case 5: Block<5>(rows, b); break;
+        case 6: Block<6>(rows, b); break;
+        default: Block<7>(rows, b); break;
       }
     }
   });

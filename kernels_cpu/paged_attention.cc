@@ -52,6 +52,20 @@ inline VecF Load(const float* p) {
 
 inline void Store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 
+// a * b + c rounded once, written out so that the compiler cannot contract the same arithmetic
+// differently in the two copies of the score loop below.
+inline VecF Fma(VecF a, VecF b, VecF c) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<VecF>(_mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b),
+                                                reinterpret_cast<__m512>(c)));
+#elif defined(__FMA__)
+  return reinterpret_cast<VecF>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                                reinterpret_cast<__m256>(c)));
+#else
+  return a * b + c;
+#endif
+}
+
 // A float16 (IEEE binary16) as a float, exactly: for a machine without F16C.
 inline float HalfToFloat(uint16_t h) {
   const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
@@ -95,12 +109,14 @@ inline float Sum(VecF v) {
 #endif
 }
 
-// A tile's n rows of d_dim cache values as float32: float32 in place; float16 widened once into
-// `buffer` (kLanes * d_dim floats), so every row and head of the block reads it as float32.
-inline const float* TileAsFloat(const float* tile, int64_t, int64_t, float*) { return tile; }
+// A tile's `len` cache values (its keys' or values' rows, head_dim each) as float32: float32 in place;
+// float16 widened once into `buffer` (up to kLanes rows), so every row and head of the block reads it
+// as float32.
+inline const float* TileAsFloat(const float* tile, int64_t, float*) { return tile; }
 
-inline const float* TileAsFloat(const uint16_t* tile, int64_t n, int64_t d_dim, float* buffer) {
-  for (int64_t i = 0; i < n * d_dim; i += kLanes) Store(buffer + i, LoadHalf(tile + i));
+inline const float* TileAsFloat(const uint16_t* tile, int64_t len, float* buffer) {
+#pragma GCC unroll 8
+  for (int64_t i = 0; i < len; i += kLanes) Store(buffer + i, LoadHalf(tile + i));
   return buffer;
 }
 
@@ -204,14 +220,23 @@ inline void PrefetchPage(const Problem<KV>& p, int64_t page, int64_t keys, int64
 // scores are one vector, with one max, one vector exp and one rescale of the accumulator per tile.
 // A key a row may not see (after it, or before its window) weighs exactly 0, so a row's result does
 // not depend on the other rows of its block, nor on the batch.
-template <typename KV>
+template <typename KV, int64_t kHeadDim>  // kHeadDim: the head_dim as a constant, or 0 (p.head_dim)
 void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
-  const int64_t group = p.num_heads / p.num_kv_heads, d_dim = p.head_dim;
+  const int64_t group = p.num_heads / p.num_kv_heads, d_dim = kHeadDim ? kHeadDim : p.head_dim;
   const int64_t q_len = p.qsl[s + 1] - p.qsl[s];
   const int64_t seq_len = p.seq_lens[s];
   const int64_t first_pos = seq_len - q_len;  // position of the sequence's first query row
   const int64_t rows = r1 - r0, lanes = rows * group;
-  std::vector<float> qs(lanes * d_dim), acc(lanes * d_dim, 0.0f), m(lanes, -INFINITY), l(lanes, 0.0f);
+  // Per thread, reused by every item (a decode step has thousands of items): scaled queries,
+  // accumulators and softmax statistics per (row, head) lane.
+  static thread_local std::vector<float> qs, acc, m, l, correction_buffer;
+  static thread_local std::vector<VecF> score_buffer;  // per head of the group: its tile's scores, then weights
+  qs.resize(lanes * d_dim);
+  acc.assign(lanes * d_dim, 0.0f);
+  m.assign(lanes, -INFINITY);
+  l.assign(lanes, 0.0f);
+  score_buffer.resize(group);
+  correction_buffer.resize(group);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < group; ++h) {
       const float* src = p.q + ((r0 + r) * p.num_heads + g * group + h) * d_dim;
@@ -229,8 +254,6 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   VecF lane_offset;
   for (int i = 0; i < kLanes; ++i) lane_offset[i] = static_cast<float>(i);
   alignas(64) float weights[kLanes];
-  std::vector<VecF> score_buffer(group);  // per head of the group: its tile's scores, then weights
-  std::vector<float> correction_buffer(group);
   // Float16 tiles widened, kLanes rows of d_dim each; vectors, so aligned to a vector (C++17's aligned
   // new). One pair per thread, grown as needed, never cleared: a tile is written before it is read.
   static thread_local std::vector<VecF> k_buffer, v_buffer;
@@ -254,8 +277,9 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
       if (t + n <= key_begin) continue;
       // The tile's n keys and values, as float32.
       const int64_t offset = page * page_stride + (t - page_start) * d_dim;
-      const float* kt = TileAsFloat(k_head + offset, n, d_dim, reinterpret_cast<float*>(k_buffer.data()));
-      const float* vt = TileAsFloat(v_head + offset, n, d_dim, reinterpret_cast<float*>(v_buffer.data()));
+      const int64_t tile_len = kHeadDim && n == kLanes ? kLanes * kHeadDim : n * d_dim;  // a constant if whole
+      const float* kt = TileAsFloat(k_head + offset, tile_len, reinterpret_cast<float*>(k_buffer.data()));
+      const float* vt = TileAsFloat(v_head + offset, tile_len, reinterpret_cast<float*>(v_buffer.data()));
       const VecF key = lane_offset + static_cast<float>(t);  // exact: positions are far below 2^24
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t pos = pos_lo + r;
@@ -271,13 +295,23 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
         for (int64_t h = 0; h < group; ++h) {
           const float* qr = qs.data() + (r * group + h) * d_dim;
           VecF dots[kLanes];
-          for (int64_t j = 0; j < kLanes; ++j) {
-            VecF dot = {};
-            if (j < n) {
-              const float* kr = kt + j * d_dim;
-              for (int64_t d = 0; d < d_dim; d += kLanes) dot += Load(qr + d) * Load(kr + d);
+          if (kHeadDim && n == kLanes) {  // a whole tile: straight-line code, kLanes independent chains
+#pragma GCC unroll 16
+            for (int64_t j = 0; j < kLanes; ++j) {
+              VecF dot = {};
+#pragma GCC unroll 16
+              for (int64_t d = 0; d < kHeadDim; d += kLanes) dot = Fma(Load(qr + d), Load(kt + j * kHeadDim + d), dot);
+              dots[j] = dot;
             }
-            dots[j] = dot;
+          } else {
+            for (int64_t j = 0; j < kLanes; ++j) {
+              VecF dot = {};
+              if (j < n) {
+                const float* kr = kt + j * d_dim;
+                for (int64_t d = 0; d < d_dim; d += kLanes) dot = Fma(Load(qr + d), Load(kr + d), dot);
+              }
+              dots[j] = dot;
+            }
           }
           VecF score = SumEach(dots);
           if (p.soft_cap > 0) {
@@ -401,8 +435,12 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<CacheTy
       for (int64_t r = begin; r < end; r += kRowBlock) items.push_back({s, g, r, std::min(end, r + kRowBlock)});
     }
   }
+  // The common head sizes as constants, so that Item's loops over a head unroll (a decode step at 32
+  // sequences spent a quarter of its attention time in the loop overhead of 4-iteration dot products).
+  auto item = p.head_dim == 64 ? Item<KV, 64> : p.head_dim == 128 ? Item<KV, 128> : p.head_dim == 256 ? Item<KV, 256>
+                                                                                                     : Item<KV, 0>;
   jaxinfer::Workers::Get().ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
-    Item(p, items[i].s, items[i].g, items[i].r0, items[i].r1);
+    item(p, items[i].s, items[i].g, items[i].r0, items[i].r1);
   });
   return ffi::Error::Success();
 }

@@ -7,6 +7,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -41,6 +42,26 @@ class Workers {
     if (sleepers_.load() > 0) cv_.notify_all();
     job->Work();
     while (job->done.load(std::memory_order_acquire) < n) _mm_pause();
+  }
+
+  // fn(b0, b1, m0, m1) computes rows [m0, m1) of the column blocks [b0, b1) of an M-row matmul. Few
+  // rows (decode): a few runs of blocks per thread, each over every row. Many (a prefill chunk):
+  // items of one block and kRows rows, so that a layer with few blocks (9 for N = 576) still
+  // divides evenly between the threads.
+  template <typename Fn>
+  void ParallelTiles(int64_t m, int64_t num_blocks, const Fn& fn) {
+    constexpr int64_t kRows = 64;
+    if (m >= 2 * kRows) {
+      const int64_t row_chunks = (m + kRows - 1) / kRows;
+      ParallelFor(row_chunks * num_blocks, [&](int64_t i) {
+        const int64_t b = i / row_chunks, r = i % row_chunks;
+        fn(b, b + 1, r * kRows, std::min(m, (r + 1) * kRows));
+      });
+      return;
+    }
+    const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * size()));
+    const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
+    ParallelFor(num_chunks, [&](int64_t c) { fn(c * per_chunk, std::min(num_blocks, (c + 1) * per_chunk), 0, m); });
   }
 
   static Workers& Get() {
