@@ -155,13 +155,7 @@ inline void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, int8_t* xq, 
       }
     }
   };
-  if (m_dim < 2 * kRows) {
-    rows(0, m_dim);
-    return;
-  }
-  jaxinfer::Workers::Get().ParallelFor((m_dim + kRows - 1) / kRows, [&](int64_t c) {
-    rows(c * kRows, std::min(m_dim, (c + 1) * kRows));
-  });
+  jaxinfer::Workers::Get().ParallelRows(m_dim, kRows, rows);
 }
 #endif
 

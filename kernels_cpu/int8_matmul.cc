@@ -307,10 +307,8 @@ void QuantizeRows(const float* x, int64_t m0, int64_t m1, int64_t k_dim, uint8_t
 
 // Many rows (a prefill chunk) are split between the threads.
 void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, uint8_t* xq, float* xs) {
-  constexpr int64_t kRows = 16;
-  if (m_dim < 2 * kRows) return QuantizeRows(x, 0, m_dim, k_dim, xq, xs);
-  jaxinfer::Workers::Get().ParallelFor((m_dim + kRows - 1) / kRows, [&](int64_t c) {
-    QuantizeRows(x, c * kRows, std::min(m_dim, (c + 1) * kRows), k_dim, xq, xs);
+  jaxinfer::Workers::Get().ParallelRows(m_dim, 16, [&](int64_t m0, int64_t m1) {
+    QuantizeRows(x, m0, m1, k_dim, xq, xs);
   });
 }
 #else

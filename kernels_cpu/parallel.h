@@ -44,6 +44,13 @@ class Workers {
     while (job->done.load(std::memory_order_acquire) < n) _mm_pause();
   }
 
+  // fn(m0, m1) over [0, m) in runs of `rows`: on this thread alone below two runs, else on all.
+  template <typename Fn>
+  void ParallelRows(int64_t m, int64_t rows, const Fn& fn) {
+    if (m < 2 * rows) return fn(int64_t{0}, m);
+    ParallelFor((m + rows - 1) / rows, [&](int64_t c) { fn(c * rows, std::min(m, (c + 1) * rows)); });
+  }
+
   // fn(b0, b1, m0, m1) computes rows [m0, m1) of the column blocks [b0, b1) of an M-row matmul. Few
   // rows (decode): a few runs of blocks per thread, each over every row. Many (a prefill chunk):
   // items of one block and kRows rows, so that a layer with few blocks (9 for N = 576) still
