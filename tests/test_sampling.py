@@ -85,13 +85,12 @@ def vllm_kept_tokens(logits, top_k, top_p, min_p):
 
 
 def kept_tokens(logits, top_k, top_p, min_p):
-    """The tokens `filter_logits` keeps, one set per row."""
+    """The tokens `filter_logits` keeps (a weight above 0), one set per row."""
     n = len(logits)
-    order, ranked = jax.jit(filter_logits)(
+    weights = jax.jit(filter_logits)(
         jnp.asarray(logits, jnp.float32), jnp.full(n, top_k, jnp.int32), jnp.full(n, top_p, jnp.float32),
         jnp.full(n, min_p, jnp.float32))
-    order, ranked = np.asarray(order), np.asarray(ranked)
-    return [set(order[i][np.isfinite(ranked[i])].tolist()) for i in range(n)]
+    return [set(np.flatnonzero(row > 0).tolist()) for row in np.asarray(weights)]
 
 
 @pytest.mark.parametrize("top_k, top_p, min_p", [
@@ -102,6 +101,80 @@ def test_top_p_applies_to_the_top_k_renormalized_distribution_as_in_vllm(top_k, 
     logits = rng.normal(0, 2.5, (12, VOCAB)).astype(np.float32)  # float logits: no ties
     expected = [vllm_kept_tokens(row, top_k, top_p, min_p) for row in logits]
     assert kept_tokens(logits, top_k, top_p, min_p) == expected
+
+
+def kept_tokens_per_row(logits, top_k, top_p, min_p):
+    """`kept_tokens` with each row's own parameters (arrays of the rows' length)."""
+    weights = jax.jit(filter_logits)(jnp.asarray(logits, jnp.float32), jnp.asarray(top_k, jnp.int32),
+                                     jnp.asarray(top_p, jnp.float32), jnp.asarray(min_p, jnp.float32))
+    return [set(np.flatnonzero(row > 0).tolist()) for row in np.asarray(weights)]
+
+
+# Past sampling.CANDIDATES: a k larger than the candidates, and flat rows whose candidates hold less
+# than top_p (the bisection over the whole vocabulary), beside peaked rows (the candidates alone).
+@pytest.mark.parametrize("top_k, top_p, min_p, spread", [
+    (100, 1.0, 0.0, 2.0), (300, 0.9, 0.0, 0.3), (-1, 0.9, 0.0, 0.3), (-1, 0.5, 0.0, 4.0), (40, 0.95, 0.0, 4.0),
+    (-1, 0.8, 0.02, 0.5), (500, 0.99, 0.0, 1.0)])
+def test_filters_over_a_large_vocabulary_match_vllm(top_k, top_p, min_p, spread):
+    assert 1000 > 4 * sampling.CANDIDATES
+    rng = np.random.default_rng([top_k + 1, int(top_p * 100), int(spread * 10)])
+    logits = rng.normal(0, spread, (6, 1000)).astype(np.float32)
+    expected = [vllm_kept_tokens(row, top_k, top_p, min_p) for row in logits]
+    assert kept_tokens(logits, top_k, top_p, min_p) == expected
+    if top_p < 1 and spread < 1:  # the case this test is for: the candidates hold less than top_p
+        probs = np.exp(logits[0] - logits[0].max())
+        assert np.sort(probs)[::-1][:sampling.CANDIDATES].sum() < top_p * probs.sum()
+
+
+def test_a_rows_kept_tokens_do_not_depend_on_the_other_rows():
+    """Each row alone, and all in one batch whose other rows take the whole-vocabulary paths."""
+    rng = np.random.default_rng(3)
+    logits = np.concatenate([rng.normal(0, 4.0, (3, 1000)), rng.normal(0, 0.3, (3, 1000))]).astype(np.float32)
+    top_k = np.array([20, -1, 200, -1, 100, 600], np.int32)
+    top_p = np.array([0.9, 0.7, 1.0, 0.9, 0.95, 1.0], np.float32)
+    min_p = np.array([0.0, 0.05, 0.0, 0.0, 0.0, 0.0], np.float32)
+    together = kept_tokens_per_row(logits, top_k, top_p, min_p)
+    for i in range(len(logits)):
+        alone = kept_tokens_per_row(logits[i:i + 1], top_k[i:i + 1], top_p[i:i + 1], min_p[i:i + 1])
+        assert together[i] == alone[0] == vllm_kept_tokens(logits[i], top_k[i], top_p[i], min_p[i])
+
+
+def test_categorical_draws_in_proportion_never_a_zero_weight():
+    vocab = 300  # chunks of 128: two whole, one partial
+    weights = np.zeros(vocab, np.float32)
+    weights[[3, 5, 127, 128, 200, 299]] = [0.5, 2.0, 1.0, 0.25, 3.0, 1.25]  # chunk 1 holds only 128
+    n = 20000
+    uniform = jax.random.uniform(jax.random.key(5), (n,))
+    draws = np.asarray(jax.jit(sampling.categorical)(jnp.broadcast_to(jnp.asarray(weights), (n, vocab)), uniform))
+    counts = np.bincount(draws, minlength=vocab)
+    nonzero = np.flatnonzero(weights)
+    assert counts.sum() == counts[nonzero].sum() == n
+    expected = weights[nonzero] / weights.sum() * n
+    chi2 = ((counts[nonzero] - expected) ** 2 / expected).sum()
+    assert chi2 < 20.52  # chi-square, 5 degrees of freedom, p = 0.001
+    # The ends of [0, 1): the first and the last token with any weight, never a zero past them.
+    edges = np.asarray(sampling.categorical(jnp.asarray(np.stack([weights, weights])),
+                                            jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))])))
+    assert edges.tolist() == [3, 299]
+
+
+def test_sampled_tokens_do_not_depend_on_the_batch():
+    """A seeded row draws the same token alone and beside rows that take the other paths."""
+    rng = np.random.default_rng(9)
+    logits = np.concatenate([rng.normal(0, 3.0, (4, 1000)), rng.normal(0, 0.3, (4, 1000))]).astype(np.float32)
+    params = dict(temperature=np.array([0.8, 1.0, 0.7, 0.0, 1.2, 0.9, 1.0, 0.6], np.float32),
+                  top_k=np.array([-1, 30, 200, -1, -1, 500, -1, 80], np.int32),
+                  top_p=np.array([1.0, 0.9, 1.0, 1.0, 0.8, 1.0, 0.95, 0.5], np.float32),
+                  min_p=np.array([0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0], np.float32),
+                  seeds=np.arange(8) + 100, counters=np.arange(8) * 7)
+    n = len(logits)
+    history, num_prompt = np.full((n, 1), -1, np.int32), np.zeros(n, np.int32)
+    together, *_ = _sample(logits, arrays(n, **params), history, num_prompt, num_logprobs=4)
+    for i in range(n):
+        alone, *_ = _sample(logits[i:i + 1], arrays(1, **{k: v[i:i + 1] for k, v in params.items()}),
+                            history[i:i + 1], num_prompt[i:i + 1], num_logprobs=4)
+        assert int(alone[0]) == int(together[i])
+    assert int(together[3]) == int(np.argmax(logits[3]))
 
 
 def test_top_k_keeps_every_token_tied_with_the_kth():
