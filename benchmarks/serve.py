@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/serve.py --request-rate 2 --burstiness 1 --num-requests 100 --price-per-hour 2.6
 
 Each request streams `/v1/completions` with `ignore_eos` and a fixed `max_tokens`, so output lengths
-are what the workload says. The workload is seeded: prompt lengths and output lengths are drawn
+are what the workload says; greedy, or sampled with `--temperature`, `--top-p` and `--top-k`. The workload is seeded: prompt lengths and output lengths are drawn
 uniformly from their ranges, and a `--shared-prefix-fraction` of the requests start with one common
 prefix (what prefix caching serves). Requests go out at a fixed concurrency, or at a request rate
 with gamma-distributed gaps (burstiness 1 is Poisson). A `--leave-fraction` of the clients close
@@ -77,8 +77,14 @@ def make_workload(args) -> list[Work]:
     return requests
 
 
+def sampling_fields(args) -> dict:
+    """Greedy by default; `--temperature` > 0 samples (`top_k` is vLLM's and llama-server's extension)."""
+    fields = {"temperature": args.temperature, "top_p": args.top_p}
+    return fields | ({"top_k": args.top_k} if args.top_k > 0 else {})
+
+
 async def one_request(client, args, work: Work) -> Result:
-    body = {"model": args.model, "prompt": work.prompt, "max_tokens": work.max_tokens, "temperature": 0.0,
+    body = {"model": args.model, "prompt": work.prompt, "max_tokens": work.max_tokens, **sampling_fields(args),
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     result = Result()
     start = time.perf_counter()
@@ -175,7 +181,7 @@ def report(args, results: list[Result], duration: float) -> dict:
             and (r.output_tokens <= 1 or (r.e2e - r.ttft) / (r.output_tokens - 1) * 1000 <= args.slo_tpot_ms)]
     output_per_s = output_tokens / duration if duration else 0.0
     out = {
-        "base_url": args.base_url, "model": args.model, "seed": args.seed,
+        "base_url": args.base_url, "model": args.model, "seed": args.seed, "sampling": sampling_fields(args),
         "concurrency": args.concurrency, "request_rate": args.request_rate, "burstiness": args.burstiness,
         "num_requests": len(results), "completed": len(whole), "left": len(ok) - len(whole),
         "refused": sum(1 for r in results if r.refused and r.error is None),
@@ -221,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--malformed-fraction", type=float, default=0.0,
                         help="requests whose body is not JSON (a 4xx expected)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1, help="<= 0: off (not sent)")
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
     parser.add_argument("--price-per-hour", type=float, default=0.0, help="dollars per hour of the machine")
