@@ -300,3 +300,109 @@ def test_avx2_build_passes_the_kernel_tests_too():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+# --- Q4_K in Q4_1's form: where the native K-quant kernel does not run (GPUs, tensor parallelism) ---
+
+def gguf_q4_k_error_bound(raw):
+    """[K, N]: how far a weight may move when its Q4_K block's two factors, formed by gguf as
+    float32(d * sc) and float32(dmin * m), are rounded to float16: half an ulp of each (2^-11
+    relative, 2^-25 absolute below float16's normal range) times the code (<= 15) and 1."""
+    from gguf.quants import Q4_K
+
+    blocks = raw.reshape(-1, BLOCK_BYTES["Q4_K"])
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16])  # gguf's own unpacking of the 6-bit factors
+    scale, shift = np.abs(d * sc.reshape(len(blocks), 8)), np.abs(dmin * m.reshape(len(blocks), 8))
+    bound = 15 * (scale * 2.0 ** -11 + 2.0 ** -25) + shift * 2.0 ** -11 + 2.0 ** -25
+    return np.repeat(bound.reshape(raw.shape[0], -1), 32, axis=1).T * (1 + 1e-6)
+
+
+def dequantized_int4(arrays):
+    w = quant.QuantizedWeight(jnp.asarray(arrays["data"]), jnp.asarray(arrays["scales"]), jnp.asarray(arrays["mins"]),
+                              "int4", 32)
+    return np.asarray(jax.jit(quant.dequantize)(w))
+
+
+def test_q4_k_in_q4_1_form_is_within_float16_rounding_of_gguf():
+    """Random Q4_K super-blocks as the int4-g32-with-min arrays the GPU kernels run: 5 bits a weight
+    (codes as stored, a float16 scale and min per 32), every weight within the rounding of its two
+    factors of gguf's dequantization (a code or factor out of place would miss by a whole step)."""
+    from jaxinfer.weights.gguf import _q4_k_as_q4_1
+
+    k, n = 512, 192
+    raw = random_blocks(np.random.default_rng(11), "Q4_K", n, k)
+    arrays = _q4_k_as_q4_1(kquant.decode_blocks(raw, "Q4_K"))
+    assert {name: (a.shape, a.dtype) for name, a in arrays.items()} == {
+        "data": ((k // 2, n), np.uint8), "scales": ((k // 32, n), np.float16), "mins": ((k // 32, n), np.float16)}
+    error = np.abs(dequantized_int4(arrays) - gguf_weight(raw, "Q4_K"))
+    assert (error <= gguf_q4_k_error_bound(raw)).all(), error.max()
+
+
+def test_real_q4_k_layer_in_q4_1_form(qwen):
+    """Qwen2.5-Coder-0.5B's first Q4_K ffn_down layer through `quantized_tensor` (the path of a GPU):
+    every weight within the float16 rounding of its factors of gguf's value, 0.1% of a weight on average."""
+    name = next(f"model.layers.{i}.mlp.down_proj.weight" for i in range(qwen.config.num_layers)
+                if qwen.tensor_type(f"model.layers.{i}.mlp.down_proj.weight") == "Q4_K")
+    assert qwen.native_format(name) == quant.WeightFormat("int4", 32, symmetric=False)
+    t = qwen.tensors[qwen.gguf_name(name)]
+    raw = np.asarray(t.data).reshape(int(t.shape[-1]), -1)
+    want = gguf_weight(raw, "Q4_K")
+    error = np.abs(dequantized_int4(qwen.quantized_tensor(name)) - want)
+    assert (error <= gguf_q4_k_error_bound(raw)).all(), error.max()
+    assert error.mean() < 2.0 ** -10 * np.abs(want).mean()
+
+
+@pytest.fixture(scope="module")
+def q4_k_llama(tmp_path_factory):
+    """A 1-layer llama GGUF (hidden 256, 4 heads of 64, 2 KV heads) whose attn_q/attn_k (rows in
+    llama.cpp's RoPE order), ffn_gate and ffn_up are Q4_K, attn_v Q6_K, attn_output and ffn_down a
+    mix with nothing else: random blocks with a real model's factor range."""
+    import gguf
+
+    from jaxinfer.weights.gguf import GGUFCheckpoint
+
+    path = str(tmp_path_factory.mktemp("q4_k") / "tiny-q4_k.gguf")
+    rng = np.random.default_rng(12)
+    writer = gguf.GGUFWriter(path, "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 256),
+                       (writer.add_feed_forward_length, 512), (writer.add_head_count, 4), (writer.add_head_count_kv, 2),
+                       (writer.add_context_length, 128), (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_vocab_size, 32)):
+        add(value)
+    types = {"attn_q": ("Q4_K", 256, 256), "attn_k": ("Q4_K", 128, 256), "attn_v": ("Q6_K", 128, 256),
+             "attn_output": ("Q8_0", 256, 256), "ffn_gate": ("Q4_K", 512, 256), "ffn_up": ("Q4_K", 512, 256),
+             "ffn_down": ("Q6_K", 256, 512)}
+    for name, (kind, rows, k) in types.items():
+        writer.add_tensor(f"blk.0.{name}.weight", random_blocks(rng, kind, rows, k),
+                          raw_dtype=GGMLQuantizationType[kind])
+    writer.add_tensor("token_embd.weight", rng.standard_normal((32, 256)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFCheckpoint(path)
+
+
+def test_q4_k_projections_are_kept_as_4_bit_where_the_k_quant_kernel_does_not_run(q4_k_llama):
+    """Without the native K-quant kernel `native` keeps the Q4_K projections as int4 g32 (they were
+    requantized to int8 before: 8 bits a weight against 5), q and k rows back in HF's RoPE order
+    like the dequantized tensor; Q6_K still goes to int8. With the kernel, all stay K-quants."""
+    from jaxinfer.models.llama import projection_formats
+
+    c = q4_k_llama
+    int4 = quant.WeightFormat("int4", 32, symmetric=False)
+    formats = projection_formats(c.config, c, "native")
+    assert {p: formats[p] for p in ("q_proj", "k_proj", "gate_proj", "up_proj")} == dict.fromkeys(
+        ("q_proj", "k_proj", "gate_proj", "up_proj"), (int4, True))
+    assert formats["v_proj"] == formats["down_proj"] == (quant.weight_format("int8"), False)
+    assert formats["o_proj"] == (quant.WeightFormat("int8", 32), True)
+    # `--quantization int4` (group 32, with a min) takes the file's Q4_K rather than requantizing
+    assert projection_formats(c.config, c, "int4")["q_proj"] == (int4, True)
+    assert all(fmt.kind == "kquant" for fmt, _ in projection_formats(c.config, c, "native", kquants=True).values()
+               if fmt.kind != "int8" or fmt.group_size is None)
+    for proj in ("q_proj", "k_proj", "gate_proj"):
+        name = f"model.layers.0.{'self_attn' if proj[0] in 'qk' else 'mlp'}.{proj}.weight"
+        want = c.tensor(name).T  # gguf's dequantization, q/k rows un-permuted
+        error = np.abs(dequantized_int4(c.quantized_tensor(name)) - want)
+        assert error.max() <= 2.0 ** -10 * np.abs(want).max(), (proj, error.max())

@@ -9,7 +9,7 @@ they are handed out as HF stores them, as transformers' own GGUF loader does.
 
 Q8_0, Q4_0 and Q4_1 tensors can also be handed out as they are stored (`quantized_tensor`): the same
 integers, scales and mins, only rearranged into `kernels_pallas.quant_matmul`'s [in, out] layouts;
-K-quants likewise (`kquant_tensor`, for `jaxinfer.kquant`).
+Q4_K in Q4_1's form (below); K-quants as stored too (`kquant_tensor`, for `jaxinfer.kquant`).
 """
 
 import logging
@@ -26,9 +26,13 @@ from jaxinfer.quant import WeightFormat
 logger = logging.getLogger("jaxinfer")
 
 _ARCH_BY_NAME = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
-# GGUF block types that map onto our formats bit for bit (blocks of 32 weights along the input dim).
+# GGUF block types that map onto our formats (blocks of 32 weights along the input dim): Q8_0, Q4_0
+# and Q4_1 bit for bit. Q4_K is w = (d * sc) * code - dmin * m per 32 weights, Q4_1's form with a
+# scale and min made of two factors each: its codes are kept and the products rounded once to
+# float16 (5 bits a weight where int8 would take 8; within 2^-11 of a factor: `quantized_tensor`).
+# This is how the paths without the native K-quant kernel (GPUs, tensor parallelism) keep Q4_K.
 NATIVE_FORMATS = {"Q8_0": WeightFormat("int8", 32), "Q4_0": WeightFormat("int4", 32, symmetric=True),
-                  "Q4_1": WeightFormat("int4", 32, symmetric=False)}
+                  "Q4_1": WeightFormat("int4", 32, symmetric=False), "Q4_K": WeightFormat("int4", 32, symmetric=False)}
 
 
 class GGUFCheckpoint:
@@ -85,16 +89,19 @@ class GGUFCheckpoint:
         return NATIVE_FORMATS.get(self.tensor_type(hf_name))
 
     def quantized_tensor(self, hf_name: str) -> dict[str, np.ndarray]:
-        """A Q8_0/Q4_0/Q4_1 matrix as stored, transposed to W[in, out]: {"data", "scales"(, "mins")}.
+        """A Q8_0/Q4_0/Q4_1/Q4_K matrix, transposed to W[in, out]: {"data", "scales"(, "mins")}.
 
         Q8_0 -> int8 [in, out] with float16 scales [in // 32, out]; Q4_0/Q4_1 -> uint8 [in // 2, out]
-        (low nibble = even row) with float16 scales (and mins) [in // 32, out].
+        (low nibble = even row) with float16 scales (and mins) [in // 32, out]. Q4_K -> Q4_1's
+        arrays: the codes as stored, scale d * sc and min -(dmin * m) of each 32 rounded to float16.
         """
         gguf_name = self.gguf_name(hf_name)
         t = self.tensors[gguf_name]
         kind = t.tensor_type.name
         if kind not in NATIVE_FORMATS:
             raise ValueError(f"{gguf_name} is {kind}, not one of {tuple(NATIVE_FORMATS)}")
+        if kind == "Q4_K":
+            return _q4_k_as_q4_1(self.kquant_tensor(hf_name))  # rows un-permuted there
         rows, cols = (int(d) for d in reversed(t.shape))  # [out, in]
         blocks = np.asarray(t.data).reshape(rows, cols // 32, -1)  # [out, in // 32, bytes per block]
         scales = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [out, in // 32]
@@ -162,6 +169,21 @@ class GGUFCheckpoint:
         elif gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _unpermute_rope_rows(w, cfg.num_kv_heads)
         return w
+
+
+def _q4_k_as_q4_1(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`kquant.decode_blocks`' Q4_K arrays (rows first) -> `quantized_tensor`'s int4 arrays [in, out].
+
+    gguf computes each weight as float32(d * sc) * code - float32(dmin * m); rounding the two
+    products to float16 changes a weight by at most 15 half-ulps of the scale plus one of the min.
+    """
+    d = np.repeat(parts["d"].astype(np.float32), kquant.SUPER // kquant.BLOCK, axis=1)  # per 32 columns
+    dmin = np.repeat(parts["dmin"].astype(np.float32), kquant.SUPER // kquant.BLOCK, axis=1)
+    scales = (d * parts["sc"].astype(np.float32)).astype(np.float16)
+    mins = (-(dmin * parts["m"].astype(np.float32))).astype(np.float16)
+    codes = parts["codes"].T  # [in, out]
+    return {"data": np.ascontiguousarray(codes[0::2] | (codes[1::2] << 4)), "scales": np.ascontiguousarray(scales.T),
+            "mins": np.ascontiguousarray(mins.T)}
 
 
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
