@@ -27,6 +27,28 @@ def export_for_cuda(fn, *args, device_kind="NVIDIA H100"):
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
 
 
+def tiny_llama_gguf(path, hidden: int, ffn: int, tensors: dict):
+    """A 1-layer llama GGUF at `path` (4 heads, 2 KV heads, vocabulary 32, a float32 embedding):
+    `tensors` maps each `blk.0.*` name to (its bytes as GGUF stores them, its GGMLQuantizationType)."""
+    import gguf
+
+    from jaxinfer.weights.gguf import GGUFCheckpoint
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, hidden),
+                       (writer.add_feed_forward_length, ffn), (writer.add_head_count, 4), (writer.add_head_count_kv, 2),
+                       (writer.add_context_length, 128), (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_vocab_size, 32)):
+        add(value)
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((32, hidden)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return GGUFCheckpoint(str(path))
+
+
 # Two computations of the CPU default that differ only in float rounding (a tensor-parallel split's
 # all-reduce order): its int8 activations turn a 1-ulp difference into a changed rounding step, and 30
 # layers into logprob differences of ~0.1 (0.15 measured), so greedy text may part at a near tie.

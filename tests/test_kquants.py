@@ -359,29 +359,15 @@ def q4_k_llama(tmp_path_factory):
     """A 1-layer llama GGUF (hidden 256, 4 heads of 64, 2 KV heads) whose attn_q/attn_k (rows in
     llama.cpp's RoPE order), ffn_gate and ffn_up are Q4_K, attn_v Q6_K, attn_output and ffn_down a
     mix with nothing else: random blocks with a real model's factor range."""
-    import gguf
+    from tests.helpers import tiny_llama_gguf
 
-    from jaxinfer.weights.gguf import GGUFCheckpoint
-
-    path = str(tmp_path_factory.mktemp("q4_k") / "tiny-q4_k.gguf")
     rng = np.random.default_rng(12)
-    writer = gguf.GGUFWriter(path, "llama")
-    for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 256),
-                       (writer.add_feed_forward_length, 512), (writer.add_head_count, 4), (writer.add_head_count_kv, 2),
-                       (writer.add_context_length, 128), (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_vocab_size, 32)):
-        add(value)
     types = {"attn_q": ("Q4_K", 256, 256), "attn_k": ("Q4_K", 128, 256), "attn_v": ("Q6_K", 128, 256),
              "attn_output": ("Q8_0", 256, 256), "ffn_gate": ("Q4_K", 512, 256), "ffn_up": ("Q4_K", 512, 256),
              "ffn_down": ("Q6_K", 256, 512)}
-    for name, (kind, rows, k) in types.items():
-        writer.add_tensor(f"blk.0.{name}.weight", random_blocks(rng, kind, rows, k),
-                          raw_dtype=GGMLQuantizationType[kind])
-    writer.add_tensor("token_embd.weight", rng.standard_normal((32, 256)).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return GGUFCheckpoint(path)
+    tensors = {f"blk.0.{name}.weight": (random_blocks(rng, kind, rows, k), GGMLQuantizationType[kind])
+               for name, (kind, rows, k) in types.items()}
+    return tiny_llama_gguf(tmp_path_factory.mktemp("q4_k") / "tiny-q4_k.gguf", 256, 512, tensors)
 
 
 def test_q4_k_projections_are_kept_as_4_bit_where_the_k_quant_kernel_does_not_run(q4_k_llama):

@@ -21,7 +21,7 @@ from jaxinfer.weights.cache import WeightCache
 from jaxinfer.weights.gguf import GGUFCheckpoint
 from jaxinfer import ops
 from jaxinfer.quant import QuantizedWeight, dequantize
-from tests.helpers import TRITON_CALL, export_for_cuda
+from tests.helpers import TRITON_CALL, export_for_cuda, tiny_llama_gguf
 
 # Perplexity over 4,096 tokens: 16 windows of 256 (attention over 1,024-token windows would cost
 # twice as much on CPU); each format relative to full precision (the same dequantized GGUF weights).
@@ -53,30 +53,16 @@ def as_quantized(arrays: dict, fmt: quant.WeightFormat) -> QuantizedWeight:
 def small_gguf(tmp_path_factory):
     """A 1-layer llama GGUF (hidden 64, 4 heads, 2 KV heads) with Q4_0, Q4_1 and Q8_0 projections,
     quantized by the gguf package's own quantizers."""
-    path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_block_count(1)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_context_length(128)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(32)
     types = {"blk.0.attn_q.weight": ("Q4_0", (64, 64)), "blk.0.attn_k.weight": ("Q4_1", (32, 64)),
              "blk.0.attn_v.weight": ("Q8_0", (32, 64)), "blk.0.ffn_up.weight": ("Q4_1", (128, 64)),
              "blk.0.ffn_down.weight": ("Q4_0", (64, 128)), "blk.0.ffn_gate.weight": ("Q8_0", (128, 64))}
+    tensors = {}
     for name, (qtype, shape) in types.items():  # shape: [out, in], as HF
         qtype = gguf.GGMLQuantizationType[qtype]
         w = rng.standard_normal(shape).astype(np.float32) * 0.05
-        writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((32, 64)).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return GGUFCheckpoint(path)
+        tensors[name] = (gguf.quants.quantize(w, qtype), qtype)
+    return tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", 64, 128, tensors)
 
 
 @pytest.mark.parametrize("hf_name, qtype", [
