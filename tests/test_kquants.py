@@ -357,8 +357,8 @@ def test_real_q4_k_layer_in_q4_1_form(qwen):
 @pytest.fixture(scope="module")
 def q4_k_llama(tmp_path_factory):
     """A 1-layer llama GGUF (hidden 256, 4 heads of 64, 2 KV heads) whose attn_q/attn_k (rows in
-    llama.cpp's RoPE order), ffn_gate and ffn_up are Q4_K, attn_v Q6_K, attn_output and ffn_down a
-    mix with nothing else: random blocks with a real model's factor range."""
+    llama.cpp's RoPE order), ffn_gate and ffn_up are Q4_K, attn_v and ffn_down Q6_K, attn_output
+    Q8_0: random blocks with a real model's factor range."""
     from tests.helpers import tiny_llama_gguf
 
     rng = np.random.default_rng(12)
@@ -385,8 +385,10 @@ def test_q4_k_projections_are_kept_as_4_bit_where_the_k_quant_kernel_does_not_ru
     assert formats["o_proj"] == (quant.WeightFormat("int8", 32), True)
     # `--quantization int4` (group 32, with a min) takes the file's Q4_K rather than requantizing
     assert projection_formats(c.config, c, "int4")["q_proj"] == (int4, True)
-    assert all(fmt.kind == "kquant" for fmt, _ in projection_formats(c.config, c, "native", kquants=True).values()
-               if fmt.kind != "int8" or fmt.group_size is None)
+    kept = projection_formats(c.config, c, "native", kquants=True)
+    assert {p: fmt.kind for p, (fmt, _) in kept.items() if p != "o_proj"} == dict.fromkeys(
+        ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), "kquant")
+    assert kept["o_proj"] == formats["o_proj"]  # Q8_0 throughout: the grouped kernel's, either way
     for proj in ("q_proj", "k_proj", "gate_proj"):
         name = f"model.layers.0.{'self_attn' if proj[0] in 'qk' else 'mlp'}.{proj}.weight"
         want = c.tensor(name).T  # gguf's dequantization, q/k rows un-permuted
