@@ -1,10 +1,13 @@
-"""Builds the padded ragged batch of a step and runs the jitted step function on it.
+"""Builds the padded ragged batch of a step and runs the step program on it.
 
 The step program (`jit_step`) is the engine's whole forward: model, attention, projections and
 sampling, with the KV cache donated so it is updated in place. Shapes are bounded by the buckets
 of `jaxinfer.compilation`; `warmup()` builds every bucket's program before serving, and any
-program built after that is counted (and raises in strict mode). `scripts/gpu_compile_check.py`
-compiles this same program for GPUs.
+program built after that is counted (and raises in strict mode). The runner keeps each bucket's
+compiled executable itself (`jit(...).lower(...).compile()`) and calls it directly: JAX's own
+caches are bounded and process-wide, and a process holding many jitted functions (a notebook, a
+long test run) can evict a warmed program from them, which would make serving trace it again.
+`scripts/gpu_compile_check.py` compiles this same program for GPUs.
 
 Across several processes (`jaxinfer/distributed.py`) process 0's runner sends each batch it runs,
 warm-up included, before running it; every other process's runner `follow()`s: it receives the
@@ -121,6 +124,7 @@ class ModelRunner:
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         self.vocab_size = model.config.vocab_size
         self._padding = {}  # num_seqs -> (history, token_bitmask) all padding, on the device
+        self._programs = {}  # (num_tokens, num_seqs) -> the step's compiled executable
         self._traces = TraceCounter()
         # Several processes: process 0 sends every batch it runs; the others follow.
         self.channel = distributed.StepChannel() if jax.process_count() > 1 else None
@@ -236,10 +240,13 @@ class ModelRunner:
         if send:
             batch = (token_ids, positions, meta, sampling, history, num_prompt, token_bitmask)
             self.channel.send(len(token_ids), len(meta.seq_lens), jax.tree.leaves(batch))
+        args = (self.state, self.k_cache, self.v_cache, token_ids, positions, meta, sampling, history, num_prompt,
+                token_bitmask)
         with self._traces.watch():
-            out, self.k_cache, self.v_cache = self._step(self.state, self.k_cache, self.v_cache, token_ids,
-                                                         positions, meta, sampling, history, num_prompt,
-                                                         token_bitmask)
+            program = self._programs.get(shape := (len(token_ids), len(meta.seq_lens)))
+            if program is None:  # traced here (and counted), then never again
+                program = self._programs[shape] = self._step.lower(*args).compile()
+            out, self.k_cache, self.v_cache = program(*args)
         out = tuple(np.asarray(x) for x in out)
         if send:
             self.channel.sent()

@@ -180,6 +180,23 @@ def test_a_step_shape_warm_up_did_not_compile_is_caught(batched):
     assert runner.num_compilations == 1
 
 
+def test_warmed_programs_outlive_jax_dropping_its_own_caches():
+    """JAX's jit caches are bounded and process-wide: a process holding thousands of jitted
+    functions evicts warmed step programs from them (`jax.clear_caches()` is the same, at once). The
+    runner keeps its own executables, so a strict engine then serves without tracing anything."""
+    import jax
+
+    llm = LLM("SmolLM2-135M-Instruct", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=4,
+              strict_compile=True)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    before = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    jax.clear_caches()
+    after = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]  # strict: raises on a trace
+    assert after == before and all(len(ids) == 4 for ids in after)
+    assert llm.engine.runner.num_compilations == 0
+
+
 def fake_sequences(llm, n):
     """n one-token sequences with a page each, straight from the allocator."""
     from jaxinfer.sequence import Sequence
