@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 REF_STAMP := .venv-ref/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: test serve bench setup models clean gpu-compile-check test-jax011
+.PHONY: test serve bench setup models clean gpu-compile-check gpu-compile-check-jax011 test-jax011
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.12 found; pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -50,13 +50,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --concurrency 1 8 32
 
 clean:
-	rm -rf $(VENV) .venv-ref .venv-cuda .venv-jax011
+	rm -rf $(VENV) .venv-ref .venv-cuda .venv-cuda011 .venv-jax011
 
 # The engine's whole step compiled for H100 (sm_90a) and A100 (sm_80) by XLA's real GPU compiler,
 # without a GPU, in its own venv (.venv-cuda): fails on a compile error, a register spill in our
 # kernels, or a shipped configuration that does not fit the card (docs/GPU.md).
 gpu-compile-check:
 	bash scripts/gpu_compile_check.sh
+
+# The same on the GPU machines' stack, jax 0.11.2 with CUDA 13 (.venv-cuda011): the Mosaic GPU kernels and
+# the whole step of SmolLM2 and of Llama-3-8B on the Mosaic GPU kernels, compiled for H100.
+gpu-compile-check-jax011:
+	bash scripts/gpu_compile_check_jax011.sh
 
 # The kernel and engine tests on jax 0.11.2, the JAX preinstalled on the GPU machines we are lent.
 test-jax011:

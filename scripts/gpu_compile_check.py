@@ -249,11 +249,25 @@ def compile_bucket(shipped, mesh, num_pages, num_tokens, num_seqs):
 KERNEL_RE = re.compile(r"\.entry\s+(ragged_paged_attention|write_kv|quant_matmul_\w+)\s*\(")
 
 
+def ptxas_path() -> str:
+    """ptxas from the CUDA wheels: nvidia-cuda-nvcc-cu12 installs it in nvidia/cuda_nvcc/bin, CUDA 13's
+    nvidia-cuda-nvcc in nvidia/cu13/bin (scripts/gpu_compile_check_jax011.sh)."""
+    import importlib
+
+    for package in ("nvidia.cuda_nvcc", "nvidia.cu13"):
+        try:
+            paths = list(importlib.import_module(package).__path__)
+        except ImportError:
+            continue
+        for path in paths:
+            if os.path.exists(os.path.join(path, "bin", "ptxas")):
+                return os.path.join(path, "bin", "ptxas")
+    raise RuntimeError("ptxas not found: install nvidia-cuda-nvcc-cu12 (or CUDA 13's nvidia-cuda-nvcc)")
+
+
 def kernel_reports(ptx_files, arch) -> dict[str, tuple[int, int, int]]:
     """{kernel name: (registers, static smem bytes, spill bytes)} of our Pallas kernels, from ptxas -v."""
-    import nvidia.cuda_nvcc
-
-    ptxas = os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
+    ptxas = ptxas_path()
     reports = {}
     for path in ptx_files:
         with open(path) as f:
