@@ -4,14 +4,31 @@ Prefix caching (vLLM's automatic prefix caching): every full page of a sequence 
 chained from its parent page's digest and its own token ids (the first page's parent is the
 request's cache salt, so tenants with different salts never share pages). A hit is also verified
 against the (parent digest, token ids) the page was cached under, so even a digest collision cannot
-serve another prompt's KV. A new
-prompt reuses the longest run of cached pages that starts its token list. A page nobody uses any
-more keeps its contents and its hash; it sits in the free list in least-recently-freed order and
-is only forgotten when it is handed out again (LRU eviction).
+serve another prompt's KV. A new prompt reuses the longest run of cached pages that starts its token
+list. A page nobody uses any more keeps its contents and its hash until it is handed out again.
+
+Which free page is handed out next decides two things: which cached prefixes are forgotten, and where
+a sequence's pages lie. The CPU attention reads a sequence's pages in block-table order, and reads
+ascending runs of adjacent pages markedly faster than pages spread over the pool or in descending
+order (benchmarks/churn.py, docs/BENCHMARKS.md). Plain LRU order spreads them: after a server has
+served a few hundred requests, the least recently freed pages are every finished sequence's tails and
+heads interleaved. So free pages are kept in two places:
+
+- `recent`: freed pages that hold a cached prefix, least recently freed first. Nothing is handed out
+  from here, which keeps the most recently used prefixes (a conversation's last turn, a system
+  prompt between bursts) cached.
+- the reusable pages: never-used pages, pages that cache nothing, and cached pages no longer recent.
+  Handed out lowest page number first, so a sequence gets ascending runs and the pages in use stay
+  packed at the bottom of the pool.
+
+When the reusable pages run short, the older half of `recent` (at least what is missing) becomes
+reusable: eviction is least recently freed first at the granularity of halves of `recent` (an
+approximate LRU), and within what is evicted, page order decides.
 """
 
 import collections
 import hashlib
+import heapq
 import itertools
 
 
@@ -41,8 +58,13 @@ class PageAllocator:
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
-        # Free pages, least recently freed first: allocation takes from the front, evicting what it held.
-        self.free_pages: collections.OrderedDict[int, None] = collections.OrderedDict.fromkeys(range(num_pages))
+        # Free pages holding a cached prefix, least recently freed first: never handed out from here.
+        self.recent: collections.OrderedDict[int, None] = collections.OrderedDict()
+        # The reusable free pages: a min-heap of page numbers, with stale entries (pages taken back by
+        # a prefix hit, or pushed twice) skipped; `_reusable[page]` says whether a page really is.
+        self._heap = list(range(num_pages))
+        self._reusable = bytearray(b"\1" * num_pages)
+        self._num_reusable = num_pages
         self.ref_counts = [0] * num_pages
         self.page_hashes: list[bytes | None] = [None] * num_pages
         # What each cached page was cached under: (parent digest, its token ids), checked on every hit.
@@ -53,18 +75,30 @@ class PageAllocator:
 
     @property
     def num_free_pages(self) -> int:
-        return len(self.free_pages)
+        return self._num_reusable + len(self.recent)
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free_pages) / self.num_pages
+        return 1.0 - self.num_free_pages / self.num_pages
+
+    def free_page_numbers(self) -> list[int]:
+        """Every free page (reusable or recent), ascending: for checks and tests."""
+        return sorted([p for p in range(self.num_pages) if self._reusable[p]] + list(self.recent))
 
     def allocate(self, count: int) -> list[int]:
-        if count > len(self.free_pages):
-            raise MemoryError(f"asked for {count} KV pages, {len(self.free_pages)} free")
+        """`count` pages, ascending, with a reference each; what they cached is forgotten."""
+        if count > self.num_free_pages:
+            raise MemoryError(f"asked for {count} KV pages, {self.num_free_pages} free")
+        if count > self._num_reusable:
+            for _ in range(max(count - self._num_reusable, len(self.recent) // 2)):
+                self._make_reusable(self.recent.popitem(last=False)[0])
         pages = []
-        for _ in range(count):
-            page, _ = self.free_pages.popitem(last=False)
+        while len(pages) < count:
+            page = heapq.heappop(self._heap)
+            if not self._reusable[page]:
+                continue  # a stale entry
+            self._reusable[page] = 0
+            self._num_reusable -= 1
             if self.page_hashes[page] is not None:  # evict its cached prefix
                 del self.cached_pages[self.page_hashes[page]]
                 self.page_hashes[page] = self.page_keys[page] = None
@@ -73,11 +107,22 @@ class PageAllocator:
         return pages
 
     def free(self, pages: list[int]) -> None:
-        # The tail of a sequence is the least likely to be shared: let it be evicted first.
+        # Within `recent`, the tail of a sequence is the least likely to be shared: it goes first.
         for page in reversed(pages):
             self.ref_counts[page] -= 1
             if self.ref_counts[page] == 0:
-                self.free_pages[page] = None
+                if self.page_hashes[page] is not None:
+                    self.recent[page] = None
+                else:
+                    self._make_reusable(page)
+
+    def _make_reusable(self, page: int) -> None:
+        if not self._reusable[page]:
+            self._reusable[page] = 1
+            self._num_reusable += 1
+            heapq.heappush(self._heap, page)
+            if len(self._heap) > 2 * self._num_reusable + 1024:  # drop the stale entries
+                self._heap = [p for p in range(self.num_pages) if self._reusable[p]]
 
     def match_prefix(self, token_ids: list[int], max_pages: int,
                      cache_salt: str | None = None) -> tuple[list[int], list[bytes]]:
@@ -93,8 +138,12 @@ class PageAllocator:
             if not self.holds(parent, tokens, digest):
                 break
             page = self.cached_pages[digest]
-            if self.ref_counts[page] == 0:
-                del self.free_pages[page]
+            if self.ref_counts[page] == 0:  # free: take it back (a reusable page's heap entry goes stale)
+                if page in self.recent:
+                    del self.recent[page]
+                else:
+                    self._reusable[page] = 0
+                    self._num_reusable -= 1
             self.ref_counts[page] += 1
             pages.append(page)
             hashes.append(digest)
