@@ -18,8 +18,8 @@ other is timed):
    prefill, 128 tokens decoded at batch 1), alternated in ABBA order, `--rounds` each.
 3. Serving: both servers up; per concurrency, `--rounds` rounds of the same seeded workload
    (benchmarks/serve.py), in ABBA order (ours first in even rounds, theirs first in odd ones), new
-   prompts each round (no prefix-cache reuse across rounds); then the probes (a ~512-token prefill,
-   a 128-token single stream) in the same order; then a mixed workload (arrivals over time, varied
+   prompts each round and each workload (no prefix-cache reuse across rounds or concurrencies); then
+   the probes (a ~512-token prefill, a 128-token single stream) in the same order; then a mixed workload (arrivals over time, varied
    prompt and output lengths, a fifth of clients leaving mid-stream, a few malformed bodies).
    A round in which either side fails a request is invalid: it is run again (at most
    `--max-retries` times) and the count is reported.
@@ -157,14 +157,18 @@ class Comparison:
         self.raw = {}
 
     def rounds(self, what: str, **kw):
-        """`rounds` valid rounds of one workload on both sides, ABBA; the seed is per round, not per side."""
+        """`rounds` valid rounds of one workload on both sides, ABBA; the seed is per round, not per side.
+        Each workload gets seeds of its own: with the same seed, the 32-stream rounds' first prompts
+        were the 8-stream rounds' (and those the 1-stream rounds'), served minutes before, so each side's
+        prefix cache decided part of the result and the order of `--concurrency` changed it."""
+        base = self.args.seed + 100_000 * len(self.raw)
         runs = {name: [] for name in self.sides}
         self.invalid[what] = []
         for r in range(self.args.rounds):
             order = list(self.sides) if r % 2 == 0 else list(self.sides)[::-1]
             for attempt in range(self.args.max_retries + 1):
                 reports = {n: bench(self.sides[n][0], self.sides[n][1], self.args,
-                                    seed=self.args.seed + 1000 * r + attempt, **kw) for n in order}
+                                    seed=base + 1000 * r + attempt, **kw) for n in order}
                 failed = {n: (rep["failed"], rep["errors"]) for n, rep in reports.items() if rep["failed"]}
                 if not failed:
                     break
