@@ -19,8 +19,9 @@ other is timed):
 3. Serving: both servers up; per concurrency, `--rounds` rounds of the same seeded workload
    (benchmarks/serve.py), in ABBA order (ours first in even rounds, theirs first in odd ones), new
    prompts each round and each workload (no prefix-cache reuse across rounds or concurrencies); then
-   the probes (a ~512-token prefill, a 128-token single stream) in the same order; then a mixed workload (arrivals over time, varied
-   prompt and output lengths, a fifth of clients leaving mid-stream, a few malformed bodies).
+   the probes (a ~512-token prefill, a 128-token single stream) in the same order; then a mixed
+   workload (arrivals over time, varied prompt and output lengths, a fifth of clients leaving
+   mid-stream, a few malformed bodies).
    A round in which either side fails a request is invalid: it is run again (at most
    `--max-retries` times) and the count is reported.
 
