@@ -1,0 +1,139 @@
+"""The native CPU matmuls of this checkout against those of another git revision, in one process.
+
+    .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 --rows 1 8 32
+
+End-to-end timings on a shared 2-core VM drift by 10-20% between runs, more than most kernel
+changes are worth. This builds the kernels of `--base` (`git show` of kernels_cpu's sources, the
+flags of kernels_cpu/native.py), registers them beside this checkout's under other names, and times
+the two alternately on the same inputs: stacks of `--layers` random weights too big for the caches
+(SmolLM2-135M's projection shapes by default), the matmul of each layer in turn, as a decode step
+reads them; medians of `--reps` calls each. Both builds get the same layouts, so a change of layout
+cannot be measured this way. It also says whether the two give the same outputs bit for bit (a
+change meant to keep the arithmetic should).
+"""
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels_cpu import native  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "base_"
+
+
+def build_base(revision: str, out_dir: Path) -> Path:
+    """Compiles `revision`'s kernels_cpu into out_dir and registers its targets as base_<name>."""
+    src = out_dir / "kernels_cpu"
+    src.mkdir(parents=True)
+    for path in (*native.SOURCES, *native.HEADERS):
+        relative = path.relative_to(ROOT).as_posix()
+        text = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+        (src / path.name).write_text(text)
+    library = out_dir / "base.so"
+    cmd = [native._compiler(), *native.FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{out_dir}",
+           *(str(src / p.name) for p in native.SOURCES), "-o", str(library), "-lpthread"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    loaded = ctypes.cdll.LoadLibrary(str(library))
+    for target, symbol in native.TARGETS.items():
+        jax.ffi.register_ffi_target(PREFIX + target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
+    return library
+
+
+@contextlib.contextmanager
+def base_targets():
+    """While tracing: native's wrappers call the base build's targets."""
+    call = jax.ffi.ffi_call
+    with mock.patch.object(jax.ffi, "ffi_call", lambda name, *a, **k: call(PREFIX + name, *a, **k)):
+        yield
+
+
+def weights(kernel: str, rng, layers: int, k: int, n: int):
+    """(matmul(x, layer), bytes of one layer) for random weights of `kernel`'s format."""
+    if kernel == "int8":
+        data = jnp.asarray(rng.integers(-127, 128, (layers, k, n)), jnp.int8)
+        scales = jnp.asarray(rng.uniform(1e-3, 1e-2, (layers, n)), jnp.float16)
+        w = native.to_vnni(data) if native.has_integer_path() else native.to_blocked(data)
+        return (lambda x, layer: native.int8_matmul(x, w, scales, layer)), k * n
+    bits = {"q8_0": 8, "q4_1": 4}[kernel]
+    raw = rng.integers(0, 256 if bits == 8 else 16, (layers, k, n))
+    data = jnp.asarray(raw - 128 if bits == 8 else raw[:, 0::2] | raw[:, 1::2] << 4, jnp.int8 if bits == 8 else jnp.uint8)
+    codes = native.to_group_codes(data, bits)
+    scales = jnp.asarray(rng.uniform(1e-3, 1e-2, (layers, k // 32, n)), jnp.float16)
+    mins = jnp.asarray(rng.uniform(-0.1, 0, (layers, k // 32, n)), jnp.float16) if bits == 4 else None
+    return (lambda x, layer: native.group_matmul(x, codes, scales, mins, layer, bits=bits)), k * n * bits // 8
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="HEAD", help="the git revision to compare this checkout with")
+    parser.add_argument("--kernels", nargs="+", default=["int8", "q4_1", "q8_0"], choices=["int8", "q4_1", "q8_0"])
+    parser.add_argument("--shapes", default="576x576,576x1536,1536x576,576x6144", help="KxN,... (SmolLM2-135M's)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    native.load()
+    rng = np.random.default_rng(0)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        build_base(args.base, Path(tmp))
+        for kernel in args.kernels:
+            totals = {m: [0.0, 0.0] for m in args.rows}
+            for shape in args.shapes.split(","):
+                k, n = map(int, shape.split("x"))
+                matmul, layer_bytes = weights(kernel, rng, args.layers, k, n)
+                for m in args.rows:
+                    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+
+                    def every_layer(x):
+                        return jax.lax.fori_loop(0, args.layers, lambda i, acc: acc + matmul(x, i),
+                                                 jnp.zeros((m, n), jnp.float32))
+
+                    ours, base = jax.jit(every_layer), jax.jit(every_layer)
+                    with base_targets():
+                        want = np.asarray(base(x))  # traced (and compiled) with the base targets
+                    got = np.asarray(ours(x))
+                    times = {"ours": [], "base": []}
+                    for _ in range(args.reps):
+                        for name, fn in (("ours", ours), ("base", base)):
+                            start = time.perf_counter()
+                            fn(x).block_until_ready()
+                            times[name].append(time.perf_counter() - start)
+                    a, b = (statistics.median(times[name]) for name in ("ours", "base"))
+                    totals[m][0] += a
+                    totals[m][1] += b
+                    row = {"kernel": kernel, "k": k, "n": n, "rows": m, "ours_ms": round(a * 1000, 3),
+                           "base_ms": round(b * 1000, 3), "speedup": round(b / a, 3),
+                           "identical": bool(np.array_equal(got, want)),
+                           "max_abs_diff": float(np.max(np.abs(got - want))),
+                           "ours_gb_s": round(args.layers * layer_bytes / a / 1e9, 1)}
+                    results.append(row)
+                    print(f"{kernel} {k}x{n} rows {m}: ours {row['ours_ms']:.2f} ms, base {row['base_ms']:.2f} ms, "
+                          f"speedup {row['speedup']:.3f}, {'identical' if row['identical'] else 'DIFFERENT'}",
+                          flush=True)
+            for m, (a, b) in totals.items():
+                print(f"{kernel} all shapes, rows {m}: speedup {b / a:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"base": args.base, "args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
