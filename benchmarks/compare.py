@@ -62,17 +62,10 @@ def prefill():  # new random tokens each time: nothing from the prefix cache
     start = time.perf_counter()
     llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
     return prefill_len / (time.perf_counter() - start)
+sys.path.insert(0, "benchmarks")  # run from the repository's root
+from host_overhead import engine_round
 def decode():  # batch 1, after the first token
-    engine = llm.engine
-    engine.add_request(rng.integers(100, min(vocab, 30000), 16).tolist(),
-                       SamplingParams(max_tokens=decode_len, temperature=0.0, ignore_eos=True))
-    first = None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            n = len(out.outputs[0].token_ids)
-            if first is None and n:
-                first, first_n = time.perf_counter(), n
-    return (n - first_n) / (time.perf_counter() - first)
+    return 1000 / engine_round(llm, decode_len, rng)
 prefill(), decode()  # warm
 print(json.dumps({"prefill": prefill(), "decode": decode()}))
 """
