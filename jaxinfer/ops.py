@@ -116,6 +116,46 @@ def quant_matmul(x, w, *, backend="auto", layer=None):
     return out.reshape(*lead, out.shape[-1])
 
 
+def quant_matmuls(x, ws, *, backend="auto", layer=None):
+    """[quant_matmul(x, w, backend=backend, layer=layer) for w in ws]: several weights of one x (a
+    layer's q, k and v; its gate and up). On the CPU those that the same native kernel takes go to
+    it in one call (x quantized once, the weights' column blocks split between the threads as one
+    matmul's: `native.int8_matmul_fused` and its kin), each output bit-for-bit its own call's."""
+    backend = resolve_backend(backend, MATMUL_BACKENDS)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    kernels: dict[str, list[int]] = {}  # native kernel -> the indices of ws it takes
+    for i, w in enumerate(ws):
+        kernels.setdefault(_native_kernel(x2, w, backend), []).append(i)
+    outs = [None] * len(ws)
+    for kernel, indices in kernels.items():
+        if kernel is None or len(indices) == 1:
+            for i in indices:
+                outs[i] = quant_matmul(x, ws[i], backend=backend, layer=layer)
+            continue
+        group = [ws[i] for i in indices]
+        xf = x2.astype(jnp.float32)
+        if kernel == "kquant":
+            ys = native.kquant_matmul_fused(xf, [(w.data, w.index, w.n) for w in group], 0 if layer is None else layer)
+        elif kernel == "int8":
+            ys = native.int8_matmul_fused(xf, [(w.data, w.scales) for w in group], layer)
+        else:
+            ys = native.group_matmul_fused(xf, [(w.data, w.scales, w.mins, w.bits) for w in group], layer)
+        for i, y in zip(indices, ys):
+            outs[i] = y.astype(x.dtype).reshape(*lead, y.shape[-1])
+    return outs
+
+
+def _native_kernel(x2, w, backend) -> str | None:
+    """The native CPU kernel `quant_matmul` gives this weight ("int8", "group", "kquant"), or None:
+    the same choices in the same order."""
+    if isinstance(w, kquant.KQuantWeight):
+        return "kquant" if backend == "xla" and _native_kquant() else None
+    if backend == "xla" and _native_int8(x2, w):
+        return "int8"
+    return "group" if w.layout == "codes" else None
+
+
 def _native_int8(x2, w) -> bool:
     """Whether the native CPU kernel takes this matmul: per-channel int8, float32 x. It beats XLA's
     dequantize-then-dot at every batch size measured (1 to 512 rows: docs/KERNELS.md)."""

@@ -318,6 +318,27 @@ class Linear(nnx.Module):
         return y if self.b is None else y + self.b[...]
 
 
+def project(x, linears, layer=None) -> list:
+    """[linear(x, layer) for linear in linears]: the projections of one input (a layer's q, k and v;
+    its gate and up). Their quantized weights go to `ops.quant_matmuls` together, which runs those
+    of one native CPU kernel in one call: x quantized once, one split of the work between the threads
+    (on the CPU, fusing q/k/v made them 1.3-1.45x faster: docs/KERNELS.md). The same numbers as
+    separate calls, bit for bit; full-precision and act-order projections go one by one."""
+    together = [i for i, linear in enumerate(linears) if linear.fmt is not None and linear.input_perm is None]
+    outs = [None] * len(linears)
+    if len(together) > 1:
+        weights = [linears[i].quantized_weight() for i in together]
+        stacked = {w.stacked for w in weights}
+        if stacked == {True} and layer is None:
+            raise ValueError("a stacked quantized weight needs the layer index")
+        if len(stacked) == 1 and len({linears[i].backend for i in together}) == 1:
+            ys = ops.quant_matmuls(x, weights, backend=linears[together[0]].backend,
+                                   layer=layer if stacked == {True} else None)
+            for i, y in zip(together, ys):
+                outs[i] = y if linears[i].b is None else y + linears[i].b[...]
+    return [out if out is not None else linear(x, layer) for out, linear in zip(outs, linears)]
+
+
 def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int]:
     """Re-lays the quantized weights of `model` for the native CPU kernels, in place. Per-channel
     int8: the "vnni" layout of the integer path where the build has it and K is a multiple of 32

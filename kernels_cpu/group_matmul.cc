@@ -142,49 +142,58 @@ void Block(const Problem& p, int64_t b) {
 
 #endif
 
-// x: [M, K] float32; codes: [L, NB, K / 4, B, 4] (8-bit) or [L, NB, K / 32, 4, B, 4] (4-bit) uint8;
-// scales, mins: [L, K / 32, N] float16 (mins [1, 1, 1] when the format has none); layer: scalar.
-ffi::Error GroupMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F16> scales,
-                           ffi::Buffer<ffi::F16> mins, ffi::Buffer<ffi::S32> layer,
-                           ffi::ResultBuffer<ffi::F32> y, int64_t bits, float zero_point) {
-  if (!kHasGroupPath) return ffi::Error::InvalidArgument("group_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-  auto xd = x.dimensions();
+// One weight of a call: layer `l` of codes [L, NB, K / 4, B, 4] (8-bit) or [L, NB, K / 32, 4, B, 4]
+// (4-bit) uint8, scales and mins [L, K / 32, N] float16 (mins [1, 1, 1] when the format has none),
+// and its output y [M, N]. Fills p's weight fields; x's are the caller's.
+ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F16> scales,
+                        ffi::Buffer<ffi::F16> mins, int32_t l, ffi::Result<ffi::Buffer<ffi::F32>>& y, int64_t bits,
+                        float zero_point, Problem* p) {
   auto cd = codes.dimensions();
   auto sd = scales.dimensions();
-  if (xd.size() != 2 || sd.size() != 3 || (bits != 4 && bits != 8) || cd.size() != (bits == 8 ? 5u : 6u)) {
+  auto yd = y->dimensions();
+  if (sd.size() != 3 || yd.size() != 2 || (bits != 4 && bits != 8) || cd.size() != (bits == 8 ? 5u : 6u)) {
     return ffi::Error::InvalidArgument("group_matmul: bad ranks or bits (x [M, K], scales [L, K / 32, N], bits 4 or 8)");
   }
-  Problem p;
-  p.m = xd[0];
-  p.k = xd[1];
-  p.n = sd[2];
-  p.bits = static_cast<int>(bits);
-  const int64_t num_layers = sd[0], num_blocks = (p.n + kBlock - 1) / kBlock;
-  bool ok = p.k % kGroup == 0 && sd[1] == p.k / kGroup && p.n % kLanes == 0 && y->dimensions()[0] == p.m &&
-            y->dimensions()[1] == p.n && cd[0] == num_layers && cd[1] == num_blocks;
-  ok &= bits == 8 ? cd[2] == p.k / 4 && cd[3] == kBlock && cd[4] == 4
-                  : cd[2] == p.k / kGroup && cd[3] == 4 && cd[4] == kBlock && cd[5] == 4;
+  p->m = m;
+  p->k = k;
+  p->n = sd[2];
+  p->bits = static_cast<int>(bits);
+  const int64_t num_layers = sd[0], num_blocks = (p->n + kBlock - 1) / kBlock;
+  bool ok = k % kGroup == 0 && sd[1] == k / kGroup && p->n % kLanes == 0 && yd[0] == m && yd[1] == p->n &&
+            cd[0] == num_layers && cd[1] == num_blocks;
+  ok &= bits == 8 ? cd[2] == k / 4 && cd[3] == kBlock && cd[4] == 4
+                  : cd[2] == k / kGroup && cd[3] == 4 && cd[4] == kBlock && cd[5] == 4;
   const bool has_mins = mins.element_count() != 1;
   ok &= !has_mins || mins.element_count() == scales.element_count();
   if (!ok) return ffi::Error::InvalidArgument("group_matmul: x, codes, scales and mins shapes disagree");
-  const int32_t l = *layer.typed_data();
   if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("group_matmul: layer out of range");
+  const int64_t layer_codes = num_blocks * k * kBlock * bits / 8, layer_scales = k / kGroup * p->n;
+  p->codes = codes.typed_data() + l * layer_codes;
+  p->scales = reinterpret_cast<const uint16_t*>(scales.typed_data()) + l * layer_scales;
+  p->mins = has_mins ? reinterpret_cast<const uint16_t*>(mins.typed_data()) + l * layer_scales : nullptr;
+  p->zero_point = zero_point;
+  p->y = y->typed_data();
+  return ffi::Error::Success();
+}
 
-  const int64_t layer_codes = num_blocks * p.k * kBlock * bits / 8, layer_scales = p.k / kGroup * p.n;
-  p.codes = codes.typed_data() + l * layer_codes;
-  p.scales = reinterpret_cast<const uint16_t*>(scales.typed_data()) + l * layer_scales;
-  p.mins = has_mins ? reinterpret_cast<const uint16_t*>(mins.typed_data()) + l * layer_scales : nullptr;
-  p.zero_point = zero_point;
-  p.y = y->typed_data();
-  std::vector<int8_t> xq(p.m * p.k);
-  std::vector<float> xs(p.m * (p.k / kGroup)), xsums(p.m * (p.k / kGroup));
-  QuantizeX(x.typed_data(), p.m, p.k, xq.data(), xs.data(), xsums.data(), nullptr);
-  p.xq = xq.data();
-  p.xs = xs.data();
-  p.xsums = xsums.data();
-
-  jaxinfer::Workers::Get().ParallelTiles(p.m, num_blocks, [&](int64_t b0, int64_t b1, int64_t m0, int64_t m1) {
+// y_i = x @ W_i for every problem (their weight fields set): x quantized once, the blocks of all of
+// them dealt out to the threads as one matmul's.
+void Run(const float* x, std::vector<Problem>& problems) {
+  const int64_t m = problems[0].m, k = problems[0].k;
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> xs(m * (k / kGroup)), xsums(m * (k / kGroup));
+  QuantizeX(x, m, k, xq.data(), xs.data(), xsums.data(), nullptr);
+  std::vector<int64_t> num_blocks;
+  for (Problem& p : problems) {
+    p.xq = xq.data();
+    p.xs = xs.data();
+    p.xsums = xsums.data();
+    num_blocks.push_back((p.n + kBlock - 1) / kBlock);
+  }
+  jaxinfer::Workers::Get().ParallelTilesOf(m, num_blocks, [&](int64_t i, int64_t b0, int64_t b1, int64_t m0,
+                                                              int64_t m1) {
+    const Problem& p = problems[i];
     Problem rows = p;  // rows [m0, m1)
     rows.m = m1 - m0;
     rows.xq += m0 * p.k;
@@ -199,6 +208,53 @@ ffi::Error GroupMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, 
       }
     }
   });
+}
+#endif
+
+// x: [M, K] float32; codes, scales, mins: one weight (DecodeWeight); layer: scalar.
+ffi::Error GroupMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F16> scales,
+                           ffi::Buffer<ffi::F16> mins, ffi::Buffer<ffi::S32> layer,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t bits, float zero_point) {
+  if (!kHasGroupPath) return ffi::Error::InvalidArgument("group_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("group_matmul: x must be [M, K]");
+  std::vector<Problem> problems(1);
+  ffi::Error error = DecodeWeight(xd[0], xd[1], codes, scales, mins, *layer.typed_data(), y, bits, zero_point,
+                                  &problems[0]);
+  if (error.failure()) return error;
+  Run(x.typed_data(), problems);
+#endif
+  return ffi::Error::Success();
+}
+
+// Several weights of one x (fused projections): x, layer, then (codes, scales, mins) per weight, its
+// bits and zero point in the attributes' arrays; y per weight.
+ffi::Error GroupMatmulFusedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                                ffi::RemainingRets rets, ffi::Span<const int64_t> bits,
+                                ffi::Span<const float> zero_points) {
+  if (!kHasGroupPath) return ffi::Error::InvalidArgument("group_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("group_matmul_fused: x must be [M, K]");
+  const size_t count = rets.size();
+  if (count == 0 || args.size() != 3 * count || bits.size() != count || zero_points.size() != count) {
+    return ffi::Error::InvalidArgument("group_matmul_fused: takes (codes, scales, mins), bits and a zero point per output");
+  }
+  std::vector<Problem> problems(count);
+  for (size_t i = 0; i < count; ++i) {
+    auto codes = args.get<ffi::Buffer<ffi::U8>>(3 * i);
+    auto scales = args.get<ffi::Buffer<ffi::F16>>(3 * i + 1);
+    auto mins = args.get<ffi::Buffer<ffi::F16>>(3 * i + 2);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (!codes.has_value() || !scales.has_value() || !mins.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("group_matmul_fused: codes must be uint8, scales and mins float16, y float32");
+    }
+    ffi::Error error = DecodeWeight(xd[0], xd[1], *codes, *scales, *mins, *layer.typed_data(), *y, bits[i],
+                                    zero_points[i], &problems[i]);
+    if (error.failure()) return error;
+  }
+  Run(x.typed_data(), problems);
 #endif
   return ffi::Error::Success();
 }
@@ -215,6 +271,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGroupMatmul, GroupMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<float>("zero_point"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGroupMatmulFused, GroupMatmulFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("bits")
+                                  .Attr<ffi::Span<const float>>("zero_points"));
 
 // Whether this build has the grouped integer path (AVX-512 VNNI, or AVX2, with F16C).
 extern "C" int JaxinferHasGroupPath() { return kHasGroupPath ? 1 : 0; }

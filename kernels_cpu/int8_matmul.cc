@@ -315,19 +315,28 @@ void QuantizeX(const float* x, int64_t m_dim, int64_t k_dim, uint8_t* xq, float*
 constexpr bool kHasIntegerPath = false;
 #endif
 
-// data: [L, K, N] (row-major), [L, NB, K, B] (blocked: each block of B columns contiguous, the last
-// zero-padded past N) or [L, NB, K / 4, B, 4] ("vnni", the integer path), int8; scales: [L, N] float16.
-ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::Buffer<ffi::F16> scales,
-                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions();
+// One weight of a call: layer `l` of data [L, K, N] (row-major), [L, NB, K, B] (blocked: each block of
+// B columns contiguous, the last zero-padded past N) or [L, NB, K / 4, B, 4] ("vnni", the integer
+// path), int8, with its scales [L, N] float16, and its output y [M, N].
+struct Weight {
+  const int8_t* w;
+  const uint16_t* scales;
+  float* y;
+  int64_t n, block, num_blocks;
+  bool blocked, vnni;
+};
+
+ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::AnyBuffer data, ffi::Buffer<ffi::F16> scales, int32_t l,
+                        ffi::Result<ffi::Buffer<ffi::F32>>& y, Weight* out) {
   auto wd = data.dimensions();
   const bool blocked = wd.size() == 4, vnni = wd.size() == 5;
-  if (xd.size() != 2 || wd.size() < 3 || wd.size() > 5 || data.element_type() != ffi::DataType::S8) {
+  if (wd.size() < 3 || wd.size() > 5 || data.element_type() != ffi::DataType::S8) {
     return ffi::Error::InvalidArgument(
         "int8_matmul: x must be [M, K] and data int8 [L, K, N], [L, NB, K, B] or [L, NB, K / 4, B, 4]");
   }
-  const int64_t m = xd[0], k = xd[1], num_layers = wd[0];
-  const int64_t n = y->dimensions()[1];
+  auto yd = y->dimensions();
+  if (yd.size() != 2 || yd[0] != m) return ffi::Error::InvalidArgument("int8_matmul: y must be [M, N]");
+  const int64_t num_layers = wd[0], n = yd[1];
   const int64_t block = vnni ? wd[3] : blocked ? wd[3] : kBlock;  // columns per block
   bool shapes_ok = block > 0 && (blocked || vnni ? wd[1] == (n + block - 1) / block : wd[2] == n);
   shapes_ok &= vnni ? (wd[2] * 4 == k && wd[4] == 4 && k % kQBlock == 0 && block % kLanes == 0 && kHasIntegerPath)
@@ -335,40 +344,84 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::Buf
   if (!shapes_ok || scales.element_count() != num_layers * n) {
     return ffi::Error::InvalidArgument("int8_matmul: x, data and scales shapes disagree");
   }
-  const int32_t l = *layer.typed_data();
   if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("int8_matmul: layer out of range");
-
-  const float* xp = x.typed_data();
   const int64_t num_blocks = (n + block - 1) / block;
   const int64_t layer_size = blocked || vnni ? num_blocks * k * block : k * n;
-  const int8_t* w = static_cast<const int8_t*>(data.untyped_data()) + static_cast<int64_t>(l) * layer_size;
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * n;
-  float* yp = y->typed_data();
-  auto& workers = jaxinfer::Workers::Get();
+  *out = Weight{static_cast<const int8_t*>(data.untyped_data()) + static_cast<int64_t>(l) * layer_size,
+                reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * n,
+                y->typed_data(), n, block, num_blocks, blocked, vnni};
+  return ffi::Error::Success();
+}
+
+// y_i = x @ W_i for every weight of `weights`: x quantized once (where a weight takes the integer
+// path), the blocks of all of them dealt out to the threads as one matmul's.
+void Run(const float* xp, int64_t m, int64_t k, const std::vector<Weight>& weights) {
+  std::vector<int64_t> num_blocks;
+  bool any_vnni = false;
+  for (const Weight& w : weights) {
+    num_blocks.push_back(w.num_blocks);
+    any_vnni |= w.vnni;
+  }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
   std::vector<uint8_t> xq;
   std::vector<float> xs;
-  if (vnni) {
+  if (any_vnni) {
     xq.resize(m * k);
     xs.resize(m * (k / kQBlock));
     QuantizeX(xp, m, k, xq.data(), xs.data());
   }
 #endif
-  workers.ParallelTiles(m, num_blocks, [&](int64_t b0, int64_t b1, int64_t m0, int64_t m1) {
+  jaxinfer::Workers::Get().ParallelTilesOf(m, num_blocks, [&](int64_t i, int64_t b0, int64_t b1, int64_t m0,
+                                                              int64_t m1) {
+    const Weight& w = weights[i];
+    const int64_t n = w.n, block = w.block;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * block, c1 = std::min(n, c0 + block);
-      if (vnni) {
+      if (w.vnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
-        IBlock(xq.data() + m0 * k, xs.data() + m0 * (k / kQBlock), w + b * k * block, block, sp, yp + m0 * n,
-               m1 - m0, k, n, c0);
+        IBlock(xq.data() + m0 * k, xs.data() + m0 * (k / kQBlock), w.w + b * k * block, block, w.scales,
+               w.y + m0 * n, m1 - m0, k, n, c0);
 #endif
-      } else if (blocked) {
-        Block(xp + m0 * k, w + b * k * block, block, sp, yp + m0 * n, m1 - m0, k, n, c0, c1);
+      } else if (w.blocked) {
+        Block(xp + m0 * k, w.w + b * k * block, block, w.scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);
       } else {
-        Block(xp + m0 * k, w + c0, n, sp, yp + m0 * n, m1 - m0, k, n, c0, c1);
+        Block(xp + m0 * k, w.w + c0, n, w.scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);
       }
     }
   });
+}
+
+ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer data, ffi::Buffer<ffi::F16> scales,
+                          ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("int8_matmul: x must be [M, K]");
+  std::vector<Weight> weights(1);
+  ffi::Error error = DecodeWeight(xd[0], xd[1], data, scales, *layer.typed_data(), y, &weights[0]);
+  if (error.failure()) return error;
+  Run(x.typed_data(), xd[0], xd[1], weights);
+  return ffi::Error::Success();
+}
+
+// Several weights of one x (fused projections): x, layer, then (data, scales) per weight; y per weight.
+ffi::Error Int8MatmulFusedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                               ffi::RemainingRets rets) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("int8_matmul_fused: x must be [M, K]");
+  if (args.size() != 2 * rets.size() || rets.size() == 0) {
+    return ffi::Error::InvalidArgument("int8_matmul_fused: takes (data, scales) per output");
+  }
+  std::vector<Weight> weights(rets.size());
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto data = args.get<ffi::AnyBuffer>(2 * i);
+    auto scales = args.get<ffi::Buffer<ffi::F16>>(2 * i + 1);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (!data.has_value() || !scales.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("int8_matmul_fused: data must be int8, scales float16, y float32");
+    }
+    ffi::Error error = DecodeWeight(xd[0], xd[1], *data, *scales, *layer.typed_data(), *y, &weights[i]);
+    if (error.failure()) return error;
+  }
+  Run(x.typed_data(), xd[0], xd[1], weights);
   return ffi::Error::Success();
 }
 
@@ -381,6 +434,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Matmul, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8MatmulFused, Int8MatmulFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 // Whether this build has the integer ("vnni" layout) path: AVX-512 VNNI or AVX2.
 extern "C" int JaxinferHasIntegerPath() { return kHasIntegerPath ? 1 : 0; }

@@ -277,58 +277,67 @@ void Block(const Problem& problem, int64_t b) {
 
 // x: [M, K] float32; data: uint8, every layer's sections; index: [L, 2] int32 (type id, offset / 64);
 // layer: scalar int32; n: the output width.
-ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, ffi::Buffer<ffi::S32> index,
-                            ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t n) {
-  if (!kHasGroupPath) return ffi::Error::InvalidArgument("kquant_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-  auto xd = x.dimensions();
+// One weight of a call: layer `l` of the stack `data` / `index` [L, 2], N = n columns, its output y
+// [M, N]. Fills p's weight fields and the layer's type id; x's fields are the caller's.
+ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::Buffer<ffi::U8> data, ffi::Buffer<ffi::S32> index, int32_t l,
+                        ffi::Result<ffi::Buffer<ffi::F32>>& y, int64_t n, Problem* p, int32_t* type_id) {
   auto id = index.dimensions();
-  if (xd.size() != 2 || id.size() != 2 || id[1] != 2) {
-    return ffi::Error::InvalidArgument("kquant_matmul: bad ranks (x [M, K], index [L, 2])");
-  }
-  Problem p{};
-  p.rows = xd[0];
-  p.k = xd[1];
-  p.n = n;
-  const int32_t l = *layer.typed_data();
+  if (id.size() != 2 || id[1] != 2) return ffi::Error::InvalidArgument("kquant_matmul: bad ranks (x [M, K], index [L, 2])");
+  *p = Problem{};
+  p->rows = m;
+  p->k = k;
+  p->n = n;
   if (l < 0 || l >= id[0]) return ffi::Error::InvalidArgument("kquant_matmul: layer out of range");
   const int32_t type = index.typed_data()[2 * l];
   if (type < 0 || type > 7) return ffi::Error::InvalidArgument("kquant_matmul: unknown type id");
   const Type& t = kTypes[type];
-  if (p.k % (t.block32 ? 32 : kSuper) || p.n % kLanes || y->dimensions()[0] != p.rows || y->dimensions()[1] != p.n) {
+  auto yd = y->dimensions();
+  if (p->k % (t.block32 ? 32 : kSuper) || p->n % kLanes || yd.size() != 2 || yd[0] != m || yd[1] != p->n) {
     return ffi::Error::InvalidArgument("kquant_matmul: K must be a multiple of the type's block (256 or 32), N of 16, "
                                        "y [M, N]");
   }
-  const Sections s(t, p.k, p.n);
+  const Sections s(t, p->k, p->n);
   const int64_t offset = int64_t{index.typed_data()[2 * l + 1]} * 64;
   if (offset < 0 || offset + s.total() > static_cast<int64_t>(data.element_count())) {
     return ffi::Error::InvalidArgument("kquant_matmul: the layer's bytes lie outside the data");
   }
   const uint8_t* base = data.typed_data() + offset;
-  p.nibbles = base;
-  p.high = p.nibbles + s.nibbles;
+  p->nibbles = base;
+  p->high = p->nibbles + s.nibbles;
   if (t.block32) {  // nibbles, high or codes, d, m
-    p.d = reinterpret_cast<const uint16_t*>(p.high + s.high + s.codes);
-    p.m16 = reinterpret_cast<const uint16_t*>(p.high + s.high + s.codes + s.d);
+    p->d = reinterpret_cast<const uint16_t*>(p->high + s.high + s.codes);
+    p->m16 = reinterpret_cast<const uint16_t*>(p->high + s.high + s.codes + s.d);
   } else {  // nibbles, high, sc, m, d, dmin
-    p.sc = p.high + s.high;
-    p.m = p.sc + s.sc;
-    p.d = reinterpret_cast<const uint16_t*>(p.m + s.m);
-    p.dmin = reinterpret_cast<const uint16_t*>(p.m + s.m + s.d);
+    p->sc = p->high + s.high;
+    p->m = p->sc + s.sc;
+    p->d = reinterpret_cast<const uint16_t*>(p->m + s.m);
+    p->dmin = reinterpret_cast<const uint16_t*>(p->m + s.m + s.d);
   }
-  p.y = y->typed_data();
-  const int64_t groups = p.k / 32;
-  std::vector<int8_t> xq(p.rows * p.k);
-  std::vector<float> xs(p.rows * groups), xsums(p.rows * groups);
-  std::vector<int32_t> isums(p.rows * groups * 2);
-  QuantizeX(x.typed_data(), p.rows, p.k, xq.data(), xs.data(), xsums.data(), isums.data());
-  p.xq = xq.data();
-  p.xs = xs.data();
-  p.xsums = xsums.data();
-  p.isums = isums.data();
+  p->y = y->typed_data();
+  *type_id = type;
+  return ffi::Error::Success();
+}
 
-  const int64_t num_blocks = (p.n + kCols - 1) / kCols;
-  jaxinfer::Workers::Get().ParallelTiles(p.rows, num_blocks, [&](int64_t b0, int64_t b1, int64_t m0, int64_t m1) {
+// y_i = x @ W_i for every problem (their weight fields set, `types` their layers' type ids): x
+// quantized once, the blocks of all of them dealt out to the threads as one matmul's.
+void Run(const float* x, std::vector<Problem>& problems, const std::vector<int32_t>& types) {
+  const int64_t m = problems[0].rows, k = problems[0].k, groups = k / 32;
+  std::vector<int8_t> xq(m * k);
+  std::vector<float> xs(m * groups), xsums(m * groups);
+  std::vector<int32_t> isums(m * groups * 2);
+  QuantizeX(x, m, k, xq.data(), xs.data(), xsums.data(), isums.data());
+  std::vector<int64_t> num_blocks;
+  for (Problem& p : problems) {
+    p.xq = xq.data();
+    p.xs = xs.data();
+    p.xsums = xsums.data();
+    p.isums = isums.data();
+    num_blocks.push_back((p.n + kCols - 1) / kCols);
+  }
+  jaxinfer::Workers::Get().ParallelTilesOf(m, num_blocks, [&](int64_t i, int64_t b0, int64_t b1, int64_t m0,
+                                                              int64_t m1) {
+    const Problem& p = problems[i];
     Problem rows = p;  // rows [m0, m1)
     rows.rows = m1 - m0;
     rows.xq += m0 * p.k;
@@ -337,7 +346,7 @@ ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, 
     rows.isums += m0 * 2 * groups;
     rows.y += m0 * p.n;
     for (int64_t b = b0; b < b1; ++b) {
-      switch (type) {
+      switch (types[i]) {
         case 0: Block<0>(rows, b); break;
         case 1: Block<1>(rows, b); break;
         case 2: Block<2>(rows, b); break;
@@ -349,6 +358,50 @@ ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, 
       }
     }
   });
+}
+#endif
+
+ffi::Error KQuantMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> data, ffi::Buffer<ffi::S32> index,
+                            ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y, int64_t n) {
+  if (!kHasGroupPath) return ffi::Error::InvalidArgument("kquant_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("kquant_matmul: bad ranks (x [M, K], index [L, 2])");
+  std::vector<Problem> problems(1);
+  std::vector<int32_t> types(1);
+  ffi::Error error = DecodeWeight(xd[0], xd[1], data, index, *layer.typed_data(), y, n, &problems[0], &types[0]);
+  if (error.failure()) return error;
+  Run(x.typed_data(), problems, types);
+#endif
+  return ffi::Error::Success();
+}
+
+// Several weights of one x (fused projections): x, layer, then (data, index) per weight, its N in
+// the attribute `n`; y per weight.
+ffi::Error KQuantMatmulFusedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                                 ffi::RemainingRets rets, ffi::Span<const int64_t> n) {
+  if (!kHasGroupPath) return ffi::Error::InvalidArgument("kquant_matmul: built without AVX2 (FMA, F16C) or AVX-512 VNNI");
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("kquant_matmul_fused: x must be [M, K]");
+  const size_t count = rets.size();
+  if (count == 0 || args.size() != 2 * count || n.size() != count) {
+    return ffi::Error::InvalidArgument("kquant_matmul_fused: takes (data, index) and n per output");
+  }
+  std::vector<Problem> problems(count);
+  std::vector<int32_t> types(count);
+  for (size_t i = 0; i < count; ++i) {
+    auto data = args.get<ffi::Buffer<ffi::U8>>(2 * i);
+    auto index = args.get<ffi::Buffer<ffi::S32>>(2 * i + 1);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (!data.has_value() || !index.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("kquant_matmul_fused: data must be uint8, index int32, y float32");
+    }
+    ffi::Error error = DecodeWeight(xd[0], xd[1], *data, *index, *layer.typed_data(), *y, n[i], &problems[i],
+                                    &types[i]);
+    if (error.failure()) return error;
+  }
+  Run(x.typed_data(), problems, types);
 #endif
   return ffi::Error::Success();
 }
@@ -363,3 +416,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferKQuantMatmul, KQuantMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("n"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferKQuantMatmulFused, KQuantMatmulFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("n"));

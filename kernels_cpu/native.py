@@ -40,7 +40,9 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "int8_matmul.cc", HERE / "group_matmul.cc", HERE / "kquant_matmul.cc", HERE / "paged_attention.cc")
 HEADERS = (HERE / "parallel.h", HERE / "group_simd.h")
 TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul", "jaxinfer_group_matmul": "JaxinferGroupMatmul",
-           "jaxinfer_kquant_matmul": "JaxinferKQuantMatmul",
+           "jaxinfer_kquant_matmul": "JaxinferKQuantMatmul", "jaxinfer_int8_matmul_fused": "JaxinferInt8MatmulFused",
+           "jaxinfer_group_matmul_fused": "JaxinferGroupMatmulFused",
+           "jaxinfer_kquant_matmul_fused": "JaxinferKQuantMatmulFused",
            "jaxinfer_ragged_paged_attention": "JaxinferRaggedPagedAttention",
            "jaxinfer_ragged_paged_attention_f16": "JaxinferRaggedPagedAttentionF16"}
 # The cache dtypes the native attention reads: float16 widens to float32 as it is loaded.
@@ -219,6 +221,41 @@ def int8_matmul(x, data, scales, layer=None):
     return call(x, data, scales, jnp.asarray(layer, jnp.int32))
 
 
+def int8_matmul_fused(x, weights, layer=None):
+    """[int8_matmul(x, data, scales, layer) for data, scales in weights], in one kernel call: x is
+    quantized once and the column blocks of all the weights are dealt out to the threads together
+    (fused projections: q, k and v; gate and up). Each output is bit-for-bit the single call's.
+    The weights are all stacks or all single weights."""
+    _check_fused("int8_matmul_fused", x, weights)
+    for data, scales in weights:
+        if data.dtype != jnp.int8 or scales.dtype != jnp.float16:
+            raise TypeError(f"int8_matmul_fused takes int8 data and float16 scales; got {data.dtype}, {scales.dtype}")
+    if not available():
+        raise RuntimeError("the native CPU kernels are not available (see the log for why)")
+    stacks, layer = _fused_stacks("int8_matmul_fused", [scales.ndim == 1 for _, scales in weights], layer, weights)
+    outs = [jax.ShapeDtypeStruct((x.shape[0], scales.shape[-1]), jnp.float32) for _, scales in stacks]
+    call = jax.ffi.ffi_call("jaxinfer_int8_matmul_fused", outs)
+    return list(call(x, jnp.asarray(layer, jnp.int32), *(a for pair in stacks for a in pair)))
+
+
+def _check_fused(kernel: str, x, weights) -> None:
+    if x.dtype != jnp.float32 or x.ndim != 2:
+        raise TypeError(f"{kernel} takes float32 x [M, K]; got {x.dtype} {x.shape}")
+    if not weights:
+        raise ValueError(f"{kernel}: no weights")
+
+
+def _fused_stacks(kernel: str, single: list[bool], layer, weights):
+    """`_layer_stack` over several weights (tuples of arrays), which must agree on being stacks."""
+    if len(set(single)) != 1:
+        raise ValueError(f"{kernel}: the weights must be all layer stacks or all single weights")
+    stacks = []
+    for arrays in weights:
+        stacked, index = _layer_stack(kernel, single[0], layer, *arrays)
+        stacks.append(stacked)
+    return stacks, index
+
+
 def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens, block_tables, *, sm_scale,
                            sliding_window=None, soft_cap=None):
     """The contract of `kernels_pallas.paged_attention.ragged_paged_attention_reference` on the CPU
@@ -312,6 +349,29 @@ def group_matmul(x, codes, scales, mins=None, layer=None, *, bits: int):
                 bits=np.int64(bits), zero_point=np.float32(0.0 if mins is not None else ZERO_POINTS[bits]))
 
 
+def group_matmul_fused(x, weights, layer=None):
+    """[group_matmul(x, codes, scales, mins, layer, bits=bits) for codes, scales, mins, bits in
+    weights], in one kernel call (`int8_matmul_fused`'s contract: x quantized once, the blocks dealt
+    out together, each output bit-for-bit the single call's). `mins` may be None."""
+    _check_fused("group_matmul_fused", x, weights)
+    for codes, scales, _, bits in weights:
+        if codes.dtype != jnp.uint8 or scales.dtype != jnp.float16 or bits not in ZERO_POINTS:
+            raise TypeError(f"group_matmul_fused takes uint8 codes, float16 scales and bits 4 or 8; got "
+                            f"{codes.dtype}, {scales.dtype}, {bits}")
+    if not has_group_path():
+        raise RuntimeError("the native grouped matmul is not available (see the log for why)")
+    stacks, layer = _fused_stacks("group_matmul_fused", [scales.ndim == 2 for _, scales, _, _ in weights], layer,
+                                  [(codes, scales, mins) for codes, scales, mins, _ in weights])
+    no_mins = jnp.zeros((1, 1, 1), jnp.float16)
+    operands = [a for codes, scales, mins in stacks for a in (codes, scales, no_mins if mins is None else mins)]
+    outs = [jax.ShapeDtypeStruct((x.shape[0], scales.shape[-1]), jnp.float32) for _, scales, _ in stacks]
+    call = jax.ffi.ffi_call("jaxinfer_group_matmul_fused", outs)
+    return list(call(x, jnp.asarray(layer, jnp.int32), *operands,
+                     bits=np.array([bits for *_, bits in weights], np.int64),
+                     zero_points=np.array([0.0 if mins is not None else ZERO_POINTS[bits]
+                                           for _, _, mins, bits in weights], np.float32)))
+
+
 def kquant_matmul(x, data, index, layer, *, n: int):
     """x[M, K] float32 @ W[K, n], W layer `layer` of a K-quant stack: `data` uint8 holds every
     layer's bytes and `index` [L, 2] int32 each layer's type id and byte offset / 64 (the layout of
@@ -325,3 +385,19 @@ def kquant_matmul(x, data, index, layer, *, n: int):
         raise RuntimeError("the native grouped matmul is not available (see the log for why)")
     call = jax.ffi.ffi_call("jaxinfer_kquant_matmul", jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
     return call(x, data, index, jnp.asarray(layer, jnp.int32), n=np.int64(n))
+
+
+def kquant_matmul_fused(x, weights, layer):
+    """[kquant_matmul(x, data, index, layer, n=n) for data, index, n in weights], in one kernel call
+    (`int8_matmul_fused`'s contract: x quantized once, the blocks dealt out together, each output
+    bit-for-bit the single call's). The weights may be of different types, layer by layer."""
+    _check_fused("kquant_matmul_fused", x, weights)
+    for data, index, _ in weights:
+        if data.dtype != jnp.uint8 or index.dtype != jnp.int32:
+            raise TypeError(f"kquant_matmul_fused takes uint8 data and int32 index; got {data.dtype}, {index.dtype}")
+    if not has_group_path():
+        raise RuntimeError("the native grouped matmul is not available (see the log for why)")
+    call = jax.ffi.ffi_call("jaxinfer_kquant_matmul_fused",
+                            [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for *_, n in weights])
+    return list(call(x, jnp.asarray(layer, jnp.int32), *(a for data, index, _ in weights for a in (data, index)),
+                     n=np.array([n for *_, n in weights], np.int64)))

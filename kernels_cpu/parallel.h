@@ -71,6 +71,21 @@ class Workers {
     ParallelFor(num_chunks, [&](int64_t c) { fn(c * per_chunk, std::min(num_blocks, (c + 1) * per_chunk), 0, m); });
   }
 
+  // ParallelTiles over several matmuls of one x (fused projections: q, k and v): their blocks are
+  // numbered one after another and dealt out as one matmul's, so small ones share the threads with
+  // the rest. fn(i, b0, b1, m0, m1): rows [m0, m1) of matmul i's blocks [b0, b1).
+  template <typename Fn>
+  void ParallelTilesOf(int64_t m, const std::vector<int64_t>& num_blocks, const Fn& fn) {
+    std::vector<int64_t> first(num_blocks.size() + 1, 0);
+    for (size_t i = 0; i < num_blocks.size(); ++i) first[i + 1] = first[i] + num_blocks[i];
+    ParallelTiles(m, first.back(), [&](int64_t b0, int64_t b1, int64_t m0, int64_t m1) {
+      for (size_t i = 0; i < num_blocks.size(); ++i) {
+        const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
+        if (lo < hi) fn(static_cast<int64_t>(i), lo - first[i], hi - first[i], m0, m1);
+      }
+    });
+  }
+
   static Workers& Get() {
     static Workers* workers = new Workers();  // never destroyed: its threads are detached
     return *workers;

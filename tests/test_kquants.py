@@ -286,6 +286,23 @@ def test_real_v_proj_mixing_q5_0_and_q8_0_kept_as_stored(qwen):
             check_kernel(np.asarray(kernel(x, w.data, w.index, layer, n=n)), x, want)
 
 
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 5, 130])
+def test_fused_kernel_is_each_single_call_bit_for_bit(m):
+    """q, k and v of different types in one call (a Q4_K_M file's v may be Q6_K or Q8_0): each
+    output bit for bit its own call's, and the weights times the int8 activations."""
+    rng = np.random.default_rng(20 + m)
+    stacks = [(("Q4_K", "Q5_0"), 256), (("Q6_K", "Q8_0"), 64), (("Q5_K", "Q4_1"), 80)]
+    raws = [[random_blocks(rng, kind, n, 512) for kind in kinds] for kinds, n in stacks]
+    weights = [stack(r, kinds) for r, (kinds, _) in zip(raws, stacks)]
+    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
+    fused = jax.jit(lambda x, layer: native.kquant_matmul_fused(x, [(w.data, w.index, w.n) for w in weights], layer))
+    for layer in (0, 1):
+        for w, r, y in zip(weights, raws, fused(x, layer)):
+            np.testing.assert_array_equal(y, kernel(x, w.data, w.index, layer, n=w.n))
+            check_kernel(np.asarray(y), x, gguf_weight(r[layer], w.types[layer]))
+
+
 @pytest.mark.skipif("avx512f" not in open("/proc/cpuinfo").read(), reason="the main run already is the AVX2 build")
 @needs_kernel
 def test_avx2_build_passes_the_kernel_tests_too():

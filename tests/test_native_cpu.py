@@ -198,6 +198,78 @@ def test_integer_matmul_rows_do_not_depend_on_the_batch(kernel):
         np.testing.assert_array_equal(batch[::11], alone[:len(batch[::11])], err_msg=f"m={m}")
 
 
+# q, k and v of a small GQA layer: N 576, 192, 192 (192: three blocks of 64, fewer than the threads' share)
+FUSED_SHAPES = (576, 192, 192)
+
+
+@pytest.mark.parametrize("m", [1, 5, 130])  # 130: the threads split the rows (by 64) as well as the blocks
+def test_fused_int8_matmul_is_each_single_call_bit_for_bit(m):
+    rng = np.random.default_rng(6 + m)
+    weights = [int8_weight(rng, 576, n, layers=2) for n in FUSED_SHAPES]
+    x = jnp.asarray(rng.standard_normal((m, 576)), jnp.float32)
+    layouts = {"kn": lambda d: d, "blocked": native.to_blocked}
+    if native.has_integer_path():
+        layouts["vnni"] = native.to_vnni
+    for name, layout in layouts.items():
+        laid = [(layout(data), scales) for data, scales in weights]
+        fused = jax.jit(lambda x, layer: native.int8_matmul_fused(x, laid, layer))
+        assert fused.lower(x, 1).as_text().count("jaxinfer_int8_matmul_fused") == 1
+        got = fused(x, 1)
+        for (data, scales), (w, _), y in zip(weights, laid, got):
+            np.testing.assert_array_equal(y, native.int8_matmul(x, w, scales, 1), err_msg=name)
+            want = reference(quantized_activations(x) if name == "vnni" else x, data[1], scales[1])
+            np.testing.assert_allclose(y, want, atol=2e-6 * np.abs(want).max() * 3, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("m", [1, 5, 130])
+def test_fused_group_matmul_takes_formats_of_both_widths_bit_for_bit(group_path, m):
+    """q in Q4_1, k in Q8_0, v in Q4_0 (a GGUF file may mix them): one call, each output its own
+    single call's, bit for bit, and the weights times the 8-bit activations."""
+    rng = np.random.default_rng(7 + m)
+    fmts = ("q4_1", "q8_0", "q4_0")
+    weights = [group_weight(rng, fmt, 576, n, layers=2) for fmt, n in zip(fmts, FUSED_SHAPES)]
+    laid = [(native.to_group_codes(data, GROUP_FORMATS[fmt][0]), scales, mins, GROUP_FORMATS[fmt][0])
+            for fmt, (data, scales, mins, _) in zip(fmts, weights)]
+    x = jnp.asarray(rng.standard_normal((m, 576)), jnp.float32)
+    got = jax.jit(lambda x, layer: native.group_matmul_fused(x, laid, layer))(x, 0)
+    for (codes, scales, mins, bits), (*_, w), y in zip(laid, weights, got):
+        np.testing.assert_array_equal(y, native.group_matmul(x, codes, scales, mins, 0, bits=bits))
+        want = quantized_activations(x).astype(np.float64) @ w[0]
+        np.testing.assert_allclose(y, want, atol=2e-6 * np.abs(want).max() * 3, rtol=0)
+
+
+def test_quant_matmuls_fuses_what_one_kernel_takes_and_runs_the_rest_alone(group_path):
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.standard_normal((256, 384)), jnp.float32)
+    per_channel = quantize_int8(w, scale_dtype=jnp.float16)
+    grouped = quantize_int8(w, group_size=32, scale_dtype=jnp.float16)  # Q8_0
+    codes = QuantizedWeight(native.to_group_codes(grouped.data, 8), grouped.scales, None, "int8", 32, "codes")
+    layouts = [per_channel, codes, grouped, codes, per_channel]  # "kn" grouped: XLA's dequantize-then-dot
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    run = jax.jit(lambda x, ws: ops.quant_matmuls(x, ws, backend="xla"))
+    text = run.lower(x, layouts).as_text()
+    assert text.count("jaxinfer_int8_matmul_fused") == 1 and text.count("jaxinfer_group_matmul_fused") == 1
+    for weight, y in zip(layouts, run(x, layouts)):
+        np.testing.assert_array_equal(y, ops.quant_matmul(x, weight, backend="xla"))
+        np.testing.assert_allclose(y, quant_matmul_reference(x, weight), atol=2e-2 * np.abs(y).max(), rtol=0)
+
+
+def test_fused_kernels_refuse_weights_that_disagree():
+    rng = np.random.default_rng(9)
+    single = int8_weight(rng, 64, 32)
+    stacked = int8_weight(rng, 64, 32, layers=2)
+    x = jnp.zeros((1, 64), jnp.float32)
+    with pytest.raises(ValueError, match="all layer stacks or all single"):
+        native.int8_matmul_fused(x, [single, stacked], 0)
+    with pytest.raises(ValueError, match="needs `layer`"):
+        native.int8_matmul_fused(x, [stacked, stacked])
+    with pytest.raises(TypeError, match="float32 x"):
+        native.int8_matmul_fused(x.astype(jnp.bfloat16), [single])
+    wrong_k = int8_weight(rng, 32, 32)
+    with pytest.raises(Exception, match="shapes disagree"):
+        jax.block_until_ready(native.int8_matmul_fused(x, [single, wrong_k]))
+
+
 def test_dispatch_sends_per_channel_int8_to_the_kernel_and_other_formats_to_xla():
     rng = np.random.default_rng(2)
     w = jnp.asarray(rng.standard_normal((256, 384)), jnp.float32)
@@ -331,6 +403,17 @@ def test_vnni_layout_refuses_a_weight_of_minus_128():
         native.to_vnni(jnp.asarray(data))
     data[5, 7] = -127
     native.to_vnni(jnp.asarray(data))  # the quantizer's whole range is accepted
+
+
+def test_default_cpu_engine_runs_q_k_v_and_gate_up_as_one_kernel_call_each(served):
+    """In the default configuration each layer's q, k and v projections are one native call, and its
+    gate and up another (`quant.project`); o and down stay single."""
+    runner = served.engine.runner
+    for tokens in (1, 64):
+        batch = runner._empty_batch(*runner.padded_shape(tokens, 1))
+        text = runner._step.lower(runner.state, runner.k_cache, runner.v_cache, *batch).as_text()
+        fused = [line for line in text.splitlines() if "_matmul_fused" in line and "custom_call" in line]
+        assert len(fused) == 2, fused
 
 
 def test_default_cpu_engine_keeps_a_float16_cache_read_by_the_native_kernel(served):

@@ -26,6 +26,7 @@ from jaxinfer import ops
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import (_LAYER_TENSORS, AttentionMetadata, all_reduce, DecoderLayer, Llama, apply_rope,
                                    load_stacked, rms_norm, rope_inv_freq)
+from jaxinfer.quant import project
 
 
 def gemma_norm(x, weight, eps):
@@ -61,9 +62,9 @@ class Gemma3DecoderLayer(DecoderLayer):
         c, eps = config, config.rms_norm_eps
         num_tokens = x.shape[0]
         h = gemma_norm(x, self.input_norm[...], eps)
-        q = self.q_proj(h, layer).reshape(num_tokens, c.num_heads, c.head_dim)
-        k = self.k_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        q, k, v = project(h, (self.q_proj, self.k_proj, self.v_proj), layer)
+        q = q.reshape(num_tokens, c.num_heads, c.head_dim)
+        k, v = (t.reshape(num_tokens, c.num_kv_heads, c.head_dim) for t in (k, v))
         q, k = gemma_norm(q, self.q_norm[...], eps), gemma_norm(k, self.k_norm[...], eps)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, backend=attention_backend)
@@ -74,8 +75,8 @@ class Gemma3DecoderLayer(DecoderLayer):
         attn = all_reduce(self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer), tp_axis)
         x = x + gemma_norm(attn, self.post_attention_norm[...], eps)
         h = gemma_norm(x, self.pre_feedforward_norm[...], eps)
-        h = all_reduce(self.down_proj(jax.nn.gelu(self.gate_proj(h, layer), approximate=True) * self.up_proj(h, layer),
-                                      layer), tp_axis)
+        gate, up = project(h, (self.gate_proj, self.up_proj), layer)
+        h = all_reduce(self.down_proj(jax.nn.gelu(gate, approximate=True) * up, layer), tp_axis)
         return x + gemma_norm(h, self.post_feedforward_norm[...], eps), k_cache, v_cache
 
 

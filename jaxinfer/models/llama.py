@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer import kquant, ops, quant
 from jaxinfer.config import ModelConfig
-from jaxinfer.quant import Linear, WeightFormat
+from jaxinfer.quant import Linear, WeightFormat, project
 from jaxinfer.weights.cache import WeightCache
 
 logger = logging.getLogger("jaxinfer")
@@ -129,9 +129,9 @@ class DecoderLayer(nnx.Module):
         c = config
         num_tokens = x.shape[0]
         h = rms_norm(x, self.input_norm[...], c.rms_norm_eps)
-        q = self.q_proj(h, layer).reshape(num_tokens, c.num_heads, c.head_dim)
-        k = self.k_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(h, layer).reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        q, k, v = project(h, (self.q_proj, self.k_proj, self.v_proj), layer)
+        q = q.reshape(num_tokens, c.num_heads, c.head_dim)
+        k, v = (t.reshape(num_tokens, c.num_kv_heads, c.head_dim) for t in (k, v))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, backend=attention_backend)
         attn = ops.ragged_paged_attention(
@@ -139,8 +139,8 @@ class DecoderLayer(nnx.Module):
             sm_scale=c.head_dim ** -0.5, sliding_window=c.sliding_window, backend=attention_backend)
         x = x + all_reduce(self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer), tp_axis)
         h = rms_norm(x, self.post_attention_norm[...], c.rms_norm_eps)
-        x = x + all_reduce(self.down_proj(jax.nn.silu(self.gate_proj(h, layer)) * self.up_proj(h, layer), layer),
-                           tp_axis)
+        gate, up = project(h, (self.gate_proj, self.up_proj), layer)
+        x = x + all_reduce(self.down_proj(jax.nn.silu(gate) * up, layer), tp_axis)
         return x, k_cache, v_cache
 
 
