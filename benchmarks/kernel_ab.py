@@ -55,7 +55,8 @@ def build_base(revision: str, out_dir: Path) -> Path:
     subprocess.run(cmd, check=True, capture_output=True)
     loaded = ctypes.cdll.LoadLibrary(str(library))
     for target, symbol in native.TARGETS.items():
-        jax.ffi.register_ffi_target(PREFIX + target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
+        if hasattr(loaded, symbol):  # an older revision may lack a kernel added since
+            jax.ffi.register_ffi_target(PREFIX + target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
     return library
 
 
@@ -74,6 +75,8 @@ def weights(kernel: str, rng, layers: int, k: int, n: int):
         scales = jnp.asarray(rng.uniform(1e-3, 1e-2, (layers, n)), jnp.float16)
         w = native.to_vnni(data) if native.has_integer_path() else native.to_blocked(data)
         return (lambda x, layer: native.int8_matmul(x, w, scales, layer)), k * n
+    if kernel in KQUANTS:
+        return kquant_weights(KQUANTS[kernel], rng, layers, k, n)
     bits = {"q8_0": 8, "q4_1": 4}[kernel]
     raw = rng.integers(0, 256 if bits == 8 else 16, (layers, k, n))
     data = jnp.asarray(raw - 128 if bits == 8 else raw[:, 0::2] | raw[:, 1::2] << 4, jnp.int8 if bits == 8 else jnp.uint8)
@@ -83,10 +86,31 @@ def weights(kernel: str, rng, layers: int, k: int, n: int):
     return (lambda x, layer: native.group_matmul(x, codes, scales, mins, layer, bits=bits)), k * n * bits // 8
 
 
+KQUANTS = {"q4_k": "Q4_K", "q6_k": "Q6_K"}  # run by kquant_matmul.cc
+
+
+def kquant_weights(kind: str, rng, layers: int, k: int, n: int):
+    """A stack of random blocks of a K-quant as `jaxinfer.kquant` lays them out (d and dmin set to
+    float16 values of a real model's range: random bytes there would be inf or NaN)."""
+    from jaxinfer import kquant
+
+    block_bytes = kquant.BLOCK_BYTES[kind]
+    d_at = 208 if kind == "Q6_K" else 0  # the byte offset of d in a super-block (Q4_K: d, dmin)
+    layer_blocks = []
+    for _ in range(layers):
+        raw = rng.integers(0, 256, (n, k // 256, block_bytes), dtype=np.uint8)
+        factors = rng.uniform(1e-4, 2e-3, (n, k // 256, 2)).astype(np.float16).view(np.uint8)
+        raw[..., d_at:d_at + (2 if kind == "Q6_K" else 4)] = factors[..., :2 if kind == "Q6_K" else 4]
+        layer_blocks.append((kind, kquant.pack_layer(kquant.decode_blocks(raw.reshape(n, -1), kind), kind)))
+    data, index = kquant.stack_layers(layer_blocks)
+    data, index = jnp.asarray(data), jnp.asarray(index)
+    return (lambda x, layer: native.kquant_matmul(x, data, index, layer, n=n)), data.nbytes // layers
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="HEAD", help="the git revision to compare this checkout with")
-    parser.add_argument("--kernels", nargs="+", default=["int8", "q4_1", "q8_0"], choices=["int8", "q4_1", "q8_0"])
+    parser.add_argument("--kernels", nargs="+", default=["int8", "q4_1", "q8_0"], choices=["int8", "q4_1", "q8_0", *KQUANTS])
     parser.add_argument("--shapes", default="576x576,576x1536,1536x576,576x6144", help="KxN,... (SmolLM2-135M's)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--layers", type=int, default=30)
