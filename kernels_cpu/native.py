@@ -7,7 +7,8 @@ out and reads it back, and decode runs at about a third of the memory bandwidth.
 integer dot products on activations quantized per block of 32, as llama.cpp does; `kquant_matmul`
 (`kquant_matmul.cc`) does the same for the K-quants Q4_K/Q5_K/Q6_K (layout: `jaxinfer.kquant`).
 `ragged_paged_attention` (`paged_attention.cc`) reads keys and values in place in the page pool,
-where the XLA path first gathers them into a contiguous copy.
+where the XLA path first gathers them into a contiguous copy. Each matmul has a fused entry
+(`int8_matmul_fused` and its kin) for several weights of one x: a layer's q, k and v in one call.
 
 The shared library is built with the system C++ compiler (`CXX`, else `g++`) and `-march=native`
 into `~/.cache/jaxinfer/native/` (`JAXINFER_NATIVE_DIR`), keyed by the source, the flags, the
