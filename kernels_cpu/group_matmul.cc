@@ -181,14 +181,15 @@ ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::Buffer<ffi::U8> codes, ffi::B
 // them dealt out to the threads as one matmul's.
 void Run(const float* x, std::vector<Problem>& problems) {
   const int64_t m = problems[0].m, k = problems[0].k;
-  std::vector<int8_t> xq(m * k);
-  std::vector<float> xs(m * (k / kGroup)), xsums(m * (k / kGroup));
-  QuantizeX(x, m, k, xq.data(), xs.data(), xsums.data(), nullptr);
+  int8_t* xq = jaxinfer::Scratch<int8_t, 0>(m * k);
+  float* xs = jaxinfer::Scratch<float, 1>(m * (k / kGroup));
+  float* xsums = jaxinfer::Scratch<float, 2>(m * (k / kGroup));
+  QuantizeX(x, m, k, xq, xs, xsums, nullptr);
   std::vector<int64_t> num_blocks;
   for (Problem& p : problems) {
-    p.xq = xq.data();
-    p.xs = xs.data();
-    p.xsums = xsums.data();
+    p.xq = xq;
+    p.xs = xs;
+    p.xsums = xsums;
     num_blocks.push_back((p.n + kBlock - 1) / kBlock);
   }
   jaxinfer::Workers::Get().ParallelTilesOf(m, num_blocks, [&](int64_t i, int64_t b0, int64_t b1, int64_t m0,

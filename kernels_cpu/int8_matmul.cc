@@ -363,12 +363,12 @@ void Run(const float* xp, int64_t m, int64_t k, const std::vector<Weight>& weigh
     any_vnni |= w.vnni;
   }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
-  std::vector<uint8_t> xq;
-  std::vector<float> xs;
+  uint8_t* xq = nullptr;
+  float* xs = nullptr;
   if (any_vnni) {
-    xq.resize(m * k);
-    xs.resize(m * (k / kQBlock));
-    QuantizeX(xp, m, k, xq.data(), xs.data());
+    xq = jaxinfer::Scratch<uint8_t, 0>(m * k);
+    xs = jaxinfer::Scratch<float, 1>(m * (k / kQBlock));
+    QuantizeX(xp, m, k, xq, xs);
   }
 #endif
   jaxinfer::Workers::Get().ParallelTilesOf(m, num_blocks, [&](int64_t i, int64_t b0, int64_t b1, int64_t m0,
@@ -379,7 +379,7 @@ void Run(const float* xp, int64_t m, int64_t k, const std::vector<Weight>& weigh
       const int64_t c0 = b * block, c1 = std::min(n, c0 + block);
       if (w.vnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
-        IBlock(xq.data() + m0 * k, xs.data() + m0 * (k / kQBlock), w.w + b * k * block, block, w.scales,
+        IBlock(xq + m0 * k, xs + m0 * (k / kQBlock), w.w + b * k * block, block, w.scales,
                w.y + m0 * n, m1 - m0, k, n, c0);
 #endif
       } else if (w.blocked) {

@@ -323,16 +323,17 @@ ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::Buffer<ffi::U8> data, ffi::Bu
 // quantized once, the blocks of all of them dealt out to the threads as one matmul's.
 void Run(const float* x, std::vector<Problem>& problems, const std::vector<int32_t>& types) {
   const int64_t m = problems[0].rows, k = problems[0].k, groups = k / 32;
-  std::vector<int8_t> xq(m * k);
-  std::vector<float> xs(m * groups), xsums(m * groups);
-  std::vector<int32_t> isums(m * groups * 2);
-  QuantizeX(x, m, k, xq.data(), xs.data(), xsums.data(), isums.data());
+  int8_t* xq = jaxinfer::Scratch<int8_t, 0>(m * k);
+  float* xs = jaxinfer::Scratch<float, 1>(m * groups);
+  float* xsums = jaxinfer::Scratch<float, 2>(m * groups);
+  int32_t* isums = jaxinfer::Scratch<int32_t, 3>(m * groups * 2);
+  QuantizeX(x, m, k, xq, xs, xsums, isums);
   std::vector<int64_t> num_blocks;
   for (Problem& p : problems) {
-    p.xq = xq.data();
-    p.xs = xs.data();
-    p.xsums = xsums.data();
-    p.isums = isums.data();
+    p.xq = xq;
+    p.xs = xs;
+    p.xsums = xsums;
+    p.isums = isums;
     num_blocks.push_back((p.n + kCols - 1) / kCols);
   }
   jaxinfer::Workers::Get().ParallelTilesOf(m, num_blocks, [&](int64_t i, int64_t b0, int64_t b1, int64_t m0,

@@ -23,6 +23,21 @@
 
 namespace jaxinfer {
 
+// A buffer of at least n T's for the calling thread, not zeroed, kept between calls: the kernels'
+// quantized activations. A fresh std::vector each call zeroed them first (about 1-2% of a prefill or
+// 32-stream step) and, past malloc's mmap threshold, faulted its pages in anew. `Slot` tells apart
+// the buffers one call needs at once; a thread runs one kernel call at a time.
+template <typename T, int Slot>
+T* Scratch(size_t n) {
+  thread_local std::unique_ptr<T[]> buffer;
+  thread_local size_t size = 0;
+  if (size < n) {
+    buffer.reset(new T[n]);
+    size = n;
+  }
+  return buffer.get();
+}
+
 class Workers {
  public:
   // Calls fn(i) for i in [0, n) on the calling thread and the workers; returns when all are done.
