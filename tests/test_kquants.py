@@ -12,13 +12,13 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from jaxinfer import kquant, ops, quant
+from jaxinfer import kquant, ops, quant, registry
 from kernels_cpu import native
 from tests.test_native_cpu import quantized_activations
 
 KINDS = ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 BLOCK_BYTES = kquant.BLOCK_BYTES
-QWEN = os.path.expanduser("~/.cache/jaxinfer/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+QWEN = os.path.join(registry.model_dir(), "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")  # `jaxinfer pull`'s
 
 needs_kernel = pytest.mark.skipif(native.turned_off() is not None or not native.has_group_path(),
                                   reason="no native grouped integer path in this build")
