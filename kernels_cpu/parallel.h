@@ -1,6 +1,9 @@
 // ParallelFor: the native CPU kernels' threads. XLA's own pool wakes a sleeping thread per task,
 // which costs about as much as one decode matmul (tens of microseconds); these workers spin for
-// a while after each job, so the calls of one decode step find them awake, then sleep.
+// a while after each job, so the calls of one decode step find them awake, then sleep. A spinning
+// thread offers its core to any other runnable thread every few microseconds (sched_yield): a
+// server's event loop or a client on the same cores then runs there, instead of preempting a
+// thread that computes while the other spins waiting for it.
 
 #ifndef JAXINFER_KERNELS_CPU_PARALLEL_H_
 #define JAXINFER_KERNELS_CPU_PARALLEL_H_
@@ -56,7 +59,7 @@ class Workers {
     }
     if (sleepers_.load() > 0) cv_.notify_all();
     job->Work();
-    while (job->done.load(std::memory_order_acquire) < n) _mm_pause();
+    for (int spins = 1; job->done.load(std::memory_order_acquire) < n; ++spins) Pause(spins);
   }
 
   // fn(m0, m1) over [0, m) in runs of `rows`: on this thread alone below two runs, else on all.
@@ -139,8 +142,8 @@ class Workers {
       const auto start = std::chrono::steady_clock::now();
       int spins = 0;
       while (generation_.load(std::memory_order_acquire) == seen) {
-        _mm_pause();
-        if (++spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+        Pause(++spins);
+        if (spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
           std::unique_lock<std::mutex> lock(mu_);
           sleepers_.fetch_add(1);
           cv_.wait(lock, [&] { return generation_.load() != seen; });
@@ -156,6 +159,14 @@ class Workers {
       }
       if (job) job->Work();
     }
+  }
+
+  // A waiting thread's pause; every 64th also offers the core to another runnable thread (a
+  // system call of about a microsecond when there is none). Measured with a server at 32 streams
+  // on 2 cores: 1.05x the output tokens/s (docs/KERNELS.md); in a process alone, no change.
+  static void Pause(int spins) {
+    _mm_pause();
+    if (spins % 64 == 0) sched_yield();
   }
 
   static constexpr std::chrono::microseconds kSpin{2000};
