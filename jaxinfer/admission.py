@@ -19,17 +19,22 @@ expected wait = (prefill tokens ahead + the request's own prompt tokens) / prefi
 It errs on the side of refusing: tokens ahead count no prefix-cache hit (but the siblings of an
 `n` > 1 request, which wait to share the first sequence's prompt pages, count only the last page); a
 text prompt not yet tokenized counts its UTF-8 bytes (byte-level BPE makes at most one token per
-byte; a few special tokens are within the slack); the rate includes the loop's own overhead; and
-before the first measurement the rate is PRIOR_TOKENS_PER_S, below what the bundled SmolLM2-135M
-prefills on 2 busy CPU cores (360-1,000 tokens/s measured at 128 batched tokens a step), and gives
-way to measurements within a few seconds of work. A request with nothing ahead of it is always
-admitted: retrying could never make it wait less.
+byte; a few special tokens are within the slack); and the rate includes the loop's own overhead.
+
+Before the first measurement the rate is a prior (`prior_tokens_per_s`): PRIOR_FRACTION of the
+largest step's tokens per second, timed once at warm-up (`ModelRunner.peak_prefill_tokens_per_s`:
+padding tokens, so no attention over a long context and no decode rows sharing the step), or
+PRIOR_TOKENS_PER_S where the engine was not warmed up. It counts as PRIOR_WEIGHT_S of measured time
+and gives way to measurements within a few seconds of work. (A fixed 100 tokens/s made a fresh
+server refuse most of a first burst that it would have served in seconds.) A request with nothing
+ahead of it is always admitted: retrying could never make it wait less.
 """
 
 import math
 from dataclasses import dataclass
 
-PRIOR_TOKENS_PER_S = 100.0
+PRIOR_TOKENS_PER_S = 100.0  # without a warm-up timing: below what SmolLM2-135M prefills on 2 busy cores
+PRIOR_FRACTION = 0.5  # of the warm-up's peak: the queue drains slower than the model's peak prefill
 PRIOR_WEIGHT_S = 0.5  # the prior counts as this much measured time, then decays like a measurement
 WINDOW_S = 5.0  # seconds of loop time over which measurements are weighted (time constant)
 
@@ -56,6 +61,11 @@ class PrefillRate:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+
+def prior_tokens_per_s(peak_tokens_per_s: float | None) -> float:
+    """The rate admission starts from: PRIOR_FRACTION of the warm-up's peak, else PRIOR_TOKENS_PER_S."""
+    return PRIOR_FRACTION * peak_tokens_per_s if peak_tokens_per_s else PRIOR_TOKENS_PER_S
 
 
 def expected_wait(tokens_ahead: int, num_prompt_tokens: int, tokens_per_s: float) -> float:

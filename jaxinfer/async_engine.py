@@ -169,13 +169,15 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self.max_queue_wait = max_queue_wait
-        self.prefill_rate = PrefillRate()  # the loop thread's once started
+        # The loop thread's once started; until it has measured, a fraction of warm-up's peak (admission.py).
+        self.prefill_rate = PrefillRate.prior(admission.prior_tokens_per_s(
+            getattr(engine.runner, "peak_prefill_tokens_per_s", None)))
         self.num_rejected = {"queue_full": 0, "queue_wait": 0}  # refusals at submission, by reason
         self.observer = observer
         self.on_failure = on_failure
         self.error: BaseException | None = None
         self.accepting = True
-        self.stats = EngineStats()
+        self.stats = EngineStats(prefill_tokens_per_s=self.prefill_rate.tokens_per_s)
         self._cond = threading.Condition()
         self._inbox: list[_Add | str] = []  # an _Add, or the id of a request to abort
         self._in_transit: list[_Add | str] = []  # taken from the inbox, not yet in the stats snapshot

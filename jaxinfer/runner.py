@@ -133,6 +133,7 @@ class ModelRunner:
             self.channel.wait_ready()
         self.num_compilations = 0  # step programs built after warm-up
         self.warmed_up = False
+        self.peak_prefill_tokens_per_s: float | None = None  # the largest bucket's, timed at warm-up
 
     # -- buckets ----------------------------------------------------------------------------------
 
@@ -156,9 +157,18 @@ class ModelRunner:
         for shape in tqdm(shapes, desc="Compiling", unit="program", leave=False, disable=None):
             self._run(*self._empty_batch(*shape))
         self.warmed_up = True
+        elapsed = time.perf_counter() - start
+        # The largest bucket once more, compiled and warm: where admission's estimate of the prefill
+        # rate starts (jaxinfer/admission.py) until the engine has measured its own.
+        num_tokens, num_seqs = max(shapes)
+        step_start = time.perf_counter()
+        self._run(*self._empty_batch(num_tokens, num_seqs))
+        step_s = time.perf_counter() - step_start
+        self.peak_prefill_tokens_per_s = num_tokens / step_s
         cache = jax.config.jax_compilation_cache_dir
-        logger.info("compiled %d step programs in %.1f s, (tokens, sequences) = %s%s", len(shapes),
-                    time.perf_counter() - start, shapes, f"; compilation cache {cache}" if cache else "")
+        logger.info("compiled %d step programs in %.1f s, (tokens, sequences) = %s%s; a step of %d tokens takes "
+                    "%.0f ms", len(shapes), elapsed, shapes, f"; compilation cache {cache}" if cache else "",
+                    num_tokens, step_s * 1e3)
 
     def execute(self, scheduled: list[tuple[Sequence, int]], needs_history: bool = False,
                 token_bitmask: np.ndarray | None = None, drafts: dict | None = None) -> StepOutput:

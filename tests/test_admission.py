@@ -112,6 +112,44 @@ def test_a_request_is_refused_exactly_when_its_expected_wait_passes_the_limit():
         engine.shutdown(timeout=1)
 
 
+def test_a_warmed_up_engine_starts_from_half_the_peak_its_warm_up_timed():
+    """Without a measurement, a runner whose largest step ran at 1,000 tokens/s at warm-up starts
+    admission at 500 tokens/s (not the 100 tokens/s of an engine never timed)."""
+    fake = FakeEngine()
+    fake.runner.peak_prefill_tokens_per_s = 1000.0
+    fake.queued_tokens = 900  # 1.8 s at 500 tokens/s, 9 s at 100
+    engine = started(fake, max_queue_wait=LIMIT)
+    try:
+        asyncio.run(submit(engine, 100))  # (900 + 100) / 500 = 2.0 s: admitted
+        with pytest.raises(QueueWaitError, match=r"2\.0 s \(900 prompt tokens queued ahead at 500 tokens/s"):
+            asyncio.run(submit(engine, 101))
+    finally:
+        engine.shutdown(timeout=1)
+
+
+def test_the_warm_up_timing_is_near_what_a_real_prompt_prefills(llm):
+    """The peak that warm-up timed on padding tokens, against a 500-token prompt computed in one step
+    (max_num_batched_tokens 512) right after: the same order (a fixed prior was 15x too low here).
+    Wide bounds: two runs on 2 shared cores, and padding rows attend to nothing."""
+    engine = llm.engine
+    peak = engine.runner.peak_prefill_tokens_per_s
+    rng = random.Random(1)
+    rates = []
+    for _ in range(3):
+        prompt = [rng.randrange(1000, 40000) for _ in range(500)]
+        start = time.perf_counter()
+        engine.add_request(prompt, SamplingParams(max_tokens=1))
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        rates.append(len(prompt) / (time.perf_counter() - start))
+        assert steps == 1
+    measured = sorted(rates)[1]
+    print(f"warm-up peak {peak:.0f} tokens/s, a 500-token prompt {measured:.0f} tokens/s")
+    assert measured / 3 <= peak <= measured * 3
+
+
 def test_requests_submitted_but_not_yet_taken_by_the_engine_count_as_queued():
     engine = AsyncLLMEngine(FakeEngine(), max_queue_wait=LIMIT)  # not started: submissions stay in the inbox
 
