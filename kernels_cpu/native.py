@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -76,16 +77,24 @@ def _library_path(compiler: str) -> Path:
 
 
 def _build(compiler: str, out: Path) -> None:
+    """Each source compiled on its own thread (each is seconds of -O3: on 2 cores this halves the
+    build), then linked into `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     logger.debug("compiling the native CPU kernels (%s, once for this machine) ...", compiler)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+        commands = [[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE.parent}", "-c", str(source), "-o",
+                     str(obj)] for source, obj in zip(SOURCES, objects)]
         partial = Path(tmp) / out.name
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE.parent}", *map(str, SOURCES), "-o",
-               str(partial), "-lpthread"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+        with ThreadPoolExecutor(max_workers=min(len(SOURCES), os.cpu_count() or 1)) as pool:
+            results = list(pool.map(lambda cmd: (cmd, subprocess.run(cmd, capture_output=True, text=True)), commands))
+        results.append((link := [compiler, *FLAGS, *map(str, objects), "-o", str(partial), "-lpthread"],
+                        subprocess.run(link, capture_output=True, text=True) if all(
+                            result.returncode == 0 for _, result in results) else None))
+        for cmd, result in results:
+            if result is not None and result.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
         os.replace(partial, out)  # atomic: a concurrent build of the same key writes the same bytes
     logger.info("native CPU kernels built in %.1f s (once for this machine): %s", time.perf_counter() - start, out)
 

@@ -21,6 +21,14 @@ def test_the_kernels_build_and_register_where_a_compiler_exists():
     assert native.available()
 
 
+def test_a_failed_build_raises_with_the_compilers_message_and_leaves_no_library(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-such-option"))
+    monkeypatch.setenv("JAXINFER_NATIVE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="failed:\n.*-mno-such-option"):
+        native.load()
+    assert list(tmp_path.iterdir()) == []
+
+
 def int8_weight(rng, k, n, layers=None):
     shape = (k, n) if layers is None else (layers, k, n)
     data = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
