@@ -21,21 +21,25 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 EXAMPLES = int(os.environ.get("JAXINFER_FUZZ_EXAMPLES", "100"))  # per operation and mode
-SECONDS_PER_RUN = float(os.environ.get("JAXINFER_FUZZ_SECONDS", "15"))  # then the rest of the examples pass unsent
+SECONDS_PER_RUN = float(os.environ.get("JAXINFER_FUZZ_SECONDS", "10"))  # then the rest of the examples pass unsent
 REQUEST_TIMEOUT_S = 30  # a request still unanswered then is a hang
-MAX_GENERATED = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2}
+MAX_GENERATED = {"max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4, "n": 2}
 
 
 def bound_generation(body, label: str) -> None:
     """Caps the integers that set how much a valid request generates; a missing max_tokens (chat's
-    default is the whole context) becomes the cap, but where it is required (Anthropic's messages:
-    its absence is to be refused). Values of other types are left to be refused."""
+    default is the whole context) becomes the cap (the Responses API's max_output_tokens), but where
+    it is required (Anthropic's messages: its absence is to be refused). Values of other types are
+    left to be refused."""
     if not isinstance(body, dict):
         return
     for name, cap in MAX_GENERATED.items():
         if type(body.get(name)) is int and body[name] > cap:
             body[name] = cap
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None and label != "POST /v1/messages":
+    if label == "POST /v1/responses":
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = MAX_GENERATED["max_output_tokens"]
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None and label != "POST /v1/messages":
         body["max_tokens"] = MAX_GENERATED["max_tokens"]
 
 
