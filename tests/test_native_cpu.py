@@ -21,6 +21,19 @@ def test_the_kernels_build_and_register_where_a_compiler_exists():
     assert native.available()
 
 
+def test_the_attention_keeps_its_page_prefetches_through_the_compiler():
+    """paged_attention.cc prefetches pages ahead into L2 (prefetcht1) and the next one into L1: a
+    build the compiler optimized them out of computes the same numbers, only slower (as one did
+    until 2026-12-06), so no other test would notice. objdump comes with g++'s binutils."""
+    import shutil
+    import subprocess
+
+    library = native.load()
+    code = subprocess.run([shutil.which("objdump") or "objdump", "-d", "--no-show-raw-insn", str(library)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "prefetcht1" in code
+
+
 def test_a_failed_build_raises_with_the_compilers_message_and_leaves_no_library(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-such-option"))
     monkeypatch.setenv("JAXINFER_NATIVE_DIR", str(tmp_path))
