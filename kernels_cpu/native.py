@@ -76,6 +76,12 @@ def _library_path(compiler: str) -> Path:
     return root / f"jaxinfer_kernels-{key.hexdigest()[:16]}.so"  # every kernel of SOURCES
 
 
+def _run_compiler(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+
+
 def _build(compiler: str, out: Path) -> None:
     """Each source compiled on its own thread (each is seconds of -O3: on 2 cores this halves the
     build), then linked into `out`."""
@@ -83,18 +89,14 @@ def _build(compiler: str, out: Path) -> None:
     start = time.perf_counter()
     logger.debug("compiling the native CPU kernels (%s, once for this machine) ...", compiler)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
-        commands = [[compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{HERE.parent}", "-c", str(source), "-o",
-                     str(obj)] for source, obj in zip(SOURCES, objects)]
-        partial = Path(tmp) / out.name
+        objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]
+        include = [f"-I{jax.ffi.include_dir()}", f"-I{HERE.parent}"]
         with ThreadPoolExecutor(max_workers=min(len(SOURCES), os.cpu_count() or 1)) as pool:
-            results = list(pool.map(lambda cmd: (cmd, subprocess.run(cmd, capture_output=True, text=True)), commands))
-        results.append((link := [compiler, *FLAGS, *map(str, objects), "-o", str(partial), "-lpthread"],
-                        subprocess.run(link, capture_output=True, text=True) if all(
-                            result.returncode == 0 for _, result in results) else None))
-        for cmd, result in results:
-            if result is not None and result.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
+            # list(): every compile finishes, and the first failure raises here
+            list(pool.map(_run_compiler, [[compiler, *FLAGS, *include, "-c", str(source), "-o", obj]
+                                          for source, obj in zip(SOURCES, objects)]))
+        partial = Path(tmp) / out.name
+        _run_compiler([compiler, *FLAGS, *objects, "-o", str(partial), "-lpthread"])
         os.replace(partial, out)  # atomic: a concurrent build of the same key writes the same bytes
     logger.info("native CPU kernels built in %.1f s (once for this machine): %s", time.perf_counter() - start, out)
 
