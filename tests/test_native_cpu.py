@@ -476,8 +476,10 @@ def test_avx2_build_passes_the_kernel_tests_too():
     import subprocess
     import sys
 
-    # Without F16C too (a machine with neither): the float16 cache is widened by plain code.
-    for flags, tests in (("-mno-avx512f", "not engine and not avx2_build"), ("-mno-avx512f -mno-f16c", "float16")):
+    # Without F16C too (a machine with neither): the float16 cache and the int8 matmul's float16
+    # scales are widened by plain code.
+    for flags, tests in (("-mno-avx512f", "not engine and not avx2_build"),
+                         ("-mno-avx512f -mno-f16c", "float16 or int8_matmul_matches")):
         env = {**os.environ, "JAXINFER_NATIVE_CFLAGS": flags}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                                  "-k", tests], env=env, capture_output=True, text=True, timeout=600)
