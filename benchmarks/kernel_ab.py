@@ -130,14 +130,18 @@ def main():
                 for m in args.rows:
                     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
 
-                    def every_layer(x):
-                        return jax.lax.fori_loop(0, args.layers, lambda i, acc: acc + matmul(x, i),
-                                                 jnp.zeros((m, n), jnp.float32))
+                    def every_layer():  # a new function per side: jit caches its trace per function
+                        return lambda x: jax.lax.fori_loop(0, args.layers, lambda i, acc: acc + matmul(x, i),
+                                                           jnp.zeros((m, n), jnp.float32))
 
-                    ours, base = jax.jit(every_layer), jax.jit(every_layer)
+                    # (until 2026-12-06 both sides jitted one function: the base's trace, made first, was
+                    # then reused for ours, and every A/B timed the base build against itself)
+                    ours, base = jax.jit(every_layer()), jax.jit(every_layer())
                     with base_targets():
                         want = np.asarray(base(x))  # traced (and compiled) with the base targets
                     got = np.asarray(ours(x))
+                    if PREFIX in ours.lower(x).as_text():
+                        raise RuntimeError("this checkout's side was traced with the base build's targets")
                     times = {"ours": [], "base": []}
                     for _ in range(args.reps):
                         for name, fn in (("ours", ours), ("base", base)):
