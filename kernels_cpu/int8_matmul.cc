@@ -24,6 +24,7 @@
 
 #include <immintrin.h>
 
+#include "kernels_cpu/half.h"
 #include "kernels_cpu/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,17 +36,10 @@ namespace {
 // (kAccRegs of the 32 zmm with AVX-512, of the 16 ymm with AVX2). One row takes the widest tile,
 // so each row of W it reads is several cache lines long; work is dealt out in blocks of kBlock
 // columns, a multiple of every tile's width.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kAccRegs = 16;
-#else
-constexpr int kLanes = 8;
-constexpr int kAccRegs = 8;
-#endif
+constexpr int kAccRegs = kLanes;  // kernels_cpu/half.h: 16 with AVX-512, else 8
 constexpr int64_t kBlock = 256;  // of the row-major layout; the blocked layout says its own
 constexpr int kPrefetchRows = 8;  // rows of W ahead of the one being read
 
-typedef float VecF __attribute__((vector_size(kLanes * 4)));
 
 // kLanes int8 -> float (GCC scalarizes __builtin_convertvector for this, hence the intrinsics).
 inline VecF LoadConvert(const int8_t* p) {
@@ -60,53 +54,12 @@ inline VecF LoadConvert(const int8_t* p) {
 #endif
 }
 
-inline float HalfToFloat(uint16_t h) {
-  // IEEE binary16 -> binary32, subnormals included.
-  uint32_t sign = (h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1f;
-  uint32_t mant = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {
-      int shift = 0;
-      while (!(mant & 0x400u)) {
-        mant <<= 1;
-        ++shift;
-      }
-      mant &= 0x3ffu;
-      bits = sign | ((127 - 15 - shift + 1) << 23) | (mant << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// kLanes float16 scales as float (exact): one conversion instruction where the machine has one.
-inline VecF LoadScales(const uint16_t* p) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<VecF>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-#elif defined(__F16C__)
-  return reinterpret_cast<VecF>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  VecF v;
-  for (int i = 0; i < kLanes; ++i) v[i] = HalfToFloat(p[i]);
-  return v;
-#endif
-}
-
 // out[i] = acc[i] * scales[i] for i < count (count >= 1): a whole vector in one multiply and store
 // (it had been a scalar conversion and store per column: 30% of a prefill matmul's time at K = 576),
 // the last columns of an N that is not a multiple of kLanes one by one (the scales end at N).
 inline void StoreScaled(float* out, VecF acc, const uint16_t* scales, int64_t count) {
   if (count >= kLanes) {
-    const VecF v = acc * LoadScales(scales);
+    const VecF v = acc * LoadHalf(scales);
     std::memcpy(out, &v, sizeof v);
     return;
   }

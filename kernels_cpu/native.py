@@ -40,7 +40,7 @@ logger = logging.getLogger("jaxinfer")
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "int8_matmul.cc", HERE / "group_matmul.cc", HERE / "kquant_matmul.cc", HERE / "paged_attention.cc")
-HEADERS = (HERE / "parallel.h", HERE / "group_simd.h")
+HEADERS = (HERE / "parallel.h", HERE / "group_simd.h", HERE / "half.h")
 TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul", "jaxinfer_group_matmul": "JaxinferGroupMatmul",
            "jaxinfer_kquant_matmul": "JaxinferKQuantMatmul", "jaxinfer_int8_matmul_fused": "JaxinferInt8MatmulFused",
            "jaxinfer_group_matmul_fused": "JaxinferGroupMatmulFused",

@@ -28,6 +28,7 @@
 
 #include <immintrin.h>
 
+#include "kernels_cpu/half.h"
 #include "kernels_cpu/parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,12 +36,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-typedef float VecF __attribute__((vector_size(kLanes * 4)));
 typedef int32_t VecI __attribute__((vector_size(kLanes * 4)));
 constexpr int64_t kRowBlock = 16;
 
@@ -63,37 +58,6 @@ inline VecF Fma(VecF a, VecF b, VecF c) {
                                                 reinterpret_cast<__m256>(c)));
 #else
   return a * b + c;
-#endif
-}
-
-// A float16 (IEEE binary16) as a float, exactly: for a machine without F16C.
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-  uint32_t bits;
-  if (exponent == 0x1f) {
-    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, nan
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else {  // zero or subnormal: mantissa * 2^-24
-    const float value = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
-    std::memcpy(&bits, &value, sizeof bits);
-    bits |= sign;
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// kLanes float16 values widened to float32 (exact).
-inline VecF LoadHalf(const uint16_t* p) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<VecF>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-#elif defined(__F16C__)
-  return reinterpret_cast<VecF>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  VecF v;
-  for (int i = 0; i < kLanes; ++i) v[i] = HalfToFloat(p[i]);
-  return v;
 #endif
 }
 
