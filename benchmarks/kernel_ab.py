@@ -1,6 +1,7 @@
 """The native CPU matmuls of this checkout against those of another git revision, in one process.
 
     .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 --rows 1 8 32
+    .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 --kernels attention --rows 8 32 --context 500
 
 End-to-end timings on a shared 2-core VM drift by 10-20% between runs, more than most kernel
 changes are worth. This builds the kernels of `--base` (`git show` of kernels_cpu's sources, the
@@ -107,10 +108,35 @@ def kquant_weights(kind: str, rng, layers: int, k: int, n: int):
     return (lambda x, layer: native.kquant_matmul(x, data, index, layer, n=n)), data.nbytes // layers
 
 
+def attention_case(rng, layers: int, seqs: int, context: int, query_rows: int, page_size: int = 16):
+    """(attention(q, layer), q, bytes of one layer's keys and values read) for `seqs` sequences of
+    `context` tokens, each with its last `query_rows` as queries (1: decode rows), SmolLM2-135M's heads
+    (9 query, 3 KV, head_dim 64) over a float16 cache whose pages lie scattered over a pool twice the
+    size needed, as a server's do after a while."""
+    num_heads, num_kv_heads, head_dim = 9, 3, 64
+    pages = -(-context // page_size)
+    pool = 2 * seqs * pages
+    shape = (layers, num_kv_heads, pool, page_size, head_dim)
+    k = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), jnp.float16)
+    v = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), jnp.float16)
+    tables = jnp.asarray(rng.permutation(pool)[:seqs * pages].reshape(seqs, pages), jnp.int32)
+    qsl = jnp.arange(seqs + 1, dtype=jnp.int32) * query_rows
+    lens = jnp.full((seqs,), context, jnp.int32)
+    q = jnp.asarray(rng.standard_normal((seqs * query_rows, num_heads, head_dim)), jnp.float32)
+    fn = lambda q, layer: native.ragged_paged_attention(q, k, v, layer, qsl, lens, tables,  # noqa: E731
+                                                        sm_scale=head_dim ** -0.5)
+    return fn, q, seqs * context * num_kv_heads * head_dim * 2 * 2
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="HEAD", help="the git revision to compare this checkout with")
-    parser.add_argument("--kernels", nargs="+", default=["int8", "q4_1", "q8_0"], choices=["int8", "q4_1", "q8_0", *KQUANTS])
+    parser.add_argument("--kernels", nargs="+", default=["int8", "q4_1", "q8_0"],
+                        choices=["int8", "q4_1", "q8_0", *KQUANTS, "attention"],
+                        help="attention: paged_attention.cc, --rows sequences of --context tokens")
+    parser.add_argument("--context", type=int, default=500, help="attention: tokens per sequence")
+    parser.add_argument("--query-rows", type=int, default=1,
+                        help="attention: query rows per sequence (1: decode; more: a prefill chunk)")
     parser.add_argument("--shapes", default="576x576,576x1536,1536x576,576x6144", help="KxN,... (SmolLM2-135M's)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--layers", type=int, default=30)
@@ -124,15 +150,21 @@ def main():
         build_base(args.base, Path(tmp))
         for kernel in args.kernels:
             totals = {m: [0.0, 0.0] for m in args.rows}
-            for shape in args.shapes.split(","):
-                k, n = map(int, shape.split("x"))
-                matmul, layer_bytes = weights(kernel, rng, args.layers, k, n)
+            shapes = [f"{args.context}x{args.query_rows}"] if kernel == "attention" else args.shapes.split(",")
+            for shape in shapes:
+                k, n = map(int, shape.split("x"))  # attention: context and query rows
+                if kernel != "attention":
+                    matmul, layer_bytes = weights(kernel, rng, args.layers, k, n)
                 for m in args.rows:
-                    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+                    if kernel == "attention":
+                        matmul, x, layer_bytes = attention_case(rng, args.layers, m, k, n)
+                    else:
+                        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
 
                     def every_layer():  # a new function per side: jit caches its trace per function
+                        out = jax.eval_shape(matmul, x, 0)
                         return lambda x: jax.lax.fori_loop(0, args.layers, lambda i, acc: acc + matmul(x, i),
-                                                           jnp.zeros((m, n), jnp.float32))
+                                                           jnp.zeros(out.shape, jnp.float32))
 
                     # (until 2026-12-06 both sides jitted one function: the base's trace, made first, was
                     # then reused for ours, and every A/B timed the base build against itself)

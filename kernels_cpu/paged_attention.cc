@@ -180,6 +180,38 @@ __attribute__((always_inline)) inline void PrefetchPage(const Problem<KV>& p, in
   }
 }
 
+// A page's keys and values prefetched into L2 a few lines at a time, between the steps of the tile
+// before (Step before each head's scores and each head's values): for a single row, issuing all of a
+// page's lines at once (64 at page size 16, head_dim 64, float16) asks for more misses than a core
+// keeps in flight, and it stalled on the prefetch instructions (`perf`: a fifth of a 32-row decode
+// step's attention samples on them). Spread, 1.20x on 8 and 32 decode rows of 500 keys
+// (kernel_ab.py --kernels attention), the same results bit for bit.
+template <typename KV>
+struct Spread {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t offset = 0, end = 0, per_step = 0;
+  void Reset(const Problem<KV>& p, int64_t page, int64_t keys, int64_t g, int64_t steps) {
+    Finish();
+    if (page < 0 || page >= p.num_pages) return;
+    const int64_t at = (g * p.num_pages + page) * p.page_size * p.head_dim;
+    k = reinterpret_cast<const char*>(p.k + at);
+    v = reinterpret_cast<const char*>(p.v + at);
+    offset = 0;
+    end = keys * p.head_dim * static_cast<int64_t>(sizeof(KV));
+    per_step = std::max<int64_t>(64, (end / steps + 63) / 64 * 64);
+  }
+  __attribute__((always_inline)) void Step() {
+    for (const int64_t stop = std::min(end, offset + per_step); offset < stop; offset += 64) {
+      __builtin_prefetch(k + offset, 0, 2);
+      __builtin_prefetch(v + offset, 0, 2);
+    }
+  }
+  void Finish() {
+    while (offset < end) Step();
+  }
+};
+
 // Pages prefetched into L2 ahead of the one computed. Measured on 32 decode rows of 500 and 2,000
 // keys (float16, head_dim 64, page 16; docs/KERNELS.md): with the next page into L1 alone, pages
 // scattered over the pool took 1.45 and 4.66 ms a layer; with 4 pages ahead into L2 as well, 0.98
@@ -191,13 +223,17 @@ constexpr int64_t kPagesAhead = 4;
 // scores are one vector, with one max, one vector exp and one rescale of the accumulator per tile.
 // A key a row may not see (after it, or before its window) weighs exactly 0, so a row's result does
 // not depend on the other rows of its block, nor on the batch.
-template <typename KV, int64_t kHeadDim>  // kHeadDim: the head_dim as a constant, or 0 (p.head_dim)
+// kHeadDim: the head_dim as a constant, or 0 (p.head_dim). kOneRow: r1 = r0 + 1 (a decode row, or a
+// chunk's last row alone in its block), whose pages are prefetched a few lines at a time (Spread);
+// a block of many rows computes long enough on each page for the prefetch of a whole page at once
+// (spreading it there cost 8-12%).
+template <typename KV, int64_t kHeadDim, bool kOneRow>
 void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   const int64_t group = p.num_heads / p.num_kv_heads, d_dim = kHeadDim ? kHeadDim : p.head_dim;
   const int64_t q_len = p.qsl[s + 1] - p.qsl[s];
   const int64_t seq_len = p.seq_lens[s];
   const int64_t first_pos = seq_len - q_len;  // position of the sequence's first query row
-  const int64_t rows = r1 - r0, lanes = rows * group;
+  const int64_t rows = kOneRow ? 1 : r1 - r0, lanes = rows * group;
   // Per thread, reused by every item (a decode step has thousands of items): scaled queries,
   // accumulators and softmax statistics per (row, head) lane.
   static thread_local std::vector<float> qs, acc, m, l, correction_buffer;
@@ -237,9 +273,16 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   const int64_t first_page = key_begin / p.page_size, end_page = (key_end + p.page_size - 1) / p.page_size;
   for (int64_t i = first_page + 1; i < std::min(end_page, first_page + kPagesAhead); ++i)
     PrefetchPage<2>(p, table[i], std::min(p.page_size, key_end - i * p.page_size), g);
+  Spread<KV> spread;
   for (int64_t page_start = first_page * p.page_size; page_start < key_end; page_start += p.page_size) {
-    if (const int64_t ahead = page_start / p.page_size + kPagesAhead; ahead < end_page)  // into L2
-      PrefetchPage<2>(p, table[ahead], std::min(p.page_size, key_end - ahead * p.page_size), g);
+    if (const int64_t ahead = page_start / p.page_size + kPagesAhead; ahead < end_page) {  // into L2
+      const int64_t keys = std::min(p.page_size, key_end - ahead * p.page_size);
+      if constexpr (kOneRow) {
+        spread.Reset(p, table[ahead], keys, g, 2 * group);
+      } else {
+        PrefetchPage<2>(p, table[ahead], keys, g);
+      }
+    }
     const int64_t page = table[page_start / p.page_size];
     if (page < 0 || page >= p.num_pages) continue;  // never in a valid batch; never read out of bounds
     const int64_t page_end = std::min(page_start + p.page_size, key_end);
@@ -268,6 +311,7 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
         VecF* scores = score_buffer.data();
         float* corrections = correction_buffer.data();
         for (int64_t h = 0; h < group; ++h) {
+          if constexpr (kOneRow) spread.Step();
           const float* qr = qs.data() + (r * group + h) * d_dim;
           VecF dots[kLanes];
           if (kHeadDim && n == kLanes) {  // a whole tile: straight-line code, kLanes independent chains
@@ -305,6 +349,7 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
           corrections[h] = correction;
         }
         for (int64_t h = 0; h < group; ++h) {
+          if constexpr (kOneRow) spread.Step();
           Store(weights, scores[h]);
           const float correction = corrections[h];
           float* a = acc.data() + (r * group + h) * d_dim;
@@ -412,10 +457,14 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<CacheTy
   }
   // The common head sizes as constants, so that Item's loops over a head unroll (a decode step at 32
   // sequences spent a quarter of its attention time in the loop overhead of 4-iteration dot products).
-  auto item = p.head_dim == 64 ? Item<KV, 64> : p.head_dim == 128 ? Item<KV, 128> : p.head_dim == 256 ? Item<KV, 256>
-                                                                                                     : Item<KV, 0>;
+  auto pick = [&](auto one_row) {
+    constexpr bool kOne = decltype(one_row)::value;
+    return p.head_dim == 64 ? Item<KV, 64, kOne> : p.head_dim == 128 ? Item<KV, 128, kOne>
+         : p.head_dim == 256 ? Item<KV, 256, kOne> : Item<KV, 0, kOne>;
+  };
+  auto item = pick(std::false_type{}), one_row = pick(std::true_type{});
   jaxinfer::Workers::Get().ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
-    item(p, items[i].s, items[i].g, items[i].r0, items[i].r1);
+    (items[i].r1 - items[i].r0 == 1 ? one_row : item)(p, items[i].s, items[i].g, items[i].r0, items[i].r1);
   });
   return ffi::Error::Success();
 }

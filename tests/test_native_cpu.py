@@ -367,6 +367,10 @@ def test_paged_attention_row_does_not_depend_on_the_rest_of_the_batch():
     # The prefill sequence alone: its last 7 rows as a chunk of their own after 53 cached tokens.
     alone = np.asarray(run(q[34:41], k_cache, v_cache, layer, np.array([0, 7], np.int32), lens[1:2], tables[1:2]))
     np.testing.assert_array_equal(alone, full[34:41])
+    # Its last row as a one-row chunk (the kernel's one-row items, a decode row's path) against the
+    # same row in a block of 8.
+    alone = np.asarray(run(q[40:41], k_cache, v_cache, layer, np.array([0, 1], np.int32), lens[1:2], tables[1:2]))
+    np.testing.assert_array_equal(alone, full[40:41])
     # The decode row of the last sequence alone.
     alone = np.asarray(run(q[41:42], k_cache, v_cache, layer, np.array([0, 1], np.int32), lens[2:3], tables[2:3]))
     np.testing.assert_array_equal(alone, full[41:42])
