@@ -118,11 +118,25 @@ def test_a_warmed_up_engine_starts_from_half_the_peak_its_warm_up_timed():
     fake = FakeEngine()
     fake.runner.peak_prefill_tokens_per_s = 1000.0
     fake.queued_tokens = 900  # 1.8 s at 500 tokens/s, 9 s at 100
-    engine = started(fake, max_queue_wait=LIMIT)
-    try:
-        asyncio.run(submit(engine, 100))  # (900 + 100) / 500 = 2.0 s: admitted
+    # Not started, so that no loop iteration measures a rate first: a started engine's step with 900
+    # tokens queued and none computed observed 0 tokens in its own loop time, and a loop iteration of
+    # over 0.5 ms (a busy CI machine) moved the rate below 499.5 before the second submission (and
+    # the first request could still be counted in transit). The snapshot the loop takes before its
+    # first step, taken here:
+    engine = AsyncLLMEngine(fake, max_queue_wait=LIMIT)
+    engine._update_stats()
+    assert engine.stats.prefill_tokens_per_s == 500.0
+
+    async def main():
         with pytest.raises(QueueWaitError, match=r"2\.0 s \(900 prompt tokens queued ahead at 500 tokens/s"):
-            asyncio.run(submit(engine, 101))
+            await submit(engine, 101)  # (900 + 101) / 500 = 2.002 s
+        admitted = asyncio.create_task(submit(engine, 100))  # (900 + 100) / 500 = 2.0 s
+        await asyncio.sleep(0)  # in the inbox, awaiting acceptance
+        engine.start()
+        await admitted
+
+    try:
+        asyncio.run(main())
     finally:
         engine.shutdown(timeout=1)
 
