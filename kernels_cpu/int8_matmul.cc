@@ -213,10 +213,12 @@ constexpr bool kHasIntegerPath = true;
 static_assert(kILanes == kLanes, "float and int vectors must have the same lanes");
 
 // Rows [m0, m0 + R) of y, V vectors of columns from n0 (all within one block of `block` columns,
-// `w` pointing at the block's first byte and `col` the tile's first column in the block).
-template <int64_t R, int V>
+// `w` pointing at the block's first byte and `col` the tile's first column in the block). kNext: a
+// pass after the block's first, which issues the next block's prefetches (parallel.h's NextBlock).
+template <int64_t R, int V, bool kNext>
 inline void ITile(const uint8_t* xq, const float* xs, const int32_t* xsums, const int8_t* w, int64_t block,
-                  int64_t col, const uint16_t* scales, float* y, int64_t k_dim, int64_t n_dim, int64_t m0, int64_t n0) {
+                  int64_t col, const uint16_t* scales, float* y, int64_t k_dim, int64_t n_dim, int64_t m0, int64_t n0,
+                  jaxinfer::NextBlock& next) {
   VecF acc[R][V] = {};
   const int64_t quad_stride = block * 4;  // bytes per 4 rows of k
   const int64_t k_blocks = k_dim / kQBlock;
@@ -232,6 +234,7 @@ inline void ITile(const uint8_t* xq, const float* xs, const int32_t* xsums, cons
     for (int64_t q = 0; q < kQBlock / 4; ++q, wp += quad_stride) {
       const int64_t k = kb * kQBlock + q * 4;
       __builtin_prefetch(wp + 8 * quad_stride);
+      if constexpr (kNext) next.Step();
       if constexpr (kOneRow) {
         const VecI xb = Unsigned(Bcast(xq + m0 * k_dim + k));
         for (int j = 0; j < V; ++j) {
@@ -265,22 +268,39 @@ inline void ITile(const uint8_t* xq, const float* xs, const int32_t* xsums, cons
   }
 }
 
-template <int64_t R>
+constexpr int IMaxV(int64_t r) { return r >= 3 ? 2 : 4; }
+
+template <int64_t R, bool kNext>
 inline void IColumns(const uint8_t* xq, const float* xs, const int32_t* xsums, const int8_t* w, int64_t block,
-                     const uint16_t* scales, float* y, int64_t k_dim, int64_t n_dim, int64_t m0, int64_t c0) {
-  constexpr int kMaxV = R >= 3 ? 2 : 4;
+                     const uint16_t* scales, float* y, int64_t k_dim, int64_t n_dim, int64_t m0, int64_t c0,
+                     jaxinfer::NextBlock& next) {
+  constexpr int kMaxV = IMaxV(R);
   int64_t col = 0;
   for (; col + kMaxV * kLanes <= block; col += kMaxV * kLanes) {
-    ITile<R, kMaxV>(xq, xs, xsums, w, block, col, scales, y, k_dim, n_dim, m0, c0 + col);
+    ITile<R, kMaxV, kNext>(xq, xs, xsums, w, block, col, scales, y, k_dim, n_dim, m0, c0 + col, next);
   }
-  for (; col < block; col += kLanes) ITile<R, 1>(xq, xs, xsums, w, block, col, scales, y, k_dim, n_dim, m0, c0 + col);
+  for (; col < block; col += kLanes) {
+    ITile<R, 1, kNext>(xq, xs, xsums, w, block, col, scales, y, k_dim, n_dim, m0, c0 + col, next);
+  }
 }
 
 // Every row of y, one block of `block` columns from c0 (the block's padding columns are not stored).
+// `prefetch_next`: the block after it is this thread's too, and comes into L2 during the passes
+// after the first (parallel.h's NextBlock).
 void IBlock(const uint8_t* xq, const float* xs, const int32_t* xsums, const int8_t* w, int64_t block,
-            const uint16_t* scales, float* y, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t c0) {
+            const uint16_t* scales, float* y, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t c0,
+            bool prefetch_next) {
+  auto tiles = [&](int64_t r) { return block / (IMaxV(r) * kLanes) + block % (IMaxV(r) * kLanes) / kLanes; };
+  const int64_t tail = m_dim % 4, block_bytes = k_dim * block;
+  const int64_t later_tiles = m_dim <= 4 ? 0 : (m_dim / 4 - 1) * tiles(4) + (tail ? tiles(tail) : 0);
+  jaxinfer::NextBlock none, next;
+  if (prefetch_next) next = jaxinfer::NextBlock(w + block_bytes, block_bytes, later_tiles * k_dim / 4);
   RowPasses(m_dim, [&](auto r, int64_t m0) {
-    IColumns<decltype(r)::value>(xq, xs, xsums, w, block, scales, y, k_dim, n_dim, m0, c0);
+    if (m0 > 0 && next.active()) {
+      IColumns<decltype(r)::value, true>(xq, xs, xsums, w, block, scales, y, k_dim, n_dim, m0, c0, next);
+    } else {
+      IColumns<decltype(r)::value, false>(xq, xs, xsums, w, block, scales, y, k_dim, n_dim, m0, c0, none);
+    }
   });
 }
 
@@ -402,7 +422,7 @@ void Run(const float* xp, int64_t m, int64_t k, const std::vector<Weight>& weigh
       if (w.vnni) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
         IBlock(xq + m0 * k, xs + m0 * (k / kQBlock), xsums + m0 * (k / kQBlock), w.w + b * k * block, block, w.scales,
-               w.y + m0 * n, m1 - m0, k, n, c0);
+               w.y + m0 * n, m1 - m0, k, n, c0, b + 1 < b1);
 #endif
       } else if (w.blocked) {
         Block(xp + m0 * k, w.w + b * k * block, block, w.scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);

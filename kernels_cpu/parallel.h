@@ -41,6 +41,32 @@ T* Scratch(size_t n) {
   return buffer.get();
 }
 
+// The next column block's weights brought into L2 a few lines at a time, while the passes after the
+// first over this block's rows compute from the cache. At 8-32 decode rows a block's first pass
+// streams its weights from memory faster than a core's share of the bandwidth, and the passes after
+// it use none: that is when the next block can come in. Spread over the passes' steps (Step), since
+// issuing a block's lines at once stalls the core on its own prefetches (paged_attention.cc's Spread
+// found the same). ParallelTiles deals a thread runs of consecutive blocks, so the next is its own.
+struct NextBlock {
+  const char* at = nullptr;
+  const char* end = nullptr;
+  int64_t per_step = 0;
+
+  NextBlock() = default;
+  // `bytes` from `begin` over `steps` calls of Step; none if steps <= 0.
+  NextBlock(const void* begin, int64_t bytes, int64_t steps) {
+    if (steps <= 0) return;
+    at = static_cast<const char*>(begin);
+    end = at + bytes;
+    per_step = (bytes / 64 + steps - 1) / steps;
+  }
+  bool active() const { return at < end; }
+  // Always inlined: GCC deleted calls to an out-of-line function that only prefetches (paged_attention.cc).
+  __attribute__((always_inline)) void Step() {
+    for (int64_t i = 0; i < per_step && at < end; ++i, at += 64) __builtin_prefetch(at, 0, 2);
+  }
+};
+
 class Workers {
  public:
   // Calls fn(i) for i in [0, n) on the calling thread and the workers; returns when all are done.
