@@ -110,7 +110,9 @@ class Workers {
       });
       return;
     }
-    const int64_t per_chunk = std::max<int64_t>(1, num_blocks / (4 * size()));
+    // Runs of at least 2 blocks when there are several row passes, so that a block's later passes
+    // can bring in the next (NextBlock); 2 balances as well as 1 between 2 threads.
+    const int64_t per_chunk = std::max<int64_t>(m > 4 ? 2 : 1, num_blocks / (4 * size()));
     const int64_t num_chunks = (num_blocks + per_chunk - 1) / per_chunk;
     ParallelFor(num_chunks, [&](int64_t c) { fn(c * per_chunk, std::min(num_blocks, (c + 1) * per_chunk), 0, m); });
   }
