@@ -114,9 +114,11 @@ inline void ZeroPointStep(const Problem& p, const VecI (&iacc)[R][V], const VecF
 }
 
 // Rows [m0, m0 + R) of y, V vectors of columns from n0 = c0 + col, in the block that starts at c0;
-// p's factor pointers are that block's (`Block`).
-template <int64_t R, int V, int Id>
-inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t col, int64_t m0, int64_t n0) {
+// p's factor pointers are that block's (`Block`). kNext: a pass after the block's first, which
+// brings in the next block's codes and high bits (parallel.h's NextBlock), a step per group.
+template <int64_t R, int V, int Id, bool kNext>
+inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t col, int64_t m0, int64_t n0,
+                 jaxinfer::NextBlock (&next)[2]) {
   constexpr Type kType = kTypes[Id];
   constexpr int Bits = kType.bits;
   constexpr int kHigh = Bits == 8 ? 0 : Bits - 4;
@@ -126,6 +128,10 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
     for (int j = 0; j < V; ++j) acc[r][j] = Zero();
   }
   for (int64_t g = 0; g < groups; ++g) {
+    if constexpr (kNext) {
+      next[0].Step();
+      next[1].Step();
+    }
     const uint8_t* wp = nibbles + (g * 4 * kCols + col) * 4;
     const uint8_t* hp = high + (g * kHigh * kCols + col) * 4;
     VecF d[V];
@@ -237,21 +243,41 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
 }
 
 // Rows [m0, m0 + R) of y, every column of the block at c0 (columns at or past N are padding).
-template <int64_t R, int Id>
-inline void Columns(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t m0, int64_t c0) {
-  constexpr int kMaxV = R >= 3 ? 2 : 4;
+constexpr int MaxV(int64_t r) { return r >= 3 ? 2 : 4; }
+
+template <int64_t R, int Id, bool kNext>
+inline void Columns(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t m0, int64_t c0,
+                    jaxinfer::NextBlock (&next)[2]) {
+  constexpr int kMaxV = MaxV(R);
   const int64_t width = std::min(kCols, p.n - c0);
   int64_t col = 0;
-  for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) Tile<R, kMaxV, Id>(p, nibbles, high, col, m0, c0 + col);
-  for (; col < width; col += kLanes) Tile<R, 1, Id>(p, nibbles, high, col, m0, c0 + col);
+  for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) {
+    Tile<R, kMaxV, Id, kNext>(p, nibbles, high, col, m0, c0 + col, next);
+  }
+  for (; col < width; col += kLanes) Tile<R, 1, Id, kNext>(p, nibbles, high, col, m0, c0 + col, next);
 }
 
+// Rows [m0, m0 + R) of the block, with the next block's prefetches if `next` has any to issue.
+template <int64_t R, int Id>
+inline void Pass(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t m0, int64_t c0,
+                 jaxinfer::NextBlock (&next)[2]) {
+  if (next[0].active() || next[1].active()) {
+    Columns<R, Id, true>(p, nibbles, high, m0, c0, next);
+  } else {
+    Columns<R, Id, false>(p, nibbles, high, m0, c0, next);
+  }
+}
+
+// Block b's columns for every row, in passes of 4 rows; `prefetch_next`: block b + 1 is this
+// thread's too, and its codes and high bits come into L2 during the passes after the first.
 template <int Id>
-void Block(const Problem& problem, int64_t b) {
+void Block(const Problem& problem, int64_t b, bool prefetch_next) {
   constexpr Type kType = kTypes[Id];
   constexpr int Bits = kType.bits;
-  const uint8_t* nibbles = problem.nibbles + b * problem.k * kCols / (Bits == 8 ? 1 : 2);  // Q8_0: its codes
-  const uint8_t* high = problem.high + b * problem.k * kCols * (Bits == 8 ? 0 : Bits - 4) / 8;
+  const int64_t nibble_bytes = problem.k * kCols / (Bits == 8 ? 1 : 2);  // Q8_0: its codes
+  const int64_t high_bytes = problem.k * kCols * (Bits == 8 ? 0 : Bits - 4) / 8;
+  const uint8_t* nibbles = problem.nibbles + b * nibble_bytes;
+  const uint8_t* high = problem.high + b * high_bytes;
   Problem p = problem;  // with this block's factors: [K / S, B] each
   if constexpr (kType.block32) {
     p.d += b * (p.k / 32) * kCols;
@@ -264,12 +290,21 @@ void Block(const Problem& problem, int64_t b) {
       p.dmin += b * (p.k / kSuper) * kCols;
     }
   }
+  const int64_t width = std::min(kCols, p.n - b * kCols), tail = p.rows % 4;
+  auto tiles = [&](int64_t r) { return width / (MaxV(r) * kLanes) + width % (MaxV(r) * kLanes) / kLanes; };
+  // A step per group of each tile of the passes after the first.
+  const int64_t steps = (p.rows <= 4 ? 0 : (p.rows / 4 - 1) * tiles(4) + (tail ? tiles(tail) : 0)) * (p.k / 32);
+  jaxinfer::NextBlock none[2], next[2];
+  if (prefetch_next) {
+    next[0] = jaxinfer::NextBlock(nibbles + nibble_bytes, nibble_bytes, steps);
+    next[1] = jaxinfer::NextBlock(high + high_bytes, high_bytes, high_bytes ? steps : 0);
+  }
   int64_t m0 = 0;
-  for (; m0 + 4 <= p.rows; m0 += 4) Columns<4, Id>(p, nibbles, high, m0, b * kCols);
+  for (; m0 + 4 <= p.rows; m0 += 4) Pass<4, Id>(p, nibbles, high, m0, b * kCols, m0 == 0 ? none : next);
   switch (p.rows - m0) {
-    case 3: Columns<3, Id>(p, nibbles, high, m0, b * kCols); break;
-    case 2: Columns<2, Id>(p, nibbles, high, m0, b * kCols); break;
-    case 1: Columns<1, Id>(p, nibbles, high, m0, b * kCols); break;
+    case 3: Pass<3, Id>(p, nibbles, high, m0, b * kCols, m0 == 0 ? none : next); break;
+    case 2: Pass<2, Id>(p, nibbles, high, m0, b * kCols, m0 == 0 ? none : next); break;
+    case 1: Pass<1, Id>(p, nibbles, high, m0, b * kCols, m0 == 0 ? none : next); break;
     default: break;
   }
 }
@@ -348,14 +383,14 @@ void Run(const float* x, std::vector<Problem>& problems, const std::vector<int32
     rows.y += m0 * p.n;
     for (int64_t b = b0; b < b1; ++b) {
       switch (types[i]) {
-        case 0: Block<0>(rows, b); break;
-        case 1: Block<1>(rows, b); break;
-        case 2: Block<2>(rows, b); break;
-        case 3: Block<3>(rows, b); break;
-        case 4: Block<4>(rows, b); break;
-        case 5: Block<5>(rows, b); break;
-        case 6: Block<6>(rows, b); break;
-        default: Block<7>(rows, b); break;
+        case 0: Block<0>(rows, b, b + 1 < b1); break;
+        case 1: Block<1>(rows, b, b + 1 < b1); break;
+        case 2: Block<2>(rows, b, b + 1 < b1); break;
+        case 3: Block<3>(rows, b, b + 1 < b1); break;
+        case 4: Block<4>(rows, b, b + 1 < b1); break;
+        case 5: Block<5>(rows, b, b + 1 < b1); break;
+        case 6: Block<6>(rows, b, b + 1 < b1); break;
+        default: Block<7>(rows, b, b + 1 < b1); break;
       }
     }
   });
