@@ -51,8 +51,12 @@ TARGETS = {"jaxinfer_int8_matmul": "JaxinferInt8Matmul", "jaxinfer_group_matmul"
 ATTENTION_CACHE_DTYPES = {jnp.dtype(jnp.float32): "jaxinfer_ragged_paged_attention",
                           jnp.dtype(jnp.float16): "jaxinfer_ragged_paged_attention_f16"}
 # $JAXINFER_NATIVE_CFLAGS adds flags, e.g. "-mno-avx512f" to build (and test) the AVX2 paths on an AVX-512 machine.
+# -fno-gnu-unique: GCC makes the static objects of inline functions (parallel.h's one `Workers`, its
+# `Scratch` buffers) GNU-unique symbols, which the dynamic linker binds to one copy per process even
+# across libraries loaded RTLD_LOCAL; two builds in one process (benchmarks/kernel_ab.py) then share
+# the first one's objects whatever their layout.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast",
-         *os.environ.get("JAXINFER_NATIVE_CFLAGS", "").split())
+         "-fno-gnu-unique", *os.environ.get("JAXINFER_NATIVE_CFLAGS", "").split())
 
 
 def _cpu_id() -> str:

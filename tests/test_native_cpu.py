@@ -28,6 +28,20 @@ def test_a_failed_build_raises_with_the_compilers_message_and_leaves_no_library(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_library_exports_no_process_wide_unique_objects():
+    """GCC's default makes the static objects of inline functions (parallel.h's one `Workers`, its
+    scratch buffers) STB_GNU_UNIQUE, which the dynamic linker binds to one copy per process even
+    across libraries loaded RTLD_LOCAL: a second build loaded beside this one (benchmarks/kernel_ab.py,
+    engine_ab.py) then ran on the first one's `Workers`, whatever its layout (a deadlock once the
+    class changed, 2026-12-06). `nm -D` marks such symbols "u". nm comes with g++'s binutils."""
+    import shutil
+    import subprocess
+
+    symbols = subprocess.run([shutil.which("nm") or "nm", "-D", "--defined-only", str(native.load())],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    assert any("Workers" in line for line in symbols)  # the objects are there, as weak symbols
+    assert [line for line in symbols if line.split()[-2:-1] == ["u"]] == []
+
 def int8_weight(rng, k, n, layers=None):
     shape = (k, n) if layers is None else (layers, k, n)
     data = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
