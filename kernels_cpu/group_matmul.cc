@@ -123,17 +123,9 @@ inline void Tile(const Problem& p, const uint8_t* block_codes, int64_t col, int6
 }
 
 // Rows [m0, m0 + R) of y, every column of the block at c0 (the columns at or past N are padding).
-// Vectors of columns per tile of R rows (up to): R * V accumulators and as many integer sums.
-constexpr int MaxV(int64_t r) { return r >= 3 ? 2 : 4; }
-
-// Tiles of R rows that cover `width` columns.
-constexpr int64_t TilesPerPass(int64_t r, int64_t width) {
-  return width / (MaxV(r) * kLanes) + width % (MaxV(r) * kLanes) / kLanes;
-}
-
 template <int64_t R, int Bits, bool kNext>
 inline void Columns(const Problem& p, const uint8_t* block_codes, int64_t m0, int64_t c0, NextBlock& next) {
-  constexpr int kMaxV = MaxV(R);
+  constexpr int kMaxV = jaxinfer::TileVectors(R);
   const int64_t width = std::min(kBlock, p.n - c0);
   int64_t col = 0;
   for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) {
@@ -159,10 +151,9 @@ template <int Bits>
 void Block(const Problem& p, int64_t b, bool prefetch_next) {
   const int64_t block_bytes = p.k * kBlock * Bits / 8;
   const uint8_t* block_codes = p.codes + b * block_bytes;
-  const int64_t width = std::min(kBlock, p.n - b * kBlock), tail = p.m % 4;
-  // The steps of the passes after the first: (tiles of 4 rows, then of the tail) * groups * quads.
-  const int64_t later_tiles = p.m <= 4 ? 0 : (p.m / 4 - 1) * TilesPerPass(4, width) + (tail ? TilesPerPass(tail, width) : 0);
-  const int64_t steps = later_tiles * (p.k / kGroup) * (Bits == 8 ? kGroup / 4 : 4);
+  const int64_t width = std::min(kBlock, p.n - b * kBlock);
+  // The steps of the passes after the first: their tiles * groups * quads.
+  const int64_t steps = jaxinfer::LaterPassTiles(p.m, width, kLanes) * (p.k / kGroup) * (Bits == 8 ? kGroup / 4 : 4);
   NextBlock none, next = prefetch_next ? NextBlock(block_codes + block_bytes, block_bytes, steps) : NextBlock();
   int64_t m0 = 0;
   for (; m0 + 4 <= p.m; m0 += 4) Pass<4, Bits>(p, block_codes, m0, b * kBlock, m0 == 0 ? none : next);

@@ -268,13 +268,11 @@ inline void ITile(const uint8_t* xq, const float* xs, const int32_t* xsums, cons
   }
 }
 
-constexpr int IMaxV(int64_t r) { return r >= 3 ? 2 : 4; }
-
 template <int64_t R, bool kNext>
 inline void IColumns(const uint8_t* xq, const float* xs, const int32_t* xsums, const int8_t* w, int64_t block,
                      const uint16_t* scales, float* y, int64_t k_dim, int64_t n_dim, int64_t m0, int64_t c0,
                      jaxinfer::NextBlock& next) {
-  constexpr int kMaxV = IMaxV(R);
+  constexpr int kMaxV = jaxinfer::TileVectors(R);
   int64_t col = 0;
   for (; col + kMaxV * kLanes <= block; col += kMaxV * kLanes) {
     ITile<R, kMaxV, kNext>(xq, xs, xsums, w, block, col, scales, y, k_dim, n_dim, m0, c0 + col, next);
@@ -290,11 +288,11 @@ inline void IColumns(const uint8_t* xq, const float* xs, const int32_t* xsums, c
 void IBlock(const uint8_t* xq, const float* xs, const int32_t* xsums, const int8_t* w, int64_t block,
             const uint16_t* scales, float* y, int64_t m_dim, int64_t k_dim, int64_t n_dim, int64_t c0,
             bool prefetch_next) {
-  auto tiles = [&](int64_t r) { return block / (IMaxV(r) * kLanes) + block % (IMaxV(r) * kLanes) / kLanes; };
-  const int64_t tail = m_dim % 4, block_bytes = k_dim * block;
-  const int64_t later_tiles = m_dim <= 4 ? 0 : (m_dim / 4 - 1) * tiles(4) + (tail ? tiles(tail) : 0);
+  const int64_t block_bytes = k_dim * block;
   jaxinfer::NextBlock none, next;
-  if (prefetch_next) next = jaxinfer::NextBlock(w + block_bytes, block_bytes, later_tiles * k_dim / 4);
+  if (prefetch_next) {
+    next = jaxinfer::NextBlock(w + block_bytes, block_bytes, jaxinfer::LaterPassTiles(m_dim, block, kLanes) * k_dim / 4);
+  }
   RowPasses(m_dim, [&](auto r, int64_t m0) {
     if (m0 > 0 && next.active()) {
       IColumns<decltype(r)::value, true>(xq, xs, xsums, w, block, scales, y, k_dim, n_dim, m0, c0, next);

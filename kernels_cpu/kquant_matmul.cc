@@ -243,12 +243,10 @@ inline void Tile(const Problem& p, const uint8_t* nibbles, const uint8_t* high, 
 }
 
 // Rows [m0, m0 + R) of y, every column of the block at c0 (columns at or past N are padding).
-constexpr int MaxV(int64_t r) { return r >= 3 ? 2 : 4; }
-
 template <int64_t R, int Id, bool kNext>
 inline void Columns(const Problem& p, const uint8_t* nibbles, const uint8_t* high, int64_t m0, int64_t c0,
                     jaxinfer::NextBlock (&next)[2]) {
-  constexpr int kMaxV = MaxV(R);
+  constexpr int kMaxV = jaxinfer::TileVectors(R);
   const int64_t width = std::min(kCols, p.n - c0);
   int64_t col = 0;
   for (; col + kMaxV * kLanes <= width; col += kMaxV * kLanes) {
@@ -290,10 +288,9 @@ void Block(const Problem& problem, int64_t b, bool prefetch_next) {
       p.dmin += b * (p.k / kSuper) * kCols;
     }
   }
-  const int64_t width = std::min(kCols, p.n - b * kCols), tail = p.rows % 4;
-  auto tiles = [&](int64_t r) { return width / (MaxV(r) * kLanes) + width % (MaxV(r) * kLanes) / kLanes; };
+  const int64_t width = std::min(kCols, p.n - b * kCols);
   // A step per group of each tile of the passes after the first.
-  const int64_t steps = (p.rows <= 4 ? 0 : (p.rows / 4 - 1) * tiles(4) + (tail ? tiles(tail) : 0)) * (p.k / 32);
+  const int64_t steps = jaxinfer::LaterPassTiles(p.rows, width, kLanes) * (p.k / 32);
   jaxinfer::NextBlock none[2], next[2];
   if (prefetch_next) {
     next[0] = jaxinfer::NextBlock(nibbles + nibble_bytes, nibble_bytes, steps);

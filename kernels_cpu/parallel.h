@@ -67,6 +67,23 @@ struct NextBlock {
   }
 };
 
+// The matmuls' tile rule: a tile of r rows spans up to TileVectors(r) vectors of columns (r times
+// that many accumulators, and as many integer sums, in registers).
+constexpr int TileVectors(int64_t r) { return r >= 3 ? 2 : 4; }
+
+// The tiles that cover `width` columns (vectors of `lanes`) in a pass of r rows: full tiles, then
+// one-vector tiles for the rest.
+constexpr int64_t TilesPerPass(int64_t r, int64_t width, int64_t lanes) {
+  return width / (TileVectors(r) * lanes) + width % (TileVectors(r) * lanes) / lanes;
+}
+
+// The tiles of a block's passes after the first (rows in passes of 4, then the remainder): the
+// steps over which NextBlock spreads the next block's prefetches; none for one pass.
+constexpr int64_t LaterPassTiles(int64_t rows, int64_t width, int64_t lanes) {
+  if (rows <= 4) return 0;
+  return (rows / 4 - 1) * TilesPerPass(4, width, lanes) + (rows % 4 ? TilesPerPass(rows % 4, width, lanes) : 0);
+}
+
 class Workers {
  public:
   // Calls fn(i) for i in [0, n) on the calling thread and the workers; returns when all are done.
