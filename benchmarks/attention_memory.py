@@ -1,17 +1,19 @@
 """How much of the native attention call is waiting on memory: one layout against two of its variants.
 
     .venv/bin/python benchmarks/attention_memory.py --seqs 32 --context 500
+    .venv/bin/python benchmarks/attention_memory.py --seqs 32 --context 500 --kv-heads 3  # SmolLM2's
 
 Times `kernels_cpu.native.ragged_paged_attention` (one call per layer of a 30-layer float16 cache,
 one decode row per sequence, pages scattered over a pool twice the size needed, as
 `benchmarks/kernel_ab.py --kernels attention`) in three cases, alternated round by round:
-- "scattered": 4 KV heads of head_dim 64, 3 query heads each (SmolLM2-135M's group and head_dim,
-  one KV head more), the cache as the engine lays it out ([layers, kv_heads, pages, page_size,
-  head_dim]: a page of one KV head is 2 KB);
-- "heads together": 1 KV head of head_dim 256 with 3 query heads: the same bytes and the same
-  multiply-adds per key, with each page's keys (and values) one 8 KB run, as a layout with a page's
-  KV heads side by side would read them (a quarter of the horizontal sums and exponentials: if
-  anything it computes less). Both head sizes are among the kernel's unrolled ones (64, 128, 256);
+- "scattered": `--kv-heads` KV heads (default 4) of head_dim 64, 3 query heads each (SmolLM2-135M's
+  group and head_dim; it has 3 KV heads), the cache as the engine lays it out ([layers, kv_heads,
+  pages, page_size, head_dim]: a page of one KV head is 2 KB);
+- "heads together": 1 KV head of head_dim 64 x `--kv-heads` with 3 query heads: the same bytes and
+  the same multiply-adds per key, with each page's keys (and values) one run, as a layout with a
+  page's KV heads side by side would read them (fewer horizontal sums and exponentials: if anything it
+  computes less). Only for 2 or 4 KV heads, so that both head sizes are among the kernel's unrolled
+  ones (64, 128, 256: 192 would take its generic loop and measure that instead);
 - "cached": as "scattered" with every sequence on the same pages, so after the first row they come
   from cache: what the call costs when memory is not waited on.
 Medians of `--rounds` rounds of `--reps` calls of every layer, in ms per layer call.
@@ -59,6 +61,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, default=32, help="sequences, one decode row each")
     parser.add_argument("--context", type=int, default=500, help="keys per sequence")
+    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads of head_dim 64 (SmolLM2: 3)")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
@@ -66,9 +69,11 @@ def main():
     native.load()
     rng = np.random.default_rng(0)
     shape = (args.layers, args.seqs, args.context)
-    cases = {"scattered": attention_case(rng, *shape, 12, 4, 64, shared=False),
-             "heads together": attention_case(rng, *shape, 3, 1, 256, shared=False),
-             "cached": attention_case(rng, *shape, 12, 4, 64, shared=True)}
+    kv = args.kv_heads
+    cases = {"scattered": attention_case(rng, *shape, 3 * kv, kv, 64, shared=False),
+             "cached": attention_case(rng, *shape, 3 * kv, kv, 64, shared=True)}
+    if kv in (2, 4):
+        cases["heads together"] = attention_case(rng, *shape, 3, 1, 64 * kv, shared=False)
     times = {name: [] for name in cases}
     for fn, q in cases.values():
         fn(q).block_until_ready()  # compile
