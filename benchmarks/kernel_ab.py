@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 --rows 1 8 32
     .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 --kernels attention --rows 8 32 --context 500
+    .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 --kernels attention --rows 1 --context 2000 \
+        --attention-heads 4,1,256  # Gemma 3 270M's heads
 
 End-to-end timings on a shared 2-core VM drift by 10-20% between runs, more than most kernel
 changes are worth. This builds the kernels of `--base` (`git show` of kernels_cpu's sources, the
@@ -108,12 +110,13 @@ def kquant_weights(kind: str, rng, layers: int, k: int, n: int):
     return (lambda x, layer: native.kquant_matmul(x, data, index, layer, n=n)), data.nbytes // layers
 
 
-def attention_case(rng, layers: int, seqs: int, context: int, query_rows: int, page_size: int = 16):
+def attention_case(rng, layers: int, seqs: int, context: int, query_rows: int, page_size: int = 16,
+                   heads=(9, 3, 64)):
     """(attention(q, layer), q, bytes of one layer's keys and values read) for `seqs` sequences of
-    `context` tokens, each with its last `query_rows` as queries (1: decode rows), SmolLM2-135M's heads
-    (9 query, 3 KV, head_dim 64) over a float16 cache whose pages lie scattered over a pool twice the
-    size needed, as a server's do after a while."""
-    num_heads, num_kv_heads, head_dim = 9, 3, 64
+    `context` tokens, each with its last `query_rows` as queries (1: decode rows), `heads` (query
+    heads, KV heads, head_dim; SmolLM2-135M's 9, 3, 64 by default) over a float16 cache whose pages lie
+    scattered over a pool twice the size needed, as a server's do after a while."""
+    num_heads, num_kv_heads, head_dim = heads
     pages = -(-context // page_size)
     pool = 2 * seqs * pages
     shape = (layers, num_kv_heads, pool, page_size, head_dim)
@@ -137,6 +140,8 @@ def main():
     parser.add_argument("--context", type=int, default=500, help="attention: tokens per sequence")
     parser.add_argument("--query-rows", type=int, default=1,
                         help="attention: query rows per sequence (1: decode; more: a prefill chunk)")
+    parser.add_argument("--attention-heads", default="9,3,64",
+                        help="attention: query heads, KV heads, head_dim (SmolLM2-135M's; Gemma 3 270M: 4,1,256)")
     parser.add_argument("--shapes", default="576x576,576x1536,1536x576,576x6144", help="KxN,... (SmolLM2-135M's)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--layers", type=int, default=30)
@@ -157,7 +162,8 @@ def main():
                     matmul, layer_bytes = weights(kernel, rng, args.layers, k, n)
                 for m in args.rows:
                     if kernel == "attention":
-                        matmul, x, layer_bytes = attention_case(rng, args.layers, m, k, n)
+                        matmul, x, layer_bytes = attention_case(
+                            rng, args.layers, m, k, n, heads=tuple(map(int, args.attention_heads.split(","))))
                     else:
                         x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
 

@@ -13,7 +13,8 @@
 // window (Gemma 3: local and global) passes each layer's own from inside one scan. A row block
 // starts at its first row's window: pages wholly before it are never read.
 //
-// Work items are (sequence, KV head, block of up to kRowBlock rows), dealt over parallel.h's threads.
+// Work items are (sequence, KV head, block of up to kRowBlock rows), dealt over parallel.h's threads;
+// a few decode rows' last items are split by query heads (SplitTail).
 //
 // The metadata is checked before any row is read or written (CheckMetadata): query_start_loc, seq_lens
 // and block_tables index the query rows, the output and the page pool, so a bad value from the caller
@@ -218,7 +219,7 @@ struct Spread {
 // and 3.28 ms (2, 8, 16 and 32 ahead: within noise of 4, or slower on contiguous pages).
 constexpr int64_t kPagesAhead = 4;
 
-// Rows [r0, r1) of sequence s, query heads of KV head g. Keys go by tiles of up to kLanes within a
+// Rows [r0, r1) of sequence s, query heads [h0, h1) of KV head g's group. Keys go by tiles of up to kLanes within a
 // page, at fixed positions (a page's start, then every kLanes keys): per (row, head) one tile's
 // scores are one vector, with one max, one vector exp and one rescale of the accumulator per tile.
 // A key a row may not see (after it, or before its window) weighs exactly 0, so a row's result does
@@ -228,8 +229,8 @@ constexpr int64_t kPagesAhead = 4;
 // a block of many rows computes long enough on each page for the prefetch of a whole page at once
 // (spreading it there cost 8-12%).
 template <typename KV, int64_t kHeadDim, bool kOneRow>
-void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
-  const int64_t group = p.num_heads / p.num_kv_heads, d_dim = kHeadDim ? kHeadDim : p.head_dim;
+void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t h0, int64_t h1, int64_t r0, int64_t r1) {
+  const int64_t group = h1 - h0, d_dim = kHeadDim ? kHeadDim : p.head_dim;
   const int64_t q_len = p.qsl[s + 1] - p.qsl[s];
   const int64_t seq_len = p.seq_lens[s];
   const int64_t first_pos = seq_len - q_len;  // position of the sequence's first query row
@@ -244,9 +245,10 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   l.assign(lanes, 0.0f);
   score_buffer.resize(group);
   correction_buffer.resize(group);
+  const int64_t first_head = g * (p.num_heads / p.num_kv_heads) + h0;  // of q and out
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < group; ++h) {
-      const float* src = p.q + ((r0 + r) * p.num_heads + g * group + h) * d_dim;
+      const float* src = p.q + ((r0 + r) * p.num_heads + first_head + h) * d_dim;
       float* dst = qs.data() + (r * group + h) * d_dim;
       for (int64_t d = 0; d < d_dim; ++d) dst[d] = src[d] * p.sm_scale;
     }
@@ -370,11 +372,43 @@ void Item(const Problem<KV>& p, int64_t s, int64_t g, int64_t r0, int64_t r1) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < group; ++h) {
       const int64_t lane = r * group + h;
-      float* dst = p.out + ((r0 + r) * p.num_heads + g * group + h) * d_dim;
+      float* dst = p.out + ((r0 + r) * p.num_heads + first_head + h) * d_dim;
       const float inv = l[lane] > 0 ? 1.0f / l[lane] : 0.0f;
       for (int64_t d = 0; d < d_dim; ++d) dst[d] = acc[lane * d_dim + d] * inv;
     }
   }
+}
+
+// An item of Item(): rows [r0, r1) of sequence s, query heads [h0, h1) of KV head g's group.
+struct Work {
+  int64_t s, g, h0, h1, r0, r1;
+};
+
+// A decode step of few sequences has few items, often not a multiple of the threads: SmolLM2's 3
+// KV heads at one sequence give 3 items to 2 threads, Gemma 3's 1 KV head gives 1, and a thread
+// then waits a whole item for the other. Items alone in the last round (`threads` > the remainder)
+// are split by query heads: each head's arithmetic is the same whatever heads share its item (the
+// passes over a group's heads keep each head's own order), so a row's result does not change; the
+// parts each widen the float16 tiles again, which is why only the tail is split, and only when the
+// items are few (in a step of many the last round is a small part of it). Only one-row items
+// (decode rows), whose cost is one row's keys: a prefill chunk's items are many already.
+void SplitTail(std::vector<Work>& items, int64_t threads) {
+  const int64_t n = static_cast<int64_t>(items.size()), tail = n % threads;
+  if (threads < 2 || tail == 0 || n >= 4 * threads) return;
+  const int64_t parts_each = (threads + tail - 1) / tail;
+  std::vector<Work> split(items.begin(), items.end() - tail);
+  for (int64_t i = n - tail; i < n; ++i) {
+    const Work w = items[i];
+    const int64_t heads = w.h1 - w.h0, parts = std::min(parts_each, heads);
+    if (w.r1 - w.r0 != 1 || parts < 2) {
+      split.push_back(w);
+      continue;
+    }
+    for (int64_t j = 0; j < parts; ++j) {  // heads as even as they go: 3 heads in 2 parts are 2 + 1
+      split.push_back({w.s, w.g, w.h0 + heads * j / parts, w.h0 + heads * (j + 1) / parts, w.r0, w.r1});
+    }
+  }
+  items.swap(split);
 }
 
 // What Item() relies on, for every sequence s: 0 <= query_start_loc[s] <= query_start_loc[s + 1] <=
@@ -444,17 +478,18 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<CacheTy
   if (ffi::Error error = CheckMetadata(p, num_seqs); error.failure()) return error;
   std::memset(p.out, 0, sizeof(float) * p.num_tokens * p.num_heads * p.head_dim);  // padding rows: zeros
 
-  struct Work {
-    int64_t s, g, r0, r1;
-  };
+  const int64_t group = p.num_heads / p.num_kv_heads;
   std::vector<Work> items;
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t begin = p.qsl[s], end = p.qsl[s + 1];
     if (begin == end) continue;  // a padding sequence
     for (int64_t g = 0; g < p.num_kv_heads; ++g) {
-      for (int64_t r = begin; r < end; r += kRowBlock) items.push_back({s, g, r, std::min(end, r + kRowBlock)});
+      for (int64_t r = begin; r < end; r += kRowBlock) {
+        items.push_back({s, g, 0, group, r, std::min(end, r + kRowBlock)});
+      }
     }
   }
+  SplitTail(items, jaxinfer::Workers::Get().size());
   // The common head sizes as constants, so that Item's loops over a head unroll (a decode step at 32
   // sequences spent a quarter of its attention time in the loop overhead of 4-iteration dot products).
   auto pick = [&](auto one_row) {
@@ -464,7 +499,8 @@ ffi::Error RaggedPagedAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<CacheTy
   };
   auto item = pick(std::false_type{}), one_row = pick(std::true_type{});
   jaxinfer::Workers::Get().ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
-    (items[i].r1 - items[i].r0 == 1 ? one_row : item)(p, items[i].s, items[i].g, items[i].r0, items[i].r1);
+    const Work& w = items[i];
+    (w.r1 - w.r0 == 1 ? one_row : item)(p, w.s, w.g, w.h0, w.h1, w.r0, w.r1);
   });
   return ffi::Error::Success();
 }

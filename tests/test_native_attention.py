@@ -96,6 +96,27 @@ def test_paged_attention_row_does_not_depend_on_the_rest_of_the_batch():
     np.testing.assert_array_equal(alone, full[41:42])
 
 
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 1, 256), (8, 2, 64)])
+def test_a_few_decode_rows_split_by_heads_give_each_row_its_batch_of_many_result(num_heads, num_kv_heads, head_dim):
+    """One to three decode rows make fewer work items than a few rounds of the threads, and the last
+    are split by query heads (SmolLM2's 3 KV heads at one row, Gemma 3's 1): each row equals the
+    reference and is bit for bit the same row in a step of 16 decode rows, whose items are not split."""
+    rng = np.random.default_rng(num_heads + head_dim)
+    lens = [700, 40, 300] + [int(x) for x in rng.integers(20, 200, 13)]
+    q, k_cache, v_cache, layer, qsl, seq_lens, tables = ragged_case(
+        rng, [1] * 16, lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, num_tokens=16,
+        num_seqs=16)
+    run = jax.jit(lambda *a: native.ragged_paged_attention(*a, sm_scale=head_dim ** -0.5, sliding_window=None))
+    full = np.asarray(run(q, k_cache, v_cache, layer, qsl, seq_lens, tables))
+    for rows in (1, 2, 3):
+        few = np.asarray(run(q[:rows], k_cache, v_cache, layer, np.arange(rows + 1, dtype=np.int32),
+                             seq_lens[:rows], tables[:rows]))
+        np.testing.assert_array_equal(few, full[:rows])
+        want = ragged_paged_attention_reference(q[:rows], k_cache, v_cache, layer, np.arange(rows + 1, dtype=np.int32),
+                                                seq_lens[:rows], tables[:rows], sm_scale=head_dim ** -0.5)
+        np.testing.assert_allclose(few, np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
 def test_paged_attention_never_reads_outside_the_page_pool():
     """A block table entry past the pool (never in a valid batch) is skipped, not read."""
     rng = np.random.default_rng(3)
