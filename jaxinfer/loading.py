@@ -107,7 +107,8 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
         loaded = load_model(mc, checkpoint, dtype=dtype, attention_backend=config.attention_backend,
                             quantization=quantization, group_size=config.quantization_group_size,
                             quant_backend=config.matmul_backend, cache_dir=cache_dir,
-                            lm_head_quantization=lm_head_quantization, kquants=cpu_runs_blocks and not split)
+                            lm_head_quantization=lm_head_quantization, kquants=cpu_runs_blocks and not split,
+                            grouped=platform != "cpu" and not split)
     if cpu_runs_blocks and split and isinstance(checkpoint, GGUFCheckpoint):
         logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are not kept as stored (their "
                     "byte stacks are not split across devices): Q4_K as int4 in groups of 32, the rest requantized to int8")

@@ -11,8 +11,8 @@ Backends, chosen separately for attention (`--attention-backend`) and for the qu
 - "auto": pallas on a GPU, xla elsewhere.
 Both have two more (`MOSAIC_BACKENDS`, in `ATTENTION_BACKENDS` and `MATMUL_BACKENDS`):
 - "mosaic_gpu": the Mosaic GPU kernels for Hopper (sm_90a) where they apply, else the Triton ones.
-  The matmul (`kernels_pallas.quant_matmul_mgpu`): int8, int4 and fp8 weights in the "kn" layout,
-  bf16/f16 activations, N a multiple of 64, K of 64 for int8/fp8 or 128 for int4. Attention
+  The matmul (`kernels_pallas.quant_matmul_mgpu`): int8, int4, int5/int6 and fp8 weights in the "kn"
+  layout, bf16/f16 activations, N a multiple of 64, K of 64 for int8/fp8 or 128 for int4/int5/int6. Attention
   (`kernels_pallas.ragged_attention_mgpu`): bf16/f16, head_dim a multiple of 64, page sizes 8 to 64
   dividing 64, at most 64 query heads per KV head; its K/V page write is XLA's scatter. "auto"
   stays on Triton until a run on a real Hopper GPU has checked them: so far they are checked in

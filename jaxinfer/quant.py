@@ -5,6 +5,8 @@ A projection's weight W[*stack, in, out] is either full precision (the model's d
 dequantization, in `kernels_pallas.quant_matmul`):
 - int8: symmetric, one scale per output channel (group_size 0) or per group of 32 rows (GGUF Q8_0);
 - int4: two values per byte, one scale (and, asymmetric, one min) per group of 32/64/128 rows;
+- int5, int6: int4's nibbles and a plane of the codes' high bits, in groups of 16 or 32 rows: GGUF's
+  5- and 6-bit blocks as stored where no byte stack runs them (a GPU: `weights.gguf.group_format`);
 - fp8: float8_e4m3fn, one scale per output channel;
 - kquant: GGUF's blocks as stored in one byte stack, a type per layer (`jaxinfer.kquant`): K-quants,
   Q5_0/Q5_1, and Q8_0/Q4_0/Q4_1 where a projection mixes types.
@@ -57,8 +59,7 @@ class QuantizedWeight:
             return (self.data.shape[-3] * 4, self.scales.shape[-1])
         if self.layout == "codes":  # int4: [NB, K / 32, 4, B, 4]
             return (self.data.shape[-4] * 32, self.scales.shape[-1])
-        rows, n = self.data.shape[-2:]
-        return (2 * rows if self.format == "int4" else rows, n)
+        return (qmm.weight_rows(self.data, self.format, self.scales, self.group_size), self.data.shape[-1])
 
     def kn_data(self):
         """`data` in the "kn" layout the reference and the Pallas kernel read."""
@@ -72,7 +73,7 @@ class QuantizedWeight:
 
     @property
     def bits(self) -> int:
-        return {"int8": 8, "int4": 4, "fp8": 8}[self.format]
+        return {"int8": 8, "int4": 4, "fp8": 8, "int5": 5, "int6": 6}[self.format]
 
 
 def _safe_divide(w, scale):
@@ -148,15 +149,16 @@ def quant_matmul_reference(x, w: QuantizedWeight):
 CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "gptq", "awq")
 QUANTIZATIONS = ("auto", "none", "native", "int8", "int4", "int4_sym", "fp8") + CHECKPOINT_QUANTIZATIONS
 INT4_GROUP_SIZES = (32, 64, 128)
+NIBBLE_KINDS = ("int4", "int5", "int6")  # symmetric or with a min
 # Scales and mins in float16 (as GGUF stores them): int4 g32 with a min costs 20 bytes per 32 weights.
 SCALE_DTYPE = jnp.float16
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightFormat:
-    kind: str  # "int8" | "int4" | "fp8" | "kquant"
+    kind: str  # "int8" | "int4" | "fp8" | "int5" | "int6" | "kquant"
     group_size: int = 0  # rows per scale; 0: one scale per output channel
-    symmetric: bool = True  # int4 only: False adds a min per group
+    symmetric: bool = True  # int4, int5, int6: False adds a min per group
     layer_types: tuple[str, ...] = ()  # kquant only: each layer's GGUF type (`jaxinfer.kquant`)
     # Act-order (GPTQ desc_act, compressed-tensors actorder "group"): W's rows are stored sorted by
     # group, and the layer gathers x's columns into that order (`input_perm` [*stack, in]) before the
@@ -168,7 +170,7 @@ class WeightFormat:
         if self.kind == "kquant":
             return "+".join(sorted(set(self.layer_types)))
         group = f"-g{self.group_size}" if self.group_size else ""
-        return (f"{self.kind}{group}{'-sym' if self.kind == 'int4' and self.symmetric else ''}"
+        return (f"{self.kind}{group}{'-sym' if self.kind in NIBBLE_KINDS and self.symmetric else ''}"
                 f"{'-actorder' if self.act_order else ''}")
 
 
@@ -239,10 +241,12 @@ def quantized_shapes(fmt: WeightFormat, in_features: int, out_features: int, sta
     scales = (*stack, k // fmt.group_size, n) if fmt.group_size else (*stack, n)
     if fmt.kind == "int4":
         data = ((*stack, k // 2, n), jnp.uint8)
+    elif fmt.kind in qmm.HIGH_BITS:
+        data = ((*stack, k // 2 + qmm.high_rows(fmt.kind, k), n), jnp.uint8)
     else:
         data = ((*stack, k, n), jnp.int8 if fmt.kind == "int8" else jnp.float8_e4m3fn)
     shapes = {"data": data, "scales": (scales, SCALE_DTYPE)}
-    if fmt.kind == "int4" and not fmt.symmetric:
+    if fmt.kind in NIBBLE_KINDS and not fmt.symmetric:
         shapes["mins"] = (scales, SCALE_DTYPE)
     if fmt.act_order:
         shapes["input_perm"] = ((*stack, k), jnp.int32)

@@ -9,6 +9,17 @@ W arrives as its packed arrays (the engine's `jaxinfer.quant.QuantizedWeight` ho
   `group_size` consecutive rows (32, 64 or 128). Symmetric (`mins` None, GGUF Q4_0):
   w = scale * (q - 8). Asymmetric (GGUF Q4_1): w = scale * q + min.
 - "fp8": `data` float8_e4m3fn [K, N], `scales` as for int8: w = scale * q.
+- "int5", "int6" (GGUF Q5_0/Q5_1/Q5_K and Q6_K codes as stored): q in 0..31 / 0..63, grouped (16, 32
+  or more rows), symmetric (`mins` None: w = scale * (q - 16) / (q - 32)) or with a min. `data`
+  uint8 [K // 2 + high_rows(fmt, K), N], K a multiple of 128: first the 4 low bits of every code as
+  int4's nibbles, then the high bits (1 for int5, 2 for int6) as a plane of bands of 64 rows. A band
+  holds the high bits of `HIGH_SPAN[fmt]` rows of W (512 for int5, 256 for int6), i.e. of
+  HIGH_SPAN // 128 runs of 64 nibble rows: nibble row p (W's rows 2p and 2p + 1) is in run
+  c = (p % (HIGH_SPAN // 2)) // 64 of band b = p // (HIGH_SPAN // 2), and its high bits are in the
+  band's row p % 64 at bit 2 * h * c (row 2p's h bits), then 2 * h * c + h (row 2p + 1's), h the high
+  bits per code. Every byte of a full band is used: 5.5 / 6.5 bits a weight with float16 scales in
+  groups of 32 (Q5_0's own bits), 7 for Q6_K's groups of 16. The bands are laid out for the Mosaic
+  GPU kernel, whose packed tiles are 64 rows: one band row serves the same row of every run.
 The per-channel form (`group_size` 0) applies the scale once to the accumulator, after the dot.
 
 The kernel loads packed tiles and dequantizes them in registers right before the dot,
@@ -22,10 +33,27 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-FORMATS = ("int8", "int4", "fp8")
+FORMATS = ("int8", "int4", "fp8", "int5", "int6")
+HIGH_BITS = {"int5": 1, "int6": 2}  # bits of a code above its low nibble
+HIGH_SPAN = {"int5": 512, "int6": 256}  # rows of W whose high bits one band of 64 plane rows holds
+HIGH_BAND = 64
+SYMMETRIC_OFFSET = {"int4": 8, "int5": 16, "int6": 32}  # q - offset when there are no mins
+
+
+def high_rows(fmt, k):
+    """Rows of the high-bit plane of an int5/int6 W with K rows (a last band may be partly used)."""
+    return -(-k // HIGH_SPAN[fmt]) * HIGH_BAND
+
+
+def high_position(fmt, pairs):
+    """For nibble rows `pairs` (int array): (row of the high-bit plane, bit offset of row 2p's bits)."""
+    half = HIGH_SPAN[fmt] // 2
+    run = (pairs % half) // HIGH_BAND
+    return (pairs // half) * HIGH_BAND + pairs % HIGH_BAND, 2 * HIGH_BITS[fmt] * run
 
 
 def unpack_int4(packed):
@@ -34,12 +62,54 @@ def unpack_int4(packed):
     return jnp.stack([low, high], axis=1).reshape(2 * packed.shape[0], packed.shape[1])
 
 
+def pack_high_bits(q, fmt):
+    """q [K, N] integer codes in 0..2**bits - 1 (K a multiple of 128) -> int5/int6 `data`, on the
+    host (numpy): weights are packed once, when they are loaded."""
+    q = np.asarray(q, np.int64)
+    k, n = q.shape
+    if k % 128:
+        raise ValueError(f"{fmt} needs K a multiple of 128, got {k}")
+    if q.min() < 0 or q.max() >= 1 << (4 + HIGH_BITS[fmt]):
+        raise ValueError(f"{fmt} codes must lie in 0..{(1 << (4 + HIGH_BITS[fmt])) - 1}")
+    h, half = HIGH_BITS[fmt], HIGH_SPAN[fmt] // 2
+    runs, bands = half // HIGH_BAND, -(-k // HIGH_SPAN[fmt])
+    nibbles = (q[0::2] & 0xF) | ((q[1::2] & 0xF) << 4)
+    high = np.pad(np.stack([q[0::2] >> 4, q[1::2] >> 4]), ((0, 0), (0, bands * half - k // 2), (0, 0)))
+    high = high.reshape(2, bands, runs, HIGH_BAND, n)
+    shift = (2 * h * np.arange(runs)).reshape(1, runs, 1, 1)
+    plane = np.bitwise_or.reduce((high[0] << shift) | (high[1] << (shift + h)), axis=1)  # [bands, 64, N]
+    return np.concatenate([nibbles, plane.reshape(bands * HIGH_BAND, n)]).astype(np.uint8)
+
+
+def unpack_high_bits(data, fmt, k):
+    """int5/int6 `data` -> codes [K, N] int32."""
+    packed = data[:k // 2].astype(jnp.int32)
+    row, shift = high_position(fmt, jnp.arange(k // 2))
+    band = data[k // 2:].astype(jnp.int32)[row]  # [K // 2, N]
+    h = HIGH_BITS[fmt]
+    mask = (1 << h) - 1
+    low = (packed & 0xF) | (((band >> shift[:, None]) & mask) << 4)
+    high = (packed >> 4) | (((band >> (shift + h)[:, None]) & mask) << 4)
+    return jnp.stack([low, high], axis=1).reshape(k, data.shape[1])
+
+
+def weight_rows(data, fmt, scales, group_size):
+    """K of W from its packed `data` [rows, N] (and, int5/int6, its grouped `scales`)."""
+    if fmt in HIGH_BITS:
+        return scales.shape[-2] * group_size
+    return 2 * data.shape[-2] if fmt == "int4" else data.shape[-2]
+
+
 def dequantize_reference(data, scales, mins=None, *, fmt, group_size, dtype=jnp.float32):
     """The full-precision W[K, N] (the reference path; the kernel never builds it)."""
     if fmt == "int4":
         q = unpack_int4(data).astype(jnp.float32)
         if mins is None:
             q = q - 8.0
+    elif fmt in HIGH_BITS:
+        q = unpack_high_bits(data, fmt, weight_rows(data, fmt, scales, group_size)).astype(jnp.float32)
+        if mins is None:
+            q = q - SYMMETRIC_OFFSET[fmt]
     else:
         q = data.astype(jnp.float32)
     k, n = q.shape
@@ -101,8 +171,27 @@ def _quant_matmul_kernel(x_ref, data_ref, scales_ref, *rest, fmt, group_size, bl
         return plgpu.load(ref.at[first_k // group_size, cols_in], mask=col_ok[None, :], other=0
                           ).astype(jnp.float32)
 
+    def group_rows(ref, w_rows):  # [len(w_rows), block_n]: each row's scale (or min), any group size
+        return plgpu.load(ref.at[(jnp.minimum(w_rows, k - 1) // group_size)[:, None], cols_in],
+                          mask=col_ok[None, :], other=0).astype(jnp.float32)
+
     def body(i, acc):
         first_k = i * block_k
+        if fmt in HIGH_BITS:  # nibbles as int4's, high bits from their band; scales row by row
+            pairs = first_k // 2 + jnp.arange(block_k // 2, dtype=jnp.int32)
+            packed = load_w(data_ref, pairs, k // 2).astype(jnp.int32)
+            row, shift = high_position(fmt, pairs)
+            band = load_w(data_ref, jnp.where(pairs < k // 2, k // 2 + row, data_ref.shape[0]),
+                          data_ref.shape[0]).astype(jnp.int32)
+            h = HIGH_BITS[fmt]
+            for nibble, q in ((0, packed & 0xF), (1, packed >> 4)):
+                q = q | (((band >> (shift + nibble * h)[:, None]) & ((1 << h) - 1)) << 4)
+                scale = group_rows(scales_ref, 2 * pairs + nibble)
+                shift_w = (-float(SYMMETRIC_OFFSET[fmt]) * scale if mins_ref is None
+                           else group_rows(mins_ref, 2 * pairs + nibble))
+                w = (q.astype(jnp.float32) * scale + shift_w).astype(dtype)
+                acc += plgpu.dot(load_x(2 * pairs + nibble), w).astype(jnp.float32)
+            return acc
         if fmt == "int4":
             pairs = first_k // 2 + jnp.arange(block_k // 2, dtype=jnp.int32)
             packed = load_w(data_ref, pairs, k // 2).astype(jnp.int32)  # [block_k // 2, block_n]
@@ -146,11 +235,15 @@ def quant_matmul(x, data, scales, mins=None, *, fmt, group_size, block_m=64, blo
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
     m, k = x.shape
-    w_rows, n = data.shape
-    if (2 * w_rows if fmt == "int4" else w_rows) != k:
+    n = data.shape[1]
+    if fmt in HIGH_BITS:
+        if not group_size or k % 128 or data.shape[0] != k // 2 + high_rows(fmt, k) or scales.shape[0] * group_size != k:
+            raise ValueError(f"x is [{m}, {k}] but the {fmt} W data is {data.shape} with scales {scales.shape} "
+                             f"in groups of {group_size} (K must be a multiple of 128)")
+    elif weight_rows(data, fmt, scales, group_size) != k:
         raise ValueError(f"x is [{m}, {k}] but the {fmt} W data is {data.shape}")
     block_m = min(block_m, max(16, _next_power_of_2(m)))
-    if group_size:
+    if group_size and fmt not in HIGH_BITS:  # int5/int6 read a scale per row: any block_k
         block_k = min(block_k, group_size)
         if group_size % block_k:
             raise ValueError(f"block_k={block_k} must divide group_size={group_size}")

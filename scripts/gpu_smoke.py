@@ -153,10 +153,14 @@ def phase_kernels(args):
         err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
         results.append({"kernel": "ragged_paged_attention", "heads": [num_heads, num_kv, head_dim],
                         "page_size": page_size, "sliding_window": window, "max_abs_err": err, "ok": err < 5e-2})
-    for fmt, m in (("int8", 1), ("int8", 64), ("int4-g128", 1), ("int4-g128", 64), ("fp8", 16)):
+    for fmt, m in (("int8", 1), ("int8", 64), ("int4-g128", 1), ("int4-g128", 64), ("fp8", 16), ("int5-g32", 1),
+                   ("int6-g16-min", 16)):
         k, n = (256, 128) if args.dry_run else (4096, 4096)
         w = jnp.asarray(rng.standard_normal((k, n)) * k ** -0.5, jnp.float32)
-        qw = quant.quantize(w, quant.weight_format(*(("int4", 128) if fmt.startswith("int4") else (fmt,))))
+        if fmt.startswith(("int5", "int6")):
+            qw = high_bit_weight(rng, fmt[:4], int(fmt[6:8]), not fmt.endswith("min"), k, n)
+        else:
+            qw = quant.quantize(w, quant.weight_format(*(("int4", 128) if fmt.startswith("int4") else (fmt,))))
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         operands = (x, qw.data, qw.scales, qw.mins)
         formats = dict(fmt=qw.format, group_size=qw.group_size)
@@ -166,6 +170,14 @@ def phase_kernels(args):
         results.append({"kernel": "quant_matmul", "format": fmt, "m": m, "k": k, "n": n, "rel_err": rel,
                         "ok": rel < 1e-2})
     return {"results": results, "all_ok": all(r["ok"] for r in results)}
+
+
+def high_bit_weight(rng, fmt, group_size, symmetric, k, n):
+    """int5/int6 (GGUF Q5_0/Q6_K codes as stored, `weights.gguf.group_format`): random codes and factors."""
+    codes = rng.integers(0, 2 ** int(fmt[-1]), (k, n))
+    scales = jnp.asarray(rng.uniform(0.5, 1.5, (k // group_size, n)) * k ** -0.5 / 16, jnp.float16)
+    mins = None if symmetric else jnp.asarray(-rng.uniform(0.5, 1.5, (k // group_size, n)) * k ** -0.5, jnp.float16)
+    return quant.QuantizedWeight(jnp.asarray(qmm.pack_high_bits(codes, fmt)), scales, mins, fmt, group_size)
 
 
 def _time_us(fn, *args, repeats):
@@ -189,11 +201,14 @@ def phase_mosaic(args):
     cases = [("int8", 0, None, m) for m in (1, 16, 64, 512)]
     cases += [("int4", g, False, m) for g in (32, 128) for m in (1, 16, 512)] + [("int4", 128, True, 16)]
     cases += [("fp8", 0, None, m) for m in (16, 512)]
+    cases += [("int5", 32, True, m) for m in (1, 512)] + [("int6", 16, False, m) for m in (16, 512)]
     for fmt, group_size, symmetric, m in cases:
         k, n = (256, 128) if args.dry_run else (4096, 4096)
         w = jnp.asarray(rng.standard_normal((k, n)) * k ** -0.5, jnp.float32)
         qw = {"int8": lambda: quant.quantize_int8(w), "fp8": lambda: quant.quantize_fp8(w),
-              "int4": lambda: quant.quantize_int4(w, group_size=group_size, symmetric=symmetric)}[fmt]()
+              "int4": lambda: quant.quantize_int4(w, group_size=group_size, symmetric=symmetric),
+              "int5": lambda: high_bit_weight(rng, "int5", group_size, symmetric, k, n),
+              "int6": lambda: high_bit_weight(rng, "int6", group_size, symmetric, k, n)}[fmt]()
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         operands = (x, qw.data, qw.scales, qw.mins)
         formats = dict(fmt=qw.format, group_size=qw.group_size)

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from gpu_compile_check import CARDS  # noqa: E402
 from kernels_pallas import quant_matmul_mgpu as qmg  # noqa: E402
+from kernels_pallas.quant_matmul import high_rows  # noqa: E402
 from kernels_pallas import ragged_attention_mgpu as ram  # noqa: E402
 
 # (name, M, K, N, fmt, group_size, with mins, block options)
@@ -44,6 +45,11 @@ CASES = [
     ("int4 g128 min M=64", 64, 4096, 4096, "int4", 128, True, {}),
     ("int4 g128 min prefill", 512, 4096, 4096, "int4", 128, True, dict(block_m=128)),
     ("int4 g32 min prefill", 512, 4096, 4096, "int4", 32, True, dict(block_m=128)),
+    ("int5 g32 sym decode, swapped (GGUF Q5_0)", 1, 4096, 4096, "int5", 32, False, dict(block_m=16, swap_ab=True)),
+    ("int5 g32 sym prefill", 512, 4096, 4096, "int5", 32, False, dict(block_m=128)),
+    ("int6 g16 sym decode, swapped (GGUF Q6_K)", 16, 4096, 4096, "int6", 16, False, dict(block_m=16, swap_ab=True)),
+    ("int6 g16 min decode, swapped (Q4_K + Q6_K)", 16, 4096, 4096, "int6", 16, True, dict(block_m=16, swap_ab=True)),
+    ("int6 g16 min prefill (M tiles of 64: default_blocks)", 512, 4096, 4096, "int6", 16, True, dict(block_m=64)),
     ("fp8 decode, swapped", 16, 4096, 4096, "fp8", 0, False, dict(block_m=16, swap_ab=True)),
     ("fp8 prefill", 512, 4096, 4096, "fp8", 0, False, dict(block_m=128)),
 ]
@@ -67,9 +73,9 @@ def spec(shape, dtype, sharding):
 
 def compile_case(mesh, m, k, n, fmt, group_size, with_mins, options):
     s = NamedSharding(mesh, PartitionSpec())
-    rows = k // 2 if fmt == "int4" else k
+    rows = {"int4": k // 2, "int5": k // 2 + high_rows("int5", k), "int6": k // 2 + high_rows("int6", k)}.get(fmt, k)
     groups = k // group_size if group_size else 1
-    dtype = {"int4": jnp.uint8, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[fmt]
+    dtype = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(fmt, jnp.uint8)
     args = [spec((m, k), jnp.bfloat16, s), spec((rows, n), dtype, s),
             spec((groups, n) if group_size else (n,), jnp.float16, s)]
     if with_mins:

@@ -60,6 +60,12 @@ QUANTIZERS = {
     "int4-asym-g64": lambda w: quant.quantize_int4(w, group_size=64, symmetric=False),
     "int4-sym-g128": lambda w: quant.quantize_int4(w, group_size=128),
     "fp8": lambda w: quant.quantize_fp8(w),
+    # GGUF Q5_0 and Q6_K codes as stored (`weights.gguf.group_format`): shapes only, no quantizer
+    "int5-sym-g32": lambda w: quant.QuantizedWeight(
+        jnp.zeros((256 + qm.high_rows("int5", 512), 384), jnp.uint8), jnp.zeros((16, 384), jnp.float16), None, "int5", 32),
+    "int6-asym-g16": lambda w: quant.QuantizedWeight(
+        jnp.zeros((256 + qm.high_rows("int6", 512), 384), jnp.uint8), jnp.zeros((32, 384), jnp.float16),
+        jnp.zeros((32, 384), jnp.float16), "int6", 16),
 }
 
 

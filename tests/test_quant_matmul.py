@@ -40,6 +40,15 @@ def decode_numpy(w: quant.QuantizedWeight):
                 byte = int(data[row // 2, col])
                 q = (byte >> 4) if row % 2 else (byte & 0xF)
                 q = float(q) if mins is not None else float(q) - 8
+            elif w.format in ("int5", "int6"):
+                byte = int(data[row // 2, col])
+                q = (byte >> 4) if row % 2 else (byte & 0xF)
+                h, span = (1, 512) if w.format == "int5" else (2, 256)  # high bits; rows a band covers
+                pair = row // 2
+                band, run, band_row = pair // (span // 2), pair % (span // 2) // 64, pair % 64
+                high = int(data[k // 2 + 64 * band + band_row, col])
+                q |= ((high >> (2 * h * run + (h if row % 2 else 0))) & ((1 << h) - 1)) << 4
+                q = float(q) if mins is not None else float(q) - 2 ** (3 + h)
             else:
                 q = float(data[row, col])
             scale = scales[row // w.group_size, col] if w.group_size else scales[col]
@@ -63,7 +72,45 @@ QUANTIZERS = {
 QUANTIZATION_ERROR = {"int8": 0.01, "int4": 0.15, "fp8": 0.04}
 
 
+# GGUF's 5- and 6-bit codes as stored (`weights.gguf.group_format`): (format, group size, symmetric)
+HIGH_BIT_CASES = {"int5-g32-sym": ("int5", 32, True), "int5-g32-min": ("int5", 32, False),
+                  "int6-g16-sym": ("int6", 16, True), "int6-g16-min": ("int6", 16, False)}
+
+
+def high_bit_weight(name, k=640, n=96, seed=0):
+    """(QuantizedWeight, the codes [K, N] it packs): random codes and a real model's factor range.
+    K = 640: an int5 band of 512 rows and a last one with a quarter of its bits used."""
+    fmt, group_size, symmetric = HIGH_BIT_CASES[name]
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2 ** int(fmt[-1]), (k, n))
+    scales = jnp.asarray(rng.uniform(1e-3, 2e-2, (k // group_size, n)), jnp.float16)
+    mins = None if symmetric else jnp.asarray(rng.uniform(-0.3, 0.0, (k // group_size, n)), jnp.float16)
+    return quant.QuantizedWeight(jnp.asarray(qm.pack_high_bits(q, fmt)), scales, mins, fmt, group_size), q
+
+
 # --- Formats and quantizers -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(HIGH_BIT_CASES))
+def test_int5_int6_layout_follows_the_docstring_and_keeps_every_code(name):
+    """The packed codes decode, element by element from the documented layout, to the codes packed
+    (times their group's scale, plus its min or minus the format's zero); 5 or 6 bits a code where
+    K fills whole bands."""
+    qw, q = high_bit_weight(name, k=640, n=8)
+    fmt, group_size, symmetric = HIGH_BIT_CASES[name]
+    scales = np.repeat(np.asarray(qw.scales, np.float64), group_size, axis=0)
+    offset = np.repeat(np.asarray(qw.mins, np.float64), group_size, axis=0) if qw.mins is not None else (
+        -scales * (16 if fmt == "int5" else 32))
+    want = q * scales + offset
+    np.testing.assert_allclose(decode_numpy(qw), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(qw)), want, rtol=1e-6, atol=1e-6)
+    assert qw.shape == (640, 8)
+    full, _ = high_bit_weight(name, k=1024, n=8)
+    assert full.data.nbytes * 8 == 1024 * 8 * int(fmt[-1])
+    with pytest.raises(ValueError, match="multiple of 128"):
+        qm.pack_high_bits(q[:96], fmt)
+    with pytest.raises(ValueError, match="codes must lie in"):
+        qm.pack_high_bits(q + 64, fmt)
+
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
 def test_dequantize_follows_the_documented_layout(name):
@@ -153,6 +200,20 @@ def test_pallas_quant_matmul_bfloat16(name):
     out = pallas_quant_matmul(x, qw)
     assert out.dtype == jnp.bfloat16
     assert relative_error(out, quant.quant_matmul_reference(x, qw)) <= 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("name", list(HIGH_BIT_CASES))
+def test_pallas_quant_matmul_high_bit_formats(name, m):
+    """int5/int6: the nibbles and their band's high bits, a scale (and min) read per row for
+    groups smaller than a block (Q6_K's 16); N = 96 not a multiple of the 64-column block."""
+    qw, _ = high_bit_weight(name, seed=m)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, 640)), jnp.float32)
+    out = pallas_quant_matmul(x, qw)
+    assert out.shape == (m, 96)
+    assert relative_error(out, quant.quant_matmul_reference(x, qw)) <= 1e-5
+    with pytest.raises(ValueError, match="multiple of 128"):
+        qm.quant_matmul(x[:, :576], qw.data, qw.scales[:18], fmt=qw.format, group_size=32, interpret=True)
 
 
 def test_pallas_quant_matmul_with_k_not_a_multiple_of_the_block():

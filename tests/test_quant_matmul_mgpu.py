@@ -14,6 +14,7 @@ blocks. Then the lowering for CUDA (Mosaic GPU's own passes, layout inference in
 on this GPU-less machine; registers and spills need ptxas: scripts/mgpu_compile_check.py.
 """
 
+import functools
 import re
 
 import jax
@@ -25,7 +26,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxinfer import ops, quant
 from kernels_pallas import quant_matmul_mgpu as qmg
-from kernels_pallas.quant_matmul import quant_matmul_reference
+from kernels_pallas.quant_matmul import high_rows, pack_high_bits, quant_matmul_reference
 from tests.helpers import export_for_cuda
 
 BASES = {
@@ -104,6 +105,36 @@ def test_more_k_steps_than_pipeline_stages(base):
     check_against_reference(quant.quantize_int4(random_weight(5, 512, 128), group_size=256, symmetric=False), 16)
 
 
+def high_bit_weight(fmt, group_size, symmetric, k, n, seed):
+    """Random int5/int6 codes (GGUF Q5_0/Q6_K's as stored) with a real model's factor range."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2 ** int(fmt[-1]), (k, n))
+    scales = jnp.asarray(rng.uniform(1e-3, 2e-2, (k // group_size, n)), jnp.float16)
+    mins = None if symmetric else jnp.asarray(rng.uniform(-0.3, 0.0, (k // group_size, n)), jnp.float16)
+    return quant.QuantizedWeight(jnp.asarray(pack_high_bits(q, fmt)), scales, mins, fmt, group_size)
+
+
+# K = 640: 5 steps of 128 through 2 stages, an int5 band of 4 steps and a partial one (an int6 band
+# is 2 steps); int6 g16: 8 groups a step; int5 g32: 4.
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("fmt, group_size, symmetric", [("int5", 32, True), ("int5", 32, False),
+                                                         ("int6", 16, True), ("int6", 16, False)])
+def test_int5_int6_match_reference(fmt, group_size, symmetric, m):
+    check_against_reference(high_bit_weight(fmt, group_size, symmetric, 640, 128, seed=m), m)
+
+
+def test_int6_reads_each_codes_own_high_bits():
+    """A single flipped high bit changes its own column's outputs and no other (a band row or run
+    read for another step would change many, or none)."""
+    qw = high_bit_weight("int6", 16, True, 512, 128, seed=3)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((16, 512)), jnp.bfloat16)
+    run = functools.partial(qmg.quant_matmul, fmt="int6", group_size=16, interpret=True,
+                            **qmg.default_blocks("int6", 16, 16, 512, 128, jnp.bfloat16))
+    flipped = qw.data.at[256 + 64 + 5, 70].set(qw.data[256 + 64 + 5, 70] ^ 0b100000)  # band 1, run 1
+    diff = np.abs(np.asarray(run(x, flipped, qw.scales), np.float32) - np.asarray(run(x, qw.data, qw.scales), np.float32))
+    assert diff[:, 70].max() > 0 and np.delete(diff, 70, axis=1).max() == 0
+
+
 def test_pipeline_has_no_data_race_in_the_interpreter():
     # The interpreter's happens-before race detector over TMA copies, barriers and shared memory
     # (4 K steps through 2 stages). It runs wgmma synchronously: a missing wgmma_wait is not caught.
@@ -160,15 +191,17 @@ def test_dispatch_runs_a_layer_of_a_stack_under_scan():
 
 # (fmt, group_size, with mins, M): decode (swapped) and prefill tiles, every int4 group size.
 LOWERINGS = [("int8", 0, False, 16), ("int8", 0, False, 256), ("int4", 32, True, 1), ("int4", 64, True, 16),
-             ("int4", 128, True, 256), ("int4", 128, False, 16), ("fp8", 0, False, 16), ("fp8", 0, False, 256)]
+             ("int4", 128, True, 256), ("int4", 128, False, 16), ("fp8", 0, False, 16), ("fp8", 0, False, 256),
+             ("int5", 32, False, 1), ("int5", 32, True, 256), ("int6", 16, False, 16), ("int6", 16, True, 256)]
 
 
 @pytest.mark.parametrize("fmt,group_size,with_mins,m", LOWERINGS)
 def test_lowers_for_cuda_to_one_mosaic_gpu_kernel(fmt, group_size, with_mins, m):
     k, n = 1024, 512
     s = jax.ShapeDtypeStruct
-    dtype = {"int4": jnp.uint8, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[fmt]
-    args = [s((m, k), jnp.bfloat16), s((k // 2, n) if fmt == "int4" else (k, n), dtype),
+    dtype = {"int4": jnp.uint8, "int5": jnp.uint8, "int6": jnp.uint8, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[fmt]
+    rows = {"int4": k // 2, "int5": k // 2 + high_rows("int5", k), "int6": k // 2 + high_rows("int6", k)}.get(fmt, k)
+    args = [s((m, k), jnp.bfloat16), s((rows, n), dtype),
             s((k // group_size, n) if group_size else (n,), jnp.float16)]
     if with_mins:
         args.append(s((k // group_size, n), jnp.float16))

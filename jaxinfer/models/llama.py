@@ -272,14 +272,17 @@ _LAYER_TENSORS = {
 
 
 def projection_formats(config: ModelConfig, checkpoint, quantization: str = "none",
-                       group_size: int | None = None, kquants: bool = False) -> dict[str, tuple[WeightFormat, bool]]:
+                       group_size: int | None = None, kquants: bool = False,
+                       grouped: bool = False) -> dict[str, tuple[WeightFormat, bool]]:
     """projection -> (its format, whether the checkpoint holds it in that format already).
 
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
     Q8_0/Q4_0/Q4_1 blocks as they are, with `kquants` also its Q4_K/Q5_K/Q6_K, Q5_0/Q5_1 and
-    projections mixing types (`kquant_formats`), float tensors in full precision, other types
-    requantized to int8), or a format of `quant.QUANTIZATIONS`, which GGUF blocks of the same kind
-    and group satisfy without requantization.
+    projections mixing types (`kquant_formats`), with `grouped` instead those in the narrowest
+    grouped format that holds them exactly (`weights.gguf.group_format`: int5/int6/int8 groups, for
+    the paths without byte stacks, a GPU's), float tensors in full precision, other types requantized
+    to int8), or a format of `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group
+    satisfy without requantization.
     """
     if quantization == "none":
         return {}
@@ -297,8 +300,11 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
             continue
         template = _LAYER_TENSORS[(proj, "w")][0]
         names = [template.format(layer) for layer in range(config.num_layers)]
-        found = {native_format(name) for name in names}
-        stored = found.pop() if len(found) == 1 else None
+        if hasattr(checkpoint, "stack_format"):
+            stored = checkpoint.stack_format(names, grouped)
+        else:
+            found = {native_format(name) for name in names}
+            stored = found.pop() if len(found) == 1 else None
         if stored is not None and (requested is None or (
                 stored.kind, stored.symmetric) == (requested.kind, requested.symmetric) and
                 (group_size is None or group_size == stored.group_size)):
@@ -347,7 +353,7 @@ def load_llama(config: ModelConfig, checkpoint, **options) -> Llama:
 
 def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, dtype=jnp.float32,
                  attention_backend="auto", quantization="none", group_size=None, quant_backend="auto",
-                 cache_dir=None, lm_head_quantization="none", kquants=False):
+                 cache_dir=None, lm_head_quantization="none", kquants=False, grouped=False):
     """Builds `model_cls` (Llama or a model built like it) with the checkpoint's weights, one stacked
     parameter at a time. `layer_tensors`: parameter path in the layer -> (HF name template, transpose).
 
@@ -359,9 +365,10 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     `lm_head_quantization` "int8" quantizes the LM head per vocabulary entry, "native" keeps a GGUF's
     Q8_0 head as stored (a tied embedding then reads its rows from it); "none" keeps it in `dtype`.
     `kquants`: "native" keeps the file's K-quant, Q5_0/Q5_1 and mixed-type projections as stored
-    (where their kernel runs: `kquant_formats`).
+    (where their kernel runs: `kquant_formats`); `grouped`: else in grouped formats that hold them
+    exactly (`projection_formats`).
     """
-    formats = projection_formats(config, checkpoint, quantization, group_size, kquants)
+    formats = projection_formats(config, checkpoint, quantization, group_size, kquants, grouped)
     down_order_absorbed = _absorbs_down_proj_order(formats)
     if down_order_absorbed:  # down_proj's act-order goes into gate/up's columns at load: no gather
         formats["down_proj"] = (dataclasses.replace(formats["down_proj"][0], act_order=False), True)
@@ -499,7 +506,9 @@ def _read_quantized(checkpoint, template, num_layers, fmt: WeightFormat, native:
     absorbed_perms = []  # act-order stored, absorbed by the previous projection (`_read_params`)
     for layer in range(num_layers):
         name = template.format(layer)
-        if native:
+        if native and hasattr(checkpoint, "stack_format"):  # GGUF: each layer's type in the stack's format
+            arrays = checkpoint.quantized_tensor(name, fmt)
+        elif native:
             arrays = checkpoint.quantized_tensor(name)
         else:
             qw = quant.quantize(jnp.asarray(checkpoint.tensor(name).T, jnp.float32), fmt)

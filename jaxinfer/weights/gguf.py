@@ -22,6 +22,7 @@ from gguf.quants import dequantize
 from jaxinfer import kquant
 from jaxinfer.config import ARCHITECTURES, ModelConfig, UnsupportedModelError
 from jaxinfer.quant import WeightFormat
+from kernels_pallas import quant_matmul as qmm
 
 logger = logging.getLogger("jaxinfer")
 
@@ -33,6 +34,48 @@ _ARCH_BY_NAME = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
 # This is how the paths without the native K-quant kernel (GPUs, tensor parallelism) keep Q4_K.
 NATIVE_FORMATS = {"Q8_0": WeightFormat("int8", 32), "Q4_0": WeightFormat("int4", 32, symmetric=True),
                   "Q4_1": WeightFormat("int4", 32, symmetric=False), "Q4_K": WeightFormat("int4", 32, symmetric=False)}
+# Where no byte stack runs (`jaxinfer.kquant`: the native CPU kernel), a GPU among them, a projection
+# takes the narrowest of these formats that holds every layer's codes exactly (`group_format`): a
+# layer's weights are w = a * code + b per sub-block, and the format keeps the codes, with a and b
+# rounded once to float16 (exact for the blocks of 32, whose a and b are float16 or -2^k times one;
+# a K-quant's d * sc within 2^-11, as Q4_K's above). So Q5_0 (most projections of the Q4_K_M files of
+# small models) is int5 at its own 5.5 bits, Q6_K int6 at 7, and a mix (Q4_K_M's ffn_down of Q4_K and
+# Q6_K layers, attn_v of Q8_0 and Q5_0) the smallest format both fit: int6 with mins (8 bits a weight),
+# int8 in groups of 32. Before these formats, all of them were requantized to int8 per channel.
+GROUP_FORMATS = (WeightFormat("int4", 32, symmetric=True), WeightFormat("int4", 32, symmetric=False),
+                 WeightFormat("int5", 32, symmetric=True), WeightFormat("int5", 32, symmetric=False),
+                 WeightFormat("int6", 16, symmetric=True), WeightFormat("int6", 16, symmetric=False),
+                 WeightFormat("int8", 32))
+FORMAT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int8": 8}
+# Each type's code bits, rows per (a, b) pair, and zero (w = a * (code - zero)) where it has no min.
+BLOCK_CODES = {"Q4_0": (4, 32, 8), "Q4_1": (4, 32, None), "Q4_K": (4, 32, None), "Q5_0": (5, 32, 16),
+               "Q5_1": (5, 32, None), "Q5_K": (5, 32, None), "Q6_K": (6, 16, 32), "Q8_0": (8, 32, 128)}
+
+
+def holds(fmt: WeightFormat, kind: str) -> bool:
+    """Whether `fmt` holds a `kind` layer's codes and factors exactly (`GROUP_FORMATS`)."""
+    if kind not in BLOCK_CODES:
+        return False
+    bits, rows, zero = BLOCK_CODES[kind]
+    if rows % fmt.group_size or bits > FORMAT_BITS[fmt.kind]:
+        return False
+    if fmt.kind == "int8":  # signed codes, no min: code - zero
+        return zero is not None
+    if not fmt.symmetric:
+        return True
+    # symmetric: w = a * (code' - half), code' = code + half - zero in [0, 2 * half)
+    half = 2 ** (FORMAT_BITS[fmt.kind] - 1)
+    return zero is not None and zero <= half and 2 ** bits - zero <= half
+
+
+def group_format(kinds, k: int) -> WeightFormat | None:
+    """The first of `GROUP_FORMATS` that holds every layer type of `kinds` for K = `k` input rows, or None."""
+    for fmt in GROUP_FORMATS:
+        if fmt.kind in ("int5", "int6") and k % 128:
+            continue
+        if k % fmt.group_size == 0 and all(holds(fmt, kind) for kind in kinds):
+            return fmt
+    return None
 
 
 class GGUFCheckpoint:
@@ -88,16 +131,32 @@ class GGUFCheckpoint:
         """The format `quantized_tensor` gives for this tensor; None when it must be dequantized."""
         return NATIVE_FORMATS.get(self.tensor_type(hf_name))
 
-    def quantized_tensor(self, hf_name: str) -> dict[str, np.ndarray]:
-        """A Q8_0/Q4_0/Q4_1/Q4_K matrix, transposed to W[in, out]: {"data", "scales"(, "mins")}.
+    def stack_format(self, hf_names, grouped: bool = False) -> WeightFormat | None:
+        """The format the layers `hf_names` of one projection keep as stored: the one `native_format`
+        of them all; with `grouped` (no byte stack runs them) `group_format`'s for their types."""
+        if not grouped:
+            found = {self.native_format(name) for name in hf_names}
+            return found.pop() if len(found) == 1 else None
+        kinds = {self.tensor_type(name) for name in hf_names}
+        k = int(self.tensors[self.gguf_name(hf_names[0])].shape[0])  # GGUF dims: [in, out]
+        return group_format(kinds, k)
 
-        Q8_0 -> int8 [in, out] with float16 scales [in // 32, out]; Q4_0/Q4_1 -> uint8 [in // 2, out]
-        (low nibble = even row) with float16 scales (and mins) [in // 32, out]. Q4_K -> Q4_1's
-        arrays: the codes as stored, scale d * sc and min -(dmin * m) of each 32 rounded to float16.
+    def quantized_tensor(self, hf_name: str, fmt: WeightFormat | None = None) -> dict[str, np.ndarray]:
+        """A matrix's blocks as stored, transposed to W[in, out]: {"data", "scales"(, "mins")}.
+
+        Without `fmt`, a Q8_0/Q4_0/Q4_1/Q4_K matrix in its `native_format`: Q8_0 -> int8 [in, out]
+        with float16 scales [in // 32, out]; Q4_0/Q4_1 -> uint8 [in // 2, out] (low nibble = even row)
+        with float16 scales (and mins) [in // 32, out]; Q4_K -> Q4_1's arrays: the codes as stored,
+        scale d * sc and min -(dmin * m) of each 32 rounded to float16. With `fmt` (one of
+        `GROUP_FORMATS` that `holds` the type), any type of `BLOCK_CODES` in that format.
         """
         gguf_name = self.gguf_name(hf_name)
         t = self.tensors[gguf_name]
         kind = t.tensor_type.name
+        if fmt is not None and fmt != NATIVE_FORMATS.get(kind):
+            if not holds(fmt, kind):
+                raise ValueError(f"{gguf_name} is {kind}, which {fmt.name} does not hold exactly")
+            return _as_group_format(self.kquant_tensor(hf_name), kind, fmt)
         if kind not in NATIVE_FORMATS:
             raise ValueError(f"{gguf_name} is {kind}, not one of {tuple(NATIVE_FORMATS)}")
         if kind == "Q4_K":
@@ -184,6 +243,39 @@ def _q4_k_as_q4_1(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     codes = parts["codes"].T  # [in, out]
     return {"data": np.ascontiguousarray(codes[0::2] | (codes[1::2] << 4)), "scales": np.ascontiguousarray(scales.T),
             "mins": np.ascontiguousarray(mins.T)}
+
+
+def _as_group_format(parts: dict[str, np.ndarray], kind: str, fmt: WeightFormat) -> dict[str, np.ndarray]:
+    """`kquant.decode_blocks`' arrays of a `kind` matrix (rows = output channels) -> `fmt`'s arrays [in, out]:
+    the codes as stored (shifted to `fmt`'s zero where it is symmetric), each sub-block's w = a * code + b
+    with a and b rounded once to float16, repeated over `fmt`'s smaller groups."""
+    bits, sub, zero = BLOCK_CODES[kind]
+    codes = parts["codes"].astype(np.int64)  # [rows, K]
+    if kind in ("Q4_K", "Q5_K", "Q6_K"):
+        per_super = kquant.SUPER // sub
+        sc = parts["sc"].view(np.int8) if kind == "Q6_K" else parts["sc"]
+        a = np.repeat(parts["d"].astype(np.float32), per_super, axis=1) * sc.astype(np.float32)
+        b = None if zero is not None else -(np.repeat(parts["dmin"].astype(np.float32), per_super, axis=1)
+                                             * parts["m"].astype(np.float32))
+    else:
+        a = parts["d"].astype(np.float32)
+        b = None if zero is not None else parts["m"].astype(np.float32)
+    repeat = sub // fmt.group_size
+    out = {"scales": np.repeat(a.astype(np.float16), repeat, axis=1)}
+    if fmt.kind == "int8":
+        out["data"] = (codes - zero).astype(np.int8)
+    elif fmt.symmetric:
+        out["data"] = codes + (2 ** (FORMAT_BITS[fmt.kind] - 1) - zero)
+    else:
+        out["data"] = codes
+        b = -zero * a if b is None else b  # a power of two times a: rounds as a does
+        out["mins"] = np.repeat(b.astype(np.float16), repeat, axis=1)
+    out = {key: np.ascontiguousarray(value.T) for key, value in out.items()}  # [in..., out]
+    if fmt.kind == "int4":
+        out["data"] = (out["data"][0::2] | (out["data"][1::2] << 4)).astype(np.uint8)
+    elif fmt.kind in qmm.HIGH_BITS:
+        out["data"] = qmm.pack_high_bits(out["data"], fmt.kind)
+    return out
 
 
 def _unpermute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
