@@ -163,7 +163,7 @@ def shipped_configurations() -> list[Shipped]:
         # Q5_0 projections int5, attn_v (Q8_0 and Q5_0 layers) int8 g32, ffn_down (Q4_K, Q6_K) int6 g16.
         Shipped("Llama-3-8B Q4_K_M-like (int5 / int8 g32 / int6 g16)", LLAMA3_8B,
                 {**uniform(quant.WeightFormat("int5", 32)), "v_proj": quant.WeightFormat("int8", 32),
-                 "down_proj": quant.WeightFormat("int6", 16, symmetric=False)}, None, long, ("H100",)),
+                 "down_proj": quant.WeightFormat("int6", 16, symmetric=False)}, None, long, ("H100", "A100")),
         # `--attention-backend mosaic_gpu --matmul-backend mosaic_gpu` (opt-in): the Mosaic GPU kernels
         # inside the whole step, sm_90a only.
         Shipped("Llama-3-8B int4 g128, Mosaic GPU", LLAMA3_8B, uniform(int4), None, long, ("H100",),
