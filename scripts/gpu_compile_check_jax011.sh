@@ -3,7 +3,8 @@
 # CUDA 13 (jax-cuda13-plugin 0.11.2, ptxas from CUDA 13.0). Without a GPU: the Mosaic GPU kernels for
 # sm_90a (scripts/mgpu_compile_check.py, docs/data/mgpu-compile-jax011.md), then the engine's whole
 # step (scripts/gpu_compile_check.py, docs/data/gpu-compile-jax011.md) for the bundled SmolLM2 (what
-# the GPU smoke script serves) and Llama-3-8B on the Mosaic GPU kernels. `--all`: every configuration.
+# the GPU smoke script serves), Llama-3-8B on the Mosaic GPU kernels and in a Q4_K_M file's grouped
+# formats (int5/int6: the Triton kernels). `--all`: every configuration.
 # Builds .venv-cuda011 (about 1 GB) once; later runs reuse it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,8 @@ if [ "${1:-}" = "--all" ]; then
     shift
     args=("$@")
 else
-    args=(--only "SmolLM2-135M native (Q4_1 GGUF)" "Llama-3-8B int4 g128, Mosaic GPU" "Llama-3-8B int8, Mosaic GPU" "$@")
+    args=(--only "SmolLM2-135M native (Q4_1 GGUF)" "Llama-3-8B int4 g128, Mosaic GPU" "Llama-3-8B int8, Mosaic GPU"
+          "Llama-3-8B Q4_K_M-like (int5 / int8 g32 / int6 g16)" "$@")
 fi
 mkdir -p docs/data
 # Mosaic GPU 0.11.2 also tries to disassemble each kernel with nvdisasm (not in the CUDA 13.0 wheels): its
