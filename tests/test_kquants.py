@@ -373,18 +373,27 @@ def test_real_q4_k_layer_in_q4_1_form(qwen):
 
 @pytest.fixture(scope="module")
 def q4_k_llama(tmp_path_factory):
-    """A 1-layer llama GGUF (hidden 256, 4 heads of 64, 2 KV heads) whose attn_q/attn_k (rows in
-    llama.cpp's RoPE order), ffn_gate and ffn_up are Q4_K, attn_v and ffn_down Q6_K, attn_output
-    Q8_0: random blocks with a real model's factor range."""
+    """A 1-layer llama GGUF whose attn_q/attn_k (rows in llama.cpp's RoPE order), ffn_gate and ffn_up
+    are Q4_K, attn_v and ffn_down Q6_K, attn_output Q8_0."""
+    return one_layer_gguf(tmp_path_factory.mktemp("q4_k") / "tiny-q4_k.gguf", 12, {
+        "attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q8_0", "ffn_gate": "Q4_K",
+        "ffn_up": "Q4_K", "ffn_down": "Q6_K"})
+
+
+def one_layer_gguf(path, seed, kinds):
+    """A 1-layer llama GGUF at `path` (hidden 256, ffn 512, 4 heads of 64, 2 KV heads, unit norms), each
+    projection (attn_q/k/v/output, ffn_gate/up/down) of its type in `kinds`: random blocks with a real
+    model's factor range."""
     from tests.helpers import tiny_llama_gguf
 
-    rng = np.random.default_rng(12)
-    types = {"attn_q": ("Q4_K", 256, 256), "attn_k": ("Q4_K", 128, 256), "attn_v": ("Q6_K", 128, 256),
-             "attn_output": ("Q8_0", 256, 256), "ffn_gate": ("Q4_K", 512, 256), "ffn_up": ("Q4_K", 512, 256),
-             "ffn_down": ("Q6_K", 256, 512)}
-    tensors = {f"blk.0.{name}.weight": (random_blocks(rng, kind, rows, k), GGMLQuantizationType[kind])
-               for name, (kind, rows, k) in types.items()}
-    return tiny_llama_gguf(tmp_path_factory.mktemp("q4_k") / "tiny-q4_k.gguf", 256, 512, tensors)
+    rng = np.random.default_rng(seed)
+    shapes = {"attn_q": (256, 256), "attn_k": (128, 256), "attn_v": (128, 256), "attn_output": (256, 256),
+              "ffn_gate": (512, 256), "ffn_up": (512, 256), "ffn_down": (256, 512)}
+    tensors = {f"blk.0.{name}.weight": (random_blocks(rng, kinds[name], rows, k), GGMLQuantizationType[kinds[name]])
+               for name, (rows, k) in shapes.items()}
+    tensors |= {name: (np.ones(256, np.float32), GGMLQuantizationType.F32)
+                for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight")}
+    return tiny_llama_gguf(path, 256, 512, tensors)
 
 
 def test_q4_k_projections_are_kept_as_4_bit_where_the_k_quant_kernel_does_not_run(q4_k_llama):
@@ -513,19 +522,11 @@ def test_real_projections_in_group_formats_keep_the_files_weights(qwen):
 
 @pytest.fixture(scope="module")
 def q5_q6_llama(tmp_path_factory):
-    """A 1-layer llama GGUF (hidden 256, ffn 512) of Q4_K_M's other types: attn_q/k/output, ffn_gate/up
-    Q5_0, attn_v and ffn_down Q6_K; random blocks with a real model's factor range."""
-    from tests.helpers import tiny_llama_gguf
-
-    rng = np.random.default_rng(22)
-    types = {"attn_q": ("Q5_0", 256, 256), "attn_k": ("Q5_0", 128, 256), "attn_v": ("Q6_K", 128, 256),
-             "attn_output": ("Q5_0", 256, 256), "ffn_gate": ("Q5_0", 512, 256), "ffn_up": ("Q5_0", 512, 256),
-             "ffn_down": ("Q6_K", 256, 512)}
-    tensors = {f"blk.0.{name}.weight": (random_blocks(rng, kind, rows, k), GGMLQuantizationType[kind])
-               for name, (kind, rows, k) in types.items()}
-    tensors |= {name: (np.ones(256, np.float32), GGMLQuantizationType.F32)
-                for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight")}
-    return tiny_llama_gguf(tmp_path_factory.mktemp("q5_q6") / "tiny-q5-q6.gguf", 256, 512, tensors)
+    """A 1-layer llama GGUF of Q4_K_M's other types: attn_q/k/output, ffn_gate/up Q5_0, attn_v and
+    ffn_down Q6_K."""
+    return one_layer_gguf(tmp_path_factory.mktemp("q5_q6") / "tiny-q5-q6.gguf", 22, {
+        "attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q6_K", "attn_output": "Q5_0", "ffn_gate": "Q5_0",
+        "ffn_up": "Q5_0", "ffn_down": "Q6_K"})
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
