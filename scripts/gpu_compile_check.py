@@ -422,6 +422,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="SmolLM2 (or the first configuration) on H100 only")
     parser.add_argument("--markdown", help="also write the tables to this file")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these configurations (by name)")
+    parser.add_argument("--cards", nargs="+", choices=["H100", "A100"],
+                        help="only these cards (default: each configuration's own)")
     args = parser.parse_args()
     print(f"jax {jax.__version__}; compile-only devices from jax.experimental.topologies; "
           f"decode roofline at {CONTEXT} tokens of context per sequence", flush=True)
@@ -432,6 +434,9 @@ def main():
         configurations = [c for c in configurations if c.name in args.only]
         if not configurations:
             parser.error(f"--only: no configuration named {args.only}")
+    if args.cards:
+        configurations = [dataclasses.replace(c, cards=tuple(card for card in c.cards if card in args.cards))
+                          for c in configurations]
     results, seen_ptx = [], set()
     for shipped in configurations:
         for card in shipped.cards:
