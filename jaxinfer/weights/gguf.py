@@ -236,13 +236,7 @@ def _q4_k_as_q4_1(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     gguf computes each weight as float32(d * sc) * code - float32(dmin * m); rounding the two
     products to float16 changes a weight by at most 15 half-ulps of the scale plus one of the min.
     """
-    d = np.repeat(parts["d"].astype(np.float32), kquant.SUPER // kquant.BLOCK, axis=1)  # per 32 columns
-    dmin = np.repeat(parts["dmin"].astype(np.float32), kquant.SUPER // kquant.BLOCK, axis=1)
-    scales = (d * parts["sc"].astype(np.float32)).astype(np.float16)
-    mins = (-(dmin * parts["m"].astype(np.float32))).astype(np.float16)
-    codes = parts["codes"].T  # [in, out]
-    return {"data": np.ascontiguousarray(codes[0::2] | (codes[1::2] << 4)), "scales": np.ascontiguousarray(scales.T),
-            "mins": np.ascontiguousarray(mins.T)}
+    return _as_group_format(parts, "Q4_K", NATIVE_FORMATS["Q4_K"])
 
 
 def _as_group_format(parts: dict[str, np.ndarray], kind: str, fmt: WeightFormat) -> dict[str, np.ndarray]:
