@@ -83,9 +83,12 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
     split = config.tensor_parallel_size > 1 or jax.process_count() > 1
     if split:
         tensor_parallel.check_model(mc, config.tensor_parallel_size)
+    matmul_backend = resolve_backend(config.matmul_backend, MATMUL_BACKENDS)
     # The CPU runs a GGUF's own blocks where the native grouped kernel (int8 activations) is built.
-    cpu_runs_blocks = (platform == "cpu" and resolve_backend(config.matmul_backend, MATMUL_BACKENDS) == "xla"
-                       and config.cpu_integer_matmul and native.has_group_path())
+    cpu_runs_blocks = (platform == "cpu" and matmul_backend == "xla" and config.cpu_integer_matmul
+                       and native.has_group_path())
+    # The Pallas kernels (a GPU's, or interpreted on a CPU) run GGUF blocks in grouped formats.
+    grouped = platform != "cpu" or matmul_backend != "xla"
     stored_quantization = getattr(checkpoint, "quantization", None)  # an AWQ/GPTQ/... HF checkpoint
     if stored_quantization is not None:
         quantization = resolve_checkpoint_quantization(config.quantization, stored_quantization)
@@ -108,12 +111,11 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
                             quantization=quantization, group_size=config.quantization_group_size,
                             quant_backend=config.matmul_backend, cache_dir=cache_dir,
                             lm_head_quantization=lm_head_quantization, kquants=cpu_runs_blocks and not split,
-                            grouped=platform != "cpu" and not split)
+                            grouped=grouped, row_split=config.tensor_parallel_size)
     if cpu_runs_blocks and split and isinstance(checkpoint, GGUFCheckpoint):
         logger.info("tensor parallelism: GGUF K-quant and Q5_0/Q5_1 projections are not kept as stored (their "
                     "byte stacks are not split across devices): Q4_K as int4 in groups of 32, the rest requantized to int8")
-    native_layouts = (platform == "cpu" and resolve_backend(config.matmul_backend, MATMUL_BACKENDS) == "xla"
-                      and native.available())
+    native_layouts = platform == "cpu" and matmul_backend == "xla" and native.available()
     if native_layouts:
         layouts = use_blocked_layout(loaded, integer=config.cpu_integer_matmul)
         if layouts:

@@ -103,21 +103,32 @@ def quantize_int4(w, *, group_size=32, symmetric=True, scale_dtype=jnp.float32) 
     Symmetric is GGUF Q4_0's rule: scale = (the value of largest magnitude) / -8, so that value
     maps exactly to q = 0. Asymmetric is Q4_1's: scale = (max - min) / 15, min = min.
     """
+    return quantize_nibbles(w, "int4", group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+
+
+def quantize_nibbles(w, kind: str, *, group_size=32, symmetric=True, scale_dtype=jnp.float32) -> QuantizedWeight:
+    """int4, int5 or int6 (`kind`, b bits) by `quantize_int4`'s rules with 2^b levels: symmetric,
+    scale = (the value of largest magnitude) / -2^(b-1) (GGUF Q5_0's rule for b = 5); else
+    scale = (max - min) / (2^b - 1), min = min (Q5_1's). int5/int6 need K a multiple of 128 (their
+    high-bit bands); GGUF files bring their own codes (`weights.gguf`): this is for random weights."""
     k, n = w.shape
     if k % group_size or k % 2:
         raise ValueError(f"K={k} must be a multiple of group_size={group_size} (and even)")
+    bits = {"int4": 4, "int5": 5, "int6": 6}[kind]
+    half, top = 2 ** (bits - 1), 2 ** bits - 1
     groups = w.astype(jnp.float32).reshape(k // group_size, group_size, n)
     if symmetric:
         biggest = jnp.take_along_axis(groups, jnp.abs(groups).argmax(axis=1)[:, None], axis=1)[:, 0]
-        scales, mins = biggest / -8.0, None
-        q = jnp.round(_safe_divide(groups, scales[:, None])) + 8
+        scales, mins = biggest / -float(half), None
+        q = jnp.round(_safe_divide(groups, scales[:, None])) + half
     else:
         lo, hi = groups.min(axis=1), groups.max(axis=1)
-        scales, mins = (hi - lo) / 15.0, lo
+        scales, mins = (hi - lo) / float(top), lo
         q = jnp.round(_safe_divide(groups - lo[:, None], scales[:, None]))
-    q = jnp.clip(q, 0, 15).reshape(k, n)
-    return QuantizedWeight(pack_int4(q), scales.astype(scale_dtype),
-                           None if mins is None else mins.astype(scale_dtype), "int4", group_size)
+    q = jnp.clip(q, 0, top).reshape(k, n).astype(jnp.int32)
+    data = pack_int4(q) if kind == "int4" else qmm.pack_high_bits(q, kind, xp=jnp)
+    return QuantizedWeight(data, scales.astype(scale_dtype), None if mins is None else mins.astype(scale_dtype),
+                           kind, group_size)
 
 
 def quantize_fp8(w, *, scale_dtype=jnp.float32) -> QuantizedWeight:
@@ -258,9 +269,12 @@ def quantize(w, fmt: WeightFormat) -> QuantizedWeight:
     """Round-to-nearest quantization of a full-precision W[in, out]."""
     if fmt.kind == "int8":
         return quantize_int8(w, group_size=fmt.group_size, scale_dtype=SCALE_DTYPE)
-    if fmt.kind == "int4":
-        return quantize_int4(w, group_size=fmt.group_size, symmetric=fmt.symmetric, scale_dtype=SCALE_DTYPE)
-    return quantize_fp8(w, scale_dtype=SCALE_DTYPE)
+    if fmt.kind in NIBBLE_KINDS:
+        return quantize_nibbles(w, fmt.kind, group_size=fmt.group_size, symmetric=fmt.symmetric,
+                                scale_dtype=SCALE_DTYPE)
+    if fmt.kind == "fp8":
+        return quantize_fp8(w, scale_dtype=SCALE_DTYPE)
+    raise ValueError(f"no round-to-nearest quantizer for {fmt.name}")
 
 
 class Linear(nnx.Module):

@@ -32,13 +32,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.llama import PROJECTIONS
+from jaxinfer.models.llama import PROJECTIONS, ROW_PARALLEL
+from kernels_pallas import quant_matmul as qmm
 from jaxinfer.quant import Linear, native_layout
 from jaxinfer.sampling import MAX_LOGPROBS, sample
 
 AXIS = "tp"
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output columns
-ROW_PARALLEL = ("o_proj", "down_proj")  # split by input rows, outputs summed over devices
+# ROW_PARALLEL (o_proj, down_proj): split by input rows, outputs summed over devices
 CACHE_SPEC = P(None, AXIS)  # [layers, kv_heads, pages, page_size, head_dim] by KV head
 
 
@@ -215,6 +216,8 @@ def _split(proj, name, leaf, *, node, c: ModelConfig, size: int):
         grouped = node.fmt is not None and node.fmt.group_size
         if name in ("scales", "mins") and not grouped:
             return None  # one per output column: a row split leaves them whole
+        if name == "w" and node.fmt is not None and node.fmt.kind in qmm.HIGH_BITS:
+            return _split_high_bits(proj, leaf, node, size)
         rows = leaf.shape[-2]  # K, K / 2 packed int4, or K / group_size for group scales
         if rows % size:
             raise ValueError(f"tensor_parallel_size {size}: {proj}'s {node.in_features} input rows do not split "
@@ -226,6 +229,25 @@ def _split(proj, name, leaf, *, node, c: ModelConfig, size: int):
         return [leaf[..., (d // per_head) * c.head_dim:(d // per_head + 1) * c.head_dim] for d in range(size)]
     step = leaf.shape[-1] // size
     return [leaf[..., d * step:(d + 1) * step] for d in range(size)]
+
+
+def _split_high_bits(proj, data, node, size: int) -> list:
+    """Each device's piece of int5/int6 `data` [*stack, K / 2 + high rows, N] split by input rows:
+    the codes unpacked and packed again per piece, whose high-bit bands start at its own row 0; one
+    layer at a time (`lax.map`), in jax.numpy so that an abstract split (the deviceless compile) traces it."""
+    fmt, k = node.fmt.kind, node.in_features
+    if k % size or (k // size) % 128:
+        raise ValueError(f"tensor_parallel_size {size}: {proj}'s {k} input rows do not split into {size} "
+                         f"parts of a multiple of 128 rows ({node.fmt.name})")
+    step = k // size
+
+    def repack(layer):  # [K / 2 + high rows, N] -> one per device
+        codes = qmm.unpack_high_bits(layer, fmt, k)
+        return tuple(qmm.pack_high_bits(codes[d * step:(d + 1) * step], fmt, xp=jnp) for d in range(size))
+
+    stack = data.shape[:-2]
+    pieces = jax.lax.map(repack, jnp.asarray(data).reshape(-1, *data.shape[-2:]))
+    return [piece.reshape(*stack, *piece.shape[-2:]) for piece in pieces]
 
 
 def jit_step(graphdef, mesh: Mesh, state_specs, vocab_parallel: bool):

@@ -62,23 +62,28 @@ def unpack_int4(packed):
     return jnp.stack([low, high], axis=1).reshape(2 * packed.shape[0], packed.shape[1])
 
 
-def pack_high_bits(q, fmt):
-    """q [K, N] integer codes in 0..2**bits - 1 (K a multiple of 128) -> int5/int6 `data`, on the
-    host (numpy): weights are packed once, when they are loaded."""
-    q = np.asarray(q, np.int64)
+def pack_high_bits(q, fmt, xp=np):
+    """q [K, N] integer codes in 0..2**bits - 1 (K a multiple of 128) -> int5/int6 `data`: on the
+    host (numpy) when weights are loaded, or with `xp=jax.numpy` where the codes may be traced (a
+    tensor-parallel split of a packed weight, `jaxinfer.tensor_parallel`; the codes are not checked)."""
     k, n = q.shape
     if k % 128:
         raise ValueError(f"{fmt} needs K a multiple of 128, got {k}")
-    if q.min() < 0 or q.max() >= 1 << (4 + HIGH_BITS[fmt]):
-        raise ValueError(f"{fmt} codes must lie in 0..{(1 << (4 + HIGH_BITS[fmt])) - 1}")
+    if xp is np:
+        q = np.asarray(q, np.int64)
+        if q.min() < 0 or q.max() >= 1 << (4 + HIGH_BITS[fmt]):
+            raise ValueError(f"{fmt} codes must lie in 0..{(1 << (4 + HIGH_BITS[fmt])) - 1}")
+    else:
+        q = q.astype(jnp.int32)
     h, half = HIGH_BITS[fmt], HIGH_SPAN[fmt] // 2
     runs, bands = half // HIGH_BAND, -(-k // HIGH_SPAN[fmt])
     nibbles = (q[0::2] & 0xF) | ((q[1::2] & 0xF) << 4)
-    high = np.pad(np.stack([q[0::2] >> 4, q[1::2] >> 4]), ((0, 0), (0, bands * half - k // 2), (0, 0)))
+    high = xp.pad(xp.stack([q[0::2] >> 4, q[1::2] >> 4]), ((0, 0), (0, bands * half - k // 2), (0, 0)))
     high = high.reshape(2, bands, runs, HIGH_BAND, n)
-    shift = (2 * h * np.arange(runs)).reshape(1, runs, 1, 1)
-    plane = np.bitwise_or.reduce((high[0] << shift) | (high[1] << (shift + h)), axis=1)  # [bands, 64, N]
-    return np.concatenate([nibbles, plane.reshape(bands * HIGH_BAND, n)]).astype(np.uint8)
+    shift = xp.asarray(2 * h * np.arange(runs)).reshape(1, runs, 1, 1)
+    # each run's bits sit at their own shift: the sum over runs is their bitwise or
+    plane = ((high[0] << shift) | (high[1] << (shift + h))).sum(axis=1)  # [bands, 64, N]
+    return xp.concatenate([nibbles, plane.reshape(bands * HIGH_BAND, n)]).astype(xp.uint8)
 
 
 def unpack_high_bits(data, fmt, k):

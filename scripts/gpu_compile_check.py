@@ -155,15 +155,16 @@ def shipped_configurations() -> list[Shipped]:
         print(f"SmolLM2 skipped: {type(e).__name__}: {e}")
     long = engine.replace(max_model_len=8192)
     int4 = quant.weight_format("int4", 128)
+    q4_k_m_like = {**uniform(quant.WeightFormat("int5", 32)), "v_proj": quant.WeightFormat("int8", 32),
+                   "down_proj": quant.WeightFormat("int6", 16, symmetric=False)}
     out += [
         Shipped("Llama-3-8B bf16", LLAMA3_8B, {}, None, long, ("H100", "A100")),
         Shipped("Llama-3-8B int8", LLAMA3_8B, uniform(quant.weight_format("int8")), None, long, ("H100", "A100")),
         Shipped("Llama-3-8B int4 g128", LLAMA3_8B, uniform(int4), None, long, ("H100", "A100")),
         # A Q4_K_M file's formats on a GPU (`weights.gguf.group_format`, Qwen2.5-Coder-0.5B's pattern):
         # Q5_0 projections int5, attn_v (Q8_0 and Q5_0 layers) int8 g32, ffn_down (Q4_K, Q6_K) int6 g16.
-        Shipped("Llama-3-8B Q4_K_M-like (int5 / int8 g32 / int6 g16)", LLAMA3_8B,
-                {**uniform(quant.WeightFormat("int5", 32)), "v_proj": quant.WeightFormat("int8", 32),
-                 "down_proj": quant.WeightFormat("int6", 16, symmetric=False)}, None, long, ("H100", "A100")),
+        Shipped("Llama-3-8B Q4_K_M-like (int5 / int8 g32 / int6 g16)", LLAMA3_8B, q4_k_m_like, None, long,
+                ("H100", "A100")),
         # `--attention-backend mosaic_gpu --matmul-backend mosaic_gpu` (opt-in): the Mosaic GPU kernels
         # inside the whole step, sm_90a only.
         Shipped("Llama-3-8B int4 g128, Mosaic GPU", LLAMA3_8B, uniform(int4), None, long, ("H100",),
@@ -176,6 +177,8 @@ def shipped_configurations() -> list[Shipped]:
         # Split over several H100s (`--tensor-parallel-size`): the SPMD program, memory per device.
         Shipped("Llama-3-70B bf16 TP 8", LLAMA3_70B, {}, None, long, ("H100",), tp=8),
         Shipped("Llama-3-70B int4 g128 TP 2", LLAMA3_70B, uniform(int4), None, long, ("H100",), tp=2),
+        # int5/int6 row-parallel pieces packed again per device (`tensor_parallel._split_high_bits`)
+        Shipped("Llama-3-8B Q4_K_M-like TP 2", LLAMA3_8B, q4_k_m_like, None, long, ("H100",), tp=2),
     ]
     return out
 

@@ -56,7 +56,12 @@ def model_config(dry_run: bool) -> ModelConfig:
                        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False)
 
 
-FORMATS = {"bf16": None, "int8": quant.weight_format("int8"), "int4-g128": quant.weight_format("int4", 128)}
+FORMATS = {"bf16": None, "int8": quant.weight_format("int8"), "int4-g128": quant.weight_format("int4", 128),
+           # a Q4_K_M file's formats on a GPU (`weights.gguf.group_format`, Qwen2.5-Coder-0.5B's pattern):
+           # Q5_0 projections int5, attn_v (Q8_0 and Q5_0 layers) int8 g32, ffn_down (Q4_K and Q6_K) int6 g16
+           "q4_k_m-like": {**dict.fromkeys(PROJECTIONS, quant.WeightFormat("int5", 32)),
+                           "v_proj": quant.WeightFormat("int8", 32),
+                           "down_proj": quant.WeightFormat("int6", 16, symmetric=False)}}
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -76,15 +81,16 @@ def random_params(config: ModelConfig, seed: int = 0) -> dict:
 
 
 def build_model(config, params, fmt, *, dtype, backend, device):
-    """The model with `params`, its projections in `fmt` (None: full precision), on `device`."""
-    formats = {p: fmt for p in PROJECTIONS} if fmt is not None else {}
+    """The model with `params`, its projections in `fmt` (None: full precision; a dict: by projection),
+    on `device`."""
+    formats = fmt if isinstance(fmt, dict) else {p: fmt for p in PROJECTIONS} if fmt is not None else {}
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, attention_backend=backend, formats=formats,
                                          quant_backend=backend))
     graphdef, state = nnx.split(model)
     values = {"embed": params["embed"], "norm": params["norm"], "lm_head": params["lm_head"], "layers": {}}
     for name, value in params["layers"].items():
         if name in formats:
-            qw = jax.vmap(lambda w: quant.quantize(w, fmt))(jnp.asarray(value["w"]))
+            qw = jax.vmap(lambda w: quant.quantize(w, formats[name]))(jnp.asarray(value["w"]))
             values["layers"][name] = {"w": qw.data, "scales": qw.scales}
             if qw.mins is not None:
                 values["layers"][name]["mins"] = qw.mins

@@ -28,8 +28,9 @@ def export_for_cuda(fn, *args, device_kind="NVIDIA H100"):
 
 
 def tiny_llama_gguf(path, hidden: int, ffn: int, tensors: dict):
-    """A 1-layer llama GGUF at `path` (4 heads, 2 KV heads, vocabulary 32, a float32 embedding):
-    `tensors` maps each `blk.0.*` name to (its bytes as GGUF stores them, its GGMLQuantizationType)."""
+    """A 1-layer llama GGUF at `path` (4 heads, 2 KV heads, vocabulary 32 with a byte-level BPE tokenizer
+    of letters and one merge, a float32 embedding): `tensors` maps each `blk.0.*` name to (its bytes as
+    GGUF stores them, its GGMLQuantizationType)."""
     import gguf
 
     from jaxinfer.weights.gguf import GGUFCheckpoint
@@ -39,6 +40,12 @@ def tiny_llama_gguf(path, hidden: int, ffn: int, tensors: dict):
                        (writer.add_feed_forward_length, ffn), (writer.add_head_count, 4), (writer.add_head_count_kv, 2),
                        (writer.add_context_length, 128), (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_vocab_size, 32)):
         add(value)
+    tokens = [chr(ord("a") + i) for i in range(26)] + ["A", "B", "C", "D", "Ġ", "ab"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+    writer.add_token_merges(["a b"])
     for name, (data, qtype) in tensors.items():
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((32, hidden)).astype(np.float32))

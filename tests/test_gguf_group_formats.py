@@ -109,6 +109,27 @@ def test_real_projections_in_group_formats_keep_the_files_weights(qwen):
                 assert 5.5 <= bits <= 5.5 + 1 / 7 + 1e-9, bits  # 128 band rows where 112 would do
 
 
+def test_a_row_split_keeps_a_format_whose_groups_fit_each_devices_rows(qwen):
+    """Under tensor parallelism the row-parallel projections (o_proj: 896 rows, down_proj: 4,864) are
+    cut into `row_split` pieces of input rows: int5/int6 need 128 rows a piece, the others their
+    group; where nothing fits, the layers are requantized to int8 per channel. Column splits keep
+    the formats of one device."""
+    from jaxinfer.models.llama import projection_formats
+
+    def names(row_split):
+        formats = projection_formats(qwen.config, qwen, "native", grouped=True, row_split=row_split)
+        return {p: (fmt.name, stored) for p, (fmt, stored) in formats.items()}
+
+    one = names(1)
+    assert names(2) == one | {"o_proj": ("int8-g32", True)}  # 448 rows a device: Q5_0 in int8's groups
+    assert names(4) == one | {"o_proj": ("int8-g32", True), "down_proj": ("int8", False)}  # 1,216: not 128s
+    assert names(7) == one | {"down_proj": ("int8", False)}  # 128 and 694.9 rows: o_proj int5 still
+    # without `grouped` (byte stacks' files read as their Q8_0/Q4_0/Q4_1/Q4_K where one type throughout)
+    v0 = ["model.layers.0.self_attn.v_proj.weight"]  # Q8_0: int8 in groups of 32
+    assert qwen.stack_format(v0, row_split=4).name == "int8-g32"  # 224 rows a device
+    assert qwen.stack_format(v0, row_split=8) is None and qwen.stack_format(v0, row_split=3) is None  # 112, 298.7
+
+
 @pytest.fixture(scope="module")
 def q5_q6_llama(tmp_path_factory):
     """A 1-layer llama GGUF of Q4_K_M's other types: attn_q/k/output, ffn_gate/up Q5_0, attn_v and

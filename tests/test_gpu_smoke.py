@@ -16,7 +16,7 @@ def test_engine_phase_matches_the_cpu_reference_in_every_format(tmp_path):
                           env=dict(os.environ, JAXINFER_NATIVE="0"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "engine.json").read_text())
-    assert set(result["formats"]) == {"bf16", "int8", "int4-g128"}
+    assert set(result["formats"]) == {"bf16", "int8", "int4-g128", "q4_k_m-like"}
     for name, fmt in result["formats"].items():
         assert fmt["within_tolerance"], (name, fmt)
         # The interpreted Pallas kernels in bf16 against XLA in float32: peaked logits keep the same argmax.

@@ -148,6 +148,31 @@ def test_int4_asymmetric_keeps_each_groups_min_and_max():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind, top", [("int5", 31), ("int6", 63)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int5_int6_round_to_nearest_is_within_half_a_step(kind, top, symmetric):
+    """`quantize_nibbles` at 5 and 6 bits (random weights of the GPU smoke run's Q4_K_M-like model):
+    each weight within half its group's step of W (symmetric: a step where the other sign's far end
+    is clipped to the top code, as Q5_0's), the largest magnitude (symmetric: the code 0,
+    Q5_0's rule) or min and max (with mins) kept; `pack_high_bits` traced gives numpy's bytes."""
+    w = random_weight(4, k=256, n=8)
+    qw = quant.quantize_nibbles(w, kind, group_size=16, symmetric=symmetric)
+    groups = np.asarray(w).reshape(16, 16, 8)
+    scales = np.asarray(qw.scales, np.float32)
+    codes = np.asarray(qm.unpack_high_bits(qw.data, kind, 256))
+    error = np.abs(np.asarray(quant.dequantize(qw)).reshape(16, 16, 8) - groups)
+    # symmetric: the far end of the other sign (up to the code 2^b) is clipped to 2^b - 1, a step off
+    steps = np.where(symmetric & (codes.reshape(16, 16, 8) == top), 1.0, 0.5)
+    assert (error <= np.abs(scales)[:, None] * steps * (1 + 1e-4)).all()
+    if symmetric:
+        biggest = np.take_along_axis(groups, np.abs(groups).argmax(axis=1)[:, None], axis=1)[:, 0]
+        np.testing.assert_allclose(scales * -(top + 1) / 2, biggest, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(np.asarray(qw.mins), groups.min(axis=1), rtol=1e-6)
+        assert codes.min() == 0 and codes.max() == top
+    np.testing.assert_array_equal(np.asarray(qw.data), qm.pack_high_bits(codes, kind))
+
+
 def test_e4m3_integer_decode_matches_every_finite_fp8_value():
     """The kernel decodes fp8 with integer ops (no native conversion before sm_89)."""
     codes = jnp.arange(256, dtype=jnp.uint8)

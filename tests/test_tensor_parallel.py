@@ -83,6 +83,68 @@ def random_models():
     return results
 
 
+@pytest.fixture(scope="module")
+def q5_q6_split(tmp_path_factory):
+    """{tp: result}: a 1-layer GGUF of Q4_K_M's 5- and 6-bit types (attn_output Q5_0, ffn_down Q6_K:
+    the row-parallel ones) on the Pallas kernels, interpreted: the formats a GPU runs (int5, int6),
+    split at TP 2 (o_proj 256 rows, down_proj 512: 128 and 256 a device)."""
+    from tests.test_kquants import one_layer_gguf
+
+    path = tmp_path_factory.mktemp("q5_q6_tp") / "tiny-q5-q6.gguf"
+    one_layer_gguf(path, 31, {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q6_K", "attn_output": "Q5_0",
+                              "ffn_gate": "Q5_1", "ffn_up": "Q5_0", "ffn_down": "Q6_K"})
+    runs = [dict(tp=tp, max_model_len=128, quantization="native", matmul_backend="pallas_interpret",
+                 kv_cache_dtype="float32")
+            for tp in (1, 2)]
+    return dict(zip((1, 2), run_worker(str(path), [[5, 3, 25, 7, 30, 1]], runs, max_tokens=3)))
+
+
+def test_int5_int6_weights_split_by_rows_equal_one_device(q5_q6_split):
+    """GGUF's Q5_0/Q6_K kept as int5/int6 under tensor parallelism (they were requantized to int8):
+    each device's rows packed again with their own high-bit bands, the same tokens and logprobs."""
+    one, split = q5_q6_split[1], q5_q6_split[2]
+    assert {"int5-g32-sym", "int5-g32", "int6-g16-sym"} <= set(split["formats"]), split["formats"]
+    assert split["formats"] == one["formats"]
+    assert split["tokens"] == one["tokens"]
+    assert max_logprob_difference(split, one) < LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("fmt", ["int5", "int6"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_a_row_split_of_high_bit_formats_dequantizes_to_the_rows_of_the_whole(fmt, size):
+    """Each device's piece of an int5/int6 stack (codes repacked, scales and mins split by group)
+    dequantizes to its rows of the whole weight; the bands of a piece start at its own row 0."""
+    import types
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxinfer import quant, tensor_parallel
+    from kernels_pallas import quant_matmul as qmm
+
+    layers, k, n, group = 2, 1024, 64, 16
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 1 << (4 + qmm.HIGH_BITS[fmt]), (layers, k, n))
+    data = np.stack([qmm.pack_high_bits(q, fmt) for q in codes])
+    scales = rng.uniform(0.5, 2, (layers, k // group, n)).astype(np.float16)
+    mins = rng.uniform(-1, 1, (layers, k // group, n)).astype(np.float16)
+    node = types.SimpleNamespace(fmt=quant.WeightFormat(fmt, group, symmetric=False), in_features=k)
+    pieces = {name: tensor_parallel._split("down_proj", name, leaf, node=node, c=None, size=size)
+              for name, leaf in (("w", data), ("scales", scales), ("mins", mins))}
+    for layer in range(layers):
+        whole = quant.dequantize(quant.QuantizedWeight(jnp.asarray(data[layer]), jnp.asarray(scales[layer]),
+                                                       jnp.asarray(mins[layer]), fmt, group))
+        for d in range(size):
+            piece = quant.dequantize(quant.QuantizedWeight(*(pieces[name][d][layer] for name in ("w", "scales", "mins")),
+                                                           fmt, group))
+            rows = slice(d * k // size, (d + 1) * k // size)
+            assert pieces["w"][d].shape[1] == k // size // 2 + qmm.high_rows(fmt, k // size)
+            np.testing.assert_array_equal(np.asarray(piece), np.asarray(whole[rows]))
+    node.in_features = 640  # 320 rows a device at TP 2: not a multiple of 128
+    with pytest.raises(ValueError, match="down_proj's 640 input rows do not split into 2 parts of a multiple of 128"):
+        tensor_parallel._split("down_proj", "w", data[:, :320 + 128], node=node, c=None, size=2)
+
+
 def test_smollm2_tp3_greedy_tokens_equal_tp1_in_the_default_configuration(smollm2):
     """Up to a near tie: the split changes the all-reduce's float rounding (module docstring)."""
     for split, one in zip(smollm2[3, "default"]["top"], smollm2[1, "default"]["top"], strict=True):

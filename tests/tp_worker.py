@@ -4,7 +4,7 @@ devices (the test session has one): `python tests/tp_worker.py '<json>'` prints 
 Input: {"model": a name or "random:<config json fields>", "prompts": [str or [token ids]],
 "max_tokens": n, "runs": [{"tp": n, ...LLM keyword arguments}]}. Output: per run either
 {"tokens": [[ids] per prompt], "logprobs": [[floats] per prompt], "top": [[{id: logprob} of the 3 best per
-step] per prompt]} or {"error": "Type: message"}.
+step] per prompt], "formats": [the weights' format names]} or {"error": "Type: message"}.
 """
 
 import json
@@ -76,7 +76,8 @@ def main(spec: dict) -> list[dict]:
         results.append({"tokens": [o.outputs[0].token_ids for o in outs],
                         "logprobs": [[lp.logprob for lp in o.outputs[0].logprobs] for o in outs],
                         "top": [[dict(step.top) for step in o.outputs[0].logprobs] for o in outs],
-                        "vocab_parallel": llm.engine.runner.vocab_parallel})
+                        "vocab_parallel": llm.engine.runner.vocab_parallel,
+                        "formats": sorted(llm.engine.weight_bytes_by_format)})
         del llm
     return results
 

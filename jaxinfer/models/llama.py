@@ -100,6 +100,7 @@ def all_reduce(partial, tp_axis):
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")  # tensor parallelism splits their input rows, the others' columns
 
 
 class DecoderLayer(nnx.Module):
@@ -273,7 +274,7 @@ _LAYER_TENSORS = {
 
 def projection_formats(config: ModelConfig, checkpoint, quantization: str = "none",
                        group_size: int | None = None, kquants: bool = False,
-                       grouped: bool = False) -> dict[str, tuple[WeightFormat, bool]]:
+                       grouped: bool = False, row_split: int = 1) -> dict[str, tuple[WeightFormat, bool]]:
     """projection -> (its format, whether the checkpoint holds it in that format already).
 
     `quantization`: "none" (empty: all full precision), "native" (what a GGUF file carries: its
@@ -282,7 +283,8 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
     grouped format that holds them exactly (`weights.gguf.group_format`: int5/int6/int8 groups, for
     the paths without byte stacks, a GPU's), float tensors in full precision, other types requantized
     to int8), or a format of `quant.QUANTIZATIONS`, which GGUF blocks of the same kind and group
-    satisfy without requantization.
+    satisfy without requantization. `row_split`: tensor parallelism's size, over which the row-parallel
+    projections' input rows are split (a stored format is kept where its groups fit each piece).
     """
     if quantization == "none":
         return {}
@@ -301,7 +303,7 @@ def projection_formats(config: ModelConfig, checkpoint, quantization: str = "non
         template = _LAYER_TENSORS[(proj, "w")][0]
         names = [template.format(layer) for layer in range(config.num_layers)]
         if hasattr(checkpoint, "stack_format"):
-            stored = checkpoint.stack_format(names, grouped)
+            stored = checkpoint.stack_format(names, grouped, row_split if proj in ROW_PARALLEL else 1)
         else:
             found = {native_format(name) for name in names}
             stored = found.pop() if len(found) == 1 else None
@@ -353,7 +355,7 @@ def load_llama(config: ModelConfig, checkpoint, **options) -> Llama:
 
 def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, dtype=jnp.float32,
                  attention_backend="auto", quantization="none", group_size=None, quant_backend="auto",
-                 cache_dir=None, lm_head_quantization="none", kquants=False, grouped=False):
+                 cache_dir=None, lm_head_quantization="none", kquants=False, grouped=False, row_split=1):
     """Builds `model_cls` (Llama or a model built like it) with the checkpoint's weights, one stacked
     parameter at a time. `layer_tensors`: parameter path in the layer -> (HF name template, transpose).
 
@@ -366,9 +368,9 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     Q8_0 head as stored (a tied embedding then reads its rows from it); "none" keeps it in `dtype`.
     `kquants`: "native" keeps the file's K-quant, Q5_0/Q5_1 and mixed-type projections as stored
     (where their kernel runs: `kquant_formats`); `grouped`: else in grouped formats that hold them
-    exactly (`projection_formats`).
+    exactly (`projection_formats`, with `row_split`).
     """
-    formats = projection_formats(config, checkpoint, quantization, group_size, kquants, grouped)
+    formats = projection_formats(config, checkpoint, quantization, group_size, kquants, grouped, row_split)
     down_order_absorbed = _absorbs_down_proj_order(formats)
     if down_order_absorbed:  # down_proj's act-order goes into gate/up's columns at load: no gather
         formats["down_proj"] = (dataclasses.replace(formats["down_proj"][0], act_order=False), True)

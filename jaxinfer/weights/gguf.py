@@ -131,15 +131,20 @@ class GGUFCheckpoint:
         """The format `quantized_tensor` gives for this tensor; None when it must be dequantized."""
         return NATIVE_FORMATS.get(self.tensor_type(hf_name))
 
-    def stack_format(self, hf_names, grouped: bool = False) -> WeightFormat | None:
+    def stack_format(self, hf_names, grouped: bool = False, row_split: int = 1) -> WeightFormat | None:
         """The format the layers `hf_names` of one projection keep as stored: the one `native_format`
-        of them all; with `grouped` (no byte stack runs them) `group_format`'s for their types."""
+        of them all; with `grouped` (no byte stack runs them) `group_format`'s for their types.
+        `row_split`: each device holds 1 / row_split of the input rows (a row-parallel projection under
+        tensor parallelism), so a format's groups (and int5/int6's 128 rows) must fit that piece; None
+        where none does."""
+        k = int(self.tensors[self.gguf_name(hf_names[0])].shape[0])  # GGUF dims: [in, out]
+        if k % row_split:
+            return None
         if not grouped:
             found = {self.native_format(name) for name in hf_names}
-            return found.pop() if len(found) == 1 else None
-        kinds = {self.tensor_type(name) for name in hf_names}
-        k = int(self.tensors[self.gguf_name(hf_names[0])].shape[0])  # GGUF dims: [in, out]
-        return group_format(kinds, k)
+            fmt = found.pop() if len(found) == 1 else None
+            return None if fmt is None or fmt.group_size and (k // row_split) % fmt.group_size else fmt
+        return group_format({self.tensor_type(name) for name in hf_names}, k // row_split)
 
     def quantized_tensor(self, hf_name: str, fmt: WeightFormat | None = None) -> dict[str, np.ndarray]:
         """A matrix's blocks as stored, transposed to W[in, out]: {"data", "scales"(, "mins")}.
