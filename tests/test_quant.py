@@ -279,6 +279,39 @@ def test_cache_is_read_back_identically_and_a_corrupted_one_is_rebuilt(smollm2, 
     assert all(np.array_equal(a, b) for a, b in zip(arrays(first), arrays(fourth)))
 
 
+CONCURRENT_SAVES = """
+import logging, sys
+import jax.numpy as jnp
+from jaxinfer.weights.cache import WeightCache
+logging.basicConfig(level=logging.WARNING)
+for i in range(12):
+    WeightCache(sys.argv[1], sys.argv[2], formats="int8").save({"w": jnp.arange(4096, dtype=jnp.int8)})
+print("saved")
+"""
+
+
+def test_processes_writing_the_same_entry_at_once_each_succeed_and_leave_one_entry(tmp_path):
+    """Two processes converting the same weights at once (servers started together): each save is
+    written whole in its own directory and renamed into place, so none fails or removes another's
+    entry half-written, and one complete entry is left."""
+    import subprocess
+    import sys
+
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"weights")
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SAVES, str(cache), str(source)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip() == "saved", err[-3000:]
+        assert "could not write" not in err and "unusable" not in err, err[-3000:]
+    assert len(os.listdir(cache)) == 1  # no writer's partial directory left behind
+    abstract = {"w": jax.ShapeDtypeStruct((4096,), jnp.int8)}
+    loaded = WeightCache(str(cache), str(source), formats="int8").load(abstract)
+    assert np.array_equal(loaded["w"], np.arange(4096).astype(np.int8))
+
+
 def test_cache_of_a_changed_source_file_is_not_used(tmp_path):
     source = tmp_path / "model.gguf"
     source.write_bytes(b"weights")

@@ -5,7 +5,10 @@ later loads restore them directly. An entry is a directory named by a hash of it
 identity (path, and size and mtime of each of its files), the formats and the dtype. It holds the
 orbax checkpoint and, written last, `manifest.json` with the key and a digest of every array.
 An entry with no manifest, another key, arrays orbax cannot read or a digest that does not match
-is deleted and rebuilt, never trusted.
+is deleted and rebuilt, never trusted. An entry is written whole in a directory of its own writer
+and renamed into place: processes that convert the same weights at once (servers started together,
+the processes of one multi-host model on one machine) each write their own, the first rename wins
+and the others drop theirs.
 """
 
 import hashlib
@@ -79,19 +82,25 @@ class WeightCache:
 
     def save(self, params: dict) -> None:
         start = time.perf_counter()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        os.makedirs(self.dir)
+        partial = f"{self.dir}.partial-{os.getpid()}-{time.monotonic_ns()}"  # this writer's own
         try:
+            os.makedirs(partial)
             with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(self.arrays_dir, params)
+                checkpointer.save(os.path.join(partial, "arrays"), params)
                 checkpointer.wait_until_finished()
-            manifest = {"key": self.key, "digest": tree_digest(params)}
-            tmp = self.manifest_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=1)
-            os.replace(tmp, self.manifest_path)  # the manifest marks the entry complete
+            with open(os.path.join(partial, "manifest.json"), "w") as f:
+                json.dump({"key": self.key, "digest": tree_digest(params)}, f, indent=1)
+            shutil.rmtree(self.dir, ignore_errors=True)  # an unusable entry that `load` did not remove
+            try:
+                os.rename(partial, self.dir)
+            except OSError:  # another process's complete entry got there first: keep it
+                if not os.path.isfile(self.manifest_path):
+                    raise
+                shutil.rmtree(partial, ignore_errors=True)
+                logger.debug("weight cache %s was written by another process meanwhile", self.dir)
+                return
         except Exception as e:  # a cache that cannot be written (disk full, read-only) is not fatal
             logger.warning("could not write the weight cache %s: %s", self.dir, e)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
             return
         logger.debug("converted weights cached in %s (%.1f s)", self.dir, time.perf_counter() - start)
