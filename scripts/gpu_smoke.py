@@ -8,12 +8,15 @@ the greedy tokens are then a meaningful comparison. Every phase writes its own J
 `scripts/gpu_smoke.sh OUTDIR` runs each phase under a time cap. `--dry-run` runs the same code on
 the CPU at toy sizes, the Pallas kernels interpreted (the CI test of this script).
 
-Phases (`--phase`): env, kernels, mosaic, engine, speed.
+Phases (`--phase`): env, kernels, mosaic, engine, speed, then engine-gguf and speed-gguf (the same
+two on a model in a Q4_K_M file's formats: a phase of its own, so that its time cap cannot cost the
+others their results).
 """
 
 import argparse
 import importlib.metadata
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -56,12 +59,11 @@ def model_config(dry_run: bool) -> ModelConfig:
                        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False)
 
 
-FORMATS = {"bf16": None, "int8": quant.weight_format("int8"), "int4-g128": quant.weight_format("int4", 128),
-           # a Q4_K_M file's formats on a GPU (`weights.gguf.group_format`, Qwen2.5-Coder-0.5B's pattern):
+FORMATS = {"bf16": None, "int8": quant.weight_format("int8"), "int4-g128": quant.weight_format("int4", 128)}
+GGUF_FORMATS = {  # a Q4_K_M file's formats on a GPU (`weights.gguf.group_format`, Qwen2.5-Coder-0.5B's pattern):
            # Q5_0 projections int5, attn_v (Q8_0 and Q5_0 layers) int8 g32, ffn_down (Q4_K and Q6_K) int6 g16
-           "q4_k_m-like": {**dict.fromkeys(PROJECTIONS, quant.WeightFormat("int5", 32)),
-                           "v_proj": quant.WeightFormat("int8", 32),
-                           "down_proj": quant.WeightFormat("int6", 16, symmetric=False)}}
+    "q4_k_m-like": {**dict.fromkeys(PROJECTIONS, quant.WeightFormat("int5", 32)), "v_proj": quant.WeightFormat("int8", 32),
+                    "down_proj": quant.WeightFormat("int6", 16, symmetric=False)}}
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -238,7 +240,7 @@ def phase_mosaic(args):
     return {"device_kind": device.device_kind, "results": results, "all_ok": all(r["ok"] for r in results)}
 
 
-def phase_engine(args):
+def phase_engine(args, formats=FORMATS):
     """The step program on the device (Pallas, bf16) against the same model on the CPU (XLA, float32):
     last-position logits of a prefill, then greedy decoding through the paged cache."""
     config = model_config(args.dry_run)
@@ -248,7 +250,7 @@ def phase_engine(args):
     page_size, prompt_len, new_tokens = 16, (24 if args.dry_run else 128), (4 if args.dry_run else 16)
     prompt = np.random.default_rng(1).integers(0, config.vocab_size, prompt_len).astype(np.int32)
     out = {"model": dataclasses.asdict(config), "prompt_len": prompt_len, "new_tokens": new_tokens, "formats": {}}
-    for name, fmt in FORMATS.items():
+    for name, fmt in formats.items():
         runs = {}
         for where, dtype, kernels, dev in (("cpu", jnp.float32, "xla", cpu), ("device", jnp.bfloat16, backend, device)):
             graphdef, state = build_model(config, params, fmt, dtype=dtype, backend=kernels, device=dev)
@@ -281,7 +283,7 @@ def greedy_run(graphdef, state, config, prompt, new_tokens, page_size, dtype, de
     return {"logits": first, "tokens": tokens}
 
 
-def phase_speed(args):
+def phase_speed(args, formats=FORMATS):
     """The engine's step program (jit_step: model + sampling, cache donated) timed at prefill and
     decode shapes, beside the memory roofline of the bytes each step must read."""
     config = model_config(args.dry_run)
@@ -292,7 +294,7 @@ def phase_speed(args):
     bandwidth = next((bw for name, bw in BANDWIDTH.items() if name in kind), None)
     page_size, context = 16, (32 if args.dry_run else 1024)
     rows = []
-    for name, fmt in FORMATS.items():
+    for name, fmt in formats.items():
         graphdef, state = build_model(config, params, fmt, dtype=jnp.bfloat16, backend=backend, device=device)
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
         step = jit_step(graphdef)
@@ -325,7 +327,8 @@ def phase_speed(args):
 
 
 PHASES = {"env": phase_env, "kernels": phase_kernels, "mosaic": phase_mosaic, "engine": phase_engine,
-          "speed": phase_speed}
+          "speed": phase_speed, "engine-gguf": functools.partial(phase_engine, formats=GGUF_FORMATS),
+          "speed-gguf": functools.partial(phase_speed, formats=GGUF_FORMATS)}
 
 
 def main():

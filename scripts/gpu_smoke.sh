@@ -3,7 +3,7 @@
 #   scripts/gpu_smoke.sh OUTDIR
 # It uses the JAX installed there (jax >= 0.11.2 with its CUDA plugin) and installs only our small
 # pure-Python dependencies, from wheels kept in scripts/wheels/, when they are missing. Each phase
-# of scripts/gpu_smoke.py runs under its own time cap (about 5 minutes in all) and writes a JSON
+# of scripts/gpu_smoke.py runs under its own time cap (about 7 minutes in all) and writes a JSON
 # file to OUTDIR; docs/GPU.md is updated from those files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ if ! "$PYTHON" -c "import gguf" 2>/dev/null; then
 fi
 { nvidia-smi || true; git log -1 --format='commit %H %cd' 2>/dev/null || true; } > "$OUT/machine.txt" 2>&1
 status=0
-for phase in env:30 kernels:60 mosaic:60 engine:75 speed:75; do
+for phase in env:30 kernels:60 mosaic:60 engine:75 speed:75 engine-gguf:75 speed-gguf:45; do
     name=${phase%%:*} cap=${phase##*:}
     echo "== $name (at most ${cap}s)"
     timeout "$cap" "$PYTHON" scripts/gpu_smoke.py "$OUT" --phase "$name" 2>&1 | tee "$OUT/$name.log" | cut -c1-400
