@@ -33,9 +33,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import PROJECTIONS, ROW_PARALLEL
-from kernels_pallas import quant_matmul as qmm
 from jaxinfer.quant import Linear, native_layout
 from jaxinfer.sampling import MAX_LOGPROBS, sample
+from kernels_pallas import quant_matmul as qmm
 
 AXIS = "tp"
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output columns
