@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxinfer import tensor_parallel
 from jaxinfer.config import EngineConfig
 from jaxinfer.models import load_model
-from jaxinfer.models.llama import head_tensor_name
+from jaxinfer.models.params import head_tensor_name
 from jaxinfer.ops import MATMUL_BACKENDS, resolve_backend
 from jaxinfer.quant import resolve_lm_head_quantization, resolve_quantization, use_blocked_layout, weight_bytes_by_format
 from jaxinfer.tokenizer import Tokenizer

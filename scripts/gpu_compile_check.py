@@ -60,7 +60,8 @@ from jaxinfer import quant, tensor_parallel  # noqa: E402
 from jaxinfer.kv_cache import kv_cache_bytes_per_page  # noqa: E402
 from jaxinfer.compilation import step_buckets  # noqa: E402
 from jaxinfer.config import EngineConfig, ModelConfig  # noqa: E402
-from jaxinfer.models.llama import Llama, head_tensor_name, projection_formats  # noqa: E402
+from jaxinfer.models.llama import Llama  # noqa: E402
+from jaxinfer.models.params import head_tensor_name, projection_formats  # noqa: E402
 from jaxinfer.runner import empty_batch, jit_step  # noqa: E402
 from jaxinfer.weights import quantized  # noqa: E402
 

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/make_venv.sh .venv-jax011 -e '.[test]' jax==0.11.2 jaxlib==0.11.2
+[ -z "${INSTALL_ONLY:-}" ] || exit 0  # .ci/run: the venv now, the tests later
 .venv-jax011/bin/python -c "import jax; assert jax.__version__ == '0.11.2', jax.__version__; print('jax', jax.__version__)"
 # The kernels (interpreted Pallas against their references, and their CUDA lowering): what the GPU
 # smoke script needs from this JAX. The engine's own tests run once, on the locked jax, in `make test`.

@@ -7,7 +7,7 @@ import pydoc_data.topics
 import pytest
 
 from jaxinfer.evaluate import perplexity, token_windows, top_tokens
-from jaxinfer.models.llama import load_llama
+from jaxinfer.models.params import load_llama
 from jaxinfer.weights.gguf import GGUFCheckpoint
 
 # 3 windows of 20 tokens: a window spans two 16-token pages, and with 2 windows per call the last

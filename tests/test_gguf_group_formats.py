@@ -85,7 +85,8 @@ def test_real_projections_in_group_formats_keep_the_files_weights(qwen):
     as int5 at about the file's 5.5 bits (they were requantized to int8 per channel), attn_v (Q8_0 and Q5_0
     layers) int8 in groups of 32, ffn_down (Q4_K and Q6_K) int6 with mins; each layer's weights
     gguf's (Q5_0, Q8_0: exactly)."""
-    from jaxinfer.models.llama import _LAYER_TENSORS, projection_formats
+    from jaxinfer.models.llama import _LAYER_TENSORS
+    from jaxinfer.models.params import projection_formats
 
     formats = projection_formats(qwen.config, qwen, "native", grouped=True)
     assert {p: (fmt.name, stored) for p, (fmt, stored) in formats.items()} == {
@@ -114,7 +115,7 @@ def test_a_row_split_keeps_a_format_whose_groups_fit_each_devices_rows(qwen):
     cut into `row_split` pieces of input rows: int5/int6 need 128 rows a piece, the others their
     group; where nothing fits, the layers are requantized to int8 per channel. Column splits keep
     the formats of one device."""
-    from jaxinfer.models.llama import projection_formats
+    from jaxinfer.models.params import projection_formats
 
     def names(row_split):
         formats = projection_formats(qwen.config, qwen, "native", grouped=True, row_split=row_split)
@@ -145,7 +146,7 @@ def test_a_model_of_q5_0_and_q6_k_in_group_formats_computes_the_files_weights(q5
     stack and the dispatcher (the reference, and the Triton kernel interpreted) gives the logits of
     the same file dequantized to float32 by gguf."""
     from jaxinfer.models import load_model
-    from jaxinfer.models.llama import projection_formats
+    from jaxinfer.models.params import projection_formats
     from tests.helpers import prefill_logits
 
     c = q5_q6_llama

@@ -188,7 +188,7 @@ def qwen():
 
 
 def test_native_keeps_k_quant_and_q5_0_projections_only_where_their_kernel_runs(qwen):
-    from jaxinfer.models.llama import projection_formats
+    from jaxinfer.models.params import projection_formats
 
     kept = projection_formats(qwen.config, qwen, "native", kquants=True)
     assert kept["down_proj"][0].kind == "kquant" and kept["down_proj"][1]
@@ -201,7 +201,7 @@ def test_native_keeps_k_quant_and_q5_0_projections_only_where_their_kernel_runs(
 def test_real_q5_0_embedding_kept_as_stored(qwen):
     """Qwen2.5-Coder-0.5B's token embedding (Q5_0, not tied to its Q8_0 head): its rows, read from
     the file's bytes, equal gguf's dequantization."""
-    from jaxinfer.models.llama import _stored_embed_type
+    from jaxinfer.models.params import _stored_embed_type
 
     assert _stored_embed_type(qwen.config, qwen) == "Q5_0"
     raw = qwen.raw_rows("model.embed_tokens.weight")
@@ -227,7 +227,7 @@ def test_a_stack_of_one_block_type_of_32_stays_with_group_matmul_unless_mixed():
     """SmolLM2's Q8_0 (or a Q4_0 file) keeps its path and numbers; a mix of those types, or Q5_0
     anywhere, goes to the byte stack."""
     from jaxinfer.config import ModelConfig
-    from jaxinfer.models.llama import kquant_formats
+    from jaxinfer.models.params import kquant_formats
 
     config = ModelConfig(architecture="llama", vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e4,
@@ -242,7 +242,7 @@ def test_a_stack_of_one_block_type_of_32_stays_with_group_matmul_unless_mixed():
 def test_real_q4_k_m_down_proj_kept_as_stored(qwen):
     """Qwen2.5-Coder-0.5B Q4_K_M: ffn_down mixes Q4_K and Q6_K layers. The stored form of four
     layers dequantizes bitwise like gguf, and the model's layer stack runs them by their own type."""
-    from jaxinfer.models.llama import kquant_formats
+    from jaxinfer.models.params import kquant_formats
 
     checkpoint = qwen
     fmt = kquant_formats(checkpoint.config, checkpoint)["down_proj"]
@@ -267,7 +267,7 @@ def test_real_v_proj_mixing_q5_0_and_q8_0_kept_as_stored(qwen):
     """Qwen2.5-Coder-0.5B "Q4_K_M": attn_v is Q5_0 in some layers, Q8_0 in others (K = 896 is not a
     multiple of 256). All 24 layers in one stack dequantize bitwise like gguf; the kernel runs a
     layer of each type."""
-    from jaxinfer.models.llama import kquant_formats
+    from jaxinfer.models.params import kquant_formats
 
     fmt = kquant_formats(qwen.config, qwen)["v_proj"]
     names = [f"model.layers.{i}.self_attn.v_proj.weight" for i in range(qwen.config.num_layers)]
@@ -400,7 +400,7 @@ def test_q4_k_projections_are_kept_as_4_bit_where_the_k_quant_kernel_does_not_ru
     """Without the native K-quant kernel `native` keeps the Q4_K projections as int4 g32 (they were
     requantized to int8 before: 8 bits a weight against 5), q and k rows back in HF's RoPE order
     like the dequantized tensor; Q6_K still goes to int8. With the kernel, all stay K-quants."""
-    from jaxinfer.models.llama import projection_formats
+    from jaxinfer.models.params import projection_formats
 
     c = q4_k_llama
     int4 = quant.WeightFormat("int4", 32, symmetric=False)

@@ -16,7 +16,8 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from jaxinfer import LLM, SamplingParams, quant
 from jaxinfer.evaluate import perplexity, token_windows
-from jaxinfer.models.llama import AttentionMetadata, Llama, load_llama, projection_formats
+from jaxinfer.models.llama import AttentionMetadata, Llama
+from jaxinfer.models.params import load_llama, projection_formats
 from jaxinfer.weights.cache import WeightCache
 from jaxinfer.weights.gguf import GGUFCheckpoint
 from jaxinfer import ops

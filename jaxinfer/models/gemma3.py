@@ -25,7 +25,8 @@ from flax import nnx
 from jaxinfer import ops
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import (_LAYER_TENSORS, AttentionMetadata, all_reduce, DecoderLayer, Llama, apply_rope,
-                                   load_stacked, rms_norm, rope_inv_freq)
+                                   rms_norm, rope_inv_freq)
+from jaxinfer.models.params import load_stacked
 from jaxinfer.quant import project
 
 
@@ -109,5 +110,5 @@ LAYER_TENSORS = {path: spec for path, spec in _LAYER_TENSORS.items() if path[-1]
 
 
 def load_gemma3(config: ModelConfig, checkpoint, **options) -> Gemma3:
-    """A Gemma 3 model with the checkpoint's weights (`llama.load_stacked`'s options)."""
+    """A Gemma 3 model with the checkpoint's weights (`params.load_stacked`'s options)."""
     return load_stacked(Gemma3, LAYER_TENSORS, config, checkpoint, **options)

@@ -19,7 +19,7 @@ the engine as [in (K), out (N)]:
   8-bit symmetric: int8. GPTQ act-order (`desc_act`: `g_idx` puts a group's rows anywhere in K): the
   rows are stored sorted by group, and the layer gathers the activations' columns into that order
   at each step (`WeightFormat.act_order`, `input_perm`), as vLLM's GPTQ kernels do with g_idx
-  (down_proj's order is absorbed into gate/up's columns instead: `models.llama.load_stacked`);
+  (down_proj's order is absorbed into gate/up's columns instead: `models.params.load_stacked`);
   compressed-tensors' act-order groups (`weight_g_idx`, releases before 0.19) the same way.
 Scales and mins are kept in float16 (`quant.SCALE_DTYPE`): a checkpoint's bf16 scales convert
 exactly where they are float16 normals, which weight scales are.
