@@ -1,6 +1,10 @@
 """Shared fixtures: the bundled model, its HF transformers reference, and engines and the API server
-built once per session."""
+built once per session. Under pytest-xdist (`make test` runs two workers, `--dist loadfile`): the
+slowest modules first, and the tests marked `alone` with no other worker's test running meanwhile."""
 
+import fcntl
+import os
+import tempfile
 
 import pytest
 
@@ -16,6 +20,47 @@ def pytest_configure(config):
     from jaxinfer.compilation import enable_compilation_cache
 
     enable_compilation_cache()
+    config.addinivalue_line("markers", "alone: timed against the wall clock; under pytest-xdist no other worker "
+                                       "runs a test while it runs")
+
+
+# The modules that take longest (one fresh-clone run's durations, fixtures included), slowest first:
+# each worker takes whole modules in collection order (`--dist loadfile`), so these start first and
+# the short ones fill in at the end instead of one long module finishing alone.
+SLOWEST_FIRST = ("gemma3", "engine", "tensor_parallel", "qwen2", "multihost", "quant", "notebooks", "speculative",
+                 "fidelity", "admission", "gpu_smoke", "paged_cache", "messages_api", "architectures_vs_hf",
+                 "server_fuzz", "evaluate", "data_parallel", "chat")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the files in their usual order
+    rank = {f"test_{name}.py": i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order kept
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Under pytest-xdist, a test holds the run's lock shared while it runs, a test marked `alone`
+    exclusively. A gate in front gives the exclusive one its turn: the worker waiting for it holds
+    the gate, so the other worker's next test waits behind it rather than taking the lock first."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return (yield)
+    base = os.path.join(tempfile.gettempdir(), f"jaxinfer-pytest-{run}")
+    gate = os.open(base + ".gate", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if item.get_closest_marker("alone"):
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the gate stays held until the test ends
+        else:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        return (yield)
+    finally:
+        os.close(lock)  # closing releases the locks
+        os.close(gate)
 
 
 @pytest.fixture(scope="session")

@@ -141,6 +141,7 @@ def test_a_warmed_up_engine_starts_from_half_the_peak_its_warm_up_timed():
         engine.shutdown(timeout=1)
 
 
+@pytest.mark.alone
 def test_the_warm_up_timing_is_near_what_a_real_prompt_prefills(llm):
     """The peak that warm-up timed on padding tokens, against a 500-token prompt computed in one step
     (max_num_batched_tokens 512) right after: the same order (a fixed prior was 15x too low here).
@@ -269,6 +270,7 @@ def test_a_refusal_is_an_openai_shaped_503_with_retry_after_and_counted_in_metri
 
 # -- open-loop overload of the bundled model ------------------------------------------------------
 
+@pytest.mark.alone
 def test_under_open_loop_overload_each_request_gets_a_first_token_within_the_limit_or_a_fast_503(served):
     """60 streamed requests of 300 distinct prompt tokens (no prefix-cache hit), one every 0.025 s:
     12,000 prompt tokens/s, about 4x what 2 CPU cores prefill at 128 batched tokens a step (2,400
