@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -126,6 +127,9 @@ def test_serving_benchmark_smoke_run_reports_every_field(server, tmp_path):
     assert abs(report["dollars_per_million_output_tokens"] - expected_cost) <= 0.01 * expected_cost
 
 
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")  # tqdm: "Loading weights:  44%|####4     | 4/9 [00:01<..."
+
+
 def test_start_up_log_says_what_the_engine_is_in_a_few_lines(server):
     """Read while the server runs: the last start-up line ("ready in ... s: serving ... at <url>") comes
     before it answers /health, so the whole start-up log is there. One line a phase; the libraries'
@@ -133,9 +137,10 @@ def test_start_up_log_says_what_the_engine_is_in_a_few_lines(server):
     caches add at most a line (the native kernels' build), so this holds on a first start too."""
     url, log = server
     assert log.wait_for(url), log.text()
-    # Lines as a terminal shows them: a progress bar redraws its own line with "\r" (more often the
-    # slower the load, e.g. beside another test process), which splitlines() would count each time.
-    lines = log.text().split("\n")
+    # The weight-loading progress bar redraws itself with "\r" (read back as a line each, more of them
+    # the slower the load, e.g. beside another test process): a terminal shows it as one line, so its
+    # redraws and the blank line it leaves are not counted.
+    lines = [line for line in log.text().splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     ready = next(i for i, line in enumerate(lines) if "ready in" in line and url in line)
     start_up = "\n".join(lines[:ready + 1])
     assert ready <= 12, start_up
