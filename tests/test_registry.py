@@ -89,13 +89,17 @@ def test_a_part_missing_from_the_index_is_a_clear_error(local_index):
     assert not os.path.exists(entry.path)
 
 
-def test_cli_pull_and_list(local_index):
+def test_cli_pull_and_list(local_index, capsys):
     entry, _ = local_index
     # A subprocess sees the registry as shipped; run the CLI in-process on the patched one instead.
     from jaxinfer.cli import main
 
     assert main(["pull", "tiny-model"]) == 0
     assert os.path.isfile(entry.path)
+    # stderr is not a terminal here (a Dockerfile's RUN, a CI log): a line a phase, no bar redraws
+    err = capsys.readouterr().err
+    assert "%|" not in err and "\r" not in err, err
+    assert "tiny-model: downloading" in err and "tiny-model: pulled" in err, err
     with pytest.raises(SystemExit) as exit_info:
         main(["pull", "no-such-model"])
     assert exit_info.value.code == 2

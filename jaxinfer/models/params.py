@@ -218,7 +218,8 @@ def _read_params(config, checkpoint, shapes, formats, dtype, layer_tensors, head
     # down_proj first: with its act-order absorbed, its permutation reorders gate/up's columns
     layer_items.sort(key=lambda item: item[0] != ("down_proj", "w"))
     down_perms = None  # [L, intermediate] int32
-    for path, (template, transpose) in tqdm(layer_items, desc="Loading weights", unit="tensor", leave=False):
+    for path, (template, transpose) in tqdm(layer_items, desc="Loading weights", unit="tensor", leave=False,
+                                             disable=None):  # a bar on a terminal only: in a log, engine.py's line
         if path[-1] == "w" and path[0] in formats:
             arrays = _read_quantized(checkpoint, template, config.num_layers, *formats[path[0]],
                                      shapes["layers"][path[0]])
