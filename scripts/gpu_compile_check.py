@@ -24,16 +24,22 @@ configuration on H100 only; `--markdown FILE` writes the table.
 """
 
 import argparse
+import atexit
 import dataclasses
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-gpu-compile-")
+# The dumps (XLA's HLO and PTX, Mosaic GPU's PTX and ptxas reports: 90-470 MB a run) are read for the
+# tables, then removed at exit; KEEP_COMPILE_DUMPS=1 keeps them to look at.
+if not os.environ.get("KEEP_COMPILE_DUMPS"):
+    atexit.register(shutil.rmtree, DUMP_DIR, ignore_errors=True)
 MOSAIC_DUMP_DIR = os.path.join(DUMP_DIR, "mosaic")  # Mosaic GPU kernels: their PTX and ptxas reports
 os.makedirs(MOSAIC_DUMP_DIR, exist_ok=True)
 os.environ.setdefault("MOSAIC_GPU_DUMP_TO", MOSAIC_DUMP_DIR)
