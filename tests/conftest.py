@@ -4,6 +4,7 @@ slowest modules first, and the tests marked `alone` with no other worker's test 
 
 import fcntl
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,6 +13,7 @@ from jaxinfer.weights import resolve_model_path
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"
+LOCK_DIR = "JAXINFER_TEST_LOCK_DIR"  # set by the xdist controller: where the workers' locks live
 
 
 def pytest_configure(config):
@@ -22,6 +24,15 @@ def pytest_configure(config):
     enable_compilation_cache()
     config.addinivalue_line("markers", "alone: timed against the wall clock; under pytest-xdist no other worker "
                                        "runs a test while it runs")
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        # The xdist controller: a directory for the workers' lock files (they inherit the variable),
+        # removed when the run ends.
+        os.environ[LOCK_DIR] = tempfile.mkdtemp(prefix="jaxinfer-pytest-")
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(LOCK_DIR):
+        shutil.rmtree(os.environ.pop(LOCK_DIR), ignore_errors=True)
 
 
 # The modules that take longest (one fresh-clone run's durations, fixtures included), slowest first:
@@ -44,12 +55,11 @@ def pytest_runtest_call(item):
     """Under pytest-xdist, a test holds the run's lock shared while it runs, a test marked `alone`
     exclusively. A gate in front gives the exclusive one its turn: the worker waiting for it holds
     the gate, so the other worker's next test waits behind it rather than taking the lock first."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if not run:
+    lock_dir = os.environ.get(LOCK_DIR) if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if not lock_dir:
         return (yield)
-    base = os.path.join(tempfile.gettempdir(), f"jaxinfer-pytest-{run}")
-    gate = os.open(base + ".gate", os.O_RDWR | os.O_CREAT, 0o600)
-    lock = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    gate = os.open(os.path.join(lock_dir, "gate"), os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.open(os.path.join(lock_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(gate, fcntl.LOCK_EX)
         if item.get_closest_marker("alone"):
