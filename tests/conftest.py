@@ -50,6 +50,27 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order kept
 
 
+# Modules sharing a session fixture that is costly to build, scheduled as one unit so that one worker
+# builds it: the server on Qwen2.5-Coder-0.5B (`served_qwen`, about a minute to load and warm up).
+SCHEDULED_TOGETHER = {"test_messages_api.py": "served_qwen", "test_responses_api.py": "served_qwen",
+                      "test_tool_calls.py": "served_qwen"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the modules of SCHEDULED_TOGETHER as one unit each."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            module = super()._split_scope(nodeid)
+            return SCHEDULED_TOGETHER.get(os.path.basename(module), module)
+
+    return FilesAndGroups(config, log)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """Under pytest-xdist, a test holds the run's lock shared while it runs, a test marked `alone`
