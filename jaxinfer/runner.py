@@ -152,8 +152,10 @@ class ModelRunner:
         """Compiles (or loads from the persistent cache) the program of every bucket."""
         shapes = self.buckets()
         start = time.perf_counter()
-        logger.debug("warm-up: %d step programs, (tokens, sequences) = %s", len(shapes), shapes)
-        # disable=None: a bar on a terminal, nothing in a log file or a pipe.
+        # A line where it starts (a large model's warm-up takes minutes) and one where it ends; between
+        # them a bar on a terminal (disable=None), nothing in a log file or a pipe.
+        logger.info("warm-up: compiling %d step programs%s", len(shapes),
+                    " (or loading them from the compilation cache)" if jax.config.jax_compilation_cache_dir else "")
         for shape in tqdm(shapes, desc="Compiling", unit="program", leave=False, disable=None):
             self._run(*self._empty_batch(*shape))
         self.warmed_up = True
