@@ -45,14 +45,22 @@ FORMATS = {"float": dict(quantization="none"),
                           kv_cache_dtype="float32")}
 
 
-def run_worker(model: str, prompts, runs: list[dict], max_tokens: int = NEW_TOKENS) -> list[dict]:
+def run_workers(jobs: list[dict]) -> list[list[dict]]:
+    """Each job {model, prompts, runs, max_tokens} in one worker process: its results per run."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    spec = dict(model=model, prompts=prompts, max_tokens=max_tokens, runs=runs)
-    done = subprocess.run([sys.executable, WORKER, json.dumps(spec)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, WORKER, json.dumps(jobs)], env=env, capture_output=True, text=True,
+                          timeout=300 * len(jobs))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def job(model: str, prompts, runs: list[dict], max_tokens: int = NEW_TOKENS) -> dict:
+    return dict(model=model, prompts=prompts, max_tokens=max_tokens, runs=runs)
+
+
+def run_worker(model: str, prompts, runs: list[dict], max_tokens: int = NEW_TOKENS) -> list[dict]:
+    return run_workers([job(model, prompts, runs, max_tokens)])[0]
 
 
 def max_logprob_difference(a: dict, b: dict) -> float:
@@ -70,17 +78,18 @@ def smollm2():
 @pytest.fixture(scope="module")
 def random_models():
     """{(model, format, tp): result} for the two random Llamas."""
-    results = {}
+    jobs, keys = [], []
     for model, fields, sizes in (("dividing", DIVIDING, dict(float=(1, 2, 4), int8=(1, 4), int4=(1, 4), **{"int4-g128": (4,)})),
                                  ("replicated_kv", REPLICATED_KV, dict(float=(1, 4), int8=(1, 4)))):
-        keys = [(model, name, tp) for name in sizes for tp in sizes[name]]
-        runs = [dict(tp=tp, **FORMATS[name]) for _, name, tp in keys]
-        results.update(zip(keys, run_worker("random:" + json.dumps(fields), RANDOM_PROMPTS, runs)))
+        keys.append([(model, name, tp) for name in sizes for tp in sizes[name]])
+        jobs.append(job("random:" + json.dumps(fields), RANDOM_PROMPTS,
+                        [dict(tp=tp, **FORMATS[name]) for _, name, tp in keys[-1]]))
     # Interpret mode is slow: one prompt, three tokens.
-    pallas = run_worker("random:" + json.dumps(DIVIDING), RANDOM_PROMPTS[1:2],
-                        [dict(tp=tp, **FORMATS["pallas"]) for tp in (1, 2)], max_tokens=3)
-    results.update(zip([("dividing", "pallas", 1), ("dividing", "pallas", 2)], pallas))
-    return results
+    keys.append([("dividing", "pallas", 1), ("dividing", "pallas", 2)])
+    jobs.append(job("random:" + json.dumps(DIVIDING), RANDOM_PROMPTS[1:2],
+                    [dict(tp=tp, **FORMATS["pallas"]) for tp in (1, 2)], max_tokens=3))
+    return {key: result for job_keys, results in zip(keys, run_workers(jobs), strict=True)
+            for key, result in zip(job_keys, results, strict=True)}
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 """Runs engines at several tensor-parallel sizes in a process of its own, with 4 forced host CPU
 devices (the test session has one): `python tests/tp_worker.py '<json>'` prints one JSON line.
 
-Input: {"model": a name or "random:<config json fields>", "prompts": [str or [token ids]],
-"max_tokens": n, "runs": [{"tp": n, ...LLM keyword arguments}]}. Output: per run either
-{"tokens": [[ids] per prompt], "logprobs": [[floats] per prompt], "top": [[{id: logprob} of the 3 best per
-step] per prompt], "formats": [the weights' format names]} or {"error": "Type: message"}.
+Input: a list of jobs (one process for all: each process start imports JAX again), each
+{"model": a name or "random:<config json fields>", "prompts": [str or [token ids]], "max_tokens": n,
+"runs": [{"tp": n, ...LLM keyword arguments}]}. Output: per job, per run either {"tokens": [[ids] per
+prompt], "logprobs": [[floats] per prompt], "top": [[{id: logprob} of the 3 best per step] per prompt],
+"formats": [the weights' format names]} or {"error": "Type: message"}.
 """
 
 import json
@@ -83,4 +84,4 @@ def main(spec: dict) -> list[dict]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))))
+    print(json.dumps([main(job) for job in json.loads(sys.argv[1])]))
