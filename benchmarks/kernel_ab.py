@@ -89,21 +89,24 @@ def weights(kernel: str, rng, layers: int, k: int, n: int):
     return (lambda x, layer: native.group_matmul(x, codes, scales, mins, layer, bits=bits)), k * n * bits // 8
 
 
-KQUANTS = {"q4_k": "Q4_K", "q6_k": "Q6_K"}  # run by kquant_matmul.cc
+KQUANTS = {"q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K", "q5_0": "Q5_0"}  # run by kquant_matmul.cc
+# Where a block's float16 factors lie: (byte offset, bytes): d and dmin, Q6_K's d at its end, Q5_0's d.
+FACTOR_BYTES = {"Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (208, 2), "Q5_0": (0, 2)}
 
 
 def kquant_weights(kind: str, rng, layers: int, k: int, n: int):
-    """A stack of random blocks of a K-quant as `jaxinfer.kquant` lays them out (d and dmin set to
-    float16 values of a real model's range: random bytes there would be inf or NaN)."""
+    """A stack of random blocks of a K-quant (or Q5_0) as `jaxinfer.kquant` lays them out (the
+    float16 factors set to values of a real model's range: random bytes there would be inf or NaN)."""
     from jaxinfer import kquant
 
     block_bytes = kquant.BLOCK_BYTES[kind]
-    d_at = 208 if kind == "Q6_K" else 0  # the byte offset of d in a super-block (Q4_K: d, dmin)
+    block_rows = 256 if kind.endswith("_K") else 32
+    at, size = FACTOR_BYTES[kind]
     layer_blocks = []
     for _ in range(layers):
-        raw = rng.integers(0, 256, (n, k // 256, block_bytes), dtype=np.uint8)
-        factors = rng.uniform(1e-4, 2e-3, (n, k // 256, 2)).astype(np.float16).view(np.uint8)
-        raw[..., d_at:d_at + (2 if kind == "Q6_K" else 4)] = factors[..., :2 if kind == "Q6_K" else 4]
+        raw = rng.integers(0, 256, (n, k // block_rows, block_bytes), dtype=np.uint8)
+        factors = rng.uniform(1e-4, 2e-3, (n, k // block_rows, 2)).astype(np.float16).view(np.uint8)
+        raw[..., at:at + size] = factors[..., :size]
         layer_blocks.append((kind, kquant.pack_layer(kquant.decode_blocks(raw.reshape(n, -1), kind), kind)))
     data, index = kquant.stack_layers(layer_blocks)
     data, index = jnp.asarray(data), jnp.asarray(index)
