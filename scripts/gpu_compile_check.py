@@ -24,45 +24,18 @@ configuration on H100 only; `--markdown FILE` writes the table.
 """
 
 import argparse
-import atexit
 import dataclasses
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
-DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-gpu-compile-")
-# The dumps (XLA's HLO and PTX, Mosaic GPU's PTX and ptxas reports: 90-470 MB a run) are read for the
-# tables, then removed at exit; KEEP_COMPILE_DUMPS=1 keeps them to look at.
-if not os.environ.get("KEEP_COMPILE_DUMPS"):
-    atexit.register(shutil.rmtree, DUMP_DIR, ignore_errors=True)
-STARTED = time.time()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compile_dumps import dump_dir  # noqa: E402
 
-
-def remove_mosaic_leftovers(started: float = STARTED, settled_s: float = 2.0):
-    """jaxlib's Mosaic GPU compiler puts each kernel's cubin in a /tmp/mosaic-gpu-XXXXXX directory
-    of its own and never removes it (its TemporaryDirectory has no destructor: a run of the compile
-    checks left a hundred or so). Removes those made since `started`, once their kernel.bin was last
-    written `settled_s` ago: the compiler reads it back as soon as ptxas exits, and a newer one may
-    belong to a compile check running beside this one (as in .ci/run). Waits at most `settled_s`."""
-    made = {}
-    for path in glob.glob("/tmp/mosaic-gpu-*"):
-        try:
-            if os.stat(path).st_mtime >= started - 1:
-                made[path] = os.stat(os.path.join(path, "kernel.bin")).st_mtime
-        except OSError:  # no kernel.bin (yet), or gone
-            pass
-    if made:
-        time.sleep(max(0.0, min(settled_s, max(made.values()) + settled_s - time.time())))
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-atexit.register(remove_mosaic_leftovers)  # mgpu_compile_check.py imports this module: its runs too
+DUMP_DIR = dump_dir("jaxinfer-gpu-compile-")
 MOSAIC_DUMP_DIR = os.path.join(DUMP_DIR, "mosaic")  # Mosaic GPU kernels: their PTX and ptxas reports
 os.makedirs(MOSAIC_DUMP_DIR, exist_ok=True)
 os.environ.setdefault("MOSAIC_GPU_DUMP_TO", MOSAIC_DUMP_DIR)

@@ -9,25 +9,20 @@ Prints two markdown tables (matmul, attention). scripts/gpu_compile_check.sh (`m
 builds .venv-cuda and runs it first; by hand: `.venv-cuda/bin/python scripts/mgpu_compile_check.py [case name ...]`.
 """
 
-import atexit
 import glob
 import os
 import re
-import shutil
 import sys
-import tempfile
 
-DUMP_DIR = tempfile.mkdtemp(prefix="jaxinfer-mgpu-compile-")
-# The dumps (XLA's HLO and PTX, Mosaic GPU's PTX and ptxas reports: 90-470 MB a run) are read for the
-# tables, then removed at exit; KEEP_COMPILE_DUMPS=1 keeps them to look at.
-if not os.environ.get("KEEP_COMPILE_DUMPS"):
-    atexit.register(shutil.rmtree, DUMP_DIR, ignore_errors=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compile_dumps import dump_dir  # noqa: E402
+
+DUMP_DIR = dump_dir("jaxinfer-mgpu-compile-")
 os.environ.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=DUMP_DIR)
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("LLVM_DISABLE_SYMBOLIZATION", "1")  # see scripts/gpu_compile_check.sh
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
