@@ -100,7 +100,13 @@ def test_only_the_loop_thread_calls_the_engine(fake, engine):
 
 def test_idle_loop_sleeps_instead_of_spinning(fake, engine):
     asyncio.run(collect(engine, "hi", 3))
-    calls = fake.num_calls
+    # The loop makes its last calls (has_unfinished_requests, stats) after it delivers the final
+    # output, so the consumer can return before them: wait until the count holds for 50 ms (a
+    # spinning loop never does, and fails below).
+    calls, deadline = -1, time.monotonic() + 2
+    while fake.num_calls != calls and time.monotonic() < deadline:
+        calls = fake.num_calls
+        time.sleep(0.05)
     time.sleep(0.3)
     assert fake.num_calls == calls
 
