@@ -13,12 +13,12 @@ ignore_eos. Warm-up compiles happen before timing.
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
 
 from jaxinfer import LLMEngine, SamplingParams
+from kernels_cpu.native import cpu_description
 
 
 def serve(engine, prompts, concurrency, output_len):
@@ -72,7 +72,7 @@ def main():
         head = prefix if shared else []
         return [head + rng.integers(100, vocab, int(rng.integers(low, high + 1))).tolist() for _ in range(n)]
 
-    results = {"model": args.model, "args": vars(args), "cpu": platform.processor() or platform.machine(),
+    results = {"model": args.model, "args": vars(args), "cpu": cpu_description(),
                "num_pages": engine.allocator.num_pages}
     for phase in ("fresh", "churn", "after_churn"):
         if phase == "churn":

@@ -90,8 +90,9 @@ print(json.dumps({"perplexity": perplexity(llm.engine.model, windows, first_scor
 
 
 def cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    """The CPU and the native kernels' SIMD path (kernels_cpu/native.py's cpu_description)."""
+    from kernels_cpu.native import cpu_description
+    return cpu_description()
 
 
 def git_commit() -> str:

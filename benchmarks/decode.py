@@ -16,7 +16,6 @@ the configurations alternates round by round (ABBA) so drift in the machine's sp
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from jaxinfer import LLM, SamplingParams  # noqa: E402
 from jaxinfer.weights import resolve_model_path  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import llama_version  # noqa: E402  (benchmarks/compare.py: the same llama.cpp build)
+from compare import cpu_name, llama_version  # noqa: E402  (benchmarks/compare.py: the same llama.cpp build)
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 LLAMA_CPP_DECODE = r"""
@@ -53,14 +52,6 @@ for _ in range(2):  # the first run warms up
     end = time.perf_counter()
 print(json.dumps({"version": llama_cpp.__version__, "tokens_per_s": (count - 1) / (end - first)}))
 """
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def read_bandwidth(threads: int, size: int = 1 << 30) -> float:

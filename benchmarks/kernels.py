@@ -9,7 +9,6 @@ with a large float32 matmul. Writes a markdown table to docs/KERNELS.md (or --ou
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -157,13 +156,7 @@ def cases():
 
 
 def machine():
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+    return f"{native.cpu_description()}, jax {jax.__version__} ({jax.default_backend()})"
 
 
 KEPT_FROM = "\n## "  # docs/KERNELS.md from its first heading on is written by hand

@@ -484,3 +484,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8MatmulFused, Int8MatmulFusedImpl,
 
 // Whether this build has the integer ("vnni" layout) path: AVX-512 VNNI or AVX2.
 extern "C" int JaxinferHasIntegerPath() { return kHasIntegerPath ? 1 : 0; }
+
+// The instruction sets this build was compiled for (-march=native with JAXINFER_NATIVE_CFLAGS), of
+// those that pick the kernels' paths: native.py's instruction_sets() reports them with benchmarks,
+// since the same machine name has come with and without AVX-512.
+extern "C" const char* JaxinferInstructionSets() {
+  return ""
+#if defined(__AVX512F__)
+         " avx512f"
+#endif
+#if defined(__AVX512BW__)
+         " avx512bw"
+#endif
+#if defined(__AVX512VNNI__)
+         " avx512vnni"
+#endif
+#if defined(__AVX2__)
+         " avx2"
+#endif
+#if defined(__FMA__)
+         " fma"
+#endif
+#if defined(__F16C__)
+         " f16c"
+#endif
+      ;
+}

@@ -143,12 +143,62 @@ def available() -> bool:
                    "native CPU kernels off (%s): matmul and attention run on the XLA path (slower decode)", reason)
         return False
     try:
-        load()
+        path = load()
     except (OSError, RuntimeError) as e:
         logger.warning("the native CPU kernels failed to build or load, so the engine falls back to the XLA "
                        "path (slower decode): %s", e)
         return False
+    isa = _built_for(path)
+    logger.info("native CPU kernels loaded: the %s path (built for %s)", _path_name(isa), " ".join(isa))
     return True
+
+
+def _built_for(path: Path) -> tuple[str, ...]:
+    library = ctypes.cdll.LoadLibrary(str(path))
+    library.JaxinferInstructionSets.restype = ctypes.c_char_p
+    return tuple(library.JaxinferInstructionSets().decode().split())
+
+
+@functools.cache
+def instruction_sets() -> tuple[str, ...]:
+    """The instruction sets the loaded kernels were compiled for, of those that choose their paths
+    (avx512f, avx512bw, avx512vnni, avx2, fma, f16c): `-march=native` decides, with
+    `JAXINFER_NATIVE_CFLAGS`. () where the kernels are not available."""
+    return _built_for(_library_path(_compiler())) if available() else ()
+
+
+def simd_path() -> str:
+    """The integer matmuls' path in the loaded build: "AVX-512 VNNI" (vpdpbusd), "AVX2" (vpmaddubsw)
+    or "none" (the XLA path; also when the kernels are not available)."""
+    return _path_name(instruction_sets())
+
+
+def _path_name(isa: tuple[str, ...]) -> str:
+    if {"avx512vnni", "avx512bw"} <= set(isa):
+        return "AVX-512 VNNI"
+    return "AVX2" if "avx2" in isa else "none"
+
+
+def cpu_description() -> str:
+    """This machine for a benchmark's record: the CPU's name, family and model (one name has
+    covered CPUs with and without AVX-512 on this project's VMs), its threads, and the native
+    kernels' SIMD path, e.g. "AMD EPYC (family 25, model 1), 2 threads, native kernels: AVX2"."""
+    name, family, model = platform.processor() or platform.machine(), "?", "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                name = value
+            elif key == "cpu family":
+                family = value
+            elif key == "model":
+                model = value
+            if key == "flags":  # the first processor's fields are all before its flags
+                break
+    except OSError:
+        pass
+    return f"{name} (family {family}, model {model}), {os.cpu_count()} threads, native kernels: {simd_path()}"
 
 
 def block_width(n: int) -> int:

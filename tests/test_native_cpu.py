@@ -42,6 +42,44 @@ def test_the_library_exports_no_process_wide_unique_objects():
     assert any("Workers" in line for line in symbols)  # the objects are there, as weak symbols
     assert [line for line in symbols if line.split()[-2:-1] == ["u"]] == []
 
+CPU_FLAGS = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+
+
+def test_the_build_reports_the_instruction_sets_the_compiler_and_the_cpu_give():
+    """`instruction_sets()` (what benchmarks record beside their numbers) against two independent
+    sources: the compiler's own predefined macros for the same flags, and /proc/cpuinfo's flags
+    (-march=native takes AVX-512 VNNI where the CPU has it, unless JAXINFER_NATIVE_CFLAGS turns
+    AVX-512 off, as the AVX2 build test below does)."""
+    import subprocess
+
+    macros = subprocess.run([native._compiler(), *native.FLAGS, "-dM", "-E", "-x", "c++", "/dev/null"],
+                            capture_output=True, text=True, check=True).stdout
+    names = {"avx512f": "__AVX512F__", "avx512bw": "__AVX512BW__", "avx512vnni": "__AVX512VNNI__",
+             "avx2": "__AVX2__", "fma": "__FMA__", "f16c": "__F16C__"}
+    expected = tuple(name for name, macro in names.items() if f"#define {macro} 1" in macros)
+    assert native.instruction_sets() == expected
+    vnni = "avx512_vnni" in CPU_FLAGS and "avx512bw" in CPU_FLAGS and "-mno-avx512f" not in native.FLAGS
+    assert native.simd_path() == ("AVX-512 VNNI" if vnni else "AVX2" if "avx2" in CPU_FLAGS else "none")
+    assert native.cpu_description().endswith(f"threads, native kernels: {native.simd_path()}")
+
+
+@pytest.mark.skipif("avx512f" in CPU_FLAGS, reason="the main build already is the AVX-512 one")
+def test_avx512_build_compiles_on_a_machine_without_avx512(tmp_path, monkeypatch):
+    """The AVX-512 paths cannot run here (this project's VMs have come with and without AVX-512,
+    under one CPU name), but they must still compile: build them for AVX-512 VNNI, not loaded, and
+    check that the vpdpbusd paths are in the binary (objdump comes with g++'s binutils)."""
+    import shutil
+    import subprocess
+
+    avx512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, *avx512))
+    out = tmp_path / "avx512.so"
+    native._build(native._compiler(), out)
+    code = subprocess.run([shutil.which("objdump") or "objdump", "-d", "--no-show-raw-insn", str(out)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "vpdpbusd" in code and "zmm" in code
+
+
 def int8_weight(rng, k, n, layers=None):
     shape = (k, n) if layers is None else (layers, k, n)
     data = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
