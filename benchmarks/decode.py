@@ -29,7 +29,7 @@ from jaxinfer import LLM, SamplingParams  # noqa: E402
 from jaxinfer.weights import resolve_model_path  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import cpu_name, llama_version  # noqa: E402  (benchmarks/compare.py: the same llama.cpp build)
+from compare import cpu_name, git_commit, llama_version  # noqa: E402  (benchmarks/compare.py: the same llama.cpp build)
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 LLAMA_CPP_DECODE = r"""
@@ -191,7 +191,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "file": os.path.basename(path), "threads": threads, "cpu": cpu_name(),
-                       "tokens": args.tokens, "rounds": args.rounds, "bandwidth": bandwidth, "rows": rows,
+                       "commit": git_commit(), "tokens": args.tokens, "rounds": args.rounds, "bandwidth": bandwidth,
+                       "rows": rows,
                        "command": " ".join(sys.argv)}, f, indent=1)
 
 
