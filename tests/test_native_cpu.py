@@ -42,6 +42,7 @@ def test_the_library_exports_no_process_wide_unique_objects():
     assert any("Workers" in line for line in symbols)  # the objects are there, as weak symbols
     assert [line for line in symbols if line.split()[-2:-1] == ["u"]] == []
 
+
 CPU_FLAGS = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
 
 
