@@ -279,13 +279,20 @@ class AsyncLLMEngine:
         rest (their streams raise EngineDeadError) and stops the loop thread."""
         self.stop_accepting()
         deadline = time.monotonic() + timeout
-        while self._thread.is_alive() and self.stats.num_requests and time.monotonic() < deadline:
+        while self._thread.is_alive() and self._has_requests() and time.monotonic() < deadline:
             time.sleep(0.02)
         with self._cond:
             self._stop = True
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join()
+
+    def _has_requests(self) -> bool:
+        """Requests submitted or in flight. One the loop has accepted is in `_in_transit` until the
+        stats that count it are published, so the lists are read first: none is missed."""
+        with self._cond:
+            submitted = any(isinstance(item, _Add) for item in self._inbox + self._in_transit)
+        return submitted or self.stats.num_requests > 0
 
     # -- the loop thread ----------------------------------------------------------------------
 

@@ -222,6 +222,39 @@ def test_shutdown_lets_requests_in_flight_finish_and_refuses_new_ones():
     assert not engine._thread.is_alive()
 
 
+def test_shutdown_waits_for_a_request_accepted_but_not_yet_in_the_stats():
+    """The loop accepts a request (add_request returns) a moment before it publishes the stats that
+    count it: shutdown must wait for such a request too, not abort it (this failed once in a CI run
+    here). The loop is held inside that moment, in the engine call the stats make, while shutdown
+    decides."""
+    fake = FakeEngine(step_seconds=0.001)
+    hold, holding = threading.Event(), threading.Event()
+
+    def num_queued_tokens():
+        if not hold.is_set():
+            holding.set()
+            hold.wait(10)
+        return 0
+
+    engine = AsyncLLMEngine(fake).start()
+    fake.scheduler.num_queued_tokens = num_queued_tokens
+
+    async def main():
+        stream = await engine.add_request("hi", params(5))
+        assert await asyncio.to_thread(holding.wait, 10)
+        stopper = threading.Thread(target=engine.shutdown, kwargs={"timeout": 10})
+        stopper.start()
+        await asyncio.sleep(0.2)  # shutdown decides while the stats do not count the request yet
+        hold.set()
+        outputs = [out async for out in stream]
+        await asyncio.to_thread(stopper.join)
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 5
+    assert not engine._thread.is_alive()
+
+
 def test_shutdown_timeout_fails_what_is_still_running():
     engine = AsyncLLMEngine(FakeEngine(step_seconds=0.005)).start()
 
