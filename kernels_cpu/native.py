@@ -143,20 +143,26 @@ def available() -> bool:
                    "native CPU kernels off (%s): matmul and attention run on the XLA path (slower decode)", reason)
         return False
     try:
-        path = load()
+        load()
     except (OSError, RuntimeError) as e:
         logger.warning("the native CPU kernels failed to build or load, so the engine falls back to the XLA "
                        "path (slower decode): %s", e)
         return False
-    isa = _built_for(path)
+    isa = _built_for()
     logger.info("native CPU kernels loaded: the %s path (built for %s)", _path_name(isa), " ".join(isa))
     return True
 
 
-def _built_for(path: Path) -> tuple[str, ...]:
-    library = ctypes.cdll.LoadLibrary(str(path))
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """The loaded library, for the plain C functions that say what it was built with."""
+    library = ctypes.cdll.LoadLibrary(str(_library_path(_compiler())))
     library.JaxinferInstructionSets.restype = ctypes.c_char_p
-    return tuple(library.JaxinferInstructionSets().decode().split())
+    return library
+
+
+def _built_for() -> tuple[str, ...]:
+    return tuple(_library().JaxinferInstructionSets().decode().split())
 
 
 @functools.cache
@@ -164,7 +170,7 @@ def instruction_sets() -> tuple[str, ...]:
     """The instruction sets the loaded kernels were compiled for, of those that choose their paths
     (avx512f, avx512bw, avx512vnni, avx2, fma, f16c): `-march=native` decides, with
     `JAXINFER_NATIVE_CFLAGS`. () where the kernels are not available."""
-    return _built_for(_library_path(_compiler())) if available() else ()
+    return _built_for() if available() else ()
 
 
 def simd_path() -> str:
@@ -250,7 +256,7 @@ def from_vnni(vnni, n: int):
 @functools.cache
 def has_integer_path() -> bool:
     """Whether the native matmul was built with its integer path (AVX-512 VNNI or AVX2)."""
-    return available() and bool(ctypes.cdll.LoadLibrary(str(_library_path(_compiler()))).JaxinferHasIntegerPath())
+    return available() and bool(_library().JaxinferHasIntegerPath())
 
 
 def from_blocked(blocked, n: int):
@@ -344,7 +350,7 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, query_start_loc, seq_lens
 @functools.cache
 def has_group_path() -> bool:
     """Whether the native build has `group_matmul` (AVX-512 VNNI, or AVX2 with FMA and F16C)."""
-    return available() and bool(ctypes.cdll.LoadLibrary(str(_library_path(_compiler()))).JaxinferHasGroupPath())
+    return available() and bool(_library().JaxinferHasGroupPath())
 
 
 GROUP = 32  # rows per scale of the grouped formats
