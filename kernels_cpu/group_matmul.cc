@@ -1,14 +1,16 @@
-// y[M, N] = x[M, K] @ W for weights quantized in groups of 32 rows, as GGUF's Q8_0, Q4_0 and Q4_1
-// blocks store them: W[k, n] = scale[k / 32, n] * code[k, n] + min[k / 32, n], with unsigned codes
-// (8-bit: Q8_0's value + 128; 4-bit: Q4_0's and Q4_1's nibbles) and float16 scales and mins. An XLA
-// FFI handler (kernels_cpu/native.py lays the weights out and calls it).
+// y[M, N] = x[M, K] @ W for weights quantized in groups of G rows (32, as GGUF's Q8_0, Q4_0 and Q4_1
+// blocks store them; 64 or 128, as AWQ, GPTQ and compressed-tensors int4 checkpoints do):
+// W[k, n] = scale[k / G, n] * code[k, n] + min[k / G, n], with unsigned codes (8-bit: Q8_0's value +
+// 128; 4-bit: the nibbles) and float16 scales and mins. An XLA FFI handler (kernels_cpu/native.py
+// lays the weights out and calls it).
 //
 // Why it exists: it runs a GGUF file's own blocks, with nothing requantized. Requantizing a file's
 // 4-bit blocks to per-channel int8 and then quantizing activations stacks two errors; this adds only
 // the second, as llama.cpp does: x is quantized per row in blocks of 32 (int8 and one float scale,
 // llama.cpp's Q8 activations), each block's codes meet x's in integer dot products (AVX-512 VNNI
-// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd), and per block
-//   y += (dot(code, xq) * x_scale) * scale + (x_scale * sum(xq)) * min.
+// vpdpbusd, or AVX2 vpmaddubsw + vpmaddwd), and per block of 32
+//   y += (dot(code, xq) * x_scale) * scale + (x_scale * sum(xq)) * min,
+// scale and min those of the weight group that holds the block (G / 32 blocks share them).
 // A 4-bit weight is read as 4 bits (two codes a byte): batch-1 decode streams the file's bytes.
 //
 // Every row of y is computed by the same instructions in the same order whatever the other rows
@@ -18,8 +20,8 @@
 //   8-bit: codes [NB, K / 4, B, 4]: each column's 4 consecutive k adjacent, as vpdpbusd takes them;
 //   4-bit: codes [NB, K / 32, 4, B, 4]: byte (g, p, c, i) holds k = 32 g + 4 p + i in its low nibble
 //          and k + 16 in its high nibble, so one load gives two quads of k for 16 columns.
-//   scales, mins: [K / 32, N] float16. Symmetric formats have no mins: min = -zero_point * scale
-//   (Q8_0: 128, Q4_0: 8).
+//   scales, mins: [K / G, N] float16, G = K / (their rows): 32 times a power of two. Symmetric
+//   formats have no mins: min = -zero_point * scale (Q8_0: 128, Q4_0: 8).
 
 #include <algorithm>
 #include <cmath>
@@ -37,7 +39,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kGroup = 32;  // weights per scale and x values per activation scale (the same blocks)
+constexpr int64_t kGroup = 32;  // x values per activation scale; the weights' groups are 2^shift of these
 
 constexpr int64_t kBlock = 64;  // columns per block of the layouts
 
@@ -48,12 +50,13 @@ struct Problem {
   const float* xs;     // [M, K / 32] their scales
   const float* xsums;  // [M, K / 32] scale * sum of the block's int8 values
   const uint8_t* codes;  // this layer's codes (layout above)
-  const uint16_t* scales;  // this layer's [K / 32, N]
-  const uint16_t* mins;    // this layer's [K / 32, N], or null: min = -zero_point * scale
+  const uint16_t* scales;  // this layer's [K / G, N]
+  const uint16_t* mins;    // this layer's [K / G, N], or null: min = -zero_point * scale
   float zero_point;
   float* y;
   int64_t m, k, n;
   int bits;
+  int group_shift;  // G = 32 << group_shift rows per weight scale
 };
 
 using jaxinfer::NextBlock;
@@ -104,9 +107,10 @@ inline void Tile(const Problem& p, const uint8_t* block_codes, int64_t col, int6
       }
     }
     VecF scale[V], min[V];
+    const int64_t factors = (g >> p.group_shift) * p.n + n0;
     for (int j = 0; j < V; ++j) {
-      scale[j] = LoadHalf(p.scales + g * p.n + n0 + j * kLanes);
-      min[j] = p.mins ? LoadHalf(p.mins + g * p.n + n0 + j * kLanes) : Mul(scale[j], Splat(-p.zero_point));
+      scale[j] = LoadHalf(p.scales + factors + j * kLanes);
+      min[j] = p.mins ? LoadHalf(p.mins + factors + j * kLanes) : Mul(scale[j], Splat(-p.zero_point));
     }
     for (int64_t r = 0; r < R; ++r) {
       const VecF xs = Splat(p.xs[(m0 + r) * groups + g]), xsum = Splat(p.xsums[(m0 + r) * groups + g]);
@@ -169,7 +173,7 @@ void Block(const Problem& p, int64_t b, bool prefetch_next) {
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 // One weight of a call: layer `l` of codes [L, NB, K / 4, B, 4] (8-bit) or [L, NB, K / 32, 4, B, 4]
-// (4-bit) uint8, scales and mins [L, K / 32, N] float16 (mins [1, 1, 1] when the format has none),
+// (4-bit) uint8, scales and mins [L, K / G, N] float16 (mins [1, 1, 1] when the format has none),
 // and its output y [M, N]. Fills p's weight fields; x's are the caller's.
 ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::Buffer<ffi::U8> codes, ffi::Buffer<ffi::F16> scales,
                         ffi::Buffer<ffi::F16> mins, int32_t l, ffi::Result<ffi::Buffer<ffi::F32>>& y, int64_t bits,
@@ -178,14 +182,21 @@ ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::Buffer<ffi::U8> codes, ffi::B
   auto sd = scales.dimensions();
   auto yd = y->dimensions();
   if (sd.size() != 3 || yd.size() != 2 || (bits != 4 && bits != 8) || cd.size() != (bits == 8 ? 5u : 6u)) {
-    return ffi::Error::InvalidArgument("group_matmul: bad ranks or bits (x [M, K], scales [L, K / 32, N], bits 4 or 8)");
+    return ffi::Error::InvalidArgument("group_matmul: bad ranks or bits (x [M, K], scales [L, K / G, N], bits 4 or 8)");
   }
+  // G from the scales' rows: 32 << shift, dividing K.
+  int shift = 0;
+  while (sd[1] > 0 && (kGroup << shift) * sd[1] < k && shift < 8) ++shift;
+  if (sd[1] <= 0 || (kGroup << shift) * sd[1] != k) {
+    return ffi::Error::InvalidArgument("group_matmul: K must be the scales' rows times a group of 32 times a power of two");
+  }
+  p->group_shift = shift;
   p->m = m;
   p->k = k;
   p->n = sd[2];
   p->bits = static_cast<int>(bits);
   const int64_t num_layers = sd[0], num_blocks = (p->n + kBlock - 1) / kBlock;
-  bool ok = k % kGroup == 0 && sd[1] == k / kGroup && p->n % kLanes == 0 && yd[0] == m && yd[1] == p->n &&
+  bool ok = k % kGroup == 0 && p->n % kLanes == 0 && yd[0] == m && yd[1] == p->n &&
             cd[0] == num_layers && cd[1] == num_blocks;
   ok &= bits == 8 ? cd[2] == k / 4 && cd[3] == kBlock && cd[4] == 4
                   : cd[2] == k / kGroup && cd[3] == 4 && cd[4] == kBlock && cd[5] == 4;
@@ -193,7 +204,7 @@ ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::Buffer<ffi::U8> codes, ffi::B
   ok &= !has_mins || mins.element_count() == scales.element_count();
   if (!ok) return ffi::Error::InvalidArgument("group_matmul: x, codes, scales and mins shapes disagree");
   if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("group_matmul: layer out of range");
-  const int64_t layer_codes = num_blocks * k * kBlock * bits / 8, layer_scales = k / kGroup * p->n;
+  const int64_t layer_codes = num_blocks * k * kBlock * bits / 8, layer_scales = sd[1] * p->n;
   p->codes = codes.typed_data() + l * layer_codes;
   p->scales = reinterpret_cast<const uint16_t*>(scales.typed_data()) + l * layer_scales;
   p->mins = has_mins ? reinterpret_cast<const uint16_t*>(mins.typed_data()) + l * layer_scales : nullptr;

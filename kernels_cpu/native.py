@@ -353,7 +353,8 @@ def has_group_path() -> bool:
     return available() and bool(_library().JaxinferHasGroupPath())
 
 
-GROUP = 32  # rows per scale of the grouped formats
+GROUP = 32  # rows per block of the grouped layout (and per scale of GGUF's block formats)
+GROUP_SIZES = (32, 64, 128)  # rows per scale that `group_matmul` takes (AWQ/GPTQ int4: 64 or 128)
 # How a symmetric format's codes are offset: its value is scale * (code - zero point).
 ZERO_POINTS = {8: 128, 4: 8}
 
@@ -401,8 +402,9 @@ def from_group_codes(codes, bits: int, n: int):
 
 
 def group_matmul(x, codes, scales, mins=None, layer=None, *, bits: int):
-    """x[M, K] float32 @ W, W[k, n] = scales[k // 32, n] * code[k, n] + mins[k // 32, n] (without
-    mins: scales * (code - ZERO_POINTS[bits])), codes as `to_group_codes` lays them out.
+    """x[M, K] float32 @ W, W[k, n] = scales[k // G, n] * code[k, n] + mins[k // G, n] (without
+    mins: scales * (code - ZERO_POINTS[bits])), codes as `to_group_codes` lays them out. G, the rows
+    per scale, is K / scales.shape[-2]: one of GROUP_SIZES (the kernel takes 32 times any power of two).
 
     `codes`/`scales`/`mins` may carry a leading layer axis; `layer` (an int32 scalar, traced or not)
     picks one without copying it out. Activations are quantized to int8 per block of 32 inside the
