@@ -142,6 +142,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--quantization", nargs="+", default=["auto", "int8"])
+    parser.add_argument("--quantization-group-size", type=int, choices=[32, 64, 128],
+                        help="rows per scale of int4 (AWQ's and GPTQ's are 128)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--llama-bench", metavar="DIR", help="folder with llama.cpp's llama-bench")
@@ -151,7 +153,8 @@ def main():
     path = resolve_model_path(args.model)
     threads = len(os.sched_getaffinity(0))
     bandwidth = read_bandwidth(threads)
-    engines = {q: LLM(args.model, quantization=q, max_model_len=512, max_num_seqs=1, max_num_batched_tokens=64)
+    engines = {q: LLM(args.model, quantization=q, quantization_group_size=args.quantization_group_size,
+                      max_model_len=512, max_num_seqs=1, max_num_batched_tokens=64)
                for q in args.quantization}
     peers = {}  # label -> runs one measurement: {"version", "tokens_per_s"} or {"error"}
     if args.llama_bench:
@@ -179,7 +182,8 @@ def main():
         measured = float(np.median(values))
         if name in engines:
             nbytes = bytes_per_token(engines[name])
-            label = f"jaxinfer {name} (weights {engines[name].engine.quantization})"
+            group = f" g{args.quantization_group_size}" if args.quantization_group_size and name.startswith("int4") else ""
+            label = f"jaxinfer {name}{group} (weights {engines[name].engine.quantization})"
         else:
             nbytes = gguf_bytes_per_token(path)
             how = "its own decode loop" if name == "llama-bench" else f"{name}'s token loop"
