@@ -157,9 +157,9 @@ def _native_kernel(x2, w, backend) -> str | None:
 
 
 def _native_int8(x2, w) -> bool:
-    """Whether the native CPU kernel takes this matmul: per-channel int8, float32 x. It beats XLA's
-    dequantize-then-dot at every batch size measured (1 to 512 rows: docs/KERNELS.md)."""
-    return (w.format == "int8" and w.group_size == 0 and x2.dtype == jnp.float32
+    """Whether the native CPU kernel takes this matmul: per-channel int8 or fp8, float32 x. It beats
+    XLA's dequantize-then-dot at every batch size measured (1 to 512 rows: docs/KERNELS.md)."""
+    return (w.format in ("int8", "fp8") and w.group_size == 0 and x2.dtype == jnp.float32
             and w.scales.dtype == jnp.float16 and jax.default_backend() == "cpu" and native.available())
 
 

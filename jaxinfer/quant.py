@@ -40,10 +40,11 @@ class QuantizedWeight:
     mins: jax.Array | None = None
     format: str = dataclasses.field(default="int8", metadata=dict(static=True))
     group_size: int = dataclasses.field(default=0, metadata=dict(static=True))
-    # "kn": data as specified. "blocked" (per-channel int8 on the CPU): data [NB, K, B], each block of
-    # B columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`); "vnni": data
-    # [NB, K / 4, B, 4] for its integer path (`kernels_cpu.native.to_vnni`); "codes" (int8 and int4 in
-    # groups of 32 on the CPU): unsigned codes for the native grouped kernel (`native.to_group_codes`).
+    # "kn": data as specified. "blocked" (per-channel int8 and fp8 on the CPU): data [NB, K, B], each
+    # block of B columns contiguous for the native CPU kernel (`kernels_cpu.native.to_blocked`); "vnni":
+    # data [NB, K / 4, B, 4] for its integer path (`kernels_cpu.native.to_vnni`); "codes" (int8 and int4
+    # in groups of 32, 64 or 128 on the CPU): unsigned codes for the native grouped kernel
+    # (`native.to_group_codes`).
     layout: str = dataclasses.field(default="kn", metadata=dict(static=True))
 
     @property
@@ -209,8 +210,7 @@ def resolve_quantization(quantization: str, platform: str, is_gguf: bool, cpu_ru
     """("auto" resolved, why). On GPU: what the checkpoint carries. On CPU (docs/QUANTIZATION.md): a
     GGUF file's own Q8_0/Q4_0/Q4_1 blocks and K-quants where the native grouped kernels run them
     (`cpu_runs_blocks`), which adds only the activations' rounding to the file's weights, as
-    llama.cpp does; else int8 per channel, run by the native int8 kernel (XLA dequantizes any other
-    format before its dot: int4 and fp8 are 3-5x slower there)."""
+    llama.cpp does; else int8 per channel, run by the native int8 kernel's integer path."""
     if quantization != "auto":
         return quantization, "requested"
     if platform == "cpu" and is_gguf and cpu_runs_blocks:
@@ -218,8 +218,7 @@ def resolve_quantization(quantization: str, platform: str, is_gguf: bool, cpu_ru
                           "(other types requantized to int8), run by the native grouped kernels on int8 activations: "
                           "docs/QUANTIZATION.md")
     if platform == "cpu":
-        return "int8", ("int8 per channel on CPU, run by the native int8 kernel; int4/fp8 are 3-5x slower "
-                        "there (XLA dequantizes each weight before its dot): docs/QUANTIZATION.md")
+        return "int8", "int8 per channel on CPU, run by the native int8 kernel: docs/QUANTIZATION.md"
     if is_gguf:
         return "native", "the GGUF file's own formats"
     return "none", "the checkpoint's own precision"
@@ -360,10 +359,11 @@ def project(x, linears, layer=None) -> list:
 def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int]:
     """Re-lays the quantized weights of `model` for the native CPU kernels, in place. Per-channel
     int8: the "vnni" layout of the integer path where the build has it and K is a multiple of 32
-    (`integer`), else "blocked". int8 and int4 in groups of 32 (GGUF's Q8_0, Q4_0, Q4_1), 64 or 128
-    (AWQ, GPTQ, compressed-tensors), with `integer` and N a multiple of 16: "codes", for the grouped
-    integer kernel; else they stay on the XLA path. Returns how many weights went to each layout. Only for a model that runs on the CPU
-    with the native kernels available."""
+    (`integer`), else "blocked"; per-channel fp8: "blocked" (the int8 kernel's float path). int8
+    and int4 in groups of 32 (GGUF's Q8_0, Q4_0, Q4_1), 64 or 128 (AWQ, GPTQ, compressed-tensors),
+    with `integer` and N a multiple of 16: "codes", for the grouped integer kernel; else (fp8 in
+    blocks of 128) they stay on the XLA path. Returns how many weights went to each layout. Only
+    for a model that runs on the CPU with the native kernels available."""
     changed: dict[str, int] = {}
     for _, node in nnx.iter_graph(model):
         if not isinstance(node, Linear) or node.fmt is None or node.layout != "kn":
@@ -388,6 +388,8 @@ def native_layout(fmt: WeightFormat, data, integer: bool = True):
         layout = ("vnni" if integer and native.has_integer_path() and k % 32 == 0 and not bool(jnp.any(data == -128))
                   else "blocked")
         return layout, (native.to_vnni if layout == "vnni" else native.to_blocked)(data)
+    if fmt.kind == "fp8" and not fmt.group_size:  # the int8 kernel's float path, e4m3 widened in registers
+        return "blocked", native.to_blocked(data)
     if (fmt.kind in ("int8", "int4") and fmt.group_size in native.GROUP_SIZES and integer
             and native.has_group_path() and n % 16 == 0):
         return "codes", native.to_group_codes(data, 8 if fmt.kind == "int8" else 4)

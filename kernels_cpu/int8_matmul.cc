@@ -1,5 +1,6 @@
-// y[M, N] = x[M, K] @ (data[layer, K, N] * scales[layer, N]): int8 weight-only matmul for the CPU,
-// an XLA FFI handler (see kernels_cpu/native.py, which compiles this file for the machine it runs on).
+// y[M, N] = x[M, K] @ (data[layer, K, N] * scales[layer, N]): int8 (and float8_e4m3fn) weight-only
+// matmul for the CPU, an XLA FFI handler (see kernels_cpu/native.py, which compiles this file for the
+// machine it runs on).
 //
 // Why it exists: XLA's CPU backend does not fuse an int8 -> f32 convert into a dot. It writes the
 // dequantized weight out and reads it back, which makes decode compute-bound at about 1/3 of the
@@ -41,6 +42,48 @@ constexpr int64_t kBlock = 256;  // of the row-major layout; the blocked layout 
 constexpr int kPrefetchRows = 8;  // rows of W ahead of the one being read
 
 
+// A float8_e4m3fn weight (FP8 checkpoints, `--quantization fp8`): its bits, read by the float path
+// only. Widened through float16: e4m3's sign, exponent and mantissa shifted into float16's places
+// (bits & 0x7f) << 7, sign << 8, are a float16 of value / 256 for normals and subnormals alike (both
+// exponent biases differ by 8, and e4m3's subnormals land on float16's subnormals), so one shift and
+// one conversion instruction per vector, and the 256 goes into the column scale once (kWeightFactor).
+// e4m3fn's NaN (0x7f/0xff) reads as 480; a checkpoint's weights hold none.
+struct Fp8 {
+  uint8_t bits;
+};
+
+template <typename W>
+constexpr float kWeightFactor = 1.0f;
+template <>
+constexpr float kWeightFactor<Fp8> = 256.0f;
+
+inline uint16_t Fp8AsHalfBits(uint8_t b) {
+  return static_cast<uint16_t>(((b & 0x7fu) << 7) | ((b & 0x80u) << 8));
+}
+
+// One weight as a float (times kWeightFactor), for the last, narrower columns.
+inline float ScalarWeight(int8_t w) { return static_cast<float>(w); }
+inline float ScalarWeight(Fp8 w) { return HalfToFloat(Fp8AsHalfBits(w.bits)); }
+
+// kLanes float8_e4m3fn -> float / 256.
+inline VecF LoadConvert(const Fp8* p) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7f)), 7),
+                                       _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8));
+  return reinterpret_cast<VecF>(_mm512_cvtph_ps(bits));
+#elif defined(__AVX2__) && defined(__F16C__)
+  const __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i bits = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7f)), 7),
+                                    _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8));
+  return reinterpret_cast<VecF>(_mm256_cvtph_ps(bits));
+#else
+  VecF v;
+  for (int i = 0; i < kLanes; ++i) v[i] = ScalarWeight(p[i]);
+  return v;
+#endif
+}
+
 // kLanes int8 -> float (GCC scalarizes __builtin_convertvector for this, hence the intrinsics).
 inline VecF LoadConvert(const int8_t* p) {
 #if defined(__AVX512F__)
@@ -57,7 +100,9 @@ inline VecF LoadConvert(const int8_t* p) {
 // out[i] = acc[i] * scales[i] for i < count (count >= 1): a whole vector in one multiply and store
 // (it had been a scalar conversion and store per column: 30% of a prefill matmul's time at K = 576),
 // the last columns of an N that is not a multiple of kLanes one by one (the scales end at N).
-inline void StoreScaled(float* out, VecF acc, const uint16_t* scales, int64_t count) {
+// `factor` (kWeightFactor: a power of two, so exact) scales acc first.
+inline void StoreScaled(float* out, VecF acc, const uint16_t* scales, int64_t count, float factor = 1.0f) {
+  if (factor != 1.0f) acc *= factor;
   if (count >= kLanes) {
     const VecF v = acc * LoadHalf(scales);
     std::memcpy(out, &v, sizeof v);
@@ -69,14 +114,14 @@ inline void StoreScaled(float* out, VecF acc, const uint16_t* scales, int64_t co
 }
 
 // Rows [m0, m0 + R) of y, columns [n0, n0 + width): width <= V * kLanes. `w` points at the tile's
-// first weight (row 0, column n0); consecutive rows of W are `stride` bytes apart.
-template <int64_t R, int V>
-inline void Tile(const float* x, const int8_t* w, int64_t stride, const uint16_t* scales, float* y,
+// first weight (row 0, column n0); consecutive rows of W are `stride` bytes apart. W: int8_t or Fp8.
+template <int64_t R, int V, typename W>
+inline void Tile(const float* x, const W* w, int64_t stride, const uint16_t* scales, float* y,
                  int64_t k_dim, int64_t n_dim, int64_t m0, int64_t n0, int64_t width) {
   constexpr int64_t kWidth = V * kLanes;
   if (width == kWidth) {
     VecF acc[R][V] = {};
-    const int8_t* row = w;
+    const W* row = w;
     for (int64_t k = 0; k < k_dim; ++k, row += stride) {
       if (k + kPrefetchRows < k_dim) {
         for (int64_t line = 0; line < kWidth; line += 64) __builtin_prefetch(row + kPrefetchRows * stride + line);
@@ -90,29 +135,30 @@ inline void Tile(const float* x, const int8_t* w, int64_t stride, const uint16_t
     }
     for (int64_t r = 0; r < R; ++r) {
       for (int j = 0; j < V; ++j) {
-        StoreScaled(y + (m0 + r) * n_dim + n0 + j * kLanes, acc[r][j], scales + n0 + j * kLanes, kLanes);
+        StoreScaled(y + (m0 + r) * n_dim + n0 + j * kLanes, acc[r][j], scales + n0 + j * kLanes, kLanes,
+                    kWeightFactor<W>);
       }
     }
     return;
   }
   float acc[R][kWidth] = {};  // the last, narrower columns
   for (int64_t k = 0; k < k_dim; ++k) {
-    const int8_t* row = w + k * stride;
+    const W* row = w + k * stride;
     for (int64_t r = 0; r < R; ++r) {
       const float xv = x[(m0 + r) * k_dim + k];
-      for (int64_t j = 0; j < width; ++j) acc[r][j] += xv * static_cast<float>(row[j]);
+      for (int64_t j = 0; j < width; ++j) acc[r][j] += xv * ScalarWeight(row[j]);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
     float* out = y + (m0 + r) * n_dim + n0;
-    for (int64_t j = 0; j < width; ++j) out[j] = acc[r][j] * HalfToFloat(scales[n0 + j]);
+    for (int64_t j = 0; j < width; ++j) out[j] = acc[r][j] * kWeightFactor<W> * HalfToFloat(scales[n0 + j]);
   }
 }
 
 // Rows [m0, m0 + R) of y, columns [c0, c1) of one block; `w` as in Tile, for column c0. The widest
 // tiles first, then narrower ones for what is left of the block.
-template <int64_t R>
-inline void Columns(const float* x, const int8_t* w, int64_t stride, const uint16_t* scales, float* y,
+template <int64_t R, typename W>
+inline void Columns(const float* x, const W* w, int64_t stride, const uint16_t* scales, float* y,
                     int64_t k_dim, int64_t n_dim, int64_t m0, int64_t c0, int64_t c1) {
   constexpr int kMaxV = R == 3 ? kAccRegs / 4 : kAccRegs / R;
   int64_t n0 = c0;
@@ -147,10 +193,11 @@ inline void RowPasses(int64_t m_dim, Rows rows) {
 }
 
 // Every row of y, columns [c0, c1) of one block of kBlock columns.
-void Block(const float* x, const int8_t* w, int64_t stride, const uint16_t* scales, float* y, int64_t m_dim,
+template <typename W>
+void Block(const float* x, const W* w, int64_t stride, const uint16_t* scales, float* y, int64_t m_dim,
            int64_t k_dim, int64_t n_dim, int64_t c0, int64_t c1) {
   RowPasses(m_dim, [&](auto r, int64_t m0) {
-    Columns<decltype(r)::value>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
+    Columns<decltype(r)::value, W>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
   });
 }
 
@@ -354,23 +401,25 @@ constexpr bool kHasIntegerPath = false;
 #endif
 
 // One weight of a call: layer `l` of data [L, K, N] (row-major), [L, NB, K, B] (blocked: each block of
-// B columns contiguous, the last zero-padded past N) or [L, NB, K / 4, B, 4] ("vnni", the integer
-// path), int8, with its scales [L, N] float16, and its output y [M, N].
+// B columns contiguous, the last zero-padded past N), int8 or float8_e4m3fn, or [L, NB, K / 4, B, 4]
+// ("vnni", the integer path, int8 only), with its scales [L, N] float16, and its output y [M, N].
 struct Weight {
-  const int8_t* w;
+  const int8_t* w;  // the bytes of Fp8 where `fp8`
   const uint16_t* scales;
   float* y;
   int64_t n, block, num_blocks;
-  bool blocked, vnni;
+  bool blocked, vnni, fp8;
 };
 
 ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::AnyBuffer data, ffi::Buffer<ffi::F16> scales, int32_t l,
                         ffi::Result<ffi::Buffer<ffi::F32>>& y, Weight* out) {
   auto wd = data.dimensions();
   const bool blocked = wd.size() == 4, vnni = wd.size() == 5;
-  if (wd.size() < 3 || wd.size() > 5 || data.element_type() != ffi::DataType::S8) {
+  const bool fp8 = data.element_type() == ffi::DataType::F8E4M3FN;
+  if (wd.size() < 3 || wd.size() > 5 || (data.element_type() != ffi::DataType::S8 && !fp8) || (fp8 && vnni)) {
     return ffi::Error::InvalidArgument(
-        "int8_matmul: x must be [M, K] and data int8 [L, K, N], [L, NB, K, B] or [L, NB, K / 4, B, 4]");
+        "int8_matmul: x must be [M, K] and data int8 [L, K, N], [L, NB, K, B] or [L, NB, K / 4, B, 4], "
+        "or float8_e4m3fn [L, K, N] or [L, NB, K, B]");
   }
   auto yd = y->dimensions();
   if (yd.size() != 2 || yd[0] != m) return ffi::Error::InvalidArgument("int8_matmul: y must be [M, N]");
@@ -387,7 +436,7 @@ ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::AnyBuffer data, ffi::Buffer<f
   const int64_t layer_size = blocked || vnni ? num_blocks * k * block : k * n;
   *out = Weight{static_cast<const int8_t*>(data.untyped_data()) + static_cast<int64_t>(l) * layer_size,
                 reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * n,
-                y->typed_data(), n, block, num_blocks, blocked, vnni};
+                y->typed_data(), n, block, num_blocks, blocked, vnni, fp8};
   return ffi::Error::Success();
 }
 
@@ -422,10 +471,15 @@ void Run(const float* xp, int64_t m, int64_t k, const std::vector<Weight>& weigh
         IBlock(xq + m0 * k, xs + m0 * (k / kQBlock), xsums + m0 * (k / kQBlock), w.w + b * k * block, block, w.scales,
                w.y + m0 * n, m1 - m0, k, n, c0, b + 1 < b1);
 #endif
-      } else if (w.blocked) {
-        Block(xp + m0 * k, w.w + b * k * block, block, w.scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);
       } else {
-        Block(xp + m0 * k, w.w + c0, n, w.scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);
+        // blocked: block b's [K, B] from its start, rows `block` apart; row-major: column c0, rows n apart
+        const int64_t start = w.blocked ? b * k * block : c0, stride = w.blocked ? block : n;
+        if (w.fp8) {
+          Block(xp + m0 * k, reinterpret_cast<const Fp8*>(w.w) + start, stride, w.scales, w.y + m0 * n, m1 - m0,
+                k, n, c0, c1);
+        } else {
+          Block(xp + m0 * k, w.w + start, stride, w.scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);
+        }
       }
     }
   });
@@ -456,7 +510,7 @@ ffi::Error Int8MatmulFusedImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> la
     auto scales = args.get<ffi::Buffer<ffi::F16>>(2 * i + 1);
     auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
     if (!data.has_value() || !scales.has_value() || !y.has_value()) {
-      return ffi::Error::InvalidArgument("int8_matmul_fused: data must be int8, scales float16, y float32");
+      return ffi::Error::InvalidArgument("int8_matmul_fused: data must be int8 or float8_e4m3fn, scales float16, y float32");
     }
     ffi::Error error = DecodeWeight(xd[0], xd[1], *data, *scales, *layer.typed_data(), *y, &weights[i]);
     if (error.failure()) return error;

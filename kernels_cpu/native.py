@@ -275,15 +275,21 @@ def _layer_stack(kernel: str, single: bool, layer, *arrays):
     return arrays, layer
 
 
-def int8_matmul(x, data, scales, layer=None):
-    """x[M, K] float32 @ W[K, N], W = data[(layer,) K, N] (int8) * scales[(layer,) N] (float16).
+# Weight dtypes of `int8_matmul` (float8_e4m3fn: the float path only, [K, N] or blocked).
+PER_CHANNEL_DTYPES = (jnp.int8, jnp.float8_e4m3fn)
 
-    `data` is [K, N], or blocked ([NB, K, B], `to_blocked`: the fast layout). `data`/`scales`
-    may carry a leading layer axis ([L, K, N] or [L, NB, K, B] / [L, N]); `layer` (an int32
-    scalar, traced or not) picks one without copying it out. Returns float32 [M, N]. CPU only.
+
+def int8_matmul(x, data, scales, layer=None):
+    """x[M, K] float32 @ W[K, N], W = data[(layer,) K, N] (int8 or float8_e4m3fn) * scales[(layer,) N]
+    (float16).
+
+    `data` is [K, N], or blocked ([NB, K, B], `to_blocked`: the fast layout), or for int8 the
+    integer path's `to_vnni` layout. `data`/`scales` may carry a leading layer axis ([L, K, N] or
+    [L, NB, K, B] / [L, N]); `layer` (an int32 scalar, traced or not) picks one without copying it
+    out. Returns float32 [M, N]. CPU only.
     """
-    if x.dtype != jnp.float32 or data.dtype != jnp.int8 or scales.dtype != jnp.float16:
-        raise TypeError(f"int8_matmul takes float32 x, int8 data, float16 scales; got {x.dtype}, "
+    if x.dtype != jnp.float32 or data.dtype not in PER_CHANNEL_DTYPES or scales.dtype != jnp.float16:
+        raise TypeError(f"int8_matmul takes float32 x, int8 or float8_e4m3fn data, float16 scales; got {x.dtype}, "
                         f"{data.dtype}, {scales.dtype}")
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
@@ -300,8 +306,9 @@ def int8_matmul_fused(x, weights, layer=None):
     The weights are all stacks or all single weights."""
     _check_fused("int8_matmul_fused", x, weights)
     for data, scales in weights:
-        if data.dtype != jnp.int8 or scales.dtype != jnp.float16:
-            raise TypeError(f"int8_matmul_fused takes int8 data and float16 scales; got {data.dtype}, {scales.dtype}")
+        if data.dtype not in PER_CHANNEL_DTYPES or scales.dtype != jnp.float16:
+            raise TypeError(f"int8_matmul_fused takes int8 or float8_e4m3fn data and float16 scales; got "
+                            f"{data.dtype}, {scales.dtype}")
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
     stacks, layer = _fused_stacks("int8_matmul_fused", [scales.ndim == 1 for _, scales in weights], layer, weights)

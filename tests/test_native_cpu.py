@@ -393,6 +393,69 @@ def test_default_cpu_engine_runs_q_k_v_and_gate_up_as_one_kernel_call_each(serve
         assert len(fused) == 2, fused
 
 
+E4M3_NANS = (0x7F, 0xFF)
+
+
+def test_fp8_matmul_reads_every_e4m3_value_exactly():
+    """Row k of W holds the e4m3 value of bits k (NaN's two codes zeroed), x is the identity: y's row k
+    is that value times each column's scale, as ml_dtypes widens it (subnormals, +-0, +-448 included)."""
+    bits = np.arange(256, dtype=np.uint8)
+    bits[list(E4M3_NANS)] = 0
+    w = np.repeat(bits[:, None], 40, axis=1).view(jnp.float8_e4m3fn)  # N = 40: whole vectors and a tail
+    scales = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, 40), jnp.float16)
+    want = np.asarray(w, np.float32) * np.asarray(scales, np.float32)
+    x = jnp.eye(256, dtype=jnp.float32)
+    for data in (jnp.asarray(w), native.to_blocked(jnp.asarray(w))):
+        np.testing.assert_array_equal(np.asarray(native.int8_matmul(x, data, scales)), want)
+
+
+@pytest.mark.parametrize("m", [1, 3, 5, 130])
+@pytest.mark.parametrize("k, n", [(576, 1536), (1536, 576), (64, 100)])
+def test_fp8_matmul_matches_reference(m, k, n):
+    """Per-channel fp8 (`--quantization fp8`, FP8 checkpoints per channel or tensor) on the float path:
+    the product of the weights as stored, to float32 rounding, in both layouts."""
+    rng = np.random.default_rng(m + k + n)
+    data = jnp.asarray(np.clip(rng.standard_normal((k, n)) * 100, -448, 448), jnp.float32).astype(jnp.float8_e4m3fn)
+    scales = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    want = np.asarray(x, np.float64) @ (np.asarray(data, np.float64) * np.asarray(scales, np.float64))
+    for layout in (data, native.to_blocked(data)):
+        got = np.asarray(jax.jit(native.int8_matmul)(x, layout, scales))
+        np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
+def test_fused_int8_matmul_takes_fp8_beside_int8_bit_for_bit():
+    rng = np.random.default_rng(11)
+    fp8 = (native.to_blocked(jnp.asarray(rng.standard_normal((256, 192)), jnp.float32).astype(jnp.float8_e4m3fn)),
+           jnp.asarray(rng.uniform(1e-3, 2e-2, 192), jnp.float16))
+    int8 = int8_weight(rng, 256, 128)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    for y, (data, scales) in zip(native.int8_matmul_fused(x, [fp8, int8]), (fp8, int8)):
+        np.testing.assert_array_equal(y, native.int8_matmul(x, data, scales))
+
+
+def test_an_fp8_engine_runs_its_weights_through_the_native_kernel():
+    """SmolLM2 in per-channel fp8: every projection in the float path's blocked layout, and the
+    logits those of the same weights through XLA's dequantize-then-dot (the layouts put back to
+    [K, N] in the same model) to float32 rounding: no activation is quantized on this path."""
+    from flax import nnx
+    from helpers import prefill_logits
+    from jaxinfer import LLM
+    from jaxinfer.quant import Linear
+
+    llm = LLM("SmolLM2-135M-Instruct", quantization="fp8", lm_head_quantization="none", max_model_len=128,
+              max_num_seqs=2, warmup=False, weight_cache_dir=None)
+    model = llm.engine.model
+    linears = [node for _, node in nnx.iter_graph(model) if isinstance(node, Linear) and node.fmt]
+    assert linears and {(node.fmt.name, node.layout) for node in linears} == {("fp8", "blocked")}
+    prompt = llm.engine.tokenizer.encode("An FP8 checkpoint on a CPU reads one byte per weight")
+    got = prefill_logits(model, prompt)
+    for node in linears:
+        node.layout, node.w = "kn", nnx.Param(native.from_blocked(node.w[...], node.scales.shape[-1]))
+    want = prefill_logits(model, prompt)
+    np.testing.assert_allclose(got, want, atol=1e-3 * (want.max() - want.min()), rtol=0)
+
+
 def test_an_int4_engine_in_groups_of_64_runs_them_through_the_grouped_kernel(group_path):
     """SmolLM2 in int4 groups of 64 (AWQ's and GPTQ's groups are 64 or 128; its 576 rows hold no
     128): every int4 projection takes the grouped kernel's layout, and the logits are within the
@@ -433,7 +496,7 @@ def test_avx2_build_passes_the_kernel_tests_too():
     # Without F16C too (a machine with neither): the float16 cache and the int8 matmul's float16
     # scales are widened by plain code.
     for flags, tests in (("-mno-avx512f", "not engine and not avx2_build"),
-                         ("-mno-avx512f -mno-f16c", "float16 or int8_matmul_matches")):
+                         ("-mno-avx512f -mno-f16c", "float16 or int8_matmul_matches or fp8_matmul")):
         env = {**os.environ, "JAXINFER_NATIVE_CFLAGS": flags}
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                                  os.path.join(os.path.dirname(__file__), "test_native_attention.py"), "-k", tests],

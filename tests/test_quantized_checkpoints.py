@@ -145,7 +145,7 @@ def prompts():
 
 
 @pytest.mark.parametrize("name", ["ct-w4a16-g32-asym", "ct-w4a16-channel-asym", "llmc-gptq-w4a16-g32-asym",
-                                  "ct018-w4a16-g32-asym-actorder", "ct-w8a16-channel", "ct-fp8-block",
+                                  "ct018-w4a16-g32-asym-actorder", "ct-w8a16-channel", "ct-fp8-channel", "ct-fp8-block",
                                   "fp8-block", "gptq-g32-sym", "gptq-g32-actorder", "gptq-8bit-g32",
                                   "awq-gemm-g32"])
 def test_greedy_tokens_follow_hf_on_the_librarys_weights(name, prompts, hf_reference, tmp_path):
