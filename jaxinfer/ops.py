@@ -96,7 +96,7 @@ def quant_matmul(x, w, *, backend="auto", layer=None):
     elif isinstance(w, kquant.KQuantWeight):  # GPU, or no native build: dequantize the layer, then dot
         out = kquant.matmul_reference(x2, w, layer)
     elif backend == "xla" and _native_int8(x2, w):
-        out = native.int8_matmul(x2, w.data, w.scales, layer)
+        out = native.int8_matmul(x2, w.data, w.scales, layer, group_size=w.group_size)
     elif w.layout == "codes":  # only ever made where the native grouped kernel runs (quant.use_blocked_layout)
         out = native.group_matmul(x2.astype(jnp.float32), w.data, w.scales, w.mins, layer, bits=w.bits).astype(x.dtype)
     else:
@@ -138,7 +138,7 @@ def quant_matmuls(x, ws, *, backend="auto", layer=None):
         if kernel == "kquant":
             ys = native.kquant_matmul_fused(xf, [(w.data, w.index, w.n) for w in group], 0 if layer is None else layer)
         elif kernel == "int8":
-            ys = native.int8_matmul_fused(xf, [(w.data, w.scales) for w in group], layer)
+            ys = native.int8_matmul_fused(xf, [(w.data, w.scales, w.group_size) for w in group], layer)
         else:
             ys = native.group_matmul_fused(xf, [(w.data, w.scales, w.mins, w.bits) for w in group], layer)
         for i, y in zip(indices, ys):
@@ -157,9 +157,10 @@ def _native_kernel(x2, w, backend) -> str | None:
 
 
 def _native_int8(x2, w) -> bool:
-    """Whether the native CPU kernel takes this matmul: per-channel int8 or fp8, float32 x. It beats
-    XLA's dequantize-then-dot at every batch size measured (1 to 512 rows: docs/KERNELS.md)."""
-    return (w.format in ("int8", "fp8") and w.group_size == 0 and x2.dtype == jnp.float32
+    """Whether the native CPU kernel takes this matmul: per-channel int8, fp8 per channel or in groups
+    of rows (FP8 checkpoints' blocks), float32 x. It beats XLA's dequantize-then-dot at every batch
+    size measured (1 to 512 rows: docs/KERNELS.md)."""
+    return ((w.format == "int8" and w.group_size == 0 or w.format == "fp8") and x2.dtype == jnp.float32
             and w.scales.dtype == jnp.float16 and jax.default_backend() == "cpu" and native.available())
 
 

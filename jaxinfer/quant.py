@@ -359,10 +359,10 @@ def project(x, linears, layer=None) -> list:
 def use_blocked_layout(model: nnx.Module, integer: bool = True) -> dict[str, int]:
     """Re-lays the quantized weights of `model` for the native CPU kernels, in place. Per-channel
     int8: the "vnni" layout of the integer path where the build has it and K is a multiple of 32
-    (`integer`), else "blocked"; per-channel fp8: "blocked" (the int8 kernel's float path). int8
-    and int4 in groups of 32 (GGUF's Q8_0, Q4_0, Q4_1), 64 or 128 (AWQ, GPTQ, compressed-tensors),
-    with `integer` and N a multiple of 16: "codes", for the grouped integer kernel; else (fp8 in
-    blocks of 128) they stay on the XLA path. Returns how many weights went to each layout. Only
+    (`integer`), else "blocked"; fp8 (per channel, or in groups of 128 rows): "blocked" (the int8
+    kernel's float path). int8 and int4 in groups of 32 (GGUF's Q8_0, Q4_0, Q4_1), 64 or 128 (AWQ,
+    GPTQ, compressed-tensors), with `integer` and N a multiple of 16: "codes", for the grouped
+    integer kernel; else they stay on the XLA path. Returns how many weights went to each layout. Only
     for a model that runs on the CPU with the native kernels available."""
     changed: dict[str, int] = {}
     for _, node in nnx.iter_graph(model):
@@ -388,7 +388,7 @@ def native_layout(fmt: WeightFormat, data, integer: bool = True):
         layout = ("vnni" if integer and native.has_integer_path() and k % 32 == 0 and not bool(jnp.any(data == -128))
                   else "blocked")
         return layout, (native.to_vnni if layout == "vnni" else native.to_blocked)(data)
-    if fmt.kind == "fp8" and not fmt.group_size:  # the int8 kernel's float path, e4m3 widened in registers
+    if fmt.kind == "fp8":  # the int8 kernel's float path, e4m3 widened in registers
         return "blocked", native.to_blocked(data)
     if (fmt.kind in ("int8", "int4") and fmt.group_size in native.GROUP_SIZES and integer
             and native.has_group_path() and n % 16 == 0):

@@ -113,12 +113,66 @@ inline void StoreScaled(float* out, VecF acc, const uint16_t* scales, int64_t co
   for (int64_t i = 0; i < count; ++i) out[i] = lane[i] * HalfToFloat(scales[i]);
 }
 
+// A weight's column scales: one per column (`group` 0), or one per `group` rows of K and column
+// ([K / group, N], FP8 checkpoints' 128 x 128 blocks), which the tile applies group by group.
+struct Scales {
+  const uint16_t* data;
+  int64_t group;
+};
+
 // Rows [m0, m0 + R) of y, columns [n0, n0 + width): width <= V * kLanes. `w` points at the tile's
 // first weight (row 0, column n0); consecutive rows of W are `stride` bytes apart. W: int8_t or Fp8.
-template <int64_t R, int V, typename W>
-inline void Tile(const float* x, const W* w, int64_t stride, const uint16_t* scales, float* y,
+// kGrouped: scales per group of rows, each group's sums scaled into a second set of accumulators.
+template <int64_t R, int V, typename W, bool kGrouped>
+inline void Tile(const float* x, const W* w, int64_t stride, Scales sc, float* y,
                  int64_t k_dim, int64_t n_dim, int64_t m0, int64_t n0, int64_t width) {
   constexpr int64_t kWidth = V * kLanes;
+  const uint16_t* scales = sc.data;
+  if (kGrouped && width == kWidth) {
+    VecF total[R][V] = {};
+    const W* row = w;
+    for (int64_t g0 = 0; g0 < k_dim; g0 += sc.group) {
+      VecF acc[R][V] = {};
+      for (int64_t k = g0; k < g0 + sc.group; ++k, row += stride) {
+        if (k + kPrefetchRows < k_dim) {
+          for (int64_t line = 0; line < kWidth; line += 64) __builtin_prefetch(row + kPrefetchRows * stride + line);
+        }
+        VecF wv[V];
+        for (int j = 0; j < V; ++j) wv[j] = LoadConvert(row + j * kLanes);
+        for (int64_t r = 0; r < R; ++r) {
+          const VecF xv = VecF{} + x[(m0 + r) * k_dim + k];
+          for (int j = 0; j < V; ++j) acc[r][j] += xv * wv[j];
+        }
+      }
+      for (int j = 0; j < V; ++j) {
+        const VecF scale = LoadHalf(scales + g0 / sc.group * n_dim + n0 + j * kLanes) * kWeightFactor<W>;
+        for (int64_t r = 0; r < R; ++r) total[r][j] += acc[r][j] * scale;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      for (int j = 0; j < V; ++j) std::memcpy(y + (m0 + r) * n_dim + n0 + j * kLanes, &total[r][j], sizeof(VecF));
+    }
+    return;
+  }
+  if (kGrouped) {  // the last, narrower columns
+    float total[R][kWidth] = {};
+    for (int64_t g0 = 0; g0 < k_dim; g0 += sc.group) {
+      float acc[R][kWidth] = {};
+      for (int64_t k = g0; k < g0 + sc.group; ++k) {
+        const W* row = w + k * stride;
+        for (int64_t r = 0; r < R; ++r) {
+          const float xv = x[(m0 + r) * k_dim + k];
+          for (int64_t j = 0; j < width; ++j) acc[r][j] += xv * ScalarWeight(row[j]);
+        }
+      }
+      for (int64_t j = 0; j < width; ++j) {
+        const float scale = HalfToFloat(scales[g0 / sc.group * n_dim + n0 + j]) * kWeightFactor<W>;
+        for (int64_t r = 0; r < R; ++r) total[r][j] += acc[r][j] * scale;
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) std::memcpy(y + (m0 + r) * n_dim + n0, total[r], width * sizeof(float));
+    return;
+  }
   if (width == kWidth) {
     VecF acc[R][V] = {};
     const W* row = w;
@@ -157,16 +211,17 @@ inline void Tile(const float* x, const W* w, int64_t stride, const uint16_t* sca
 
 // Rows [m0, m0 + R) of y, columns [c0, c1) of one block; `w` as in Tile, for column c0. The widest
 // tiles first, then narrower ones for what is left of the block.
-template <int64_t R, typename W>
-inline void Columns(const float* x, const W* w, int64_t stride, const uint16_t* scales, float* y,
+template <int64_t R, typename W, bool kGrouped>
+inline void Columns(const float* x, const W* w, int64_t stride, Scales scales, float* y,
                     int64_t k_dim, int64_t n_dim, int64_t m0, int64_t c0, int64_t c1) {
-  constexpr int kMaxV = R == 3 ? kAccRegs / 4 : kAccRegs / R;
+  // Grouped tiles hold two sets of accumulators: half as many columns.
+  constexpr int kMaxV = (R == 3 ? kAccRegs / 4 : kAccRegs / R) / (kGrouped ? 2 : 1);
   int64_t n0 = c0;
   auto tiles = [&](auto v_tag) {
     constexpr int V = decltype(v_tag)::value;
     if constexpr (V <= kMaxV) {
       for (; c1 - n0 >= V * kLanes; n0 += V * kLanes) {
-        Tile<R, V>(x, w + (n0 - c0), stride, scales, y, k_dim, n_dim, m0, n0, V * kLanes);
+        Tile<R, V, W, kGrouped>(x, w + (n0 - c0), stride, scales, y, k_dim, n_dim, m0, n0, V * kLanes);
       }
     }
   };
@@ -175,7 +230,7 @@ inline void Columns(const float* x, const W* w, int64_t stride, const uint16_t* 
   tiles(std::integral_constant<int, 4>{});
   tiles(std::integral_constant<int, 2>{});
   tiles(std::integral_constant<int, 1>{});
-  if (n0 < c1) Tile<R, 1>(x, w + (n0 - c0), stride, scales, y, k_dim, n_dim, m0, n0, c1 - n0);
+  if (n0 < c1) Tile<R, 1, W, kGrouped>(x, w + (n0 - c0), stride, scales, y, k_dim, n_dim, m0, n0, c1 - n0);
 }
 
 // Calls rows(std::integral_constant<int64_t, R>, m0) over [0, m_dim) in passes of 4 rows, then one
@@ -194,10 +249,14 @@ inline void RowPasses(int64_t m_dim, Rows rows) {
 
 // Every row of y, columns [c0, c1) of one block of kBlock columns.
 template <typename W>
-void Block(const float* x, const W* w, int64_t stride, const uint16_t* scales, float* y, int64_t m_dim,
+void Block(const float* x, const W* w, int64_t stride, Scales scales, float* y, int64_t m_dim,
            int64_t k_dim, int64_t n_dim, int64_t c0, int64_t c1) {
   RowPasses(m_dim, [&](auto r, int64_t m0) {
-    Columns<decltype(r)::value, W>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
+    if (scales.group) {
+      Columns<decltype(r)::value, W, true>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
+    } else {
+      Columns<decltype(r)::value, W, false>(x, w, stride, scales, y, k_dim, n_dim, m0, c0, c1);
+    }
   });
 }
 
@@ -402,13 +461,15 @@ constexpr bool kHasIntegerPath = false;
 
 // One weight of a call: layer `l` of data [L, K, N] (row-major), [L, NB, K, B] (blocked: each block of
 // B columns contiguous, the last zero-padded past N), int8 or float8_e4m3fn, or [L, NB, K / 4, B, 4]
-// ("vnni", the integer path, int8 only), with its scales [L, N] float16, and its output y [M, N].
+// ("vnni", the integer path, int8 only), with its scales [L, N] float16 (or, not "vnni", [L, K / G,
+// N]: one per G rows), and its output y [M, N].
 struct Weight {
   const int8_t* w;  // the bytes of Fp8 where `fp8`
   const uint16_t* scales;
   float* y;
   int64_t n, block, num_blocks;
   bool blocked, vnni, fp8;
+  int64_t group;  // rows per scale; 0: one scale per column
 };
 
 ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::AnyBuffer data, ffi::Buffer<ffi::F16> scales, int32_t l,
@@ -428,15 +489,17 @@ ffi::Error DecodeWeight(int64_t m, int64_t k, ffi::AnyBuffer data, ffi::Buffer<f
   bool shapes_ok = block > 0 && (blocked || vnni ? wd[1] == (n + block - 1) / block : wd[2] == n);
   shapes_ok &= vnni ? (wd[2] * 4 == k && wd[4] == 4 && k % kQBlock == 0 && block % kLanes == 0 && kHasIntegerPath)
                     : blocked ? wd[2] == k : wd[1] == k;
-  if (!shapes_ok || scales.element_count() != num_layers * n) {
-    return ffi::Error::InvalidArgument("int8_matmul: x, data and scales shapes disagree");
-  }
+  auto sd = scales.dimensions();
+  const int64_t groups = sd.size() == 3 ? sd[1] : 1;  // [L, K / G, N] or [L, N]
+  shapes_ok &= (sd.size() == 2 || (sd.size() == 3 && !vnni && groups > 0 && k % groups == 0)) && sd[0] == num_layers &&
+               sd[sd.size() - 1] == n;
+  if (!shapes_ok) return ffi::Error::InvalidArgument("int8_matmul: x, data and scales shapes disagree");
   if (l < 0 || l >= num_layers) return ffi::Error::InvalidArgument("int8_matmul: layer out of range");
   const int64_t num_blocks = (n + block - 1) / block;
   const int64_t layer_size = blocked || vnni ? num_blocks * k * block : k * n;
   *out = Weight{static_cast<const int8_t*>(data.untyped_data()) + static_cast<int64_t>(l) * layer_size,
-                reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * n,
-                y->typed_data(), n, block, num_blocks, blocked, vnni, fp8};
+                reinterpret_cast<const uint16_t*>(scales.typed_data()) + static_cast<int64_t>(l) * groups * n,
+                y->typed_data(), n, block, num_blocks, blocked, vnni, fp8, sd.size() == 3 ? k / groups : 0};
   return ffi::Error::Success();
 }
 
@@ -474,11 +537,12 @@ void Run(const float* xp, int64_t m, int64_t k, const std::vector<Weight>& weigh
       } else {
         // blocked: block b's [K, B] from its start, rows `block` apart; row-major: column c0, rows n apart
         const int64_t start = w.blocked ? b * k * block : c0, stride = w.blocked ? block : n;
+        const Scales scales{w.scales, w.group};
         if (w.fp8) {
-          Block(xp + m0 * k, reinterpret_cast<const Fp8*>(w.w) + start, stride, w.scales, w.y + m0 * n, m1 - m0,
+          Block(xp + m0 * k, reinterpret_cast<const Fp8*>(w.w) + start, stride, scales, w.y + m0 * n, m1 - m0,
                 k, n, c0, c1);
         } else {
-          Block(xp + m0 * k, w.w + start, stride, w.scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);
+          Block(xp + m0 * k, w.w + start, stride, scales, w.y + m0 * n, m1 - m0, k, n, c0, c1);
         }
       }
     }

@@ -279,42 +279,56 @@ def _layer_stack(kernel: str, single: bool, layer, *arrays):
 PER_CHANNEL_DTYPES = (jnp.int8, jnp.float8_e4m3fn)
 
 
-def int8_matmul(x, data, scales, layer=None):
+def int8_matmul(x, data, scales, layer=None, *, group_size: int = 0):
     """x[M, K] float32 @ W[K, N], W = data[(layer,) K, N] (int8 or float8_e4m3fn) * scales[(layer,) N]
-    (float16).
+    (float16); with `group_size` G, scales [(layer,) K / G, N], one per G rows and column (FP8
+    checkpoints' 128 x 128 blocks), applied to each group's partial sums.
 
-    `data` is [K, N], or blocked ([NB, K, B], `to_blocked`: the fast layout), or for int8 the
-    integer path's `to_vnni` layout. `data`/`scales` may carry a leading layer axis ([L, K, N] or
-    [L, NB, K, B] / [L, N]); `layer` (an int32 scalar, traced or not) picks one without copying it
-    out. Returns float32 [M, N]. CPU only.
+    `data` is [K, N], or blocked ([NB, K, B], `to_blocked`: the fast layout), or for per-channel
+    int8 the integer path's `to_vnni` layout. `data`/`scales` may carry a leading layer axis ([L, K,
+    N] or [L, NB, K, B] / [L, N]); `layer` (an int32 scalar, traced or not) picks one without copying
+    it out. Returns float32 [M, N]. CPU only.
     """
     if x.dtype != jnp.float32 or data.dtype not in PER_CHANNEL_DTYPES or scales.dtype != jnp.float16:
         raise TypeError(f"int8_matmul takes float32 x, int8 or float8_e4m3fn data, float16 scales; got {x.dtype}, "
                         f"{data.dtype}, {scales.dtype}")
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
-    (data, scales), layer = _layer_stack("int8_matmul", scales.ndim == 1, layer, data, scales)
+    (data, scales), layer = _layer_stack("int8_matmul", scales.ndim == (2 if group_size else 1), layer, data, scales)
+    _check_groups("int8_matmul", x.shape[-1], scales, group_size)
     m, n = x.shape[0], scales.shape[-1]
     call = jax.ffi.ffi_call("jaxinfer_int8_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))
     return call(x, data, scales, jnp.asarray(layer, jnp.int32))
 
 
 def int8_matmul_fused(x, weights, layer=None):
-    """[int8_matmul(x, data, scales, layer) for data, scales in weights], in one kernel call: x is
-    quantized once and the column blocks of all the weights are dealt out to the threads together
-    (fused projections: q, k and v; gate and up). Each output is bit-for-bit the single call's.
-    The weights are all stacks or all single weights."""
+    """[int8_matmul(x, data, scales, layer, group_size=group_size) for data, scales(, group_size) in
+    weights] (group_size 0 where an entry has two items), in one kernel call: x is quantized once
+    and the column blocks of all the weights are dealt out to the threads together (fused
+    projections: q, k and v; gate and up). Each output is bit-for-bit the single call's. The
+    weights are all stacks or all single weights."""
     _check_fused("int8_matmul_fused", x, weights)
-    for data, scales in weights:
+    groups = [entry[2] if len(entry) > 2 else 0 for entry in weights]
+    weights = [tuple(entry[:2]) for entry in weights]
+    for (data, scales), group_size in zip(weights, groups):
         if data.dtype not in PER_CHANNEL_DTYPES or scales.dtype != jnp.float16:
             raise TypeError(f"int8_matmul_fused takes int8 or float8_e4m3fn data and float16 scales; got "
                             f"{data.dtype}, {scales.dtype}")
     if not available():
         raise RuntimeError("the native CPU kernels are not available (see the log for why)")
-    stacks, layer = _fused_stacks("int8_matmul_fused", [scales.ndim == 1 for _, scales in weights], layer, weights)
+    stacks, layer = _fused_stacks("int8_matmul_fused", [scales.ndim == (2 if g else 1) for (_, scales), g
+                                                        in zip(weights, groups)], layer, weights)
+    for (_, scales), group_size in zip(stacks, groups):
+        _check_groups("int8_matmul_fused", x.shape[-1], scales, group_size)
     outs = [jax.ShapeDtypeStruct((x.shape[0], scales.shape[-1]), jnp.float32) for _, scales in stacks]
     call = jax.ffi.ffi_call("jaxinfer_int8_matmul_fused", outs)
     return list(call(x, jnp.asarray(layer, jnp.int32), *(a for pair in stacks for a in pair)))
+
+
+def _check_groups(kernel: str, k: int, scales, group_size: int) -> None:
+    """Scales per `group_size` rows ([L, K / G, N]) must have K / G rows; per channel, none ([L, N])."""
+    if group_size and (scales.ndim != 3 or k % group_size or scales.shape[1] != k // group_size):
+        raise ValueError(f"{kernel}: scales {scales.shape} are not one per {group_size} of K={k} rows and column")
 
 
 def _check_fused(kernel: str, x, weights) -> None:

@@ -409,29 +409,37 @@ def test_fp8_matmul_reads_every_e4m3_value_exactly():
         np.testing.assert_array_equal(np.asarray(native.int8_matmul(x, data, scales)), want)
 
 
+@pytest.mark.parametrize("group", [0, 64, 128])
 @pytest.mark.parametrize("m", [1, 3, 5, 130])
-@pytest.mark.parametrize("k, n", [(576, 1536), (1536, 576), (64, 100)])
-def test_fp8_matmul_matches_reference(m, k, n):
-    """Per-channel fp8 (`--quantization fp8`, FP8 checkpoints per channel or tensor) on the float path:
-    the product of the weights as stored, to float32 rounding, in both layouts."""
-    rng = np.random.default_rng(m + k + n)
+@pytest.mark.parametrize("k, n", [(512, 1536), (1536, 576), (128, 100)])
+def test_fp8_matmul_matches_reference(m, k, n, group):
+    """fp8 on the float path, per channel (`--quantization fp8`, FP8 checkpoints per channel or
+    tensor) or with a scale per `group` rows and column (FP8 checkpoints' 128 x 128 blocks): the
+    product of the weights as stored, to float32 rounding, in both layouts."""
+    rng = np.random.default_rng(m + k + n + group)
     data = jnp.asarray(np.clip(rng.standard_normal((k, n)) * 100, -448, 448), jnp.float32).astype(jnp.float8_e4m3fn)
-    scales = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float16)
+    scales = rng.uniform(1e-3, 2e-2, (k // group, n) if group else n).astype(np.float16)
+    w = np.asarray(data, np.float64) * (np.repeat(scales, group, axis=0) if group else scales).astype(np.float64)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    want = np.asarray(x, np.float64) @ (np.asarray(data, np.float64) * np.asarray(scales, np.float64))
+    want = np.asarray(x, np.float64) @ w
     for layout in (data, native.to_blocked(data)):
-        got = np.asarray(jax.jit(native.int8_matmul)(x, layout, scales))
+        got = np.asarray(jax.jit(native.int8_matmul, static_argnames="group_size")(
+            x, layout, jnp.asarray(scales), group_size=group))
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
 
 
 def test_fused_int8_matmul_takes_fp8_beside_int8_bit_for_bit():
     rng = np.random.default_rng(11)
-    fp8 = (native.to_blocked(jnp.asarray(rng.standard_normal((256, 192)), jnp.float32).astype(jnp.float8_e4m3fn)),
-           jnp.asarray(rng.uniform(1e-3, 2e-2, 192), jnp.float16))
-    int8 = int8_weight(rng, 256, 128)
+    codes = native.to_blocked(jnp.asarray(rng.standard_normal((256, 192)), jnp.float32).astype(jnp.float8_e4m3fn))
+    fp8 = (codes, jnp.asarray(rng.uniform(1e-3, 2e-2, 192), jnp.float16), 0)
+    fp8_blocks = (codes, jnp.asarray(rng.uniform(1e-3, 2e-2, (2, 192)), jnp.float16), 128)
+    int8 = (*int8_weight(rng, 256, 128), 0)
     x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
-    for y, (data, scales) in zip(native.int8_matmul_fused(x, [fp8, int8]), (fp8, int8)):
-        np.testing.assert_array_equal(y, native.int8_matmul(x, data, scales))
+    weights = [fp8, int8, fp8_blocks]
+    for y, (data, scales, group) in zip(native.int8_matmul_fused(x, weights), weights):
+        np.testing.assert_array_equal(y, native.int8_matmul(x, data, scales, group_size=group))
+    with pytest.raises(ValueError, match="not one per 128"):
+        native.int8_matmul(x, codes, fp8_blocks[1][:1], group_size=128)
 
 
 def test_an_fp8_engine_runs_its_weights_through_the_native_kernel():
