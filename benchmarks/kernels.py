@@ -5,6 +5,7 @@ both measured by this script on this machine: bandwidth with a large array copy,
 with a large float32 matmul. Writes a markdown table to docs/KERNELS.md (or --out).
 
     .venv/bin/python benchmarks/kernels.py
+    .venv/bin/python benchmarks/kernels.py --only "M=1, 4096x4096"   # print the matching rows only
 """
 
 import argparse
@@ -89,6 +90,19 @@ def matmul_case(name, fmt, m, k, n, **quant_args):
         weight = ((native.to_vnni if "integer" in fmt else native.to_blocked)(q.data), q.scales)
         fn = jax.jit(lambda x, w: native.int8_matmul(x, *w))
         w_bytes = sum(a.nbytes for a in weight)
+    elif fmt.startswith("fp8 native"):  # int8_matmul.cc's float path on e4m3, per channel or per 128 rows
+        group = quant_args.get("group_size", 0)
+        groups = w.reshape(k // group, group, n) if group else w[None]
+        scales = jnp.abs(groups).max(axis=1) / quant.FP8_MAX
+        data = (groups / scales[:, None]).astype(jnp.float8_e4m3fn).reshape(k, n)
+        weight = (native.to_blocked(data), (scales if group else scales[0]).astype(jnp.float16))
+        fn = jax.jit(lambda x, w: native.int8_matmul(x, *w, group_size=group))
+        w_bytes = sum(a.nbytes for a in weight)
+    elif fmt.startswith("int4 native"):  # group_matmul.cc on int8 activations
+        q = quant.quantize_int4(w, symmetric=False, scale_dtype=jnp.float16, **quant_args)
+        weight = (native.to_group_codes(q.data, 4), q.scales, q.mins)
+        fn = jax.jit(lambda x, w: native.group_matmul(x, *w, bits=4))
+        w_bytes = sum(a.nbytes for a in weight)
     else:
         weight = {"int8": quant.quantize_int8, "int4": quant.quantize_int4,
                   "fp8": quant.quantize_fp8}[fmt](w, **quant_args)
@@ -143,12 +157,16 @@ def cases():
         yield attention_case(f"attention {name}: xla chunked", q_lens, kv_lens,
                              implementation=ragged_paged_attention_xla)
         yield attention_case(f"attention {name}: reference", q_lens, kv_lens)
-    for m, k, n in ((1, 576, 1536), (64, 576, 1536), (1, 4096, 4096)):
+    for m, k, n in ((1, 576, 1536), (64, 576, 1536), (1, 4096, 4096), (64, 4096, 4096)):
         natives = [("int8 native integer", {})] if native.available() and native.has_integer_path() else []
-        natives += [("int8 native float", {})] if native.available() else []
+        natives += [("int8 native float", {}), ("fp8 native", {})] if native.available() else []
+        if native.available() and k % 128 == 0:  # FP8 checkpoints' blocks; AWQ's and GPTQ's groups
+            natives += [("fp8 native", dict(group_size=128))]
+            natives += [("int4 native", dict(group_size=128))] if native.has_group_path() else []
+        g128 = [("int4", dict(group_size=128))] if k % 128 == 0 else []
         for fmt, quant_args in (("f32", {}), *natives, ("int8", {}),
-                                ("int4", dict(group_size=32)), ("fp8", {})):
-            label = fmt + (" g32" if quant_args else "")
+                                ("int4", dict(group_size=32)), *g128, ("fp8", {})):
+            label = fmt + (f" g{quant_args['group_size']}" if quant_args else "")
             yield matmul_case(f"matmul {label}, M={m}, {k}x{n}", fmt, m, k, n, **quant_args)
     if native.available() and native.has_group_path():  # Qwen2.5-Coder-1.5B's / 0.5B's MLP shapes
         for kind, k, n in (("Q4_K", 1536, 8960), ("Q6_K", 8960, 1536), ("Q5_0", 896, 4864)):
@@ -166,17 +184,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs",
                                                       "KERNELS.md"))
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="run only the cases whose name contains one of these, print them, write nothing")
     args = parser.parse_args()
     bandwidth, throughput = memory_bandwidth(), matmul_throughput()
     print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s, f32 matmul {throughput / 1e9:.0f} GFLOP/s")
     rows = []
     for name, fn, fn_args, nbytes, flops in cases():
+        if args.only and not any(text in name for text in args.only):
+            continue
         seconds = timeit(fn, *fn_args)
         floor = max(nbytes / bandwidth, flops / throughput)
         bound = "memory" if nbytes / bandwidth >= flops / throughput else "compute"
         rows.append(f"| {name} | {seconds * 1e3:.3f} | {floor * 1e3:.3f} ({bound}) | "
                     f"{seconds / floor:.1f}x | {nbytes / 1e6:.2f} | {flops / 1e6:.1f} |")
         print(rows[-1], flush=True)
+    if args.only:
+        return
     text = "\n".join([
         "# Kernels: the CPU path against its floor",
         "",
@@ -199,9 +223,11 @@ def main():
         "their pages chunk by chunk); \"reference\" is `ragged_paged_attention_reference`.",
         "\"int8 native\" is the engine's CPU matmul (`kernels_cpu/int8_matmul.cc`): \"integer\" (the default)",
         "quantizes x to int8 in blocks of 32 and uses VNNI/AVX2 integer dot products; \"float\" converts",
-        "the int8 weight to float32 in registers (never written out). The other quantized rows time",
-        "`quant_matmul_reference`: XLA on CPU dequantizes the whole weight to f32 before the dot (no",
-        "fusion); the in-register dequantization of those formats is the Pallas kernel's, on GPU.",
+        "the int8 weight to float32 in registers (never written out); \"fp8 native\" is that float path",
+        "on e4m3 weights (per channel, or g128: a scale per 128 rows, FP8 checkpoints' blocks), \"int4",
+        "native\" the grouped kernel (`group_matmul.cc`) on int8 activations. The other quantized rows",
+        "time `quant_matmul_reference`: XLA on CPU dequantizes the whole weight to f32 before the dot",
+        "(no fusion), the path the engine takes only where no native kernel runs the format.",
         "\"Q4_K/Q6_K/Q5_0 native\" is `kernels_cpu/kquant_matmul.cc` on a GGUF file's blocks as stored,",
         "over 28 layers in one call (a decode step's stream of one projection; bytes: the stack, far",
         "past the caches). Their ratios just under 1x are not cache hits: the bandwidth is measured by a",
