@@ -7,7 +7,7 @@ from dataclasses import dataclass
 logger = logging.getLogger("jaxinfer")
 
 # Architectures served by models/llama.py, as HF `model_type` and GGUF `general.architecture` spell them.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 # Everything this engine runs; Gemma 3 (text) by models/gemma3.py (HF spells it "gemma3_text").
 ARCHITECTURES = (*LLAMA_FAMILY, "gemma3")
 LAYER_TYPES = ("sliding_attention", "full_attention")  # HF's names
@@ -33,6 +33,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    qk_norm: bool = False  # Qwen3: q and k RMS-normalized per head (over head_dim, own weights) before RoPE
     sliding_window: int | None = None  # Mistral v0.1
     # ("linear", factor) or ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position)
     rope_scaling: tuple | None = None
@@ -83,7 +84,7 @@ class ModelConfig:
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         sliding = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             sliding = None
         return cls(
             architecture="gemma3" if gemma else model_type,
@@ -99,6 +100,7 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", bool(gemma)),  # Gemma's default: tied
             attention_bias=model_type == "qwen2" or cfg.get("attention_bias", False),
+            qk_norm=model_type == "qwen3",
             sliding_window=sliding,
             rope_scaling=_rope_scaling(rope),
             bos_token_id=cfg.get("bos_token_id"),
@@ -147,9 +149,10 @@ class ModelConfig:
             max_position_embeddings=key("context_length", 2048),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=arch == "qwen2",
-            # GGUF has no "mistral" architecture: llama.cpp converts Mistral as "llama". Qwen2 applies a
-            # window only where its config says use_sliding_window, which GGUF does not carry.
-            sliding_window=key("attention.sliding_window") if arch != "qwen2" else None,
+            qk_norm=arch == "qwen3",
+            # GGUF has no "mistral" architecture: llama.cpp converts Mistral as "llama". Qwen2 and Qwen3
+            # apply a window only where their config says use_sliding_window, which GGUF does not carry.
+            sliding_window=key("attention.sliding_window") if arch not in ("qwen2", "qwen3") else None,
             rope_scaling=_rope_scaling(rope),
             rope_freq_factors=rope_freq_factors,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),

@@ -1,6 +1,7 @@
 """The README's Models table, each row a tiny random-weight model built by HF transformers from a
 config written here: Llama with llama3 and with linear RoPE scaling, Mistral with a sliding window
-shorter than the prompts, Qwen2 with q/k/v biases, GQA and tied embeddings.
+shorter than the prompts, Qwen2 with q/k/v biases, GQA and tied embeddings, Qwen3 with its per-head
+q/k norms and a head_dim other than hidden_size / heads (as Qwen3-0.6B's 128 against 1024 / 16).
 
 The engine loads each through both loaders: the HF directory transformers saved (config.json +
 safetensors), and a GGUF file written here the way llama.cpp's convert_hf_to_gguf.py writes that
@@ -10,7 +11,7 @@ architecture (its tensor names, its q/k row permutation for "llama", its metadat
 Tolerance: both sides are float32 end to end, with logits up to ~3.5 (matrices drawn for
 unit-variance outputs), so they differ only by float32 rounding in another summation order: at most
 3.3e-6 here. 1e-4 leaves 30x room for that; a real difference is far above it (dropping the
-window or the q/k/v biases moves logits by 2.5 to 4). Greedy tokens are safe too: the smallest
+window, the q/k/v biases or the q/k norms moves logits by 2.5 to 4). Greedy tokens are safe too: the smallest
 gap between HF's top two logits at these prompts is 0.06.
 """
 
@@ -52,7 +53,9 @@ ARCHITECTURES = {
     # A 32-token window: 2 pages of 16, so it starts mid-page and crosses page and chunk boundaries.
     "mistral": ("mistral", {"sliding_window": 32}),
     "qwen2": ("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    "qwen3": ("qwen3", {"head_dim": 32, "tie_word_embeddings": True}),
 }
+GGUF_ARCH = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}  # Mistral converts as "llama"
 
 
 # --- the files: a byte-level BPE tokenizer, and the GGUF as llama.cpp writes it ---------------------
@@ -96,7 +99,7 @@ def permute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def gguf_tensors(config: dict, hf_tensors: dict, arch) -> dict[str, np.ndarray]:
     """The HF tensors under llama.cpp's names; q/k rows permuted for the "llama" architecture only
-    (Mistral converts as "llama"; Qwen2 keeps HF's rotate-half order)."""
+    (Mistral converts as "llama"; Qwen2 and Qwen3 keep HF's rotate-half order)."""
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     out = {}
     for hf_name, w in hf_tensors.items():
@@ -117,7 +120,7 @@ def write_gguf(path, model_type: str, config: dict, hf_dir) -> str:
     One key is ours: llama.cpp converts Mistral v0.1 as "llama" and writes no sliding window (it
     runs it with full attention); the window goes under GGUF's standard key, `llama.attention.sliding_window`.
     """
-    arch = gguf.MODEL_ARCH.QWEN2 if model_type == "qwen2" else gguf.MODEL_ARCH.LLAMA
+    arch = GGUF_ARCH.get(model_type, gguf.MODEL_ARCH.LLAMA)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(f"tiny-{model_type}")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -131,7 +134,10 @@ def write_gguf(path, model_type: str, config: dict, hf_dir) -> str:
         add(value)
     rope = config.get("rope_parameters", {})
     writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
-    if arch == gguf.MODEL_ARCH.LLAMA:  # LlamaModel.set_gguf_parameters; Qwen2's writes neither
+    if "head_dim" in config:  # TextModel.set_gguf_parameters, for every architecture
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if arch == gguf.MODEL_ARCH.LLAMA:  # LlamaModel.set_gguf_parameters; Qwen2's and Qwen3's write neither
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
     if rope.get("rope_type") == "linear":
@@ -215,12 +221,14 @@ def test_both_loaders_read_the_same_model(built):
     same RoPE frequencies (from rope_scaling on one side, from rope_freqs.weight on the other)."""
     hf, gg = HFCheckpoint(built.hf_dir).config, GGUFCheckpoint(built.gguf_path).config
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "rope_theta", "tie_word_embeddings", "attention_bias", "sliding_window")
+              "head_dim", "rope_theta", "tie_word_embeddings", "attention_bias", "qk_norm", "sliding_window")
     assert {f: getattr(gg, f) for f in fields} == {f: getattr(hf, f) for f in fields}
     assert gg.rms_norm_eps == pytest.approx(hf.rms_norm_eps, rel=1e-6)  # GGUF stores it as float32
     np.testing.assert_allclose(rope_inv_freq(gg), rope_inv_freq(hf), rtol=1e-6)
     assert hf.sliding_window == built.config.get("sliding_window")
     assert hf.attention_bias == (built.name == "qwen2")
+    assert hf.qk_norm == (built.name == "qwen3")
+    assert hf.head_dim == built.config.get("head_dim", built.config["hidden_size"] // built.config["num_attention_heads"])
 
 
 def test_the_scaling_and_the_window_change_what_the_prompts_see(built):

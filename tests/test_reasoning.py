@@ -9,6 +9,7 @@ same answer's raw text (str.partition at `</think>`).
 """
 
 import gguf
+import httpx
 import openai
 import pytest
 from helpers import idle
@@ -130,3 +131,89 @@ def test_a_model_that_does_not_think_has_no_reasoning_field(served):
                                                     max_tokens=4).choices[0].message
     assert "reasoning_content" not in message.model_dump(exclude_unset=True)
 
+
+
+# -- chat_template_kwargs: a request's own template variables --------------------------------------
+
+# Template tails in the two conventions, added to SmolLM2's template for these tests: Qwen3's
+# enable_thinking=false closes an empty think block in the prompt (the model then answers at once);
+# here an R1-style tail opens `<think>` in the prompt unless the request says thinking=false (its
+# comment names `</think>`, by which the server knows a thinking template, as R1's own strips it from history).
+QWEN3_TAIL = ("{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+              "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+R1_TAIL = "{#- the answer closes </think> #}{%- if add_generation_prompt and not (thinking is defined and thinking is false) %}{{- '<think>\\n' }}{%- endif %}"
+
+
+@pytest.fixture
+def template_tail(served):
+    """Sets a tail on the shared engine's chat template for one test, and puts it back after."""
+    tokenizer = served.async_engine.engine.tokenizer
+    original = tokenizer.chat_template
+
+    def set_tail(tail):
+        tokenizer.chat_template, tokenizer._template = original + tail, None
+
+    yield set_tail
+    tokenizer.chat_template, tokenizer._template = original, None
+
+
+def test_chat_template_kwargs_reach_the_template_in_tokenize_and_chat(served, template_tail):
+    template_tail(QWEN3_TAIL)
+    messages = [{"role": "user", "content": "What is two plus two?"}]
+
+    def prompt_text(**body):
+        tokens = httpx.post(f"{served.url}/tokenize", json=dict(messages=messages, **body)).json()["tokens"]
+        return httpx.post(f"{served.url}/detokenize", json={"tokens": tokens}).json()["prompt"]
+
+    plain, closed = prompt_text(), prompt_text(chat_template_kwargs={"enable_thinking": False})
+    assert closed == plain + "<think>\n\n</think>\n\n"
+    assert prompt_text(chat_template_kwargs={"enable_thinking": True}) == plain
+
+    def prompt_tokens(**extra):
+        return served.client.chat.completions.create(model="smol", messages=messages, max_tokens=1,
+                                                     **extra).usage.prompt_tokens
+    thinking_off = prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert thinking_off == prompt_tokens() + len(served.async_engine.engine.tokenizer.encode(
+        "<think>\n\n</think>\n\n", add_special_tokens=False))
+    assert idle(served)
+
+
+def test_whether_an_answer_starts_in_the_reasoning_is_read_from_each_requests_prompt(served, template_tail):
+    """R1's convention: the prompt opens `<think>`, so the answer starts in the reasoning, unless this
+    request's template variables leave it out: then the same server hands the answer out as content."""
+    from helpers import live_server
+
+    template_tail(R1_TAIL)
+    app = create_app(served.async_engine, served_model_name="smol", metrics=served.app.state.server.metrics)
+    assert app.state.server.output_format.think == ThinkFormat(starts_in_reasoning=True)
+    messages = [{"role": "user", "content": "What is two plus two?"}]
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        thinking = client.chat.completions.create(
+            model="smol", messages=messages, temperature=0, max_tokens=60,
+            extra_body={"structured_outputs": {"regex": r"[a-z ]{4,40}</think>[A-Z][a-z ]{2,30}\."}}).choices[0]
+        reasoning, content = thinking.message.reasoning_content, thinking.message.content
+        assert reasoning and content and "</think>" not in reasoning + content
+        direct = client.chat.completions.create(
+            model="smol", messages=messages, temperature=0, max_tokens=60,
+            extra_body={"structured_outputs": {"regex": r"[A-Z][a-z ]{2,30}\."},
+                        "chat_template_kwargs": {"thinking": False}}).choices[0]
+        assert direct.message.content and direct.message.content[0].isupper() and direct.message.content.endswith(".")
+        assert not getattr(direct.message, "reasoning_content", None)
+    assert idle(served)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("enable_thinking", "'chat_template_kwargs' must be an object"),
+    ({"messages": []}, "'chat_template_kwargs' may not set messages"),
+    ({"add_generation_prompt": False, "tools": []}, "may not set tools, add_generation_prompt"),
+])
+def test_bad_chat_template_kwargs_are_a_400_naming_the_field(served, value, message):
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError) as error:
+        served.client.chat.completions.create(model="smol", messages=messages, max_tokens=1,
+                                              extra_body={"chat_template_kwargs": value})
+    assert message in error.value.body["message"] and error.value.body["param"] == "chat_template_kwargs"
+    answer = httpx.post(f"{served.url}/tokenize", json={"messages": messages, "chat_template_kwargs": value})
+    assert answer.status_code == 400 and message in answer.json()["error"]["message"]
+    assert idle(served)

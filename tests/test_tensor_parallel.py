@@ -28,10 +28,11 @@ LOGPROB_ATOL = 1e-4
 NEW_TOKENS = 6
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
            "List three primary colors:"]
-# Random Llamas (token-id prompts): heads and KV heads that TP 2 and 4 divide, and KV heads fewer
-# than 4 devices (each replicated on 2) with q/k/v biases, split with the heads they belong to.
+# Random models (token-id prompts): a Llama with heads and KV heads that TP 2 and 4 divide, and a
+# Qwen3 with KV heads fewer than 4 devices (each replicated on 2), q/k/v biases split with the heads
+# they belong to, its per-head q/k norms (replicated) and a head_dim of 32 against hidden / heads = 16.
 DIVIDING = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4)
-REPLICATED_KV = dict(DIVIDING, num_key_value_heads=2, attention_bias=True)
+REPLICATED_KV = dict(DIVIDING, num_key_value_heads=2, attention_bias=True, model_type="qwen3", head_dim=32)
 RANDOM_PROMPTS = [list(range(5, 40)), [100, 3, 250, 77], [7] * 20]
 # Weight formats whose split differs: full precision; int8 per column (row split: scales whole);
 # int4 in groups of 32 rows (row split on group boundaries). Float activations: exact up to sum order.
@@ -179,7 +180,8 @@ def test_random_model_split_by_heads_equals_one_device(random_models, fmt, tp):
 
 @pytest.mark.parametrize("fmt", ["float", "int8"])
 def test_fewer_kv_heads_than_devices_are_replicated(random_models, fmt):
-    """2 KV heads on 4 devices: each goes to the 2 devices whose query heads read it."""
+    """2 KV heads on 4 devices: each goes to the 2 devices whose query heads read it (a Qwen3: its
+    q/k norms are replicated with them)."""
     one, split = random_models["replicated_kv", fmt, 1], random_models["replicated_kv", fmt, 4]
     assert split["tokens"] == one["tokens"]
     assert max_logprob_difference(split, one) < LOGPROB_ATOL

@@ -22,13 +22,15 @@ import numpy as np  # noqa: E402
 
 def write_random_llama(path: str, fields: dict, seed: int = 0) -> str:
     """An HF Llama directory (config.json, safetensors, tokenizer.json) with random weights drawn
-    for unit-variance outputs, norms near one and, with attention_bias, nonzero q/k/v biases."""
+    for unit-variance outputs, norms near one and, with attention_bias, nonzero q/k/v biases; with
+    `"model_type": "qwen3"` in `fields` a Qwen3 (its q/k norms too; `head_dim` may be given)."""
     from safetensors.numpy import save_file
     from test_architectures_vs_hf import BASE, write_tokenizer_json
 
-    cfg = dict(BASE, model_type="llama", architectures=["LlamaForCausalLM"], **fields)
+    cfg = dict(BASE, model_type="llama") | fields
+    cfg["architectures"] = ["Qwen3ForCausalLM" if cfg["model_type"] == "qwen3" else "LlamaForCausalLM"]
     hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim, inter, vocab = hidden // heads, cfg["intermediate_size"], cfg["vocab_size"]
+    head_dim, inter, vocab = cfg.get("head_dim", hidden // heads), cfg["intermediate_size"], cfg["vocab_size"]
     rng = np.random.default_rng(seed)
 
     def matrix(out_features, in_features):  # HF's [out, in]
@@ -48,6 +50,9 @@ def write_random_llama(path: str, fields: dict, seed: int = 0) -> str:
                 tensors[prefix + name + ".bias"] = (0.5 * rng.standard_normal(shape[0])).astype(np.float32)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             tensors[prefix + norm + ".weight"] = (1 + 0.2 * rng.standard_normal(hidden)).astype(np.float32)
+        if cfg["model_type"] == "qwen3":
+            for norm in ("self_attn.q_norm", "self_attn.k_norm"):
+                tensors[prefix + norm + ".weight"] = (1 + 0.2 * rng.standard_normal(head_dim)).astype(np.float32)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:

@@ -3,6 +3,7 @@ reasoning.py splits off the thinking; tool_calls.py finds the calls in the rest.
 completions, Responses, Anthropic Messages) reads a model's answer through this one parser.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from jaxinfer.api.reasoning import ReasoningParser, ThinkFormat
@@ -23,6 +24,14 @@ class OutputFormat:
         if getattr(tokenizer, "chat_template", None) is None:
             return cls(False, None)
         return cls(supports_tools(tokenizer.chat_template), ThinkFormat.from_tokenizer(tokenizer))
+
+    def for_prompt(self, prompt: str) -> "OutputFormat":
+        """This format for one rendered chat prompt: whether the answer starts inside the reasoning is
+        read from the prompt itself, which a request's chat_template_kwargs may have changed (Qwen3's
+        enable_thinking=false closes an empty `<think></think>` in it)."""
+        if self.think is None:
+            return self
+        return dataclasses.replace(self, think=ThinkFormat.from_prompt(prompt))
 
 
 @dataclass(slots=True)

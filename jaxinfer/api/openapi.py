@@ -106,7 +106,8 @@ def _generate(summary: str, request: str, response: str) -> dict:
 _BOOLEAN = nullable({"type": "boolean"})
 _TOKENIZE = {"type": "object", "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}], "properties": {
     "model": nullable(_STR), "prompt": _STR, "messages": CHAT_FIELDS["messages"], "add_special_tokens": _BOOLEAN,
-    "add_generation_prompt": _BOOLEAN, "return_token_strs": _BOOLEAN}}
+    "add_generation_prompt": _BOOLEAN, "return_token_strs": _BOOLEAN,
+    "chat_template_kwargs": CHAT_FIELDS["chat_template_kwargs"]}}
 
 OPERATIONS = {
     "/v1/completions": {"post": _generate("OpenAI's completions", "CompletionRequest", "Completion")},

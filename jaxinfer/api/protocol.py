@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxinfer.api import tool_calls as tool_calls_
 from jaxinfer.api.errors import ERROR_TYPES, APIError, error_body, short_repr  # noqa: F401 (re-exported)
@@ -183,9 +183,14 @@ CHAT_FIELDS = {
     "tool_choice": _TOOL_CHOICE,
     "parallel_tool_calls": boolean_field("With tool_choice required: false allows one call only.", default=True),
     "functions": not_implemented([], "the deprecated functions (use tools)"),
+    "chat_template_kwargs": {"type": "object", "description": (
+        "vLLM's: more variables for the model's chat template, e.g. {\"enable_thinking\": false} for Qwen3. "
+        "The ones the server sets (messages, tools, add_generation_prompt, bos_token, eos_token) are refused.")},
     **COMMON_FIELDS,
 }
 CHAT_REQUIRED = ("messages",)
+# Variables the server gives the chat template itself: chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
 
 # -- field readers ------------------------------------------------------------------------------
@@ -263,6 +268,7 @@ class GenerationRequest:
     cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cache pages
     structured_outputs_param: str | None = None  # the field that gave params.structured_outputs
     tools: tool_calls_.ToolRequest | None = None  # chat: the tools and tool choice
+    chat_template_kwargs: dict = field(default_factory=dict)  # chat: more variables for the template
 
 
 def parse_completion_request(body: dict) -> GenerationRequest:
@@ -300,7 +306,24 @@ def parse_chat_request(body: dict) -> GenerationRequest:
                               logprobs_param="top_logprobs", structured_outputs=constraint)
     return GenerationRequest(read_field(body, fields, "model"), params, *_stream(body, fields), max_param,
                              messages=messages, cache_salt=read_field(body, fields, "cache_salt"),
-                             structured_outputs_param=constraint_param, tools=tool_request)
+                             structured_outputs_param=constraint_param, tools=tool_request,
+                             chat_template_kwargs=chat_template_kwargs(body))
+
+
+def chat_template_kwargs(body: dict) -> dict:
+    """A request's `chat_template_kwargs` (vLLM's): an object of template variables, none of them one
+    the server sets (`RESERVED_TEMPLATE_KWARGS`)."""
+    name = "chat_template_kwargs"
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(name, "an object", value)
+    reserved = [key for key in RESERVED_TEMPLATE_KWARGS if key in value]
+    if reserved:
+        raise APIError(400, f"'{name}' may not set {', '.join(reserved)}: the server gives the template those",
+                       param=name)
+    return dict(value)
 
 
 def _stream(body: dict, fields: dict) -> tuple[bool, bool]:

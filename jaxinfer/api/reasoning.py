@@ -28,6 +28,11 @@ class ThinkFormat:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
         except Exception:  # a template that wants more than one user message: assume the model opens it
             return cls(False)
+        return cls.from_prompt(prompt)
+
+    @classmethod
+    def from_prompt(cls, prompt: str) -> "ThinkFormat":
+        """A rendered generation prompt's format: the answer starts in the reasoning if the prompt opened it."""
         return cls(prompt.rstrip().endswith(THINK_START))
 
 

@@ -100,12 +100,11 @@ class Gemma3(Llama):
         return logits, k_cache, v_cache
 
 
-# Our parameter path -> (HF tensor name template, transpose to [in, out]); Gemma 3 has no biases.
+# Our parameter path -> (HF tensor name template, transpose to [in, out]); Gemma 3 has no biases (its
+# q_norm and k_norm are Llama's entries, as Qwen3's).
 LAYER_TENSORS = {path: spec for path, spec in _LAYER_TENSORS.items() if path[-1] != "b"} | {
     ("pre_feedforward_norm",): ("model.layers.{}.pre_feedforward_layernorm.weight", False),
     ("post_feedforward_norm",): ("model.layers.{}.post_feedforward_layernorm.weight", False),
-    ("q_norm",): ("model.layers.{}.self_attn.q_norm.weight", False),
-    ("k_norm",): ("model.layers.{}.self_attn.k_norm.weight", False),
 }
 
 

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) as Flax NNX modules over a paged KV cache.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) as Flax NNX modules over a paged KV cache.
 
 One forward serves prefill and decode: it takes a ragged flat batch (every sequence's new tokens one
 after another; `AttentionMetadata` says where each sequence's rows are), writes the new tokens' K/V
@@ -116,6 +116,9 @@ class DecoderLayer(nnx.Module):
         self.gate_proj = linear("gate_proj", hidden, c.intermediate_size)
         self.up_proj = linear("up_proj", hidden, c.intermediate_size)
         self.down_proj = linear("down_proj", c.intermediate_size, hidden)
+        if c.qk_norm:  # Qwen3
+            self.q_norm = nnx.Param(jnp.zeros((*stack, c.head_dim), dtype))
+            self.k_norm = nnx.Param(jnp.zeros((*stack, c.head_dim), dtype))
 
     def __call__(self, x, positions, k_cache, v_cache, layer, meta: AttentionMetadata, *, config, inv_freq,
                  attention_backend, tp_axis=None):
@@ -127,6 +130,8 @@ class DecoderLayer(nnx.Module):
         q, k, v = project(h, (self.q_proj, self.k_proj, self.v_proj), layer)
         q = q.reshape(num_tokens, c.num_heads, c.head_dim)
         k, v = (t.reshape(num_tokens, c.num_kv_heads, c.head_dim) for t in (k, v))
+        if c.qk_norm:
+            q, k = rms_norm(q, self.q_norm[...], c.rms_norm_eps), rms_norm(k, self.k_norm[...], c.rms_norm_eps)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, backend=attention_backend)
         attn = ops.ragged_paged_attention(
@@ -263,4 +268,6 @@ _LAYER_TENSORS = {
     ("gate_proj", "w"): ("model.layers.{}.mlp.gate_proj.weight", True),
     ("up_proj", "w"): ("model.layers.{}.mlp.up_proj.weight", True),
     ("down_proj", "w"): ("model.layers.{}.mlp.down_proj.weight", True),
+    ("q_norm",): ("model.layers.{}.self_attn.q_norm.weight", False),  # Qwen3 and Gemma 3
+    ("k_norm",): ("model.layers.{}.self_attn.k_norm.weight", False),
 }

@@ -12,7 +12,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer import kquant, quant
-from jaxinfer.config import ModelConfig
+from jaxinfer.config import ModelConfig, UnsupportedModelError
 from jaxinfer.models.llama import _LAYER_TENSORS, PROJECTIONS, ROW_PARALLEL, Llama
 from jaxinfer.quant import WeightFormat
 from jaxinfer.weights.cache import WeightCache
@@ -118,6 +118,7 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
     (where their kernel runs: `kquant_formats`); `grouped`: else in grouped formats that hold them
     exactly (`projection_formats`, with `row_split`).
     """
+    _refuse_unread_biases(checkpoint)
     formats = projection_formats(config, checkpoint, quantization, group_size, kquants, grouped, row_split)
     down_order_absorbed = _absorbs_down_proj_order(formats)
     if down_order_absorbed:  # down_proj's act-order goes into gate/up's columns at load: no gather
@@ -156,6 +157,24 @@ def load_stacked(model_cls, layer_tensors, config: ModelConfig, checkpoint, *, d
         cache.save(params)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+# Biases no model here reads (a Llama or Qwen3 config with attention_bias gives o_proj one too; only
+# Qwen2's q/k/v biases are read): a checkpoint holding one is refused rather than run without it.
+_UNREAD_BIASES = ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _refuse_unread_biases(checkpoint) -> None:
+    has = getattr(checkpoint, "has", None)
+    for proj in _UNREAD_BIASES if has is not None else ():
+        name = f"model.layers.0.{proj}.bias"
+        try:
+            present = has(name)
+        except KeyError:  # a GGUF architecture with no name for it
+            present = False
+        if present:
+            raise UnsupportedModelError(f"{getattr(checkpoint, 'path', 'the checkpoint')}: it has {name}, a bias this engine does "
+                                        "not apply (it reads q/k/v biases only)")
 
 
 def _native_head_format(config: ModelConfig, checkpoint) -> WeightFormat:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jaxinfer.api import completion_shapes as responses, protocol, tool_calls
-from jaxinfer.api.assistant import AssistantParser
+from jaxinfer.api.assistant import AssistantParser, OutputFormat
 from jaxinfer.api.protocol import APIError, GenerationRequest
 from jaxinfer.api.routes.generation import check_prompt_length, merge, respond, submit
 from jaxinfer.async_engine import EngineDeadError
@@ -50,11 +50,17 @@ async def create_chat_completion(request: Request) -> Response:
                            "both constrain the answer", param="tool_choice")
         req.params = dataclasses.replace(req.params, structured_outputs=constraint)
         req.structured_outputs_param = "tools"
+    tokenizer = server.tokenizer
     try:
-        prompt_ids = await asyncio.to_thread(server.tokenizer.encode_chat, req.messages, **template_kwargs)
-    except (jinja2.TemplateError, ValueError) as e:
-        raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
-    return await _generate(request, server, req, [prompt_ids], "messages", chat=True)
+        text = await asyncio.to_thread(tokenizer.apply_chat_template, req.messages, True,
+                                       **req.chat_template_kwargs, **template_kwargs)
+    except (jinja2.TemplateError, ValueError, TypeError) as e:  # TypeError: a variable the template misuses
+        raise APIError(400, f"the chat template refused these messages: {e}",
+                       param="chat_template_kwargs" if req.chat_template_kwargs else "messages") from None
+    # The template writes the special tokens itself (BOS included where the model wants one).
+    prompt_ids = await asyncio.to_thread(tokenizer.encode, text, False)
+    return await _generate(request, server, req, [prompt_ids], "messages", chat=True,
+                           output_format=server.output_format.for_prompt(text))
 
 
 def tool_template_kwargs(server, tools: tool_calls.ToolRequest, param: str = "tools") -> dict:
@@ -69,13 +75,13 @@ def tool_template_kwargs(server, tools: tool_calls.ToolRequest, param: str = "to
 
 
 async def _generate(request, server, req: GenerationRequest, prompt_ids: list[list[int]], prompt_param: str,
-                    chat: bool) -> Response:
+                    chat: bool, output_format: OutputFormat | None = None) -> Response:
     for ids in prompt_ids:
         check_prompt_length(ids, req.params.max_tokens, server.max_model_len, prompt_param, req.max_tokens_param)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     streams = await submit(server.engine, req.params, prompt_ids, request_id, cache_salt=req.cache_salt,
                            constraint_param=req.structured_outputs_param)
-    reply = _Reply(server, req, request_id, prompt_ids, chat)
+    reply = _Reply(server, req, request_id, prompt_ids, chat, output_format or server.output_format)
     return await respond(request, server.engine, streams, stream=req.stream, events=lambda: reply.events(streams),
                          whole=lambda: reply.collect(streams), build=reply.response)
 
@@ -83,12 +89,13 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
 class _Reply:
     """Turns engine outputs into one OpenAI response or a sequence of chunks."""
 
-    def __init__(self, server, req: GenerationRequest, request_id: str, prompt_ids, chat: bool):
+    def __init__(self, server, req: GenerationRequest, request_id: str, prompt_ids, chat: bool,
+                 output_format: OutputFormat):
         self.server, self.req, self.request_id, self.prompt_ids, self.chat = server, req, request_id, prompt_ids, chat
         self.created = int(time.time())
         self.n = req.params.n
         tools = req.tools
-        self.output_format = server.output_format
+        self.output_format = output_format
         # Chat answers go through the assistant parser when there is something to parse out of them.
         self.parses = chat and (self.output_format.think is not None or (tools is not None and tools.parses_calls))
 

@@ -15,7 +15,7 @@ from jaxinfer.api.errors import APIError, short_repr
 
 async def tokenize(request: Request) -> Response:
     """{prompt, add_special_tokens=true} or {messages, add_generation_prompt=true, add_special_tokens=false,
-    tools?}, with return_token_strs=false -> {count, max_model_len, tokens, token_strs if asked for}."""
+    tools?, chat_template_kwargs?}, with return_token_strs=false -> {count, max_model_len, tokens, token_strs if asked for}."""
     server = request.app.state.server
     body = await server.read_json(request)
     server.check_model(_optional(body, "model", str))
@@ -34,12 +34,14 @@ async def tokenize(request: Request) -> Response:
         # The chat route's own checks of messages and tools.
         messages = protocol.parse_chat_request({"messages": body["messages"]}).messages
         tools = tool_calls.check_tools(body["tools"]) if body.get("tools") is not None else None
+        template_kwargs = protocol.chat_template_kwargs(body)
         add_special_tokens = _optional(body, "add_special_tokens", bool, False)
         try:
             text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, add_generation_prompt,
-                                           tools=tools)
-        except (jinja2.TemplateError, ValueError) as e:
-            raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
+                                           tools=tools, **template_kwargs)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise APIError(400, f"the chat template refused these messages: {e}",
+                           param="chat_template_kwargs" if template_kwargs else "messages") from None
         tokens = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)
     answer = {"count": len(tokens), "max_model_len": server.max_model_len, "tokens": tokens}
     if return_token_strs:
