@@ -259,3 +259,19 @@ def test_default_configuration_runs_and_its_first_token_is_in_hf_top5(built, pro
     llm = LLM(built.gguf_path, **ENGINE)
     for ours, ref in zip(greedy(llm, prompts, max_tokens=1), hf_logits):
         assert ours[0] in np.argsort(ref)[-5:]
+
+
+def test_a_bias_the_model_does_not_apply_is_refused(tmp_path):
+    """A Llama-family config with attention_bias gives o_proj a bias too (HF's Llama and Qwen3): only
+    q/k/v biases are read here, so a checkpoint that holds o_proj's is refused, not run without it."""
+    from safetensors.numpy import save_file
+    from tp_worker import write_random_llama
+
+    from jaxinfer.config import UnsupportedModelError
+
+    path = write_random_llama(str(tmp_path), dict(attention_bias=True, model_type="qwen3"))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.o_proj.bias"] = np.ones(BASE["hidden_size"], np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UnsupportedModelError, match="model.layers.0.self_attn.o_proj.bias"):
+        LLM(path, quantization="none", **ENGINE)
