@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "one holding the longest cached prefix, then the least loaded (default: "
                              f"{d.data_parallel_size}; docs/DEPLOY.md)")
     engine.add_argument("--seed", type=int, help=f"seed of requests that give none (default: {d.seed})")
+    engine.add_argument("--generation-config", choices=["auto", "vllm"], default=None,
+                        help="auto (the default): a request that leaves out temperature, top_p, top_k, min_p or "
+                             "repetition_penalty gets the model's own (generation_config.json, a GGUF's "
+                             "general.sampling keys); vllm: the API's defaults (temperature 1, no truncation)")
     dist = p.add_argument_group("several hosts (jax.distributed; docs/DEPLOY.md)")
     dist.add_argument("--nnodes", type=int, default=1, help="processes serving the model together, one a "
                       "host (or one a group of local devices); the tensor-parallel mesh spans them all (default: 1)")
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 ENGINE_FLAGS = ("quantization", "lm_head_quantization", "cpu_integer_matmul", "quantization_group_size", "weight_cache_dir", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_fraction", "kv_cache_dtype",
                 "num_pages", "page_size", "enable_prefix_caching", "attention_backend", "matmul_backend", "warmup", "strict_compile",
                 "speculative_config",
-                "seed", "tensor_parallel_size", "data_parallel_size")
+                "seed", "tensor_parallel_size", "data_parallel_size", "generation_config")
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:

@@ -261,8 +261,14 @@ class EngineConfig:
     # Engine replicas in one server, each on its own tensor_parallel_size devices (`jaxinfer.data_parallel`);
     # 1: one engine, no router.
     data_parallel_size: int = 1
+    # Sampling defaults (vLLM's --generation-config): "auto" takes the model's own (generation_config.json,
+    # a GGUF's general.sampling.* keys: `jaxinfer.generation_config`) for what a request leaves out;
+    # "vllm": SamplingParams' defaults.
+    generation_config: str = "auto"
 
     def __post_init__(self):
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be auto or vllm, got {self.generation_config!r}")
         for field in ("page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
                       "data_parallel_size"):
             value = getattr(self, field)

@@ -68,6 +68,7 @@ class LLMEngine:
         self.model_config, self.tokenizer, self.dtype = loaded.model_config, loaded.tokenizer, loaded.dtype
         self.quantization, self.lm_head_quantization = loaded.quantization, loaded.lm_head_quantization
         self.model, self.weight_bytes_by_format, self._staged = loaded.model, loaded.weight_bytes_by_format, loaded.staged
+        self.sampling_defaults = loaded.sampling_defaults  # the model's own, for what a request leaves out
         platform = jax.devices()[0].platform
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.quantization, platform)
         self.speculative = config.speculative_config  # jaxinfer.speculative; None: off

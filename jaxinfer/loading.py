@@ -19,6 +19,7 @@ from jaxinfer.models.params import head_tensor_name
 from jaxinfer.ops import MATMUL_BACKENDS, resolve_backend
 from jaxinfer.quant import resolve_lm_head_quantization, resolve_quantization, use_blocked_layout, weight_bytes_by_format
 from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.generation_config import sampling_defaults
 from jaxinfer.weights import open_checkpoint
 from jaxinfer.weights.cache import default_cache_dir
 from jaxinfer.weights.gguf import GGUFCheckpoint
@@ -63,6 +64,7 @@ class LoadedModel:
     weight_bytes_by_format: dict
     staged: bool  # read into host memory for the engines to place on their accelerators
     seconds: float  # time it took
+    sampling_defaults: dict  # the model's own sampling defaults (`jaxinfer.generation_config`)
 
 
 def load_weights(model: str, config: EngineConfig) -> LoadedModel:
@@ -122,4 +124,5 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
             logger.debug("native CPU matmuls: weights by layout %s (vnni, codes: int8 activations and integer "
                          "dot products; codes: the file's blocks)", layouts)
     return LoadedModel(mc, tokenizer, dtype, quantization, lm_head_quantization, loaded, native_layouts,
-                       weight_bytes_by_format(loaded), staged, time.perf_counter() - start)
+                       weight_bytes_by_format(loaded), staged, time.perf_counter() - start,
+                       sampling_defaults(checkpoint, config.generation_config))

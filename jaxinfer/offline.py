@@ -53,13 +53,18 @@ class LLM:
         self.engine = LLMEngine(model, **engine_args)
         self.tokenizer = self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what `generate` and `chat` use without sampling_params, the model's own defaults
+        (`generation_config`, `jaxinfer.generation_config`) over `SamplingParams`' own."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts, in vLLM's forms: a string, a list of token ids, {"prompt": str},
         {"prompt_token_ids": [...]}, or a list of any of these."""
         prompts = normalize_prompts(prompts)
         if not isinstance(sampling_params, list):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+            sampling_params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts")
         ids, results = [], {}

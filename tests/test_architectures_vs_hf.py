@@ -114,8 +114,9 @@ def gguf_tensors(config: dict, hf_tensors: dict, arch) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(path, model_type: str, config: dict, hf_dir) -> str:
-    """A float32 GGUF of the HF checkpoint, with the metadata convert_hf_to_gguf.py writes for it.
+def write_gguf(path, model_type: str, config: dict, hf_dir, sampling: dict | None = None) -> str:
+    """A float32 GGUF of the HF checkpoint, with the metadata convert_hf_to_gguf.py writes for it
+    (`sampling`: general.sampling keys, {"temp": 0.6, ...}, through the gguf writer's add_sampling_*).
 
     One key is ours: llama.cpp converts Mistral v0.1 as "llama" and writes no sliding window (it
     runs it with full attention); the window goes under GGUF's standard key, `llama.attention.sliding_window`.
@@ -145,6 +146,8 @@ def write_gguf(path, model_type: str, config: dict, hf_dir) -> str:
         writer.add_rope_scaling_factor(rope["factor"])
     if config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
+    for key, value in (sampling or {}).items():
+        getattr(writer, f"add_sampling_{key}")(value)
     tokens, merges = byte_level_vocab()
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")

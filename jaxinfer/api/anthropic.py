@@ -87,7 +87,9 @@ class MessagesRequest:
     stream: bool
 
 
-def parse_messages_request(body: dict) -> MessagesRequest:
+def parse_messages_request(body: dict, defaults: dict | None = None) -> MessagesRequest:
+    """`defaults`: the model's own sampling defaults (`jaxinfer.generation_config`) for what the body
+    leaves out."""
     for name, what in NOT_IMPLEMENTED.items():
         if body.get(name) is not None:
             raise APIError(400, f"'{name}' is not supported: {what} are not implemented", param=name)
@@ -116,13 +118,15 @@ def parse_messages_request(body: dict) -> MessagesRequest:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream", "a boolean", stream)
+    defaults = defaults or {}
     top_k = _number(body, "top_k", integer=True, minimum=0)
-    values = dict(temperature=_number(body, "temperature", minimum=0, maximum=1, default=1.0),
-                  top_p=_number(body, "top_p", minimum=0, maximum=1, default=1.0),
-                  top_k=min(top_k, MAX_TOP_K) if top_k else -1, max_tokens=max_tokens, stop=stop,
+    values = dict(temperature=_number(body, "temperature", minimum=0, maximum=1, default=defaults.get("temperature", 1.0)),
+                  top_p=_number(body, "top_p", minimum=0, maximum=1, default=defaults.get("top_p", 1.0)),
+                  top_k=min(top_k, MAX_TOP_K) if top_k else -1 if top_k is not None else defaults.get("top_k", -1),
+                  max_tokens=max_tokens, stop=stop,
                   structured_outputs=_output_format(body.get("output_config"), tool_request))
     try:
-        params = SamplingParams(**values)
+        params = SamplingParams(**(defaults | values))
     except ValueError as e:  # "SamplingParams.<field> must be ...": in the client's names
         field, rest = str(e).removeprefix("SamplingParams.").split(" ", 1)
         param = {"stop": "stop_sequences"}.get(field, field)

@@ -77,7 +77,8 @@ class ResponsesRequest:
     echo: dict = field(default_factory=dict)  # the request's settings as the response repeats them
 
 
-def parse_responses_request(body: dict, output_format: OutputFormat, tokenizer) -> ResponsesRequest:
+def parse_responses_request(body: dict, output_format: OutputFormat, tokenizer,
+                            defaults: dict | None = None) -> ResponsesRequest:
     """`tokenizer` writes the grammar of a required tool call."""
     fields = RESPONSES_FIELDS
     if body.get("previous_response_id") is not None or body.get("conversation") is not None:
@@ -113,10 +114,12 @@ def parse_responses_request(body: dict, output_format: OutputFormat, tokenizer) 
     for name in ("store", "user"):
         read_field(body, fields, name)
     max_output_tokens = read_field(body, fields, "max_output_tokens")
-    temperature, top_p = read_field(body, fields, "temperature", 1.0), read_field(body, fields, "top_p", 1.0)
+    defaults = defaults or {}  # the model's own (`jaxinfer.generation_config`) for what the body leaves out
+    temperature = read_field(body, fields, "temperature", defaults.get("temperature", 1.0))
+    top_p = read_field(body, fields, "top_p", defaults.get("top_p", 1.0))
     try:
-        params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=max_output_tokens,
-                                structured_outputs=constraint)
+        params = SamplingParams(**(defaults | dict(n=1, temperature=temperature, top_p=top_p,
+                                                   max_tokens=max_output_tokens, structured_outputs=constraint)))
     except ValueError as e:
         raise APIError(400, str(e)) from None
     echo = {"instructions": instructions, "max_output_tokens": max_output_tokens, "metadata": metadata or {},

@@ -271,14 +271,15 @@ class GenerationRequest:
     chat_template_kwargs: dict = field(default_factory=dict)  # chat: more variables for the template
 
 
-def parse_completion_request(body: dict) -> GenerationRequest:
+def parse_completion_request(body: dict, defaults: dict | None = None) -> GenerationRequest:
+    """`defaults`: the model's own sampling defaults for the fields the body leaves out."""
     fields = COMPLETION_FIELDS
     refuse_not_implemented(body, fields)
     prompts = _prompts(body.get("prompt"))
     constraint, constraint_param = _structured_outputs(body)
     params = _sampling_params(body, fields, max_tokens=read_field(body, fields, "max_tokens", 16),
                               max_tokens_param="max_tokens", logprobs=read_field(body, fields, "logprobs"),
-                              logprobs_param="logprobs", structured_outputs=constraint)
+                              logprobs_param="logprobs", structured_outputs=constraint, defaults=defaults)
     best_of = read_field(body, fields, "best_of")
     if best_of is not None and best_of != params.n:
         raise APIError(400, f"'best_of' ({best_of}) other than n ({params.n}) is not supported", param="best_of")
@@ -287,7 +288,8 @@ def parse_completion_request(body: dict) -> GenerationRequest:
                              structured_outputs_param=constraint_param)
 
 
-def parse_chat_request(body: dict) -> GenerationRequest:
+def parse_chat_request(body: dict, defaults: dict | None = None) -> GenerationRequest:
+    """`defaults`: the model's own sampling defaults for the fields the body leaves out."""
     fields = CHAT_FIELDS
     refuse_not_implemented(body, fields)
     messages = _messages(body.get("messages"))
@@ -303,7 +305,7 @@ def parse_chat_request(body: dict) -> GenerationRequest:
     constraint, constraint_param = _structured_outputs(body)
     params = _sampling_params(body, fields, max_tokens=read_field(body, fields, max_param), max_tokens_param=max_param,
                               logprobs=(top_logprobs or 0) if logprobs else None,
-                              logprobs_param="top_logprobs", structured_outputs=constraint)
+                              logprobs_param="top_logprobs", structured_outputs=constraint, defaults=defaults)
     return GenerationRequest(read_field(body, fields, "model"), params, *_stream(body, fields), max_param,
                              messages=messages, cache_salt=read_field(body, fields, "cache_salt"),
                              structured_outputs_param=constraint_param, tools=tool_request,
@@ -449,8 +451,12 @@ def _response_format(value) -> dict:
 
 
 def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: str, logprobs,
-                     logprobs_param: str, structured_outputs: StructuredOutputsParams | None) -> SamplingParams:
+                     logprobs_param: str, structured_outputs: StructuredOutputsParams | None,
+                     defaults: dict | None = None) -> SamplingParams:
     read = functools.partial(read_field, body, fields)
+    base = SamplingParams()  # what a field left out gets: the model's default, else SamplingParams'
+    model = {name: getattr(base, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    model |= defaults or {}
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -467,13 +473,13 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
     seed = read("seed")
     values = dict(
         n=read("n", 1),
-        temperature=read("temperature", 1.0),
-        top_p=read("top_p", 1.0),
-        top_k=min(read("top_k", -1), MAX_TOP_K),
-        min_p=read("min_p", 0.0),
+        temperature=read("temperature", model["temperature"]),
+        top_p=read("top_p", model["top_p"]),
+        top_k=min(read("top_k", model["top_k"]), MAX_TOP_K),
+        min_p=read("min_p", model["min_p"]),
         presence_penalty=read("presence_penalty", 0.0),
         frequency_penalty=read("frequency_penalty", 0.0),
-        repetition_penalty=read("repetition_penalty", 1.0),
+        repetition_penalty=read("repetition_penalty", model["repetition_penalty"]),
         logprobs=logprobs,
         max_tokens=max_tokens,
         stop=stop,

@@ -62,6 +62,11 @@ class ServerState:
         return self.engine.engine.tokenizer
 
     @property
+    def sampling_defaults(self) -> dict:
+        """The model's own defaults for what a request leaves out (`jaxinfer.generation_config`)."""
+        return getattr(self.engine.engine, "sampling_defaults", {})
+
+    @property
     def vocab_size(self) -> int:
         return self.engine.engine.model_config.vocab_size
 

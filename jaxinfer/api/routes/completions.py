@@ -25,7 +25,7 @@ from jaxinfer.async_engine import EngineDeadError
 async def create_completion(request: Request) -> Response:
     server = request.app.state.server
     server.authorize(request)
-    req = protocol.parse_completion_request(await server.read_json(request))
+    req = protocol.parse_completion_request(await server.read_json(request), server.sampling_defaults)
     server.check_model(req.model)
     prompt_ids = []
     for prompt in req.prompts:
@@ -40,7 +40,7 @@ async def create_completion(request: Request) -> Response:
 async def create_chat_completion(request: Request) -> Response:
     server = request.app.state.server
     server.authorize(request)
-    req = protocol.parse_chat_request(await server.read_json(request))
+    req = protocol.parse_chat_request(await server.read_json(request), server.sampling_defaults)
     server.check_model(req.model)
     template_kwargs = tool_template_kwargs(server, req.tools)
     constraint = tool_calls.constraint(req.tools, server.tokenizer)

@@ -43,7 +43,7 @@ def authorize(server, request: Request) -> None:
 async def _create_message(request: Request) -> Response:
     server = request.app.state.server
     authorize(server, request)
-    req = anthropic.parse_messages_request(await server.read_json(request))
+    req = anthropic.parse_messages_request(await server.read_json(request), server.sampling_defaults)
     server.check_model(req.model)
     if req.tool_request.tools and not server.output_format.tool_calls:
         raise APIError(400, "tools are not supported: this model's chat template does not support tool calls",

@@ -26,7 +26,8 @@ from jaxinfer.async_engine import EngineDeadError
 async def create_response(request: Request) -> Response:
     server = request.app.state.server
     server.authorize(request)
-    req = parse_responses_request(await server.read_json(request), server.output_format, server.tokenizer)
+    req = parse_responses_request(await server.read_json(request), server.output_format, server.tokenizer,
+                                  server.sampling_defaults)
     server.check_model(req.model)
     try:
         prompt_ids = await asyncio.to_thread(server.tokenizer.encode_chat, req.messages,
