@@ -10,6 +10,7 @@ temperature 0.5 and no top-k would not: its top two logits are close).
 import json
 import logging
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -95,6 +96,12 @@ def test_the_server_applies_the_defaults_to_what_a_request_leaves_out(llm):
             for prompt, expected in zip(PROMPTS, greedy):
                 answer = client.completions.create(model="tiny", prompt=prompt, max_tokens=16)
                 assert answer.choices[0].text == llm.tokenizer.decode(expected)
+            # Anthropic's Messages API: a request without temperature samples under the model's top_k 1.
+            messages = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0).messages
+            question = [{"role": "user", "content": "hi there"}]
+            texts = [messages.create(model="tiny", max_tokens=12, messages=question, **extra).content[0].text
+                     for extra in ({"extra_body": {"temperature": 0}}, {}, {})]
+            assert texts[1] == texts[2] == texts[0]
             # The Responses API echoes the sampling fields it used: the model's, or the request's own.
             echo = httpx.post(f"{url}/v1/responses", json={"model": "tiny", "input": "hi", "max_output_tokens": 2},
                               timeout=60).json()
