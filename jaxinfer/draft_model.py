@@ -36,11 +36,12 @@ CONFIDENT = SamplingParams(temperature=0, logprobs=0)  # with the draft token's 
 
 
 def draftable(seq: Sequence) -> bool:
-    """Whether a sequence can take drafts: greedy, without penalties or a grammar. Rejection sampling
-    would be needed to draft sampled rows; none of these properties changes while a request runs."""
+    """Whether a sequence can take drafts: greedy, without penalties, a grammar or min_tokens (whose
+    masks the draft rows do not get). Rejection sampling would be needed to draft sampled rows; none of
+    these properties changes while a request runs."""
     p = seq.params
     return (p.temperature == 0 and seq.matcher is None and not p.presence_penalty and not p.frequency_penalty
-            and p.repetition_penalty == 1)
+            and p.repetition_penalty == 1 and not p.min_tokens)
 
 
 @dataclass(slots=True, eq=False)

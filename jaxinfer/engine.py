@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer import distributed, tensor_parallel
 from jaxinfer.allocator import PageAllocator
@@ -327,11 +328,28 @@ class LLMEngine:
         return self.drafter.propose(scheduled, {s: r for s, r in rooms.items() if r}) if self.drafter else drafts
 
     def _token_bitmask(self, scheduled: list[tuple[Sequence, int]]):
-        """The grammar masks of the constrained rows that sample this step ([S, ceil(vocab / 32)]
-        int32), or None when no such row: a prompt chunk short of its end samples nothing."""
-        rows = [(seq.matcher, i) for i, (seq, num_new) in enumerate(scheduled)
-                if seq.matcher is not None and seq.num_computed_tokens + num_new >= seq.num_tokens]
-        return self.grammars.token_bitmask(rows, len(scheduled)) if rows else None
+        """The masks of the rows that sample this step under a constraint ([S, ceil(vocab / 32)] int32),
+        or None when there is no such row (a prompt chunk short of its end samples nothing): a grammar's,
+        and below min_tokens no stop token (unless a grammar allows nothing else: it ends the output)."""
+        sampling = [(i, seq) for i, (seq, num_new) in enumerate(scheduled)
+                    if seq.num_computed_tokens + num_new >= seq.num_tokens]
+        grammar_rows = [(seq.matcher, i) for i, seq in sampling if seq.matcher is not None]
+        held = [(i, seq) for i, seq in sampling if len(seq.output_ids) < seq.params.min_tokens]
+        if not grammar_rows and not held:
+            return None
+        vocab = self.grammars.vocab_size
+        if grammar_rows:
+            bitmask = self.grammars.token_bitmask(grammar_rows, len(scheduled))
+        else:
+            bitmask = np.full((len(scheduled), -(-vocab // 32)), -1, np.int32)
+        for i, seq in held:
+            row = bitmask[i].view(np.uint32).copy()
+            for token in self._request_of[seq].stop_token_ids:
+                if token < vocab:
+                    row[token >> 5] &= ~np.uint32(1 << (token & 31))
+            if row.any():
+                bitmask[i] = row.view(np.int32)
+        return bitmask
 
     def _update_text(self, request: _Request, seq: Sequence) -> None:
         i = request.seqs.index(seq)
@@ -340,11 +358,12 @@ class LLMEngine:
         searched = len(request.texts[i])  # the text so far holds no stop string
         request.texts[i] += request.detokenizers[i].add([token])
         reason = None
-        if token in request.stop_token_ids:
+        held = len(seq.output_ids) < params.min_tokens  # below min_tokens only a grammar or a length ends it
+        if token in request.stop_token_ids and not held:
             reason = "stop"
         elif seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete (or broken)
             reason = "stop"
-        elif params.stop and (cut := find_stop(request.texts[i], params.stop, searched)) is not None:
+        elif params.stop and not held and (cut := find_stop(request.texts[i], params.stop, searched)) is not None:
             request.texts[i] = request.texts[i][:cut]
             reason = "stop"
         elif params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:

@@ -79,6 +79,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output tokens: > 1 discourages repeats
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives (<= 20)
     max_tokens: int | None = 16  # None: up to max_model_len
+    # vLLM's: no EOS, stop token or stop string ends the output before this many tokens (a grammar still does)
+    min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -100,6 +102,9 @@ class SamplingParams:
             ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
             ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              "an integer >= 1"),
+            ("min_tokens", isinstance(self.min_tokens, int) and not isinstance(self.min_tokens, bool)
+             and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
+             "an integer >= 0 and at most max_tokens"),
             ("stop", len(self.stop) <= MAX_STOP and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH
                                                         for s in self.stop),
              f"at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LENGTH} characters"),

@@ -6,9 +6,11 @@ The reference for generated text is the engine itself run offline (add_request /
 prompts before the server takes it over: greedy output through HTTP must be the same tokens.
 """
 
+import functools
 import json
 
 import httpx
+import openai
 import pytest
 from fake_engine import FakeEngine
 from helpers import CHAT, MAX_TOKENS, NAME, PROMPT, idle
@@ -82,6 +84,32 @@ def test_stop_string_cuts_the_text_before_it(served):
                                                 stop=[stop])
     assert response.choices[0].text == ref[:ref.index(stop)]
     assert response.choices[0].finish_reason == "stop"
+
+
+def test_min_tokens_holds_off_eos_and_stop_strings(served):
+    """vLLM's min_tokens: the greedy chat answer ends (EOS) after n tokens; asked for at least n + 6,
+    the answer is the same n tokens, then goes on where EOS was forbidden, and a stop string in the
+    first n tokens does not end it either."""
+    question = [{"role": "user", "content": "What is 2 + 2? Answer with one number."}]
+    ask = functools.partial(served.client.chat.completions.create, model=NAME, messages=question, temperature=0)
+    plain = ask(max_tokens=64)
+    text, n = plain.choices[0].message.content, plain.usage.completion_tokens
+    assert plain.choices[0].finish_reason == "stop" and n < 40  # the precondition: it ends by EOS, early
+    held = ask(max_tokens=64, extra_body={"min_tokens": n + 6, "stop": [text.split()[1]]})
+    assert held.usage.completion_tokens >= n + 6
+    assert held.choices[0].message.content.startswith(text)
+    assert held.choices[0].finish_reason in ("stop", "length")
+    exact = ask(max_tokens=n + 6, extra_body={"min_tokens": n + 6})
+    assert exact.usage.completion_tokens == n + 6 and exact.choices[0].finish_reason == "length"
+    # A grammar that allows nothing but its end still ends the answer (vLLM's grammar wins too).
+    chosen = ask(max_tokens=20, extra_body={"min_tokens": 10, "structured_outputs": {"choice": ["four", "five"]}})
+    assert chosen.choices[0].message.content in ("four", "five") and chosen.choices[0].finish_reason == "stop"
+    for body, message in (({"min_tokens": 7, "max_tokens": 6}, "at most max_tokens"),
+                          ({"min_tokens": -1}, ">= 0")):
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(extra_body=body)
+        assert message in error.value.body["message"] and error.value.body["param"] == "min_tokens"
+    assert idle(served)
 
 
 def test_vllm_extras_reach_the_sampler(served):

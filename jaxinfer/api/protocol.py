@@ -115,7 +115,8 @@ COMMON_FIELDS = {
     "guided_choice": {**_CHOICE, "description": "vLLM's older name of structured_outputs.choice."},
     "guided_grammar": {**_GRAMMAR, "description": "vLLM's older name of structured_outputs.grammar."},
     "logit_bias": not_implemented({}, "logit_bias"),
-    "min_tokens": not_implemented(0, "min_tokens"),
+    "min_tokens": integer_field("vLLM's: no EOS, stop token or stop string ends a choice before this many tokens "
+                                "(at most max_tokens).", minimum=0, default=0),
 }
 
 COMPLETION_FIELDS = {
@@ -482,6 +483,7 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
         repetition_penalty=read("repetition_penalty", model["repetition_penalty"]),
         logprobs=logprobs,
         max_tokens=max_tokens,
+        min_tokens=read("min_tokens", 0),
         stop=stop,
         stop_token_ids=stop_token_ids,
         ignore_eos=read("ignore_eos", False),
