@@ -73,12 +73,13 @@ def base_targets():
 
 def weights(kernel: str, rng, layers: int, k: int, n: int):
     """(matmul(x, layer), bytes of one layer) for random weights of `kernel`'s format."""
-    if kernel == "fp8":  # the float path, e4m3 codes (no NaN: 0x7f, 0xff)
+    if kernel in ("fp8", "fp8_g128"):  # the float path, e4m3 codes (no NaN: 0x7f, 0xff); g128: FP8 blocks
         codes = rng.integers(0, 254, (layers, k, n), dtype=np.uint8)
         codes = np.where(codes >= 0x7f, codes + 1, codes).astype(np.uint8)
         data = native.to_blocked(jnp.asarray(codes.view(jnp.float8_e4m3fn)))
-        scales = jnp.asarray(rng.uniform(1e-3, 1e-2, (layers, n)), jnp.float16)
-        return (lambda x, layer: native.int8_matmul(x, data, scales, layer)), k * n
+        group = 128 if kernel == "fp8_g128" else 0
+        scales = jnp.asarray(rng.uniform(1e-3, 1e-2, (layers, k // 128, n) if group else (layers, n)), jnp.float16)
+        return (lambda x, layer: native.int8_matmul(x, data, scales, layer, group_size=group)), k * n
     if kernel in ("int8", "int8_float"):  # int8_float: the float path (the blocked layout)
         data = jnp.asarray(rng.integers(-127, 128, (layers, k, n)), jnp.int8)
         scales = jnp.asarray(rng.uniform(1e-3, 1e-2, (layers, n)), jnp.float16)
@@ -144,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="HEAD", help="the git revision to compare this checkout with")
     parser.add_argument("--kernels", nargs="+", default=["int8", "q4_1", "q8_0"],
-                        choices=["int8", "int8_float", "fp8", "q4_1", "q8_0", *KQUANTS, "attention"],
+                        choices=["int8", "int8_float", "fp8", "fp8_g128", "q4_1", "q8_0", *KQUANTS, "attention"],
                         help="attention: paged_attention.cc, --rows sequences of --context tokens")
     parser.add_argument("--context", type=int, default=500, help="attention: tokens per sequence")
     parser.add_argument("--query-rows", type=int, default=1,

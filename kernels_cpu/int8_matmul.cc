@@ -120,6 +120,40 @@ struct Scales {
   int64_t group;
 };
 
+// acc[r][j] += x[m0 + r, k] * W[k, j-th vector] for k in [k0, k1): the full-width tile's inner loop,
+// per channel over all of K and grouped over each group. `row` points at W's row k0 of the tile.
+template <int64_t R, int V, typename W>
+__attribute__((always_inline)) inline void AccumulateRows(const float* x, const W* row, int64_t stride,
+                                                          int64_t k_dim, int64_t m0, int64_t k0, int64_t k1,
+                                                          VecF (&acc)[R][V]) {
+  constexpr int64_t kWidth = V * kLanes;
+  for (int64_t k = k0; k < k1; ++k, row += stride) {
+    if (k + kPrefetchRows < k_dim) {
+      for (int64_t line = 0; line < kWidth; line += 64) __builtin_prefetch(row + kPrefetchRows * stride + line);
+    }
+    VecF wv[V];
+    for (int j = 0; j < V; ++j) wv[j] = LoadConvert(row + j * kLanes);
+    for (int64_t r = 0; r < R; ++r) {
+      const VecF xv = VecF{} + x[(m0 + r) * k_dim + k];
+      for (int j = 0; j < V; ++j) acc[r][j] += xv * wv[j];
+    }
+  }
+}
+
+// The same for the last, narrower columns (`width` of them), one weight at a time.
+template <int64_t R, int64_t kWidth, typename W>
+__attribute__((always_inline)) inline void AccumulateColumns(const float* x, const W* w, int64_t stride,
+                                                             int64_t k_dim, int64_t m0, int64_t width, int64_t k0,
+                                                             int64_t k1, float (&acc)[R][kWidth]) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const W* row = w + k * stride;
+    for (int64_t r = 0; r < R; ++r) {
+      const float xv = x[(m0 + r) * k_dim + k];
+      for (int64_t j = 0; j < width; ++j) acc[r][j] += xv * ScalarWeight(row[j]);
+    }
+  }
+}
+
 // Rows [m0, m0 + R) of y, columns [n0, n0 + width): width <= V * kLanes. `w` points at the tile's
 // first weight (row 0, column n0); consecutive rows of W are `stride` bytes apart. W: int8_t or Fp8.
 // kGrouped: scales per group of rows, each group's sums scaled into a second set of accumulators.
@@ -130,20 +164,9 @@ inline void Tile(const float* x, const W* w, int64_t stride, Scales sc, float* y
   const uint16_t* scales = sc.data;
   if (kGrouped && width == kWidth) {
     VecF total[R][V] = {};
-    const W* row = w;
     for (int64_t g0 = 0; g0 < k_dim; g0 += sc.group) {
       VecF acc[R][V] = {};
-      for (int64_t k = g0; k < g0 + sc.group; ++k, row += stride) {
-        if (k + kPrefetchRows < k_dim) {
-          for (int64_t line = 0; line < kWidth; line += 64) __builtin_prefetch(row + kPrefetchRows * stride + line);
-        }
-        VecF wv[V];
-        for (int j = 0; j < V; ++j) wv[j] = LoadConvert(row + j * kLanes);
-        for (int64_t r = 0; r < R; ++r) {
-          const VecF xv = VecF{} + x[(m0 + r) * k_dim + k];
-          for (int j = 0; j < V; ++j) acc[r][j] += xv * wv[j];
-        }
-      }
+      AccumulateRows<R, V>(x, w + g0 * stride, stride, k_dim, m0, g0, g0 + sc.group, acc);
       for (int j = 0; j < V; ++j) {
         const VecF scale = LoadHalf(scales + g0 / sc.group * n_dim + n0 + j * kLanes) * kWeightFactor<W>;
         for (int64_t r = 0; r < R; ++r) total[r][j] += acc[r][j] * scale;
@@ -158,13 +181,7 @@ inline void Tile(const float* x, const W* w, int64_t stride, Scales sc, float* y
     float total[R][kWidth] = {};
     for (int64_t g0 = 0; g0 < k_dim; g0 += sc.group) {
       float acc[R][kWidth] = {};
-      for (int64_t k = g0; k < g0 + sc.group; ++k) {
-        const W* row = w + k * stride;
-        for (int64_t r = 0; r < R; ++r) {
-          const float xv = x[(m0 + r) * k_dim + k];
-          for (int64_t j = 0; j < width; ++j) acc[r][j] += xv * ScalarWeight(row[j]);
-        }
-      }
+      AccumulateColumns<R, kWidth>(x, w, stride, k_dim, m0, width, g0, g0 + sc.group, acc);
       for (int64_t j = 0; j < width; ++j) {
         const float scale = HalfToFloat(scales[g0 / sc.group * n_dim + n0 + j]) * kWeightFactor<W>;
         for (int64_t r = 0; r < R; ++r) total[r][j] += acc[r][j] * scale;
@@ -175,18 +192,7 @@ inline void Tile(const float* x, const W* w, int64_t stride, Scales sc, float* y
   }
   if (width == kWidth) {
     VecF acc[R][V] = {};
-    const W* row = w;
-    for (int64_t k = 0; k < k_dim; ++k, row += stride) {
-      if (k + kPrefetchRows < k_dim) {
-        for (int64_t line = 0; line < kWidth; line += 64) __builtin_prefetch(row + kPrefetchRows * stride + line);
-      }
-      VecF wv[V];
-      for (int j = 0; j < V; ++j) wv[j] = LoadConvert(row + j * kLanes);
-      for (int64_t r = 0; r < R; ++r) {
-        const VecF xv = VecF{} + x[(m0 + r) * k_dim + k];
-        for (int j = 0; j < V; ++j) acc[r][j] += xv * wv[j];
-      }
-    }
+    AccumulateRows<R, V>(x, w, stride, k_dim, m0, 0, k_dim, acc);
     for (int64_t r = 0; r < R; ++r) {
       for (int j = 0; j < V; ++j) {
         StoreScaled(y + (m0 + r) * n_dim + n0 + j * kLanes, acc[r][j], scales + n0 + j * kLanes, kLanes,
@@ -196,13 +202,7 @@ inline void Tile(const float* x, const W* w, int64_t stride, Scales sc, float* y
     return;
   }
   float acc[R][kWidth] = {};  // the last, narrower columns
-  for (int64_t k = 0; k < k_dim; ++k) {
-    const W* row = w + k * stride;
-    for (int64_t r = 0; r < R; ++r) {
-      const float xv = x[(m0 + r) * k_dim + k];
-      for (int64_t j = 0; j < width; ++j) acc[r][j] += xv * ScalarWeight(row[j]);
-    }
-  }
+  AccumulateColumns<R, kWidth>(x, w, stride, k_dim, m0, width, 0, k_dim, acc);
   for (int64_t r = 0; r < R; ++r) {
     float* out = y + (m0 + r) * n_dim + n0;
     for (int64_t j = 0; j < width; ++j) out[j] = acc[r][j] * kWeightFactor<W> * HalfToFloat(scales[n0 + j]);
