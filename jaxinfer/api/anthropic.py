@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from jaxinfer.api import tool_calls
 from jaxinfer.api.errors import APIError, short_repr
-from jaxinfer.api.protocol import MAX_TOP_K, nullable
+from jaxinfer.api.fields import nullable
+from jaxinfer.api.protocol import MAX_TOP_K
 from jaxinfer.api.tool_calls import ToolRequest
 from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 

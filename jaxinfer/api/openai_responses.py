@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from jaxinfer.api import tool_calls
 from jaxinfer.api.assistant import OutputFormat
 from jaxinfer.api.errors import APIError, short_repr
-from jaxinfer.api.protocol import (boolean_field, integer_field, not_implemented, number_field, read_field,
-                                   refuse_not_implemented)
+from jaxinfer.api.fields import (boolean_field, integer_field, not_implemented, number_field, read_field,
+                                 refuse_not_implemented)
 from jaxinfer.api.tool_calls import ToolRequest
 from jaxinfer.sampling import SamplingParams, StructuredOutputsParams
 

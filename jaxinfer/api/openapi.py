@@ -12,8 +12,8 @@ from starlette.routing import Route
 
 from jaxinfer.api.openai_responses import RESPONSES_FIELDS, RESPONSES_REQUIRED
 from jaxinfer.api.anthropic import MESSAGES_REQUEST
-from jaxinfer.api.protocol import (CHAT_FIELDS, CHAT_REQUIRED, COMPLETION_FIELDS, COMPLETION_REQUIRED, ERROR_TYPES,
-                                   nullable)
+from jaxinfer.api.fields import nullable
+from jaxinfer.api.protocol import CHAT_FIELDS, CHAT_REQUIRED, COMPLETION_FIELDS, COMPLETION_REQUIRED, ERROR_TYPES
 
 
 def request_schema(fields: dict, required: tuple[str, ...], description: str) -> dict:

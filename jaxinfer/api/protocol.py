@@ -4,18 +4,17 @@
 Requests are plain JSON dicts checked field by field: a wrong type or value is an `APIError` (400)
 that names the field in `param`. Fields that OpenAI or vLLM define and we do not implement are
 refused with a message that says so, rather than silently ignored; unknown fields are ignored. The
-fields are declared once, as JSON Schema (COMPLETION_FIELDS, CHAT_FIELDS): the readers check bodies
-against those tables and /openapi.json publishes them.
+fields are declared once, as JSON Schema (COMPLETION_FIELDS, CHAT_FIELDS): the readers of
+jaxinfer/api/fields.py check bodies against those tables and /openapi.json publishes them.
 """
 
 import functools
-import json
-import math
-import operator
 from dataclasses import dataclass, field
 
 from jaxinfer.api import tool_calls as tool_calls_
 from jaxinfer.api.errors import ERROR_TYPES, APIError, error_body, short_repr  # noqa: F401 (re-exported)
+from jaxinfer.api.fields import (bad, boolean_field, integer_field, is_int, not_implemented, nullable, number_field,
+                                 read_field, refuse_not_implemented)
 from jaxinfer.sampling import (MAX_LOGPROBS, MAX_STOP, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, SamplingParams,
                                StructuredOutputsParams)
 
@@ -31,28 +30,6 @@ MAX_TOP_K = 2**30  # larger is the same as no limit: top_k is clamped to it
 # checked by the readers below: every scalar field against its schema's type and bounds, every
 # field marked "x-not-implemented" refused unless it holds the one value that asks for nothing. So
 # the schema says what is checked. Every field but `prompt`/`messages` is optional; null is "not given".
-
-def integer_field(description: str, **bounds) -> dict:
-    return {"type": "integer", "description": description, **bounds}
-
-
-def number_field(description: str, **bounds) -> dict:
-    return {"type": "number", "description": description, **bounds}
-
-
-def boolean_field(description: str, **default) -> dict:
-    return {"type": "boolean", "description": description, **default}
-
-
-def not_implemented(unused, what: str) -> dict:
-    """A field refused unless it holds `unused`, the value that asks for nothing."""
-    return {"const": unused, "x-not-implemented": what,
-            "description": f"Not implemented ({what}): only {json.dumps(unused)} or null is accepted."}
-
-
-def nullable(schema: dict) -> dict:
-    return {"anyOf": [schema, {"type": "null"}]}
-
 
 _TEXT = {"type": "string", "minLength": 1}
 # Structured outputs: the grammar's text is forced to follow (jaxinfer/structured_outputs.py).
@@ -194,65 +171,6 @@ CHAT_REQUIRED = ("messages",)
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
 
 
-# -- field readers ------------------------------------------------------------------------------
-
-def _bad(name: str, expected: str, value) -> APIError:
-    return APIError(400, f"'{name}' must be {expected}, got {short_repr(value)}", param=name)
-
-
-def _is_int(x) -> bool:
-    """An integer as JSON Schema (and vLLM's pydantic) counts one: 3 or 3.0, not true; read with int()."""
-    return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, float) and x.is_integer()
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_finite(x) -> bool:
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an integer past float's range
-        return False
-
-
-_KINDS = {"integer": (_is_int, "an integer"), "number": (lambda x: _is_number(x) and _is_finite(x), "a finite number"),
-          "boolean": (lambda x: isinstance(x, bool), "a boolean"), "string": (lambda x: isinstance(x, str), "a string")}
-_BOUNDS = (("minimum", ">=", operator.ge), ("exclusiveMinimum", ">", operator.gt),
-           ("maximum", "<=", operator.le), ("exclusiveMaximum", "<", operator.lt))
-
-
-def read_field(body: dict, fields: dict, name: str, default=None):
-    """`body[name]`, checked against the scalar schema `fields[name]`; `default` if absent or null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    schema = fields[name]
-    is_kind, expected = _KINDS[schema["type"]]
-    bounds = [(word, schema[key], holds) for key, word, holds in _BOUNDS if key in schema]
-    ok = is_kind(value) and all(holds(value, limit) for _, limit, holds in bounds)
-    if schema.get("minLength"):
-        expected, ok = "a non-empty string", ok and len(value) >= schema["minLength"]
-    if not ok:
-        limits = " and ".join(f"{word} {limit}" for word, limit, _ in bounds)
-        raise _bad(name, f"{expected} {limits}".rstrip(), value)
-    if schema["type"] == "integer":
-        return int(value)  # 3.0 is 3
-    return float(value) if schema["type"] == "number" else value
-
-
-def _same_json(value, expected) -> bool:
-    return type(value) is type(expected) and value == expected
-
-
-def refuse_not_implemented(body: dict, fields: dict) -> None:
-    for name, schema in fields.items():
-        value = body.get(name)
-        if "x-not-implemented" in schema and value is not None and not _same_json(value, schema["const"]):
-            raise APIError(400, f"'{name}' is not supported: {schema['x-not-implemented']} is not implemented",
-                           param=name)
-
-
 # -- requests -----------------------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -321,7 +239,7 @@ def chat_template_kwargs(body: dict) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _bad(name, "an object", value)
+        raise bad(name, "an object", value)
     reserved = [key for key in RESERVED_TEMPLATE_KWARGS if key in value]
     if reserved:
         raise APIError(400, f"'{name}' may not set {', '.join(reserved)}: the server gives the template those",
@@ -337,7 +255,7 @@ def _stream(body: dict, fields: dict) -> tuple[bool, bool]:
     if not stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
     if not isinstance(options, dict):
-        raise _bad("stream_options", "an object", options)
+        raise bad("stream_options", "an object", options)
     return stream, read_field(options, STREAM_OPTIONS_FIELDS, "include_usage", False)
 
 
@@ -346,17 +264,17 @@ def _prompts(prompt) -> list:
     expected = "a string, a list of strings, a list of token ids or a list of token-id lists"
     if isinstance(prompt, str):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         prompts = [[int(t) for t in prompt]]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = prompt
     elif (isinstance(prompt, list) and prompt
-          and all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)):
+          and all(isinstance(p, list) and p and all(is_int(t) for t in p) for p in prompt)):
         prompts = [[int(t) for t in p] for p in prompt]
     elif prompt is None:
         raise APIError(400, "'prompt' is required", param="prompt")
     else:
-        raise _bad("prompt", expected, prompt)
+        raise bad("prompt", expected, prompt)
     if len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
     return prompts
@@ -370,7 +288,7 @@ def _messages(messages) -> list[dict]:
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise _bad(where, "an object with 'role' and 'content'", message)
+            raise bad(where, "an object with 'role' and 'content'", message)
         role = message.get("role")
         if not (isinstance(role, str) and role in CHAT_ROLES):
             raise APIError(400, f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {short_repr(role)}",
@@ -386,7 +304,7 @@ def _messages(messages) -> list[dict]:
                                "supported", param=f"{where}.content")
             content = "\n".join(p["text"] for p in content)
         elif not isinstance(content, str):
-            raise _bad(f"{where}.content", "a string or a list of text parts", content)
+            raise bad(f"{where}.content", "a string or a list of text parts", content)
         checked.append({"role": "system" if role == "developer" else role, "content": content})
         if tool_calls is not None:
             calls = tool_calls_.template_message_tool_calls(tool_calls, f"{where}.tool_calls")
@@ -395,7 +313,7 @@ def _messages(messages) -> list[dict]:
         if role == "tool":
             call_id = message.get("tool_call_id")
             if call_id is not None and not isinstance(call_id, str):
-                raise _bad(f"{where}.tool_call_id", "a string", call_id)
+                raise bad(f"{where}.tool_call_id", "a string", call_id)
             checked[-1]["tool_call_id"] = call_id
     return checked
 
@@ -420,7 +338,7 @@ def _structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str
         fields = _response_format(value)
     elif name == "structured_outputs":
         if not isinstance(value, dict):
-            raise _bad(name, "an object", value)
+            raise bad(name, "an object", value)
         unknown = sorted(set(value) - set(STRUCTURED_OUTPUTS_FIELDS))
         if unknown:
             raise APIError(400, f"'{name}' supports only {', '.join(STRUCTURED_OUTPUTS_FIELDS)}; got "
@@ -441,7 +359,7 @@ def _response_format(value) -> dict:
     if kind == "json_object":
         return {"json_object": True}
     if kind != "json_schema":
-        raise _bad(name, "an object with type text, json_object or json_schema", value)
+        raise bad(name, "an object with type text, json_object or json_schema", value)
     spec = value.get("json_schema")
     if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("schema"), dict)
             and isinstance(spec.get("description", ""), str)
@@ -462,14 +380,14 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise _bad("stop", "a non-empty string or a list of them", stop)
+        raise bad("stop", "a non-empty string or a list of them", stop)
     if stop is not None and len(stop) > MAX_STOP:
         raise APIError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is None:
         stop_token_ids = []
-    if not (isinstance(stop_token_ids, list) and all(_is_int(t) for t in stop_token_ids)):
-        raise _bad("stop_token_ids", "a list of token ids", stop_token_ids)
+    if not (isinstance(stop_token_ids, list) and all(is_int(t) for t in stop_token_ids)):
+        raise bad("stop_token_ids", "a list of token ids", stop_token_ids)
     stop_token_ids = [int(t) for t in stop_token_ids]
     seed = read("seed")
     values = dict(
