@@ -192,6 +192,8 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= max_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {max_len}")
+        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
+            raise ValueError(f"logit_bias token ids must be in [0, {self.model_config.vocab_size})")
         if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > max_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({max_len})")

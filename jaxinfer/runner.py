@@ -29,7 +29,7 @@ from jaxinfer import distributed, tensor_parallel
 from jaxinfer.kv_cache import allocate_kv_cache
 from jaxinfer.compilation import CompilationDuringServingError, TraceCounter, padded_step_shape, step_buckets
 from jaxinfer.models.llama import AttentionMetadata
-from jaxinfer.sampling import MAX_LOGPROBS, SamplingArrays, sample
+from jaxinfer.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingArrays, sample
 from jaxinfer.sequence import Sequence
 
 logger = logging.getLogger("jaxinfer")
@@ -77,7 +77,9 @@ def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_mode
     i32 = lambda v: np.full(num_seqs, v, np.int32)  # noqa: E731
     sampling = SamplingArrays(temperature=f32(0), top_k=i32(0), top_p=f32(1), min_p=f32(0),
                               presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
-                              seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1))
+                              seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1),
+                              logit_bias_ids=np.full((num_seqs, MAX_LOGIT_BIAS), -1, np.int32),
+                              logit_bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32))
     # [S, max_model_len] token ids, -1 padding; [S, ceil(vocab / 32)] allowed tokens, all
     history = np.full((num_seqs, max_model_len), -1, np.int32) if history else None
     token_bitmask = np.full((num_seqs, -(-vocab_size // 32)), -1, np.int32) if bitmask else None
@@ -222,6 +224,9 @@ class ModelRunner:
             sampling.top_k[i] = min(p.top_k, 2**31 - 1)  # a top_k past the vocabulary keeps everything
             sampling.seeds[i], sampling.counters[i] = seq.seed, len(seq.output_ids)
             sampling.num_top_logprobs[i] = -1 if p.logprobs is None else p.logprobs
+            if p.logit_bias:
+                sampling.logit_bias_ids[i, :len(p.logit_bias)] = list(p.logit_bias)
+                sampling.logit_bias_values[i, :len(p.logit_bias)] = list(p.logit_bias.values())
             if needs_history:
                 ids = seq.token_ids(0, first + num_new)
                 history[i, :len(ids)] = ids

@@ -13,6 +13,8 @@ MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_LENGTH = 256  # characters of one stop string: a stream holds back up to this many - 1
 MAX_STOP_TOKEN_IDS = 256  # stop_token_ids per request
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit); the step's arrays are this wide
+MAX_BIAS = 100.0  # a logit_bias value lies in [-MAX_BIAS, MAX_BIAS] (OpenAI's range)
 MIN_LOGPROB = -9999.0  # a token the grammar forbids (logprob -inf), as vLLM reports it
 
 
@@ -87,6 +89,9 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # a constraint on the text (grammar-masked)
+    # OpenAI's: token id -> a bias in [-100, 100] added to its logit before penalties, temperature and
+    # the top-k/top-p/min-p filters (vLLM's order); the logprobs stay the model's own
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -119,6 +124,11 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
+            ("logit_bias", self.logit_bias is None or (
+                isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS
+                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and _is_number(b)
+                        and -MAX_BIAS <= b <= MAX_BIAS for t, b in self.logit_bias.items())),
+             f"a dict of at most {MAX_LOGIT_BIAS} token ids to biases in [-{MAX_BIAS:g}, {MAX_BIAS:g}]"),
             ("structured_outputs", self.structured_outputs is None
              or isinstance(self.structured_outputs, StructuredOutputsParams), "a StructuredOutputsParams"),
         ]
@@ -155,6 +165,10 @@ class SamplingArrays(NamedTuple):
     # int32: top alternatives each row wants (SamplingParams.logprobs), -1: no logprobs at all;
     # None: compute them for every row
     num_top_logprobs: jax.Array | None = None
+    # [S, MAX_LOGIT_BIAS] int32 token ids (-1: none) and float32 biases of each row's logit_bias;
+    # None: no row has one
+    logit_bias_ids: jax.Array | None = None
+    logit_bias_values: jax.Array | None = None
 
 
 def apply_token_bitmask(logits, token_bitmask):
@@ -186,6 +200,13 @@ def apply_penalties(logits, p: SamplingArrays, history, num_prompt):
     return logits - p.presence_penalty[:, None] * (out_counts > 0)
 
 
+def apply_logit_bias(logits, ids, values):
+    """logits [S, vocab] + each row's biases: ids [S, B] (-1: none, a row's ids distinct), values [S, B]."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    valid = ids >= 0
+    return logits.at[rows, jnp.where(valid, ids, 0)].add(jnp.where(valid, values, 0.0))
+
+
 def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = MAX_LOGPROBS,
            token_bitmask=None):
     """Next token per row, with its logprob and the top `num_logprobs` alternatives.
@@ -203,9 +224,14 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
     if token_bitmask is not None:  # no row constrained (the usual step): the unpacking is skipped
         logits = jax.lax.cond(jnp.any(token_bitmask != -1), apply_token_bitmask, lambda x, _: x, logits, token_bitmask)
     use_penalties = jnp.any((p.presence_penalty != 0) | (p.frequency_penalty != 0) | (p.repetition_penalty != 1))
+    use_bias = jnp.bool_(False) if p.logit_bias_ids is None else jnp.any(p.logit_bias_ids >= 0)
 
     def with_sampling(_):
-        x = jax.lax.cond(use_penalties, lambda x: apply_penalties(x, p, history, num_prompt), lambda x: x, logits)
+        x = logits
+        if p.logit_bias_ids is not None:  # before the penalties, as vLLM's logits processors
+            x = jax.lax.cond(use_bias, lambda x: apply_logit_bias(x, p.logit_bias_ids, p.logit_bias_values),
+                             lambda x: x, x)
+        x = jax.lax.cond(use_penalties, lambda x: apply_penalties(x, p, history, num_prompt), lambda x: x, x)
         greedy = argmax(x)
         scaled = x / jnp.maximum(p.temperature, 1e-6)[:, None]
         weights = filter_logits(scaled, p.top_k, p.top_p, p.min_p)
@@ -214,8 +240,8 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
         uniform = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
         return jnp.where(p.temperature == 0, greedy, categorical(weights, uniform))
 
-    # All greedy without penalties (the common case of a benchmark or an eval): one argmax.
-    plain_greedy = jnp.all(p.temperature == 0) & ~use_penalties
+    # All greedy without penalties or biases (the common case of a benchmark or an eval): one argmax.
+    plain_greedy = jnp.all(p.temperature == 0) & ~use_penalties & ~use_bias
     tokens = jax.lax.cond(plain_greedy, lambda _: argmax(logits), with_sampling, None)
 
     def log_probs(_):  # log p = logit - logsumexp: no [S, vocab] log-softmax array is written

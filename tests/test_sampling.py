@@ -239,6 +239,43 @@ def test_penalties_match_the_numpy_reference():
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
 
 
+def test_logit_bias_is_added_before_penalties_and_sampling_and_leaves_the_logprobs():
+    """Greedy and sampled rows with biases (one of them -100 on its argmax, one +100 on a poor token,
+    one none) against NumPy: the biased logits, then the repetition penalty (vLLM's order), then
+    argmax; the sampled row draws from the softmax of the biased logits; logprobs are the raw
+    logits' log-softmax whatever the bias."""
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, (4, VOCAB)).astype(np.float32)
+    biases = [{int(np.argmax(logits[0])): -100.0, 3: 2.5}, {int(np.argmin(logits[1])): 100.0}, {}, {5: 30.0}]
+    width = sampling.MAX_LOGIT_BIAS
+    ids, values = np.full((4, width), -1, np.int32), np.zeros((4, width), np.float32)
+    for row, bias in enumerate(biases):
+        ids[row, :len(bias)], values[row, :len(bias)] = list(bias), list(bias.values())
+    history = np.full((4, 3), -1, np.int32)
+    history[0] = [3, 7, 7]  # row 0: repetition penalty 1.5 over these
+    p = arrays(4, temperature=[0.0, 0.0, 0.0, 1.0], repetition_penalty=[1.5, 1.0, 1.0, 1.0], seeds=[0, 0, 0, 4])
+    p = p._replace(logit_bias_ids=ids, logit_bias_values=values)
+    tokens, chosen, top_ids, top_logprobs = _sample(logits, p, history, np.zeros(4, np.int32), num_logprobs=4)
+    biased = logits.copy()
+    for row, bias in enumerate(biases):
+        for token, value in bias.items():
+            biased[row, token] += value
+    ref = penalties_reference(biased, history, [0, 0, 0, 0], [0.0] * 4, [0.0] * 4, [1.5, 1.0, 1.0, 1.0])
+    assert [int(t) for t in tokens[:3]] == [int(np.argmax(r)) for r in ref[:3]]
+    assert int(tokens[1]) == int(np.argmin(logits[1]))  # +100 all but forces it
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(chosen), log_softmax[np.arange(4), np.asarray(tokens)], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(top_logprobs), np.sort(log_softmax, -1)[:, ::-1][:, :4], atol=1e-5)
+    # The sampled row: its draws follow the biased distribution (token 5 at +30 takes nearly all).
+    row = np.broadcast_to(logits[3], (DRAWS, VOCAB)).astype(np.float32)
+    many = arrays(DRAWS, counters=np.arange(DRAWS), seeds=11)
+    many = many._replace(logit_bias_ids=np.broadcast_to(ids[3], (DRAWS, width)).copy(),
+                         logit_bias_values=np.broadcast_to(values[3], (DRAWS, width)).copy())
+    drawn, *_ = _sample(row, many, np.full((DRAWS, 1), -1, np.int32), np.zeros(DRAWS, np.int32), num_logprobs=4)
+    expected = softmax(biased[3])[5]
+    assert abs(np.mean(np.asarray(drawn) == 5) - expected) < 4 * np.sqrt(expected * (1 - expected) / DRAWS) + 1e-3
+
+
 def test_logprobs_equal_log_softmax_of_the_reference_logits(llm, hf_model, hf_tokenizer):
     prompt = "The three primary colors are"
     out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, logprobs=5), use_tqdm=False)[0]

@@ -112,6 +112,28 @@ def test_min_tokens_holds_off_eos_and_stop_strings(served):
     assert idle(served)
 
 
+def test_logit_bias_bans_and_forces_tokens_and_leaves_the_logprobs(served):
+    """-100 on the greedy first token: the answer starts with the plain answer's second choice, with
+    the logprob the plain answer gave that alternative; +100 on a token: every token is it."""
+    ask = functools.partial(served.client.completions.create, model=NAME, prompt=PROMPT, temperature=0)
+    plain = ask(max_tokens=1, logprobs=2).choices[0].logprobs
+    first, (second, second_logprob) = plain.tokens[0], list(plain.top_logprobs[0].items())[1]
+    tokenizer = served.engine.tokenizer
+    first_id = tokenizer.encode(first, add_special_tokens=False)[0]
+    banned = ask(max_tokens=1, logprobs=2, logit_bias={str(first_id): -100}).choices[0].logprobs
+    assert banned.tokens[0] == second
+    assert banned.token_logprobs[0] == pytest.approx(second_logprob, abs=1e-4)
+    forced_id = tokenizer.encode(" Paris", add_special_tokens=False)[0]
+    forced = ask(max_tokens=4, temperature=1.0, seed=3, logit_bias={forced_id: 100})
+    assert forced.choices[0].text == tokenizer.decode([forced_id] * 4)
+    for bias, message in (({"12": 101}, "numbers in [-100, 100]"), ({"x": 1}, "token ids (as strings)"),
+                          ({str(served.engine.model_config.vocab_size): 1}, "logit_bias token ids must be in")):
+        with pytest.raises(openai.BadRequestError) as error:
+            ask(max_tokens=1, logit_bias=bias)
+        assert message in error.value.body["message"] and error.value.body["param"] == "logit_bias"
+    assert idle(served)
+
+
 def test_vllm_extras_reach_the_sampler(served):
     """top_k=1 samples the most likely token whatever the temperature: the greedy text."""
     response = served.client.completions.create(model=NAME, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.0,

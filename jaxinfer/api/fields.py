@@ -43,7 +43,7 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) or isinstance(x, float) and x.is_integer()
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -54,7 +54,7 @@ def _is_finite(x) -> bool:
         return False
 
 
-_KINDS = {"integer": (is_int, "an integer"), "number": (lambda x: _is_number(x) and _is_finite(x), "a finite number"),
+_KINDS = {"integer": (is_int, "an integer"), "number": (lambda x: is_number(x) and _is_finite(x), "a finite number"),
           "boolean": (lambda x: isinstance(x, bool), "a boolean"), "string": (lambda x: isinstance(x, str), "a string")}
 _BOUNDS = (("minimum", ">=", operator.ge), ("exclusiveMinimum", ">", operator.gt),
            ("maximum", "<=", operator.le), ("exclusiveMaximum", "<", operator.lt))

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from jaxinfer.api import tool_calls as tool_calls_
 from jaxinfer.api.errors import ERROR_TYPES, APIError, error_body, short_repr  # noqa: F401 (re-exported)
-from jaxinfer.api.fields import (bad, boolean_field, integer_field, is_int, not_implemented, nullable, number_field,
-                                 read_field, refuse_not_implemented)
-from jaxinfer.sampling import (MAX_LOGPROBS, MAX_STOP, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, SamplingParams,
+from jaxinfer.api.fields import (bad, boolean_field, integer_field, is_int, is_number, not_implemented, nullable,
+                                 number_field, read_field, refuse_not_implemented)
+from jaxinfer.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, SamplingParams,
                                StructuredOutputsParams)
 
 MAX_N = 16  # choices per request
@@ -91,7 +91,10 @@ COMMON_FIELDS = {
     "guided_regex": {**_REGEX, "description": "vLLM's older name of structured_outputs.regex."},
     "guided_choice": {**_CHOICE, "description": "vLLM's older name of structured_outputs.choice."},
     "guided_grammar": {**_GRAMMAR, "description": "vLLM's older name of structured_outputs.grammar."},
-    "logit_bias": not_implemented({}, "logit_bias"),
+    "logit_bias": {"type": "object", "maxProperties": MAX_LOGIT_BIAS,
+                   "additionalProperties": {"type": "number", "minimum": -MAX_BIAS, "maximum": MAX_BIAS},
+                   "description": "Token ids (as strings) to a bias added to their logits: -100 bans a token, "
+                                  "100 all but forces it. The logprobs stay the model's own."},
     "min_tokens": integer_field("vLLM's: no EOS, stop token or stop string ends a choice before this many tokens "
                                 "(at most max_tokens).", minimum=0, default=0),
 }
@@ -408,6 +411,7 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
         seed=seed % SEED_RANGE if seed is not None else None,
         skip_special_tokens=read("skip_special_tokens", True),
         structured_outputs=structured_outputs,
+        logit_bias=_logit_bias(body.get("logit_bias")),
     )
     try:
         return SamplingParams(**values)
@@ -417,3 +421,18 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
         field = message.removeprefix("SamplingParams.").split(" ", 1)[0]
         param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(field, field)
         raise APIError(400, f"'{param}' " + message.split(" ", 1)[1], param=param) from None
+
+
+def _logit_bias(value) -> dict[int, float] | None:
+    """OpenAI's logit_bias: an object of token ids, spelled as decimal strings, to numbers in [-100, 100]."""
+    if value is None:
+        return None
+    expected = f"an object of at most {MAX_LOGIT_BIAS} token ids (as strings) to numbers in [-100, 100]"
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", expected, value)
+    biases = {}
+    for token, bias in value.items():
+        if not (token.isascii() and token.isdigit() and is_number(bias) and -MAX_BIAS <= bias <= MAX_BIAS):
+            raise bad("logit_bias", expected, value)
+        biases[int(token)] = float(bias)
+    return biases or None

@@ -78,6 +78,8 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
                     chat: bool, output_format: OutputFormat | None = None) -> Response:
     for ids in prompt_ids:
         check_prompt_length(ids, req.params.max_tokens, server.max_model_len, prompt_param, req.max_tokens_param)
+    if req.params.logit_bias and max(req.params.logit_bias) >= server.vocab_size:
+        raise APIError(400, f"logit_bias token ids must be in [0, {server.vocab_size})", param="logit_bias")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     streams = await submit(server.engine, req.params, prompt_ids, request_id, cache_salt=req.cache_salt,
                            constraint_param=req.structured_outputs_param)
