@@ -62,11 +62,12 @@ def jit_step(graphdef):
 
 
 def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_model_len: int, vocab_size: int,
-                history: bool = True, bitmask: bool = True):
+                history: bool = True, bitmask: bool = True, logit_bias: bool = True):
     """An all-padding batch of one bucket (numpy): (token_ids, positions, meta, sampling, history,
     num_prompt, token_bitmask). Padding rows write nowhere, attend to nothing, allow every token.
-    `history` / `bitmask` False: those two (the biggest: [S, max_model_len], [S, vocab / 32]) are
-    None, for a caller that has them all padding already (`ModelRunner`'s device constants)."""
+    `history` / `bitmask` / `logit_bias` False: those (the biggest: [S, max_model_len], [S, vocab / 32],
+    the sampling's two [S, MAX_LOGIT_BIAS]) are None, for a caller that has them all padding already
+    (`ModelRunner`'s device constants)."""
     meta = AttentionMetadata(
         slot_mapping=np.full(num_tokens, -1, np.int32),
         query_start_loc=np.zeros(num_seqs + 1, np.int32),
@@ -78,8 +79,8 @@ def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_mode
     sampling = SamplingArrays(temperature=f32(0), top_k=i32(0), top_p=f32(1), min_p=f32(0),
                               presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
                               seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1),
-                              logit_bias_ids=np.full((num_seqs, MAX_LOGIT_BIAS), -1, np.int32),
-                              logit_bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32))
+                              logit_bias_ids=np.full((num_seqs, MAX_LOGIT_BIAS), -1, np.int32) if logit_bias else None,
+                              logit_bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32) if logit_bias else None)
     # [S, max_model_len] token ids, -1 padding; [S, ceil(vocab / 32)] allowed tokens, all
     history = np.full((num_seqs, max_model_len), -1, np.int32) if history else None
     token_bitmask = np.full((num_seqs, -(-vocab_size // 32)), -1, np.int32) if bitmask else None
@@ -125,7 +126,7 @@ class ModelRunner:
             self._device = None
         self.max_pages_per_seq = -(-engine_config.max_model_len // self.page_size)
         self.vocab_size = model.config.vocab_size
-        self._padding = {}  # num_seqs -> (history, token_bitmask) all padding, on the device
+        self._padding = {}  # num_seqs -> (history, token_bitmask, logit bias ids, values) all padding, on the device
         self._programs = {}  # (num_tokens, num_seqs) -> the step's compiled executable
         self._traces = TraceCounter()
         # Several processes: process 0 sends every batch it runs; the others follow.
@@ -195,12 +196,16 @@ class ModelRunner:
         # Without penalties or grammars, history and masks are all padding: on one device the step
         # takes them from device constants (neither built nor copied each step).
         constants = self._device is not None
+        biased = any(seq.params.logit_bias for seq, _ in scheduled)
         batch = list(self._empty_batch(*shape, history=needs_history or not constants,
-                                       bitmask=token_bitmask is not None or not constants))
-        if batch[4] is None or batch[6] is None:
-            history_constant, bitmask_constant = self._padding_constants(*shape)
+                                       bitmask=token_bitmask is not None or not constants,
+                                       logit_bias=biased or not constants))
+        if batch[4] is None or batch[6] is None or batch[3].logit_bias_ids is None:
+            history_constant, bitmask_constant, bias_ids, bias_values = self._padding_constants(*shape)
             batch[4] = history_constant if batch[4] is None else batch[4]
             batch[6] = bitmask_constant if batch[6] is None else batch[6]
+            if batch[3].logit_bias_ids is None:
+                batch[3] = batch[3]._replace(logit_bias_ids=bias_ids, logit_bias_values=bias_values)
         token_ids, positions, meta, sampling, history, num_prompt, padded_bitmask = batch
         if token_bitmask is not None:
             padded_bitmask[:num_seqs] = token_bitmask
@@ -251,8 +256,10 @@ class ModelRunner:
 
     def _run(self, token_ids, positions, meta, sampling, history, num_prompt, token_bitmask):
         if self._device is not None:  # committed like the padding constants: one program signature
-            history, token_bitmask = (x if isinstance(x, jax.Array) else jax.device_put(x, self._device)
-                                      for x in (history, token_bitmask))
+            commit = lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, self._device)  # noqa: E731
+            history, token_bitmask = commit(history), commit(token_bitmask)
+            sampling = sampling._replace(logit_bias_ids=commit(sampling.logit_bias_ids),
+                                         logit_bias_values=commit(sampling.logit_bias_values))
         send = self.channel is not None and self.leader
         if send:
             batch = (token_ids, positions, meta, sampling, history, num_prompt, token_bitmask)
@@ -288,8 +295,10 @@ class ModelRunner:
                            **which)
 
     def _padding_constants(self, num_tokens: int, num_seqs: int):
-        """An all-padding history and grammar mask of this bucket, on the runner's device (made once)."""
+        """An all-padding history, grammar mask and logit bias (ids, values) of this bucket, on the
+        runner's device (made once)."""
         if num_seqs not in self._padding:
-            _, _, _, _, history, _, bitmask = self._empty_batch(num_tokens, num_seqs)
-            self._padding[num_seqs] = jax.device_put((history, bitmask), self._device)
+            _, _, _, sampling, history, _, bitmask = self._empty_batch(num_tokens, num_seqs)
+            self._padding[num_seqs] = jax.device_put(
+                (history, bitmask, sampling.logit_bias_ids, sampling.logit_bias_values), self._device)
         return self._padding[num_seqs]
