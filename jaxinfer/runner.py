@@ -240,7 +240,8 @@ class ModelRunner:
                 rows = slice(extra, extra + len(draft))
                 meta.logits_indices[rows] = np.arange(start, end - 1, dtype=np.int32)
                 for field in sampling:
-                    field[rows] = field[i]
+                    if isinstance(field, np.ndarray):  # not a device constant (no row has a logit bias)
+                        field[rows] = field[i]
                 extra += len(draft)
             start = end
         meta.query_start_loc[num_seqs:] = num_tokens  # padding sequences (and draft rows) own no rows

@@ -126,13 +126,17 @@ def test_greedy_tokens_equal_decoding_one_at_a_time(plain, speculative):
 
 def test_a_mixed_batch_with_sampled_rows_logprobs_and_stops_is_unchanged(plain, speculative):
     """Sampled rows get no drafts and keep their draws; greedy rows with logprobs get the same
-    logprobs; a stop string or max_tokens inside an accepted draft cuts there."""
+    logprobs; a stop string or max_tokens inside an accepted draft cuts there; a logit bias (banning
+    the plain answer's sixth token) reaches the draft rows too, and min_tokens rows take no drafts."""
+    sixth = token_ids(plain, PROMPTS[1:2], SamplingParams(temperature=0, max_tokens=6))[0][5]
     requests = [
         (PROMPTS[0], SamplingParams(temperature=0, max_tokens=40, logprobs=3)),
         (PROMPTS[0], SamplingParams(temperature=0.8, seed=7, max_tokens=24)),
         (PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, stop=["mul"])),
         (PROMPTS[0], SamplingParams(temperature=0, max_tokens=13)),
         (PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, repetition_penalty=1.2)),
+        (PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, logit_bias={sixth: -100.0})),
+        (PROMPTS[0], SamplingParams(temperature=0, max_tokens=40, min_tokens=30)),
     ]
     prompts, params = zip(*requests)
     expected = plain.generate(list(prompts), list(params), use_tqdm=False)
@@ -142,6 +146,7 @@ def test_a_mixed_batch_with_sampled_rows_logprobs_and_stops_is_unchanged(plain, 
         assert g.outputs[0].text == e.outputs[0].text
         assert g.outputs[0].finish_reason == e.outputs[0].finish_reason
     assert len(got[3].outputs[0].token_ids) == 13
+    assert sixth not in got[5].outputs[0].token_ids and len(got[6].outputs[0].token_ids) >= 30
     for e, g in zip(expected[0].outputs[0].logprobs, got[0].outputs[0].logprobs):
         assert g.logprob == pytest.approx(e.logprob, abs=1e-4)
         assert [t for t, _ in g.top] == [t for t, _ in e.top]
