@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail a step that needs a program warm-up did not compile (default: off)")
     engine.add_argument("--speculative-config", metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' drafts greedy requests\' next tokens '
-                        'from their own prompt and output; \'{"model": "qwen2.5-coder-0.5b-instruct", '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' drafts each request\'s next tokens '
+                        'from its own prompt and output; \'{"model": "qwen2.5-coder-0.5b-instruct", '
                         '"num_speculative_tokens": 3}\' from a draft model with the same vocabulary (default: off; '
                         'docs/SERVER.md)')
     engine.add_argument("--tensor-parallel-size", "-tp", type=int,

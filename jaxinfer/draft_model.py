@@ -1,13 +1,13 @@
 """Speculative decoding with a draft model, as vLLM's `speculative_config={"model": "...",
 "num_speculative_tokens": k}`: a smaller model with the target's vocabulary (Qwen2.5-Coder-0.5B for
-the 1.5B) proposes each greedy request's next k tokens, one decode step of its own per token, and
-the target verifies them in one step exactly as it verifies n-gram drafts (`jaxinfer.speculative`):
-the output is the target's own greedy tokens, whatever the draft proposes.
+the 1.5B) proposes each request's next k tokens (its own greedy ones), one decode step of its own per
+token, and the target verifies them in one step exactly as it verifies n-gram drafts
+(`jaxinfer.speculative`): the output is the tokens the target itself gives, whatever the draft proposes.
 
 The draft's KV cache has as many pages as the target's and is addressed by the same block tables
 (vLLM shares them the same way): a page the scheduler gives a sequence holds the target's K/V in one
 cache and the draft's in the other, so prefix caching, preemption and freeing need nothing new. The
-draft computes each position of a draftable sequence (greedy, no penalties, no grammar) that the
+draft computes each position of a draftable sequence (no penalties, grammar or min_tokens) that the
 target computes, prompt chunks included, in a step of its own just before the target's step;
 `Sequence.num_draft_computed` says how far its K/V go. After a step that accepted a whole draft they
 are one position short of the target's (the last draft token was never an input of the draft): the
@@ -36,11 +36,11 @@ CONFIDENT = SamplingParams(temperature=0, logprobs=0)  # with the draft token's 
 
 
 def draftable(seq: Sequence) -> bool:
-    """Whether a sequence can take drafts: greedy, without penalties, a grammar or min_tokens (whose
-    masks the draft rows do not get). Rejection sampling would be needed to draft sampled rows; none of
-    these properties changes while a request runs."""
+    """Whether a sequence can take drafts: one without penalties, a grammar or min_tokens (whose
+    history and masks the draft rows do not get), greedy or sampled (`jaxinfer.speculative` says why
+    sampled rows need no more). None of these properties changes while a request runs."""
     p = seq.params
-    return (p.temperature == 0 and seq.matcher is None and not p.presence_penalty and not p.frequency_penalty
+    return (seq.matcher is None and not p.presence_penalty and not p.frequency_penalty
             and p.repetition_penalty == 1 and not p.min_tokens)
 
 

@@ -92,7 +92,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
         self.num_draft_tokens = self.num_accepted_draft_tokens = 0  # verified so far, and accepted
         if self.speculative is not None:
-            logger.info("speculative decoding: %s (greedy requests)", self.speculative.describe())
+            logger.info("speculative decoding: %s", self.speculative.describe())
         self.requests: dict[str, _Request] = {}
         self._request_of: dict[Sequence, _Request] = {}
         self._rng = random.Random(config.seed)
@@ -301,7 +301,7 @@ class LLMEngine:
         self._update_text(request, seq)
 
     def _drafts(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]:
-        """Drafts (n-gram lookups, `jaxinfer.speculative`, or the draft model's) for the step's greedy
+        """Drafts (n-gram lookups, `jaxinfer.speculative`, or the draft model's) for the step's draftable
         decode rows, within the step's token budget and logits rows (max_num_seqs), max_model_len,
         max_tokens and the free pages. A draft model runs every step: it computes the prompt chunks too."""
         spec, config = self.speculative, self.config

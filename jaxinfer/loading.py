@@ -74,7 +74,7 @@ def load_weights(model: str, config: EngineConfig) -> LoadedModel:
     checkpoint = open_checkpoint(model)
     mc = checkpoint.config
     if isinstance(checkpoint, GGUFCheckpoint):
-        tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids, reader=checkpoint.reader)
+        tokenizer = Tokenizer.from_gguf(checkpoint.path, eos_token_ids=mc.eos_token_ids, fields=checkpoint.fields)
     else:
         tokenizer = Tokenizer.from_hf_dir(checkpoint.path, eos_token_ids=mc.eos_token_ids)
     dtype = resolve_dtype(config.dtype)

@@ -236,12 +236,17 @@ class ModelRunner:
                 ids = seq.token_ids(0, first + num_new)
                 history[i, :len(ids)] = ids
                 num_prompt[i] = len(seq.prompt_ids)
-            if draft:  # greedy rows (no penalties, no grammar): the sampling fields copied are enough
+            if draft:  # rows without penalties, grammar or min_tokens: the sampling fields copied are enough
                 rows = slice(extra, extra + len(draft))
                 meta.logits_indices[rows] = np.arange(start, end - 1, dtype=np.int32)
                 for field in sampling:
                     if isinstance(field, np.ndarray):  # not a device constant (no row has a logit bias)
                         field[rows] = field[i]
+                # Each row draws with the key of the output index it samples, as decoding one token at
+                # a time would: draft row j the output's next token + j, the entry's own row the one
+                # after the draft. So a seeded sampled request draws what it draws without drafts.
+                sampling.counters[rows] = len(seq.output_ids) + np.arange(len(draft), dtype=np.int32)
+                sampling.counters[i] = len(seq.output_ids) + len(draft)
                 extra += len(draft)
             start = end
         meta.query_start_loc[num_seqs:] = num_tokens  # padding sequences (and draft rows) own no rows

@@ -3,7 +3,7 @@
 Draft models (`{"model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": k}`) propose in
 `jaxinfer.draft_model`; both are verified the same way, below.
 
-A greedy sequence's next tokens are guessed from its own text: the last n tokens (n from
+A sequence's next tokens are guessed from its own text: the last n tokens (n from
 prompt_lookup_max down to prompt_lookup_min) are looked up earlier in its prompt and output, and
 the up to k tokens that followed their most recent earlier occurrence are the draft. Code edits,
 summaries and retrieval answers copy runs of their prompt, so drafts hit there; free text rarely
@@ -14,13 +14,22 @@ last token and the k draft tokens (positions L-1 .. L-1+k, written to the cache 
 chunk), and the logits at each of those k+1 positions are sampled, each as a logits row of its own
 (`ModelRunner.execute`'s `drafts`: the extra rows are zero-token sequences, as padding rows are, so
 no kernel changes and no new program shape). The engine accepts the draft's longest prefix equal to
-the model's own greedy tokens, plus the model's token after it: 1 to k+1 tokens per step, exactly
-the tokens decoding one at a time gives. The cache keeps what was computed for the accepted tokens;
-what it holds past them is overwritten later.
+the tokens the model itself samples at those positions, plus the model's token after it: 1 to k+1
+tokens per step. The cache keeps what was computed for the accepted tokens; what it holds past them
+is overwritten later.
 
-Only greedy rows without penalties or a grammar are drafted (the others run as always in the same
-step): sampled rows would need rejection sampling to keep their distribution, and no sampling
-draws of ours would match the non-speculative ones.
+Sampled rows are verified the same way, and that is rejection sampling. A draft here is a function
+of the sequence's text (a lookup, or a draft model's greedy tokens): its proposal distribution q is
+one token with probability 1. Speculative sampling accepts draft token d with probability
+min(1, p(d) / q(d)) = p(d), and on rejection samples from max(p - q, 0) renormalized: p without d.
+Sampling x from p and accepting when x == d does exactly that (x == d with probability p(d); x given
+x != d is p without d), and x is then the row's token. Each row draws with the key of the output
+index it samples (the sequence's seed and that index), so every token is the one decoding one at a
+time draws, greedy or sampled, seeded or not: the output does not depend on speculation at all.
+What a sampled row gains is smaller: a draft token is accepted with the model's probability of it.
+
+Rows with penalties, a grammar or min_tokens are not drafted (they run as always in the same step):
+the draft rows get neither the token history penalties need nor the masks.
 """
 
 import dataclasses

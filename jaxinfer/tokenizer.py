@@ -27,16 +27,16 @@ class Tokenizer:
         self._template = None
 
     @classmethod
-    def from_gguf(cls, path: str, eos_token_ids=(), reader=None) -> "Tokenizer":
+    def from_gguf(cls, path: str, eos_token_ids=(), fields: dict | None = None) -> "Tokenizer":
         """Builds the tokenizer that the GGUF metadata describes (vocab, merges, special tokens).
-        `reader`: the file's `gguf.GGUFReader`, where the caller has one open (parsing a file takes
-        seconds for a large vocabulary: 9 s for Gemma's 262k tokens)."""
+        `fields`: the file's metadata as `jaxinfer.weights.gguf.read_gguf` decodes it, where the caller
+        has it (else the file is read, or its kept parse taken)."""
         # transformers knows how each of llama.cpp's tokenizer types maps onto a `tokenizers` pipeline.
         # Without torch it says so at import; we need only its tokenizer converters.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-        arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path, reader)
+        arch, tokenizer_dict, tokenizer_config = _gguf_tokenizer_fields(path, fields)
         backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
         backend = _restore_control_tokens(backend, tokenizer_dict)
         _add_special_tokens_as_the_file_says(backend, tokenizer_config)
@@ -173,15 +173,17 @@ class IncrementalDetokenizer:
         return ""
 
 
-def _gguf_tokenizer_fields(path: str, reader=None) -> tuple[str, dict, dict]:
+def _gguf_tokenizer_fields(path: str, fields: dict | None = None) -> tuple[str, dict, dict]:
     """(architecture, tokenizer fields, tokenizer config) of a GGUF file, in the shape transformers'
     `convert_gguf_tokenizer` takes. Read with the `gguf` package: transformers' own GGUF reader
     imports torch, which the engine does not install."""
-    from gguf import GGUFReader
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
 
-    fields = (reader or GGUFReader(path)).fields
-    value = lambda key: fields[key].contents()  # noqa: E731
+    from jaxinfer.weights.gguf import read_gguf
+
+    fields = read_gguf(path)[0] if fields is None else fields
+    # copies of the lists: the fields may be a kept parse that other callers share
+    value = lambda key: list(fields[key]) if isinstance(fields[key], list) else fields[key]  # noqa: E731
     grouped = {group: {name: value(f"tokenizer.{key}") for key, name in renames.items() if f"tokenizer.{key}" in fields}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
     tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
@@ -190,6 +192,6 @@ def _gguf_tokenizer_fields(path: str, reader=None) -> tuple[str, dict, dict]:
         config.setdefault("add_bos_token", True)
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
                       ("pad_token", "padding_token_id")):
-        token_id = fields[f"tokenizer.ggml.{key}"].contents() if f"tokenizer.ggml.{key}" in fields else None
+        token_id = fields.get(f"tokenizer.ggml.{key}")
         config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
     return value("general.architecture"), tokenizer, config

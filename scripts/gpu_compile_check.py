@@ -443,12 +443,20 @@ def main():
     if args.cards:
         configurations = [dataclasses.replace(c, cards=tuple(card for card in c.cards if card in args.cards))
                           for c in configurations]
-    results, seen_ptx = [], set()
+    results, seen_ptx, programs = [], set(), {}
     for shipped in configurations:
         for card in shipped.cards:
-            r = check(shipped, card, args.util, seen_ptx)
+            # Two configurations of the same model, formats, limits and backend (a checkpoint format the
+            # loader reads as one already listed) are one program: compiled once, listed under both.
+            key = repr((shipped.model, sorted(shipped.formats.items()), shipped.head_format, shipped.engine,
+                        shipped.tp, shipped.backend, card))
+            same = programs.get(key)
+            r = (dataclasses.replace(same, config=shipped.name, compile_s=0.0) if same
+                 else check(shipped, card, args.util, seen_ptx))
+            programs.setdefault(key, r)
             status = r.error or f"fits ({r.total_gib:.1f} GiB, {r.kv_tokens:,} KV tokens)"
-            print(f"{shipped.name} on {card}: {status}; kernels {r.kernels}; {r.compile_s:.0f} s", flush=True)
+            compiled = f"the program of {same.config}" if same else f"{r.compile_s:.0f} s"
+            print(f"{shipped.name} on {card}: {status}; kernels {r.kernels}; {compiled}", flush=True)
             results.append(r)
     text = table(results, args.util)
     print("\n" + text)

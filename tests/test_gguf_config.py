@@ -30,7 +30,7 @@ def write_tiny_llama(path, *, vocab_size_key: bool, num_tokens: int = 40):
 def test_vocab_size_comes_from_the_token_list_when_the_architecture_key_is_missing(tmp_path):
     """Qwen2 GGUFs (llama.cpp writes no qwen2.vocab_size) read 0 before: every token id was refused."""
     checkpoint = GGUFCheckpoint(write_tiny_llama(tmp_path / "a.gguf", vocab_size_key=False))
-    assert checkpoint.config.vocab_size == len(checkpoint.reader.fields["tokenizer.ggml.tokens"].data) == 40
+    assert checkpoint.config.vocab_size == len(checkpoint.fields["tokenizer.ggml.tokens"]) == 40
 
 
 def test_vocab_size_key_wins_when_present(tmp_path):

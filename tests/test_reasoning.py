@@ -19,6 +19,7 @@ from jaxinfer.api import create_app
 from jaxinfer.api.assistant import AssistantParser, OutputFormat
 from jaxinfer.api.reasoning import ThinkFormat
 from jaxinfer.tokenizer import IncrementalDetokenizer, Tokenizer
+from jaxinfer.weights.gguf import decoded_fields
 
 R1_HEAD = registry.ModelEntry(
     "deepseek-r1-distill-qwen-7b-head", "the first 99.6 MB of DeepSeek-R1-Distill-Qwen-7B's GGUF: its metadata",
@@ -41,7 +42,7 @@ class _MetadataReader(gguf.GGUFReader):
 @pytest.fixture(scope="module")
 def r1_tokenizer():
     path = registry.pull(R1_HEAD, progress=False)
-    return Tokenizer.from_gguf(path, reader=_MetadataReader(path))
+    return Tokenizer.from_gguf(path, fields=decoded_fields(_MetadataReader(path)))
 
 
 def test_the_r1_template_is_read_as_thinking_with_the_model_opening_think(r1_tokenizer):

@@ -12,6 +12,7 @@ integers, scales and mins, only rearranged into `kernels_pallas.quant_matmul`'s 
 Q4_K in Q4_1's form (below); K-quants as stored too (`kquant_tensor`, for `jaxinfer.kquant`).
 """
 
+import functools
 import logging
 import os
 
@@ -78,25 +79,49 @@ def group_format(kinds, k: int) -> WeightFormat | None:
     return None
 
 
+def decoded_fields(reader: GGUFReader) -> dict:
+    """Every metadata value of a parsed file as Python values (lists for arrays); a field of a type the
+    reader cannot decode is left out (none that we use)."""
+    fields = {}
+    for key, field in reader.fields.items():
+        try:
+            fields[key] = field.contents()
+        except Exception:  # noqa: BLE001 - the gguf package raises various errors on odd fields
+            continue
+    return fields
+
+
+def read_gguf(path: str) -> tuple[dict, dict]:
+    """(metadata: `decoded_fields`, tensors: name -> `gguf.ReaderTensor`, the data memory-mapped) of a
+    GGUF file. The parse is kept for the file as it is (path, size, modification time): the gguf
+    package's reader makes an array for each element of each metadata array, 5 s for SmolLM2's
+    49,152-token vocabulary and 14-16 s for Qwen2.5's and Gemma 3's on these cores, and a process that
+    builds several engines on one file (a notebook, a test run) parses it once. What is kept is the
+    decoded values, not the reader's per-element arrays (about 0.5 GB for Qwen2.5's vocabulary).
+    The returned values are shared: read them, do not change them."""
+    stat = os.stat(path)
+    return _read_gguf(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf(path: str, mtime_ns: int, size: int) -> tuple[dict, dict]:
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError/struct.error/... on bad files
+        raise ValueError(f"{path} is not a valid GGUF file: {e}") from e
+    return decoded_fields(reader), {t.name: t for t in reader.tensors}
+
+
 class GGUFCheckpoint:
     def __init__(self, path: str):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        try:
-            self.reader = GGUFReader(path)
-        except Exception as e:  # the gguf package raises ValueError/struct.error/... on bad files
-            raise ValueError(f"{path} is not a valid GGUF file: {e}") from e
         self.path = path
-        self.metadata = {}
-        for key, field in self.reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                       "tokenizer.ggml.scores"):
-                continue  # large arrays: the tokenizer reads them itself
-            try:
-                self.metadata[key] = field.contents()
-            except Exception:  # a field of a type the reader cannot decode: not one we use
-                continue
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        # every metadata value (`fields`, the tokenizer's arrays among them), and without the large
+        # arrays the tokenizer reads itself (`metadata`)
+        self.fields, self.tensors = read_gguf(path)
+        self.metadata = {k: v for k, v in self.fields.items() if k not in (
+            "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")}
         arch = self.metadata.get("general.architecture", "")
         if arch not in ARCHITECTURES or arch not in _ARCH_BY_NAME:
             raise UnsupportedModelError(
@@ -106,10 +131,9 @@ class GGUFCheckpoint:
         else:
             factors = None
         name = os.path.basename(path)
-        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
         self.config = ModelConfig.from_gguf(
             self.metadata, has_output_tensor="output.weight" in self.tensors, rope_freq_factors=factors, name=name,
-            num_tokens=len(tokens.data) if tokens is not None else 0)
+            num_tokens=len(self.fields.get("tokenizer.ggml.tokens", ())))
         self._names = get_tensor_name_map(_ARCH_BY_NAME[arch], self.config.num_layers)
         logger.info("model %s: GGUF, %s, %d layers, %d tensors, file type %s", path, arch, self.config.num_layers,
                     len(self.tensors), _file_type(self.metadata.get("general.file_type")))
