@@ -15,9 +15,10 @@ Q4_K in Q4_1's form (below); K-quants as stored too (`kquant_tensor`, for `jaxin
 import functools
 import logging
 import os
+import struct
 
 import numpy as np
-from gguf import GGUFReader, LlamaFileType, MODEL_ARCH_NAMES, get_tensor_name_map
+from gguf import GGUFReader, GGUFValueType, LlamaFileType, MODEL_ARCH_NAMES, get_tensor_name_map
 from gguf.quants import dequantize
 
 from jaxinfer import kquant
@@ -79,6 +80,39 @@ def group_format(kinds, k: int) -> WeightFormat | None:
     return None
 
 
+class _Reader(GGUFReader):
+    """The gguf package's reader, with its metadata arrays read whole: the package makes two memory-mapped
+    arrays per element (a length and the bytes, for each of a vocabulary's 150k tokens and merges),
+    which was most of the time a model took to load. Here an array of numbers is one array, and an
+    array of strings one memoryview slice per string: the fields decode (`contents()`) to the same
+    values (tests/test_gguf_config.py checks them against the package's own reader)."""
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if GGUFValueType(raw_type) != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        count = self._get(orig_offs + 4, np.uint64)
+        item_type, n, offs = GGUFValueType(raw_itype[0]), int(count[0]), orig_offs + 12
+        types = [GGUFValueType.ARRAY, item_type]
+        nptype = self.gguf_scalar_to_np.get(item_type)
+        if nptype is not None:
+            values = self._get(offs, nptype, n)
+            if len(values) != n:
+                raise ValueError(f"array at offset {orig_offs} runs past the end of the file")
+            return 12 + int(values.nbytes), [raw_itype, count, values], [2], types
+        if item_type != GGUFValueType.STRING:  # arrays of arrays: the package's way
+            return super()._get_field_parts(orig_offs, raw_type)
+        buffer = memoryview(self.data)
+        parts = [raw_itype, count]
+        for _ in range(n):
+            (length,) = struct.unpack_from("<Q", buffer, offs)
+            if offs + 8 + length > len(buffer):
+                raise ValueError(f"string at offset {offs} runs past the end of the file")
+            parts.append(buffer[offs + 8:offs + 8 + length])
+            offs += 8 + length
+        return offs - orig_offs, parts, list(range(2, 2 + n)), types
+
+
 def decoded_fields(reader: GGUFReader) -> dict:
     """Every metadata value of a parsed file as Python values (lists for arrays); a field of a type the
     reader cannot decode is left out (none that we use)."""
@@ -106,7 +140,7 @@ def read_gguf(path: str) -> tuple[dict, dict]:
 @functools.lru_cache(maxsize=4)
 def _read_gguf(path: str, mtime_ns: int, size: int) -> tuple[dict, dict]:
     try:
-        reader = GGUFReader(path)
+        reader = _Reader(path)
     except Exception as e:  # the gguf package raises ValueError/struct.error/... on bad files
         raise ValueError(f"{path} is not a valid GGUF file: {e}") from e
     return decoded_fields(reader), {t.name: t for t in reader.tensors}
