@@ -1,6 +1,7 @@
 """Speculative decoding with n-gram drafts (`--speculative-config '{"method": "ngram", ...}'`) and,
 with --draft-model, a draft model (`'{"model": ..., "num_speculative_tokens": k}'`), against plain
-decoding: batch-1 greedy output tokens per second and the drafts' acceptance rate, on a workload
+decoding: batch-1 output tokens per second (greedy, or sampled with seeds: --temperature) and the
+drafts' acceptance rate, on a workload
 where n-gram drafts hit (code edits: the answer copies most of the prompt) and one where they rarely
 do (free text).
 
@@ -10,7 +11,7 @@ do (free text).
 
 The engines are the default configuration of the same model, warmed up; they alternate round
 by round (ABBA), one request at a time, the same prompts. The outputs are checked equal (greedy
-tokens must not change), so a speed-up is for the same text.
+tokens, and seeded samples, must not change), so a speed-up is for the same text.
 """
 
 import argparse
@@ -49,11 +50,12 @@ FREE = [  # free text: little to copy
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 
-def run(llm, prompts, max_tokens):
-    """(output tokens, seconds, token ids per prompt), one request at a time through the chat template."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+def run(llm, prompts, max_tokens, temperature=0.0):
+    """(output tokens, seconds, token ids per prompt), one request at a time through the chat template;
+    sampled requests seeded (the prompt's index), so each engine must give the same tokens."""
     total, seconds, ids = 0, 0.0, []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=temperature, seed=i, max_tokens=max_tokens)
         tokens = llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         start = time.perf_counter()
         out = llm.generate([tokens], params, use_tqdm=False)[0].outputs[0]
@@ -73,6 +75,8 @@ def main():
     parser.add_argument("--no-ngram", action="store_true", help="leave n-gram drafting out")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature, seeded (default 0: greedy)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     options = dict(max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=256)
@@ -91,7 +95,7 @@ def main():
         for r in range(args.rounds):
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
             for name in order:
-                tokens, seconds, ids = run(engines[name], prompts, args.max_tokens)
+                tokens, seconds, ids = run(engines[name], prompts, args.max_tokens, args.temperature)
                 rates[name].append(tokens / seconds)
                 outputs.setdefault(name, ids)
         plain = statistics.median(rates["plain"])
@@ -113,7 +117,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "configs": configs, "rounds": args.rounds, "max_tokens": args.max_tokens,
-                       "results": results}, f, indent=2)
+                       "temperature": args.temperature, "results": results}, f, indent=2)
     return 0 if all(r[name]["same_tokens"] for r in results.values() for name in configs) else 1
 
 
