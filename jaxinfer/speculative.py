@@ -26,7 +26,8 @@ Sampling x from p and accepting when x == d does exactly that (x == d with proba
 x != d is p without d), and x is then the row's token. Each row draws with the key of the output
 index it samples (the sequence's seed and that index), so every token is the one decoding one at a
 time draws, greedy or sampled, seeded or not: the output does not depend on speculation at all.
-What a sampled row gains is smaller: a draft token is accepted with the model's probability of it.
+A sampled row can gain less: a draft token is accepted with the model's probability of it, not
+whenever it is the model's best.
 
 Rows with penalties, a grammar or min_tokens are not drafted (they run as always in the same step):
 the draft rows get neither the token history penalties need nor the masks.

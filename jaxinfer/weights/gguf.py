@@ -105,7 +105,7 @@ class _Reader(GGUFReader):
         buffer = memoryview(self.data)
         parts = [raw_itype, count]
         for _ in range(n):
-            (length,) = struct.unpack_from("<Q", buffer, offs)
+            (length,) = struct.unpack_from("=Q", buffer, offs)  # the host's order, as "I" says
             if offs + 8 + length > len(buffer):
                 raise ValueError(f"string at offset {offs} runs past the end of the file")
             parts.append(buffer[offs + 8:offs + 8 + length])
