@@ -83,9 +83,9 @@ class ModelConfig:
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
-        sliding = cfg.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-            sliding = None
+        sliding, layer_types = cfg.get("sliding_window"), {}
+        if model_type in ("qwen2", "qwen3"):
+            sliding, layer_types = _qwen_window(cfg)
         return cls(
             architecture="gemma3" if gemma else model_type,
             vocab_size=cfg["vocab_size"],
@@ -106,6 +106,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [eos] if eos is not None else []),
             name=name,
+            **layer_types,
             **gemma,
         )
 
@@ -160,6 +161,20 @@ class ModelConfig:
             name=name or meta.get("general.name", ""),
             **(_gemma3_from_gguf(meta) if arch == "gemma3" else {}),
         )
+
+
+def _qwen_window(cfg: dict) -> tuple[int | None, dict]:
+    """(sliding_window, {"layer_types": ...} or {}) of a Qwen2/Qwen3 config.json, as transformers reads
+    it: no window unless `use_sliding_window`; then the window (4096 if not given) on the layers from
+    `max_window_layers` on (28 if not given), the ones before it attending to everything, unless the
+    file lists its `layer_types` itself."""
+    if not cfg.get("use_sliding_window", False):
+        return None, {}
+    window = cfg.get("sliding_window") or 4096
+    first = cfg.get("max_window_layers", 28)
+    layer_types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(cfg["num_hidden_layers"])]
+    return window, {"layer_types": tuple(layer_types)}
 
 
 def _gemma3_from_hf(cfg: dict) -> dict:

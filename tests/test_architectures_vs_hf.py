@@ -278,3 +278,26 @@ def test_a_bias_the_model_does_not_apply_is_refused(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(UnsupportedModelError, match="model.layers.0.self_attn.o_proj.bias"):
         LLM(path, quantization="none", **ENGINE)
+
+
+def test_a_qwen2_window_on_the_layers_from_max_window_layers_on_matches_hf(hf_reference, prompts, tmp_path_factory):
+    """Qwen2 with `use_sliding_window`: transformers puts the window on layers max_window_layers and
+    up and none before them. A 32-token window on the second of two layers, from an HF directory (a
+    GGUF does not carry use_sliding_window): logits and greedy tokens as HF's, where the same model
+    with the window on both layers, or on neither, gives logits far from them."""
+    fields = dict(BASE, num_key_value_heads=1, use_sliding_window=True, sliding_window=32)
+    hf = {}
+    for first in (1, 0, 2):  # the model under test, then the window on both layers and on none
+        hf_dir = tmp_path_factory.mktemp(f"qwen2-window-{first}")
+        hf[first] = hf_reference.build_random("qwen2", dict(fields, max_window_layers=first), 0, hf_dir)
+        if first == 1:
+            write_tokenizer_json(hf_dir)
+            path = str(hf_dir)
+    logits = {first: model.last_logits(prompts) for first, model in hf.items()}
+    for other in (0, 2):  # the same draws (seed 0): only the windows differ
+        assert all(np.abs(a - b).max() > 100 * LOGITS_ATOL for a, b in zip(logits[other], logits[1]))
+    llm = LLM(path, quantization="none", **ENGINE)
+    assert llm.engine.model_config.layer_windows() == (0, 32)
+    for prompt, ref in zip(prompts, logits[1]):
+        np.testing.assert_allclose(prefill_logits(llm.engine.model, prompt), ref, rtol=0, atol=LOGITS_ATOL)
+    assert greedy(llm, prompts) == hf[1].greedy(prompts, NEW_TOKENS)

@@ -121,9 +121,11 @@ class DecoderLayer(nnx.Module):
             self.k_norm = nnx.Param(jnp.zeros((*stack, c.head_dim), dtype))
 
     def __call__(self, x, positions, k_cache, v_cache, layer, meta: AttentionMetadata, *, config, inv_freq,
-                 attention_backend, tp_axis=None):
+                 attention_backend, tp_axis=None, sliding_window=None):
         """Under tensor parallelism `config` counts this device's heads and MLP columns, and the two
-        row-parallel projections' outputs are summed over the `tp_axis` devices (`all_reduce`)."""
+        row-parallel projections' outputs are summed over the `tp_axis` devices (`all_reduce`).
+        `sliding_window`: this layer's (an int32 scalar, 0: none) where layers differ, else None: the
+        config's, for every layer."""
         c = config
         num_tokens = x.shape[0]
         h = rms_norm(x, self.input_norm[...], c.rms_norm_eps)
@@ -136,7 +138,8 @@ class DecoderLayer(nnx.Module):
         k_cache, v_cache = ops.write_kv(k_cache, v_cache, layer, k, v, meta.slot_mapping, backend=attention_backend)
         attn = ops.ragged_paged_attention(
             q, k_cache, v_cache, layer, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            sm_scale=c.head_dim ** -0.5, sliding_window=c.sliding_window, backend=attention_backend)
+            sm_scale=c.head_dim ** -0.5, sliding_window=c.sliding_window if sliding_window is None else sliding_window,
+            backend=attention_backend)
         x = x + all_reduce(self.o_proj(attn.reshape(num_tokens, c.num_heads * c.head_dim), layer), tp_axis)
         h = rms_norm(x, self.post_attention_norm[...], c.rms_norm_eps)
         gate, up = project(h, (self.gate_proj, self.up_proj), layer)
@@ -214,7 +217,11 @@ class Llama(nnx.Module):
         """
         x = self.embed_tokens(token_ids)  # [T, hidden]
         inv_freq = jnp.asarray(rope_inv_freq(self.config))  # a trace-time constant
-        x, k_cache, v_cache = self.run_layers(x, positions, k_cache, v_cache, meta, inv_freq=inv_freq)
+        # A window on some layers only (Qwen2's max_window_layers): each layer's, scanned with it
+        per_layer = None
+        if self.config.layer_types:
+            per_layer = dict(sliding_window=jnp.asarray(self.config.layer_windows(), jnp.int32))
+        x, k_cache, v_cache = self.run_layers(x, positions, k_cache, v_cache, meta, per_layer, inv_freq=inv_freq)
         x = rms_norm(x[meta.logits_indices], self.norm[...], self.config.rms_norm_eps)
         return self.head(x), k_cache, v_cache
 
