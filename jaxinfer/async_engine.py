@@ -104,6 +104,7 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()  # delta-only RequestOutputs, sentinels, exceptions
         self._so_far: dict[int, CompletionOutput] = {}  # the last output given out, per sequence index
+        self._prompt_logprobs = None  # RequestOutput.prompt_logprobs, once an output has carried them
 
     def put(self, item) -> None:
         """From any thread."""
@@ -124,6 +125,9 @@ class RequestStream:
             raise item
         self.finished = item.finished
         item.outputs = [self._add_up(delta) for delta in item.outputs]
+        if item.prompt_logprobs is not None:  # in the first output that has them only: kept for the rest
+            self._prompt_logprobs = item.prompt_logprobs
+        item.prompt_logprobs = self._prompt_logprobs
         return item
 
     def _add_up(self, delta: CompletionOutput) -> CompletionOutput:

@@ -45,6 +45,9 @@ class _Request:
     logprobs: list[list[TokenLogprob]]  # per sequence, one per output token
     metrics: RequestMetrics
     stop_token_ids: frozenset[int]  # the params' and, unless ignore_eos, the model's EOS tokens
+    # prompt_logprobs: None for the first token, then one per prompt token as the chunks give them
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False  # handed out in a delta-only output
 
 
 class LLMEngine:
@@ -215,6 +218,9 @@ class LLMEngine:
                                              RequestMetrics(seqs[0].arrival_time, num_prompt_tokens=len(prompt_ids)),
                                              frozenset(params.stop_token_ids).union(
                                                  () if params.ignore_eos else self.tokenizer.eos_token_ids))
+        if params.prompt_logprobs is not None:  # the first sequence computes them (its siblings share its pages)
+            self.requests[request_id].prompt_logprobs = [None]
+            seqs[0].next_scored = 1
         for seq in seqs:
             self._request_of[seq] = self.requests[request_id]
             self.scheduler.add(seq)
@@ -241,13 +247,19 @@ class LLMEngine:
             return []
         needs_history = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1
                             for p in (seq.params for seq, _ in scheduled))
-        drafts = self._drafts(scheduled) if self.speculative is not None else {}
+        scores = {seq: rows for seq, num_new in scheduled if seq.scoring and (rows := seq.score_rows(num_new))[1]}
+        num_score_rows = sum(count for _, count in scores.values())
+        drafts = self._drafts(scheduled, num_score_rows) if self.speculative is not None else {}
         if drafts:  # each drafted decode row also computes its draft's positions
             scheduled = [(seq, num_new + len(drafts.get(seq, ()))) for seq, num_new in scheduled]
-        out = self.runner.execute(scheduled, needs_history, self._token_bitmask(scheduled), drafts)
+        out = self.runner.execute(scheduled, needs_history, self._token_bitmask(scheduled), drafts, scores)
         now = time.monotonic()
         touched = {}
         next_draft_row = len(scheduled)
+        next_score_row = next_draft_row + sum(len(d) for d in drafts.values())
+        for seq, (first, count) in scores.items():  # rows in entry order, after the draft rows
+            self._record_prompt_logprobs(seq, out, range(next_score_row, next_score_row + count), first)
+            next_score_row += count
         for i, (seq, num_new) in enumerate(scheduled):
             draft = drafts.get(seq)
             if draft:  # rows: the draft's positions', then the entry's own (after the draft's last token)
@@ -300,12 +312,22 @@ class LLMEngine:
         metrics.last_token_time = now
         self._update_text(request, seq)
 
-    def _drafts(self, scheduled: list[tuple[Sequence, int]]) -> dict[Sequence, list[int]]:
+    def _record_prompt_logprobs(self, seq: Sequence, out, rows: range, first: int) -> None:
+        """Prompt tokens first .. first + len(rows) - 1's logprobs, ranks and top alternatives."""
+        k = seq.params.prompt_logprobs
+        logprobs = self._request_of[seq].prompt_logprobs
+        for row, j in zip(rows, range(first, first + len(rows))):
+            top = list(zip(out.top_ids[row, :k].tolist(), out.top_logprobs[row, :k].tolist()))
+            logprobs.append(TokenLogprob(seq.prompt_ids[j], float(out.logprobs[row]), top, int(out.ranks[row])))
+        seq.next_scored = first + len(rows)
+
+    def _drafts(self, scheduled: list[tuple[Sequence, int]], num_score_rows: int = 0) -> dict[Sequence, list[int]]:
         """Drafts (n-gram lookups, `jaxinfer.speculative`, or the draft model's) for the step's draftable
-        decode rows, within the step's token budget and logits rows (max_num_seqs), max_model_len,
-        max_tokens and the free pages. A draft model runs every step: it computes the prompt chunks too."""
+        decode rows, within the step's token budget and logits rows (max_num_seqs, less
+        `num_score_rows` of prompt logprobs), max_model_len, max_tokens and the free pages. A draft
+        model runs every step: it computes the prompt chunks too."""
         spec, config = self.speculative, self.config
-        num_tokens, num_rows = sum(n for _, n in scheduled), len(scheduled)
+        num_tokens, num_rows = sum(n for _, n in scheduled), len(scheduled) + num_score_rows
         drafts, rooms = {}, {}
         for seq, num_new in scheduled:
             p = seq.params
@@ -395,6 +417,13 @@ class LLMEngine:
             request.emitted[i], request.emitted_tokens[i] = visible, len(seq.output_ids)
             outputs.append(output)
         finished = all(seq.finished for seq in request.seqs)
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is not None and (len(prompt_logprobs) < len(request.prompt_ids)
+                                            or (deltas_only and request.prompt_logprobs_sent)):
+            prompt_logprobs = None  # not all computed yet (or handed out already)
+        elif prompt_logprobs is not None:
+            request.prompt_logprobs_sent = deltas_only
+            prompt_logprobs = list(prompt_logprobs)
         metrics = request.metrics
         seqs = request.seqs
         metrics.first_scheduled_time = min((s.first_scheduled_time for s in seqs if s.first_scheduled_time),
@@ -410,7 +439,7 @@ class LLMEngine:
         # The engine updates `metrics` until the request finishes: a delta-only output is for another
         # thread, so it gets them once they are final.
         return RequestOutput(request.request_id, request.prompt, request.prompt_ids, outputs, finished,
-                             metrics if finished or not deltas_only else None)
+                             metrics if finished or not deltas_only else None, prompt_logprobs)
 
 
 def _is_unicode(text: str) -> bool:

@@ -55,6 +55,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then each one's logprob, rank and
+    # top alternatives; None until all are computed (and in a delta-only output, after the first with them)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def find_stop(text: str, stops: list[str], searched: int) -> int | None:

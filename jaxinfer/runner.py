@@ -44,12 +44,13 @@ class StepOutput(NamedTuple):
     logprobs: np.ndarray  # [S] float32
     top_ids: np.ndarray  # [S, MAX_LOGPROBS] int32
     top_logprobs: np.ndarray  # [S, MAX_LOGPROBS] float32
+    ranks: np.ndarray  # [S] int32: a prompt-scoring row's token's rank (prompt_logprobs), else 0
 
 
 def jit_step(graphdef):
     """The engine's step program for a model of this graph: (state, k_cache, v_cache, token_ids,
     positions, meta, sampling, history, num_prompt, token_bitmask) -> ((tokens, logprobs, top_ids,
-    top_logprobs), k_cache, v_cache), the caches donated. The grammar bitmask is an input of every
+    top_logprobs, ranks), k_cache, v_cache), the caches donated. The grammar bitmask is an input of every
     step, all ones when nothing is constrained, so a constrained request needs no program of its own."""
 
     def engine_step(state, k_cache, v_cache, token_ids, positions, meta, sampling, history, num_prompt,
@@ -80,7 +81,8 @@ def empty_batch(num_tokens: int, num_seqs: int, max_pages_per_seq: int, max_mode
                               presence_penalty=f32(0), frequency_penalty=f32(0), repetition_penalty=f32(1),
                               seeds=i32(0), counters=i32(0), num_top_logprobs=i32(-1),
                               logit_bias_ids=np.full((num_seqs, MAX_LOGIT_BIAS), -1, np.int32) if logit_bias else None,
-                              logit_bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32) if logit_bias else None)
+                              logit_bias_values=np.zeros((num_seqs, MAX_LOGIT_BIAS), np.float32) if logit_bias else None,
+                              scored=i32(-1))
     # [S, max_model_len] token ids, -1 padding; [S, ceil(vocab / 32)] allowed tokens, all
     history = np.full((num_seqs, max_model_len), -1, np.int32) if history else None
     token_bitmask = np.full((num_seqs, -(-vocab_size // 32)), -1, np.int32) if bitmask else None
@@ -176,7 +178,8 @@ class ModelRunner:
                     num_tokens, step_s * 1e3)
 
     def execute(self, scheduled: list[tuple[Sequence, int]], needs_history: bool = False,
-                token_bitmask: np.ndarray | None = None, drafts: dict | None = None) -> StepOutput:
+                token_bitmask: np.ndarray | None = None, drafts: dict | None = None,
+                scores: dict | None = None) -> StepOutput:
         """Runs one step over the scheduled (sequence, num_new_tokens) pairs.
 
         The outputs of a sequence are meaningful only if its chunk reaches its last token.
@@ -187,10 +190,13 @@ class ModelRunner:
         counts its last token and its draft, and the logits at every one of those positions are
         sampled. Row i is entry i's last position, as always; the draft positions get extra rows
         after the entries, in entry order (a zero-token sequence each, like a padding row).
+        `scores`: {sequence: (first, count)} (prompt_logprobs): rows that report the logprobs of prompt
+        tokens first .. first + count - 1 of the sequence's chunk, each from the logits of the position
+        before it. They follow the draft rows, in entry order.
         """
-        drafts = drafts or {}
+        drafts, scores = drafts or {}, scores or {}
         num_seqs = len(scheduled)
-        num_rows = num_seqs + sum(len(d) for d in drafts.values())
+        num_rows = num_seqs + sum(len(d) for d in drafts.values()) + sum(n for _, n in scores.values())
         num_tokens = sum(n for _, n in scheduled)
         shape = self.padded_shape(num_tokens, num_rows)
         # Without penalties or grammars, history and masks are all padding: on one device the step
@@ -210,6 +216,7 @@ class ModelRunner:
         if token_bitmask is not None:
             padded_bitmask[:num_seqs] = token_bitmask
         start, extra = 0, num_seqs
+        score_rows = []  # (logits index, prompt token, top alternatives), rows after the draft rows
         for i, (seq, num_new) in enumerate(scheduled):
             first = seq.num_computed_tokens
             end = start + num_new
@@ -248,7 +255,17 @@ class ModelRunner:
                 sampling.counters[rows] = len(seq.output_ids) + np.arange(len(draft), dtype=np.int32)
                 sampling.counters[i] = len(seq.output_ids) + len(draft)
                 extra += len(draft)
+            if seq in scores:
+                first, count = scores[seq]
+                for j in range(first, first + count):  # token j's logits are position j - 1's
+                    score_rows.append((start + j - 1 - seq.num_computed_tokens, seq.prompt_ids[j],
+                                       seq.params.prompt_logprobs))
             start = end
+        # Scoring rows sample nothing that is used: their other fields stay padding (greedy, no penalty).
+        for row, (index, token, top) in enumerate(score_rows, extra):
+            meta.logits_indices[row] = index
+            sampling.scored[row] = token
+            sampling.num_top_logprobs[row] = top
         meta.query_start_loc[num_seqs:] = num_tokens  # padding sequences (and draft rows) own no rows
         traces_before = self._traces.traces
         out = self._run(*batch)

@@ -25,6 +25,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token_id, logprob), best first, as many as SamplingParams.logprobs
+    rank: int | None = None  # a prompt token's: 1 + the tokens more likely than it (prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -80,6 +81,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output tokens: > 1 discourages repeats
     logprobs: int | None = None  # return the chosen token's logprob and this many top alternatives (<= 20)
+    # vLLM's: each prompt token's logprob (but the first's), its rank and this many top alternatives (<= 20)
+    prompt_logprobs: int | None = None
     max_tokens: int | None = 16  # None: up to max_model_len
     # vLLM's: no EOS, stop token or stop string ends the output before this many tokens (a grammar still does)
     min_tokens: int = 0
@@ -123,6 +126,9 @@ class SamplingParams:
             ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
             ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (
+                isinstance(self.prompt_logprobs, int) and not isinstance(self.prompt_logprobs, bool)
+                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS), f"an integer in [0, {MAX_LOGPROBS}]"),
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("logit_bias", self.logit_bias is None or (
                 isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS
@@ -169,6 +175,9 @@ class SamplingArrays(NamedTuple):
     # None: no row has one
     logit_bias_ids: jax.Array | None = None
     logit_bias_values: jax.Array | None = None
+    # int32: the token whose logprob a row reports (a prompt token: prompt_logprobs), -1: the sampled
+    # one; None: every row the sampled one
+    scored: jax.Array | None = None
 
 
 def apply_token_bitmask(logits, token_bitmask):
@@ -218,7 +227,10 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
     constrained logprobs are renormalized over the allowed tokens and a forbidden alternative's is
     -9999 (vLLM's stand-in for -inf, which JSON cannot carry).
     token_bitmask: [S, ceil(vocab / 32)] int32 (`apply_token_bitmask`), all ones on unconstrained rows.
-    Returns tokens [S] int32, logprobs [S], top_ids [S, num_logprobs], top_logprobs [S, num_logprobs].
+    A row with `p.scored` >= 0 reports that token's logprob (a prompt token's) instead of the sampled
+    one's, and its rank (1 + the tokens more likely than it; 0 on other rows).
+    Returns tokens [S] int32, logprobs [S], top_ids [S, num_logprobs], top_logprobs [S, num_logprobs],
+    ranks [S] int32.
     """
     num_rows = logits.shape[0]
     if token_bitmask is not None:  # no row constrained (the usual step): the unpacking is skipped
@@ -244,9 +256,11 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
     plain_greedy = jnp.all(p.temperature == 0) & ~use_penalties & ~use_bias
     tokens = jax.lax.cond(plain_greedy, lambda _: argmax(logits), with_sampling, None)
 
+    reported = tokens if p.scored is None else jnp.where(p.scored >= 0, p.scored, tokens)
+
     def log_probs(_):  # log p = logit - logsumexp: no [S, vocab] log-softmax array is written
         lse = jax.nn.logsumexp(logits, axis=-1)
-        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+        chosen = jnp.take_along_axis(logits, reported[:, None], axis=-1)[:, 0] - lse
 
         def top(_):
             values, ids = jax.lax.top_k(logits, num_logprobs)
@@ -266,7 +280,15 @@ def sample(logits, p: SamplingArrays, history, num_prompt, num_logprobs: int = M
             jnp.any(p.num_top_logprobs >= 0), log_probs,
             lambda _: (jnp.zeros((num_rows,), jnp.float32), jnp.zeros((num_rows, num_logprobs), jnp.int32),
                        jnp.zeros((num_rows, num_logprobs), jnp.float32)), None)
-    return tokens, chosen, top_ids, top_logprobs
+    if p.scored is None:
+        return tokens, chosen, top_ids, top_logprobs, jnp.zeros((num_rows,), jnp.int32)
+
+    def rank(_):  # 1 + the tokens strictly more likely than the scored one (vLLM's rank)
+        logit = jnp.take_along_axis(logits, reported[:, None], axis=-1)
+        return 1 + jnp.sum(logits > logit, axis=-1, dtype=jnp.int32)
+
+    ranks = jax.lax.cond(jnp.any(p.scored >= 0), rank, lambda _: jnp.zeros((num_rows,), jnp.int32), None)
+    return tokens, chosen, top_ids, top_logprobs, ranks
 
 
 CANDIDATES = 64  # the most likely tokens of a row that top_k and top_p look at first

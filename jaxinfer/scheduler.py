@@ -45,16 +45,26 @@ class Scheduler:
         return waiting + sum(seq.num_prefill_tokens_left for seq in self.running)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """The (sequence, number of new tokens) pairs of the next step."""
+        """The (sequence, number of new tokens) pairs of the next step.
+
+        A step has at most max_num_seqs logits rows: one per sequence, and one per prompt token whose
+        logprob a chunk gives (prompt_logprobs). Such a chunk is cut to the rows left after one for
+        every other running sequence."""
         budget = self.config.max_num_batched_tokens
+        rows = self.config.max_num_seqs
         scheduled = []
         preempted = False
-        for seq in list(self.running):
+        running = list(self.running)
+        for k, seq in enumerate(running):
             if budget == 0:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.scoring:  # the sequences after it keep a row each
+                num_new = seq.fit_score_rows(num_new, rows - 1 - (len(running) - 1 - k))
+                if num_new == 0:
+                    continue
             while not self._reserve_pages(seq, seq.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -65,13 +75,17 @@ class Scheduler:
                 self.num_prefill_tokens += min(num_new, seq.num_prefill_tokens_left)
                 scheduled.append((seq, num_new))
                 budget -= num_new
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+                rows -= 1 + seq.score_rows(num_new)[1]
+        while (self.waiting and budget > 0 and rows > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             if seq.wait_for is not None and not (seq.wait_for.finished or seq.wait_for.prompt_computed):
                 break  # its sibling is computing the shared prompt: admit it once those pages are cached
-            if not seq.block_table:
+            if not seq.block_table and not seq.scoring:
                 self._match_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.scoring and (num_new := seq.fit_score_rows(num_new, rows - 1)) == 0:
+                break
             if not self._reserve_pages(seq, seq.num_computed_tokens + num_new):
                 self._release(seq)
                 break
@@ -84,6 +98,7 @@ class Scheduler:
             self.num_prefill_tokens += min(num_new, seq.num_prefill_tokens_left)
             scheduled.append((seq, num_new))
             budget -= num_new
+            rows -= 1 + seq.score_rows(num_new)[1]
         return scheduled
 
     def reserve_draft(self, seq: Sequence, num_draft: int) -> int:

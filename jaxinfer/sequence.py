@@ -40,6 +40,8 @@ class Sequence:
     last_token_time: float = 0.0
     # Structured outputs: the grammar's state after output_ids (jaxinfer/structured_outputs.py).
     matcher: "LLMatcher | None" = None
+    # prompt_logprobs: the next prompt token whose logprob is still wanted (None: none is)
+    next_scored: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +61,29 @@ class Sequence:
         """Tokens to compute before the next one can be sampled, beyond a decode row's one: the rest
         of the prompt or, after a preemption, of prompt and output but the last token."""
         return max(0, self.num_tokens - self.num_computed_tokens - (1 if self.output_ids else 0))
+
+    @property
+    def scoring(self) -> bool:
+        """Some prompt token's logprob is still wanted (prompt_logprobs): the prompt is computed, not
+        read from the prefix cache."""
+        return self.next_scored is not None and self.next_scored < len(self.prompt_ids)
+
+    def score_rows(self, num_new: int) -> tuple[int, int]:
+        """(first, count): the prompt tokens whose logprobs a chunk of `num_new` tokens from
+        num_computed_tokens gives, each from the logits of the position before it."""
+        if not self.scoring:
+            return 0, 0
+        first = max(self.num_computed_tokens + 1, self.next_scored)
+        last = min(self.num_computed_tokens + num_new, len(self.prompt_ids) - 1)
+        return first, max(0, last - first + 1)
+
+    def fit_score_rows(self, num_new: int, rows: int) -> int:
+        """The longest chunk of at most `num_new` tokens whose prompt logprobs take at most `rows`
+        rows (0: not even one token fits)."""
+        first, count = self.score_rows(num_new)
+        if count <= rows:
+            return num_new
+        return first - 1 + rows - self.num_computed_tokens
 
     @property
     def prompt_computed(self) -> bool:

@@ -153,8 +153,8 @@ def served():
     from jaxinfer.api import create_app
     from jaxinfer.async_engine import AsyncLLMEngine
 
-    def offline(prompt):
-        request_id = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    def offline(prompt, **params):
+        request_id = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **params))
         final = None
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -163,7 +163,9 @@ def served():
         return final
 
     engine = LLMEngine(SMOLLM2, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128)
-    reference = SimpleNamespace(completion=offline(PROMPT), chat=offline(engine.tokenizer.encode_chat(CHAT)))
+    # scored: with the prompt's logprobs (prompt_logprobs, and completions' echo with logprobs)
+    reference = SimpleNamespace(completion=offline(PROMPT), chat=offline(engine.tokenizer.encode_chat(CHAT)),
+                                scored=offline(PROMPT, prompt_logprobs=5, logprobs=5))
     async_engine = AsyncLLMEngine(engine).start()
     app = create_app(async_engine, served_model_name=NAME)
     with live_server(app) as url:

@@ -86,6 +86,12 @@ class HFModel:
         """[len(prompts), vocab] float32 numpy array of each prompt's last-position logits."""
         return self.reference.call("last_logits", self.handle, prompts)
 
+    def prompt_logprobs(self, prompts: list[list[int]], k: int) -> list[tuple]:
+        """Per prompt, over its tokens but the first (log-softmax of the logits before each, in
+        float64): (logprob, tokens more likely by over 1e-3, tokens more likely by over -1e-3, top-k
+        ids, top-k logprobs), numpy arrays."""
+        return self.reference.call("prompt_logprobs", self.handle, prompts, k)
+
     def save_pretrained(self, path: str) -> str:
         """The model as a plain HF directory (config.json + sharded safetensors)."""
         return self.reference.call("save_pretrained", self.handle, str(path))

@@ -100,6 +100,20 @@ def last_logits(handle, prompts):
         return np.stack([_models[handle](torch.tensor([p])).logits[0, -1].numpy() for p in prompts])
 
 
+def prompt_logprobs(handle, prompts, k):
+    """Per prompt, over its tokens but the first: (logprob [P-1], the number of tokens strictly more
+    likely [P-1], of those within 1e-3 above it [P-1], top-k ids [P-1, k], top-k logprobs [P-1, k])."""
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            logprobs = torch.log_softmax(_models[handle](torch.tensor([p])).logits[0, :-1].double(), dim=-1)
+            chosen = logprobs.gather(1, torch.tensor(p[1:])[:, None])
+            top = torch.topk(logprobs, k, dim=-1)
+            outs.append((chosen[:, 0].numpy(), (logprobs > chosen + 1e-3).sum(-1).numpy(),
+                         (logprobs > chosen - 1e-3).sum(-1).numpy(), top.indices.numpy(), top.values.numpy()))
+    return outs
+
+
 def save_pretrained(handle, path, max_shard_size="200MB"):
     """Writes the model as a plain HF safetensors directory (config + weights)."""
     import copy
@@ -143,8 +157,8 @@ def versions():
             "python": sys.version.split()[0]}
 
 
-COMMANDS = {f.__name__: f for f in (load_gguf, load_dir, build_random, greedy, last_logits, save_pretrained,
-                                    load_tokenizer_gguf, tokenizer_call, versions)}
+COMMANDS = {f.__name__: f for f in (load_gguf, load_dir, build_random, greedy, last_logits, prompt_logprobs,
+                                    save_pretrained, load_tokenizer_gguf, tokenizer_call, versions)}
 
 
 def main():

@@ -145,7 +145,8 @@ def test_abort_mid_generation_frees_every_page(batched):
 
 
 def test_no_compilation_after_warmup(batched):
-    """50 requests of random lengths and sampling settings: strict mode raises on any compile."""
+    """50 requests of random lengths and sampling settings (prompt logprobs too): strict mode raises on
+    any compile."""
     rng = random.Random(0)
     text = TOPICS["class"]
     engine = batched.engine
@@ -155,7 +156,8 @@ def test_no_compilation_after_warmup(batched):
         prompt = text[start:start + rng.randrange(1, 1000)] or "x"
         params = SamplingParams(max_tokens=rng.randrange(1, 8), temperature=rng.choice([0.0, 0.7, 1.2]),
                                 top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([-1, 20]), seed=i,
-                                repetition_penalty=rng.choice([1.0, 1.2]), logprobs=rng.choice([None, 3]))
+                                repetition_penalty=rng.choice([1.0, 1.2]), logprobs=rng.choice([None, 3]),
+                                prompt_logprobs=rng.choice([None, None, None, 2]))
         engine.add_request(prompt, params)
         if i % 3 == 0:
             engine.step()

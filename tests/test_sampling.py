@@ -255,7 +255,7 @@ def test_logit_bias_is_added_before_penalties_and_sampling_and_leaves_the_logpro
     history[0] = [3, 7, 7]  # row 0: repetition penalty 1.5 over these
     p = arrays(4, temperature=[0.0, 0.0, 0.0, 1.0], repetition_penalty=[1.5, 1.0, 1.0, 1.0], seeds=[0, 0, 0, 4])
     p = p._replace(logit_bias_ids=ids, logit_bias_values=values)
-    tokens, chosen, top_ids, top_logprobs = _sample(logits, p, history, np.zeros(4, np.int32), num_logprobs=4)
+    tokens, chosen, top_ids, top_logprobs, _ = _sample(logits, p, history, np.zeros(4, np.int32), num_logprobs=4)
     biased = logits.copy()
     for row, bias in enumerate(biases):
         for token, value in bias.items():

@@ -45,7 +45,12 @@ C, CHAT_PATH = "/v1/completions", "/v1/chat/completions"
     (C, {"prompt": PROMPT, "seed": "x"}, "seed"),
     (C, {"prompt": PROMPT, "logprobs": 50}, "logprobs"),
     (C, {"prompt": PROMPT, "best_of": 3}, "best_of"),
-    (C, {"prompt": PROMPT, "echo": True}, "echo"),
+    (C, {"prompt": PROMPT, "echo": "yes"}, "echo"),
+    (C, {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),  # 0 only with echo
+    (C, {"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs"),
+    (C, {"prompt": PROMPT, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    (CHAT_PATH, {"messages": CHAT, "prompt_logprobs": -1}, "prompt_logprobs"),
+    (CHAT_PATH, {"messages": CHAT, "prompt_logprobs": 0, "stream": True}, "prompt_logprobs"),
     (C, {"prompt": PROMPT, "suffix": "!"}, "suffix"),
     (C, {"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
     (C, {}, "prompt"),

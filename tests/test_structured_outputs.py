@@ -261,7 +261,7 @@ def test_sample_picks_only_allowed_tokens_greedy_and_sampled():
     *_, sampling, history, num_prompt, _ = empty_batch(num_rows, num_rows, 1, 8, vocab)
     sampling = sampling._replace(temperature=np.array([0, 0, 1, 1], np.float32), seeds=np.arange(num_rows, dtype=np.int32),
                                  num_top_logprobs=np.zeros(num_rows, np.int32))
-    tokens, chosen, _, _ = sample(jnp.asarray(logits), sampling, history, num_prompt, token_bitmask=bitmask)
+    tokens, chosen, _, _, _ = sample(jnp.asarray(logits), sampling, history, num_prompt, token_bitmask=bitmask)
     masked = logits.copy()
     llguidance.numpy.apply_token_bitmask_inplace(masked, bitmask)
     tokens = np.asarray(tokens)

@@ -8,14 +8,33 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_logprobs(entries, token_text, text_offset: int = 0) -> dict:
-    """The legacy completions shape: parallel lists over tokens."""
+    """The legacy completions shape: parallel lists over tokens. An echoed prompt's first token has
+    no logprob (an entry whose logprob and top are None: null in both lists)."""
     tokens, offsets = [], []
     for entry in entries:
         tokens.append(token_text(entry.token_id))
         offsets.append(text_offset)
         text_offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+            "top_logprobs": [None if e.top is None else {token_text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
+
+
+def prompt_logprobs(entries, token_text) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first, then {token id (a string): {logprob,
+    rank, decoded_token}} for the prompt token and its most likely alternatives (ranks 1, 2, ...)."""
+    def item(logprob, rank, token_id):
+        return {"logprob": logprob, "rank": rank, "decoded_token": token_text(token_id)}
+
+    shaped = []
+    for entry in entries:
+        if entry is None:
+            shaped.append(None)
+            continue
+        own = str(entry.token_id)
+        shaped.append({own: item(entry.logprob, entry.rank, entry.token_id),
+                       **{str(t): item(lp, rank, t) for rank, (t, lp) in enumerate(entry.top, 1) if str(t) != own}})
+    return shaped
 
 
 def chat_logprobs(entries, token_text) -> dict:

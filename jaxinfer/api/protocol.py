@@ -8,6 +8,7 @@ fields are declared once, as JSON Schema (COMPLETION_FIELDS, CHAT_FIELDS): the r
 jaxinfer/api/fields.py check bodies against those tables and /openapi.json publishes them.
 """
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -97,6 +98,11 @@ COMMON_FIELDS = {
                                   "100 all but forces it. The logprobs stay the model's own."},
     "min_tokens": integer_field("vLLM's: no EOS, stop token or stop string ends a choice before this many tokens "
                                 "(at most max_tokens).", minimum=0, default=0),
+    "prompt_logprobs": integer_field(
+        "vLLM's: each prompt token's logprob under the model (but the first's), with its rank and this many most "
+        "likely alternatives: `prompt_logprobs` of each choice (completions) or of the response (chat). The "
+        "prompt is then computed, not read from the prefix cache. Not with stream.", minimum=0,
+        maximum=MAX_LOGPROBS),
 }
 
 COMPLETION_FIELDS = {
@@ -105,11 +111,12 @@ COMPLETION_FIELDS = {
                "description": "A string, a list of strings, a list of token ids or a list of token-id lists; "
                               "each prompt gets n choices (index = prompt * n + i)."},
     "max_tokens": integer_field("Tokens generated at most per choice; the prompt plus max_tokens must fit in "
-                           "max_model_len.", minimum=1, default=16),
-    "logprobs": integer_field("The chosen token's logprob and this many most likely alternatives.",
-                         minimum=0, maximum=MAX_LOGPROBS),
+                           "max_model_len. 0 (with echo): the prompt alone, no token generated.", minimum=0,
+                                default=16),
+    "logprobs": integer_field("The chosen token's logprob and this many most likely alternatives (with echo, "
+                              "the prompt tokens' too, the first one's null).", minimum=0, maximum=MAX_LOGPROBS),
     "best_of": integer_field("Only best_of = n is supported.", minimum=1),
-    "echo": not_implemented(False, "echo"),
+    "echo": boolean_field("Each choice's text (and logprobs) starts with the prompt's.", default=False),
     "suffix": not_implemented("", "suffix (insertion)"),
     **COMMON_FIELDS,
 }
@@ -186,6 +193,9 @@ class GenerationRequest:
     include_usage: bool
     max_tokens_param: str  # the name the client used, for error messages
     prompts: list | None = None  # completions: strings or token-id lists
+    echo: bool = False  # completions: each choice's text and logprobs start with the prompt's
+    echo_only: bool = False  # completions with echo and max_tokens 0: the prompt alone (one token is computed)
+    prompt_logprobs: int | None = None  # vLLM's field as given (echo may ask the engine for them too)
     messages: list[dict] | None = None  # chat: checked messages, content as text
     cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cache pages
     structured_outputs_param: str | None = None  # the field that gave params.structured_outputs
@@ -199,14 +209,24 @@ def parse_completion_request(body: dict, defaults: dict | None = None) -> Genera
     refuse_not_implemented(body, fields)
     prompts = _prompts(body.get("prompt"))
     constraint, constraint_param = _structured_outputs(body)
-    params = _sampling_params(body, fields, max_tokens=read_field(body, fields, "max_tokens", 16),
-                              max_tokens_param="max_tokens", logprobs=read_field(body, fields, "logprobs"),
-                              logprobs_param="logprobs", structured_outputs=constraint, defaults=defaults)
+    echo = read_field(body, fields, "echo", False)
+    max_tokens = read_field(body, fields, "max_tokens", 16)
+    if max_tokens == 0 and not echo:
+        raise APIError(400, "'max_tokens' 0 is only allowed with 'echo': true (the prompt alone)", param="max_tokens")
+    logprobs = read_field(body, fields, "logprobs")
+    # max_tokens 0: the engine computes one token, which the answer leaves out
+    params = _sampling_params(body, fields, max_tokens=max_tokens or 1, max_tokens_param="max_tokens",
+                              logprobs=logprobs, logprobs_param="logprobs", structured_outputs=constraint,
+                              defaults=defaults)
+    if echo and logprobs is not None:  # the prompt's logprobs, with as many alternatives as the output's
+        params = dataclasses.replace(params, prompt_logprobs=max(params.prompt_logprobs or 0, logprobs))
     best_of = read_field(body, fields, "best_of")
     if best_of is not None and best_of != params.n:
         raise APIError(400, f"'best_of' ({best_of}) other than n ({params.n}) is not supported", param="best_of")
     return GenerationRequest(read_field(body, fields, "model"), params, *_stream(body, fields), "max_tokens",
-                             prompts=prompts, cache_salt=read_field(body, fields, "cache_salt"),
+                             prompts=prompts, echo=echo, echo_only=max_tokens == 0,
+                             prompt_logprobs=read_field(body, fields, "prompt_logprobs"),
+                             cache_salt=read_field(body, fields, "cache_salt"),
                              structured_outputs_param=constraint_param)
 
 
@@ -230,6 +250,7 @@ def parse_chat_request(body: dict, defaults: dict | None = None) -> GenerationRe
                               logprobs_param="top_logprobs", structured_outputs=constraint, defaults=defaults)
     return GenerationRequest(read_field(body, fields, "model"), params, *_stream(body, fields), max_param,
                              messages=messages, cache_salt=read_field(body, fields, "cache_salt"),
+                             prompt_logprobs=read_field(body, fields, "prompt_logprobs"),
                              structured_outputs_param=constraint_param, tools=tool_request,
                              chat_template_kwargs=chat_template_kwargs(body))
 
@@ -252,6 +273,8 @@ def chat_template_kwargs(body: dict) -> dict:
 
 def _stream(body: dict, fields: dict) -> tuple[bool, bool]:
     stream = read_field(body, fields, "stream", False)
+    if stream and body.get("prompt_logprobs") is not None:  # as vLLM
+        raise APIError(400, "'prompt_logprobs' is not available with 'stream': true", param="prompt_logprobs")
     options = body.get("stream_options")
     if options is None:
         return stream, False
@@ -403,6 +426,7 @@ def _sampling_params(body: dict, fields: dict, *, max_tokens, max_tokens_param: 
         frequency_penalty=read("frequency_penalty", 0.0),
         repetition_penalty=read("repetition_penalty", model["repetition_penalty"]),
         logprobs=logprobs,
+        prompt_logprobs=read("prompt_logprobs"),
         max_tokens=max_tokens,
         min_tokens=read("min_tokens", 0),
         stop=stop,

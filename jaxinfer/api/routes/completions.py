@@ -20,6 +20,7 @@ from jaxinfer.api.assistant import AssistantParser, OutputFormat
 from jaxinfer.api.protocol import APIError, GenerationRequest
 from jaxinfer.api.routes.generation import check_prompt_length, merge, respond, submit
 from jaxinfer.async_engine import EngineDeadError
+from jaxinfer.sampling import TokenLogprob
 
 
 async def create_completion(request: Request) -> Response:
@@ -84,6 +85,9 @@ async def _generate(request, server, req: GenerationRequest, prompt_ids: list[li
     streams = await submit(server.engine, req.params, prompt_ids, request_id, cache_salt=req.cache_salt,
                            constraint_param=req.structured_outputs_param)
     reply = _Reply(server, req, request_id, prompt_ids, chat, output_format or server.output_format)
+    if req.echo:  # off the event loop, as the encoding was
+        reply.prompt_texts = [p if isinstance(p, str) else await asyncio.to_thread(
+            server.tokenizer.decode, p, skip_special_tokens=False) for p in req.prompts]
     return await respond(request, server.engine, streams, stream=req.stream, events=lambda: reply.events(streams),
                          whole=lambda: reply.collect(streams), build=reply.response)
 
@@ -100,6 +104,7 @@ class _Reply:
         self.output_format = output_format
         # Chat answers go through the assistant parser when there is something to parse out of them.
         self.parses = chat and (self.output_format.think is not None or (tools is not None and tools.parses_calls))
+        self.prompt_texts = None  # completions with echo: each prompt's text
 
     def parser(self) -> AssistantParser:
         return AssistantParser(self.output_format, parse_tool_calls=self.req.tools.parses_calls)
@@ -114,6 +119,21 @@ class _Reply:
             return responses.chat_logprobs(entries, self.token_text)
         return responses.completion_logprobs(entries, self.token_text, text_offset)
 
+    def echoed(self, p: int, output) -> tuple[str, list]:
+        """Completions with echo: prompt p's text, and its tokens' logprob entries when logprobs are
+        asked for (the first token's null)."""
+        if self.req.params.logprobs is None:
+            return self.prompt_texts[p], []
+        k = self.req.params.logprobs
+        first = TokenLogprob(self.prompt_ids[p][0], None, None)
+        return self.prompt_texts[p], [first] + [TokenLogprob(e.token_id, e.logprob, e.top[:k])
+                                                for e in output.prompt_logprobs[1:]]
+
+    def shaped_prompt_logprobs(self, output):
+        return None if output.prompt_logprobs is None else responses.prompt_logprobs(
+            [e and TokenLogprob(e.token_id, e.logprob, e.top[:self.req.prompt_logprobs], e.rank)
+             for e in output.prompt_logprobs], self.token_text)
+
     def usage(self, num_generated: int) -> dict:
         return responses.usage(sum(len(ids) for ids in self.prompt_ids), num_generated)
 
@@ -127,11 +147,22 @@ class _Reply:
         choices, generated = [], 0
         for p, output in enumerate(finals):
             for c in output.outputs:
-                generated += len(c.token_ids)
-                index, logprobs = p * self.n + c.index, self.logprobs(c.logprobs)
+                index = p * self.n + c.index
                 if not self.chat:
-                    choices.append(responses.completion_choice(index, c.text, c.finish_reason, logprobs))
+                    text, entries, finish_reason = c.text, c.logprobs, c.finish_reason
+                    if self.req.echo_only:
+                        text, entries, finish_reason = "", [] if entries is not None else None, "length"
+                    generated += 0 if self.req.echo_only else len(c.token_ids)
+                    if self.req.echo:
+                        prompt_text, prompt_entries = self.echoed(p, output)
+                        text, entries = prompt_text + text, entries if entries is None else prompt_entries + entries
+                    choice = responses.completion_choice(index, text, finish_reason, self.logprobs(entries))
+                    if self.req.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = self.shaped_prompt_logprobs(output)
+                    choices.append(choice)
                     continue
+                generated += len(c.token_ids)
+                logprobs = self.logprobs(c.logprobs)
                 if not self.parses:
                     choices.append(responses.chat_choice(index, responses.assistant_message(c.text), c.finish_reason,
                                                          logprobs))
@@ -145,7 +176,10 @@ class _Reply:
                                                       thinks=self.output_format.think is not None)
                 choices.append(responses.chat_choice(index, message, parser.finish_reason(c.finish_reason), logprobs))
         build = responses.chat_response if self.chat else responses.completion_response
-        return build(self.request_id, self.created, self.server.model_name, choices, self.usage(generated))
+        response = build(self.request_id, self.created, self.server.model_name, choices, self.usage(generated))
+        if self.chat and self.req.prompt_logprobs is not None:  # vLLM's place for them in a chat answer
+            response["prompt_logprobs"] = self.shaped_prompt_logprobs(finals[0])
+        return response
 
     def chunk(self, choices, usage=None) -> str:
         build = responses.chat_chunk if self.chat else responses.completion_chunk
@@ -161,6 +195,7 @@ class _Reply:
         # (as in a whole response). Not the text sent so far: that lags while a stop string is held back.
         text_offset = [0] * num_choices
         parsers = [self.parser() for _ in range(num_choices)] if self.parses else None
+        echoed = set()  # completions with echo: the choices whose prompt went out
         try:
             if self.chat:
                 yield self.chunk([responses.chat_chunk_choice(i, {"role": "assistant", "content": ""})
@@ -171,12 +206,19 @@ class _Reply:
                     i = p * self.n + c.index
                     if i in done:
                         continue
-                    tokens[i] = len(c.token_ids)
-                    if not (c.delta or c.finish_reason or c.delta_logprobs):
+                    tokens[i] = 0 if self.req.echo_only else len(c.token_ids)
+                    delta, entries, finish_reason = c.delta, c.delta_logprobs, c.finish_reason
+                    if self.req.echo_only:  # the prompt alone, in the first chunk
+                        delta, entries, finish_reason = "", [] if entries is not None else None, "length"
+                    if self.req.echo and i not in echoed:
+                        echoed.add(i)
+                        prompt_text, prompt_entries = self.echoed(p, output)
+                        delta, entries = prompt_text + delta, entries if entries is None else prompt_entries + entries
+                    if not (delta or finish_reason or entries):
                         continue
-                    if c.finish_reason:
+                    if finish_reason:
                         done.add(i)
-                    logprobs = self.logprobs(c.delta_logprobs, text_offset[i]) if c.delta_logprobs else None
+                    logprobs = self.logprobs(entries, text_offset[i]) if entries else None
                     if logprobs and not self.chat:
                         text_offset[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                     if parsers:
@@ -196,7 +238,7 @@ class _Reply:
                         choices.append(responses.chat_chunk_choice(i, {"content": c.delta} if c.delta else {},
                                                                   c.finish_reason, logprobs))
                     else:
-                        choices.append(responses.completion_choice(i, c.delta, c.finish_reason, logprobs))
+                        choices.append(responses.completion_choice(i, delta, finish_reason, logprobs))
                 if choices:
                     yield self.chunk(choices)
             if self.req.include_usage:
