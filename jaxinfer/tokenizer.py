@@ -1,5 +1,6 @@
 """Tokenizers from HF files or GGUF metadata, chat templates, incremental detokenization."""
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -8,6 +9,15 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.processors import TemplateProcessing
+
+
+# Fill-in-the-middle tokens (prefix, suffix, middle), by model family: Qwen2.5-Coder, StarCoder,
+# CodeLlama (as its GGUF and HF vocabularies spell them), DeepSeek-Coder
+FIM_TOKENS = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+              ("▁<PRE>", "▁<SUF>", "▁<MID>"), ("<PRE>", "<SUF>", "<MID>"),
+              ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"))
+FIM_STOP_TOKENS = ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<EOT>", "▁<EOT>",
+                   "<file_sep>", "<｜end▁of▁sentence｜>")
 
 
 class Tokenizer:
@@ -68,6 +78,37 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @functools.cached_property
+    def fim_token_ids(self) -> tuple[int, int, int] | None:
+        """Fill in the middle: the (prefix, suffix, middle) tokens of a code model trained to fill the
+        middle between a prefix and a suffix, found by their spelling, as llama.cpp finds them
+        (`<|fim_prefix|>`... of Qwen2.5-Coder; StarCoder's, CodeLlama's and DeepSeek-Coder's); None
+        where the vocabulary has none."""
+        for spelling in FIM_TOKENS:
+            ids = tuple(self.backend.token_to_id(token) for token in spelling)
+            if None not in ids:
+                return ids
+        return None
+
+    @functools.cached_property
+    def fim_stop_token_ids(self) -> list[int]:
+        """The tokens that end a filled middle beside EOS (llama.cpp's end-of-generation set for infill):
+        Qwen2.5-Coder ends one with `<|endoftext|>` where its chat ends with `<|im_end|>`."""
+        return sorted({i for token in FIM_STOP_TOKENS if (i := self.backend.token_to_id(token)) is not None}
+                      - set(self.eos_token_ids))
+
+    def encode_infill(self, prefix: str | list[int], suffix: str) -> list[int]:
+        """The prompt of a filled middle, prefix-suffix-middle: [BOS where the model adds one], the
+        prefix token, the prefix (text, or token ids as given), the suffix token, the suffix, the
+        middle token. ValueError where the model has no such tokens."""
+        if self.fim_token_ids is None:
+            raise ValueError("this model has no fill-in-the-middle tokens (<|fim_prefix|>, <|fim_suffix|>, "
+                             "<|fim_middle|> or another spelling of them): suffix needs a code model trained "
+                             "to fill the middle")
+        pre, suf, mid = self.fim_token_ids
+        prefix_ids = self.encode(prefix, add_special_tokens=False) if isinstance(prefix, str) else list(prefix)
+        return self.encode("") + [pre] + prefix_ids + [suf] + self.encode(suffix, add_special_tokens=False) + [mid]
 
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

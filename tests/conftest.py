@@ -53,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
 # Modules sharing a session fixture that is costly to build, scheduled as one unit so that one worker
 # builds it: the server on Qwen2.5-Coder-0.5B (`served_qwen`, about a minute to load and warm up).
 SCHEDULED_TOGETHER = {"test_messages_api.py": "served_qwen", "test_responses_api.py": "served_qwen",
-                      "test_tool_calls.py": "served_qwen"}
+                      "test_tool_calls.py": "served_qwen", "test_fim.py": "served_qwen"}
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -117,7 +117,11 @@ COMPLETION_FIELDS = {
                               "the prompt tokens' too, the first one's null).", minimum=0, maximum=MAX_LOGPROBS),
     "best_of": integer_field("Only best_of = n is supported.", minimum=1),
     "echo": boolean_field("Each choice's text (and logprobs) starts with the prompt's.", default=False),
-    "suffix": not_implemented("", "suffix (insertion)"),
+    "suffix": {"type": "string", "description": (
+        "Fill in the middle: the text after the insertion; the choice is what goes between prompt and suffix. "
+        "For code models with fill-in-the-middle tokens (Qwen2.5-Coder's <|fim_prefix|>, <|fim_suffix|>, "
+        "<|fim_middle|>; StarCoder's, CodeLlama's, DeepSeek-Coder's); the model's end-of-file tokens "
+        "(<|endoftext|>...) end it. Not with echo.")},
     **COMMON_FIELDS,
 }
 COMPLETION_REQUIRED = ("prompt",)
@@ -196,6 +200,7 @@ class GenerationRequest:
     echo: bool = False  # completions: each choice's text and logprobs start with the prompt's
     echo_only: bool = False  # completions with echo and max_tokens 0: the prompt alone (one token is computed)
     prompt_logprobs: int | None = None  # vLLM's field as given (echo may ask the engine for them too)
+    suffix: str | None = None  # completions: fill in the middle between each prompt and this
     messages: list[dict] | None = None  # chat: checked messages, content as text
     cache_salt: str | None = None  # vLLM's: only requests with the same salt share prefix-cache pages
     structured_outputs_param: str | None = None  # the field that gave params.structured_outputs
@@ -210,6 +215,9 @@ def parse_completion_request(body: dict, defaults: dict | None = None) -> Genera
     prompts = _prompts(body.get("prompt"))
     constraint, constraint_param = _structured_outputs(body)
     echo = read_field(body, fields, "echo", False)
+    suffix = read_field(body, fields, "suffix") or None  # "" asks for nothing
+    if suffix is not None and echo:
+        raise APIError(400, "'suffix' (fill in the middle) cannot be combined with 'echo'", param="suffix")
     max_tokens = read_field(body, fields, "max_tokens", 16)
     if max_tokens == 0 and not echo:
         raise APIError(400, "'max_tokens' 0 is only allowed with 'echo': true (the prompt alone)", param="max_tokens")
@@ -224,7 +232,7 @@ def parse_completion_request(body: dict, defaults: dict | None = None) -> Genera
     if best_of is not None and best_of != params.n:
         raise APIError(400, f"'best_of' ({best_of}) other than n ({params.n}) is not supported", param="best_of")
     return GenerationRequest(read_field(body, fields, "model"), params, *_stream(body, fields), "max_tokens",
-                             prompts=prompts, echo=echo, echo_only=max_tokens == 0,
+                             prompts=prompts, echo=echo, echo_only=max_tokens == 0, suffix=suffix,
                              prompt_logprobs=read_field(body, fields, "prompt_logprobs"),
                              cache_salt=read_field(body, fields, "cache_salt"),
                              structured_outputs_param=constraint_param)

@@ -29,12 +29,25 @@ async def create_completion(request: Request) -> Response:
     req = protocol.parse_completion_request(await server.read_json(request), server.sampling_defaults)
     server.check_model(req.model)
     prompt_ids = []
+    tokenizer = server.tokenizer
+    if req.suffix is not None:  # fill in the middle: the model's own end-of-file tokens end it too
+        if tokenizer.fim_token_ids is None:
+            raise APIError(400, f"'suffix' needs a model with fill-in-the-middle tokens; {server.model_name} has "
+                           "none (Qwen2.5-Coder has)", param="suffix")
+        stops = list(dict.fromkeys(req.params.stop_token_ids + tokenizer.fim_stop_token_ids))
+        if len(stops) > protocol.MAX_STOP_TOKEN_IDS:
+            raise APIError(400, f"with suffix, at most {protocol.MAX_STOP_TOKEN_IDS - len(tokenizer.fim_stop_token_ids)} "
+                           "stop_token_ids", param="stop_token_ids")
+        req.params = dataclasses.replace(req.params, stop_token_ids=stops)
     for prompt in req.prompts:
         if isinstance(prompt, list) and not all(0 <= t < server.vocab_size for t in prompt):
             raise APIError(400, f"prompt token ids must be in [0, {server.vocab_size})", param="prompt")
         # Off the event loop: a long prompt takes a while to tokenize.
-        prompt_ids.append(await asyncio.to_thread(server.tokenizer.encode, prompt) if isinstance(prompt, str)
-                          else prompt)
+        if req.suffix is not None:
+            prompt_ids.append(await asyncio.to_thread(tokenizer.encode_infill, prompt, req.suffix))
+        else:
+            prompt_ids.append(await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str)
+                              else prompt)
     return await _generate(request, server, req, prompt_ids, "prompt", chat=False)
 
 
