@@ -52,10 +52,13 @@ class Tokenizer:
         _add_special_tokens_as_the_file_says(backend, tokenizer_config)
         # A Gemma chat turn ends with <end_of_turn>, which the GGUF's single EOS id does not name (HF's
         # generation_config lists both, llama.cpp treats both as end of generation).
-        end_of_turn = backend.token_to_id("<end_of_turn>") if arch.startswith("gemma") else None
+        # Likewise a Qwen2/Qwen3 instruct model's text ends with <|endoftext|> where its chat turn ends with
+        # <|im_end|>, the file's EOS (their generation_config.json lists both, llama.cpp stops at both).
+        end = {"gemma": "<end_of_turn>", "qwen": "<|endoftext|>"}.get(arch.rstrip("0123456789"))
+        end_id = backend.token_to_id(end) if end else None
         return cls(backend, chat_template=tokenizer_config.get("chat_template"),
                    bos_token=tokenizer_config.get("bos_token"), eos_token=tokenizer_config.get("eos_token"),
-                   eos_token_ids=(*eos_token_ids, *([end_of_turn] if end_of_turn is not None else [])))
+                   eos_token_ids=(*eos_token_ids, *([end_id] if end_id is not None else [])))
 
     @classmethod
     def from_hf_dir(cls, path: str, eos_token_ids=()) -> "Tokenizer":

@@ -15,17 +15,21 @@ def test_suffix_fills_the_middle_and_the_models_end_of_file_token_ends_it(served
     answer = client.completions.create(model="qwen", prompt=PREFIX, suffix=SUFFIX, max_tokens=48, temperature=0)
     choice = answer.choices[0]
     assert choice.text.startswith("a + b")
-    # Qwen2.5-Coder ends a middle with <|endoftext|>, which is not its chat EOS (<|im_end|>): without the
-    # infill stop tokens this answer runs to max_tokens.
+    # Qwen2.5-Coder ends a middle with <|endoftext|>, not the file's EOS (<|im_end|>, its chat's): both end
+    # generation, as its generation_config.json and llama.cpp say (without that it runs to max_tokens).
     assert choice.finish_reason == "stop"
-    # The same prompt spelled out and tokenized by transformers, with <|endoftext|> as a stop token.
+    tokenizer = served_qwen.engine.tokenizer
+    token_id = {token: qwen_hf_tokenizer.encode(token)[0] for token in ("<|endoftext|>", "<|im_end|>", "<|fim_pad|>",
+                                                                        "<|repo_name|>", "<|file_sep|>")}
+    assert set(tokenizer.eos_token_ids) == {token_id["<|endoftext|>"], token_id["<|im_end|>"]}
+    assert tokenizer.fim_stop_token_ids == sorted(token_id[t] for t in ("<|fim_pad|>", "<|repo_name|>",
+                                                                       "<|file_sep|>"))
+    # The same prompt spelled out and tokenized by transformers.
     ids = qwen_hf_tokenizer.encode(f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>")
     assert answer.usage.prompt_tokens == len(ids)
-    stops = [qwen_hf_tokenizer.encode(token)[0] for token in ("<|endoftext|>", "<|fim_pad|>", "<|repo_name|>",
-                                                               "<|file_sep|>")]
-    spelled = client.completions.create(model="qwen", prompt=ids, max_tokens=48, temperature=0,
-                                        extra_body={"stop_token_ids": stops})
+    spelled = client.completions.create(model="qwen", prompt=ids, max_tokens=48, temperature=0)
     assert spelled.choices[0].text == choice.text and spelled.usage == answer.usage
+    assert spelled.choices[0].finish_reason == "stop"
     # Token-id prompts take a suffix too; "" asks for no infill.
     as_ids = client.completions.create(model="qwen", prompt=qwen_hf_tokenizer.encode(PREFIX), suffix=SUFFIX,
                                        max_tokens=48, temperature=0)
